@@ -1,0 +1,119 @@
+//! The edge of every tool: parse the command line, run, print the document on stdout,
+//! print the error chain once on stderr as `tool: error: cause: cause`, map it to an
+//! exit code from [`crate::exit`].
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::document::Document;
+use crate::exit::{Exit, HasExit};
+
+/// What a tool's `run` hands back to [`main`].
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Printed on stdout when present, even on failure: downstream tools (a thaw above
+    /// all) need the context of a failed pipeline.
+    pub document: Option<Document>,
+    /// Printed on stderr; decides the exit code.
+    pub error: Option<anyhow::Error>,
+}
+
+impl Outcome {
+    pub fn success(document: Document) -> Self {
+        Outcome { document: Some(document), error: None }
+    }
+
+    /// A failure without a document to pass on (bad input, bad usage).
+    pub fn error(error: anyhow::Error) -> Self {
+        Outcome { document: None, error: Some(error) }
+    }
+
+    /// A failure of `tool`'s step: recorded in the document, which is still passed on.
+    pub fn failed(mut document: Document, tool: &str, error: anyhow::Error) -> Self {
+        document.record_failure(tool, exit_of(&error), &chain(&error));
+        Outcome { document: Some(document), error: Some(error) }
+    }
+
+    pub fn exit(&self) -> Exit {
+        self.error.as_ref().map_or(Exit::Success, exit_of)
+    }
+}
+
+/// The exit code of an error chain: the first error in it that knows its code.
+pub fn exit_of(error: &anyhow::Error) -> Exit {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<crate::exit::Coded>() {
+            return e.exit();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::document::Error>() {
+            return e.exit();
+        }
+        if let Some(e) = cause.downcast_ref::<clap::Error>() {
+            return if e.use_stderr() { Exit::Usage } else { Exit::Success };
+        }
+    }
+    Exit::StepFailed
+}
+
+/// `cause: cause: cause`, each layer once.
+pub fn chain(error: &anyhow::Error) -> String {
+    error.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// Runs a tool: `fn main() -> ExitCode { evesnap::cli::main("zsnap", zsnap::command(), zsnap::run) }`.
+pub fn main(
+    tool: &str,
+    command: clap::Command,
+    run: impl FnOnce(&clap::ArgMatches) -> Outcome,
+) -> ExitCode {
+    crate::log::set_tool(tool);
+    let matches = match command.try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            // clap prints help/version on stdout and usage errors on stderr itself.
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage.into() } else { Exit::Success.into() };
+        }
+    };
+    finish(tool, run(&matches))
+}
+
+/// Prints an outcome and returns its exit code.
+pub fn finish(tool: &str, outcome: Outcome) -> ExitCode {
+    if let Some(document) = &outcome.document {
+        let mut stdout = std::io::stdout().lock();
+        let written = writeln!(stdout, "{}", document.to_json()).and_then(|()| stdout.flush());
+        // A reader that went away (broken pipe) is not our crash; anything else is worth a line.
+        if let Err(e) = written {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("{tool}: error: cannot write the document to stdout: {e}");
+            }
+        }
+    }
+    if let Some(error) = &outcome.error {
+        eprintln!("{tool}: error: {}", chain(error));
+    }
+    outcome.exit().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coded_errors_keep_their_code_under_context() {
+        let err = crate::exit::coded(Exit::ThawFailed, "thaw refused").context("qga-thaw step");
+        assert_eq!(exit_of(&err), Exit::ThawFailed);
+        assert_eq!(chain(&err), "qga-thaw step: thaw refused");
+        assert_eq!(exit_of(&anyhow::anyhow!("plain")), Exit::StepFailed);
+    }
+
+    #[test]
+    fn failed_outcome_records_the_error_in_the_document() {
+        let out = Outcome::failed(Document::new(), "zsnap", crate::exit::coded(Exit::Preflight, "no room"));
+        let doc = out.document.as_ref().expect("document");
+        assert!(!doc.ok);
+        assert_eq!(doc.error.as_ref().map(|e| e.kind.as_str()), Some("preflight-failed"));
+        assert_eq!(out.exit(), Exit::Preflight);
+    }
+}

@@ -1,0 +1,142 @@
+//! The one exit-code table of every evesnap tool.
+//!
+//! | code | name               | meaning                                                        |
+//! |------|--------------------|----------------------------------------------------------------|
+//! | 0    | `Success`          | every step, upstream and this one, succeeded                   |
+//! | 1    | `StepFailed`       | this tool's step failed; nothing is left half done             |
+//! | 2    | `Usage`            | bad command line or bad input document (clap uses 2 as well)   |
+//! | 3    | `AgentUnreachable` | the guest agent's socket is missing or refused the connection  |
+//! | 4    | `AgentTimeout`     | the guest agent did not answer within the deadline             |
+//! | 5    | `UpstreamFailed`   | an earlier step of the pipeline failed or died                 |
+//! | 6    | `ThawFailed`       | thawing failed or could not be verified: the guest may still be frozen |
+//! | 7    | `Preflight`        | a check before any change failed (space, names, state); nothing changed |
+//! | 8    | `Busy`             | another operation holds the lock for this VM                    |
+//!
+//! All codes stay below 126 so that shells never confuse them with signals.
+
+use std::fmt;
+
+/// Exit status of an evesnap tool; see the module documentation for the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Exit {
+    Success = 0,
+    StepFailed = 1,
+    Usage = 2,
+    AgentUnreachable = 3,
+    AgentTimeout = 4,
+    UpstreamFailed = 5,
+    ThawFailed = 6,
+    Preflight = 7,
+    Busy = 8,
+}
+
+impl Exit {
+    /// Every code, in table order (for documentation and tests).
+    pub const ALL: [Exit; 9] = [
+        Exit::Success,
+        Exit::StepFailed,
+        Exit::Usage,
+        Exit::AgentUnreachable,
+        Exit::AgentTimeout,
+        Exit::UpstreamFailed,
+        Exit::ThawFailed,
+        Exit::Preflight,
+        Exit::Busy,
+    ];
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The short machine-readable name used as `error.kind` in the job document.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Exit::Success => "success",
+            Exit::StepFailed => "step-failed",
+            Exit::Usage => "bad-input",
+            Exit::AgentUnreachable => "agent-unreachable",
+            Exit::AgentTimeout => "agent-timeout",
+            Exit::UpstreamFailed => "upstream-failed",
+            Exit::ThawFailed => "thaw-failed",
+            Exit::Preflight => "preflight-failed",
+            Exit::Busy => "busy",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Exit::Success => "every step succeeded",
+            Exit::StepFailed => "this tool's step failed",
+            Exit::Usage => "bad command line or bad input document",
+            Exit::AgentUnreachable => "the guest agent is unreachable",
+            Exit::AgentTimeout => "the guest agent did not answer in time",
+            Exit::UpstreamFailed => "an upstream step failed or died",
+            Exit::ThawFailed => "thaw failed: the guest may still be frozen",
+            Exit::Preflight => "a preflight check failed; nothing was changed",
+            Exit::Busy => "another operation on this VM is in progress",
+        }
+    }
+
+    /// The table as text, for `--help` epilogues and man pages.
+    pub fn table() -> String {
+        let mut text = String::from("Exit status:\n");
+        for exit in Exit::ALL {
+            text.push_str(&format!("  {:<3} {}\n", exit.code(), exit.description()));
+        }
+        text
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.code(), self.kind())
+    }
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(exit: Exit) -> Self {
+        std::process::ExitCode::from(exit.code())
+    }
+}
+
+/// Implemented by every error type of the library so that the one place that
+/// prints errors can map any error chain to an exit code.
+pub trait HasExit {
+    fn exit(&self) -> Exit;
+}
+
+/// An error that carries its own exit code, for conditions a tool detects
+/// itself rather than a library layer (e.g. "the upstream step failed").
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Coded {
+    pub exit: Exit,
+    pub message: String,
+}
+
+/// Builds an error that carries its own exit code.
+pub fn coded(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Coded { exit, message: message.into() })
+}
+
+impl HasExit for Coded {
+    fn exit(&self) -> Exit {
+        self.exit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_and_below_126() {
+        let mut seen = std::collections::HashSet::new();
+        for exit in Exit::ALL {
+            assert!(exit.code() < 126);
+            assert!(seen.insert(exit.code()), "duplicate code {exit}");
+        }
+        assert_eq!(Exit::Usage.code(), 2, "clap's own usage code");
+    }
+}

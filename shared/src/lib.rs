@@ -1,0 +1,11 @@
+//! What every evesnap tool shares: the job document, the exit-code table, the edge that
+//! prints errors, and the layers that talk to the guest agent and to ZFS.
+//!
+//! Each tool crate in `bins/` is a library (`command()` + `run()`) and a thin `main`; the
+//! orchestrator calls the same library functions the small binaries call.
+
+pub mod cli;
+pub mod document;
+pub mod exit;
+pub mod log;
+pub mod time;
