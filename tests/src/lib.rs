@@ -1,1 +1,21 @@
-//! Helpers for the workspace-level tests.
+//! Helpers for the workspace-level tests: the shared test lab, the tools' binaries.
+
+pub mod lab;
+
+use std::path::PathBuf;
+
+/// The repository's top folder.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A tool binary built in this workspace's target folder (`scripts/test` builds them all
+/// before the tests run; a missing one is a setup error, not a skip).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile folder");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}

@@ -1,0 +1,11 @@
+//! qga-thaw (being written).
+
+use evesnap::cli::Outcome;
+
+pub fn command() -> clap::Command {
+    clap::Command::new("qga-thaw")
+}
+
+pub fn run(_matches: &clap::ArgMatches) -> Outcome {
+    Outcome::error(anyhow::anyhow!("not yet implemented"))
+}

@@ -1,0 +1,5 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    evesnap::cli::main("zsnap", zsnap::command(), zsnap::run)
+}
