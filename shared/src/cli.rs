@@ -20,18 +20,27 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn success(document: Document) -> Self {
-        Outcome { document: Some(document), error: None }
+        Outcome {
+            document: Some(document),
+            error: None,
+        }
     }
 
     /// A failure without a document to pass on (bad input, bad usage).
     pub fn error(error: anyhow::Error) -> Self {
-        Outcome { document: None, error: Some(error) }
+        Outcome {
+            document: None,
+            error: Some(error),
+        }
     }
 
     /// A failure of `tool`'s step: recorded in the document, which is still passed on.
     pub fn failed(mut document: Document, tool: &str, error: anyhow::Error) -> Self {
         document.record_failure(tool, exit_of(&error), &chain(&error));
-        Outcome { document: Some(document), error: Some(error) }
+        Outcome {
+            document: Some(document),
+            error: Some(error),
+        }
     }
 
     pub fn exit(&self) -> Exit {
@@ -48,8 +57,18 @@ pub fn exit_of(error: &anyhow::Error) -> Exit {
         if let Some(e) = cause.downcast_ref::<crate::document::Error>() {
             return e.exit();
         }
+        if let Some(e) = cause.downcast_ref::<crate::zfs::Error>() {
+            return e.exit();
+        }
+        if let Some(exit) = crate::qga::exit_of_cause(cause) {
+            return exit;
+        }
         if let Some(e) = cause.downcast_ref::<clap::Error>() {
-            return if e.use_stderr() { Exit::Usage } else { Exit::Success };
+            return if e.use_stderr() {
+                Exit::Usage
+            } else {
+                Exit::Success
+            };
         }
     }
     Exit::StepFailed
@@ -57,7 +76,11 @@ pub fn exit_of(error: &anyhow::Error) -> Exit {
 
 /// `cause: cause: cause`, each layer once.
 pub fn chain(error: &anyhow::Error) -> String {
-    error.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    error
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Runs a tool: `fn main() -> ExitCode { evesnap::cli::main("zsnap", zsnap::command(), zsnap::run) }`.
@@ -72,7 +95,11 @@ pub fn main(
         Err(e) => {
             // clap prints help/version on stdout and usage errors on stderr itself.
             let _ = e.print();
-            return if e.use_stderr() { Exit::Usage.into() } else { Exit::Success.into() };
+            return if e.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                Exit::Success.into()
+            };
         }
     };
     finish(tool, run(&matches))
@@ -110,10 +137,17 @@ mod tests {
 
     #[test]
     fn failed_outcome_records_the_error_in_the_document() {
-        let out = Outcome::failed(Document::new(), "zsnap", crate::exit::coded(Exit::Preflight, "no room"));
+        let out = Outcome::failed(
+            Document::new(),
+            "zsnap",
+            crate::exit::coded(Exit::Preflight, "no room"),
+        );
         let doc = out.document.as_ref().expect("document");
         assert!(!doc.ok);
-        assert_eq!(doc.error.as_ref().map(|e| e.kind.as_str()), Some("preflight-failed"));
+        assert_eq!(
+            doc.error.as_ref().map(|e| e.kind.as_str()),
+            Some("preflight-failed")
+        );
         assert_eq!(out.exit(), Exit::Preflight);
     }
 }

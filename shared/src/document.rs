@@ -74,6 +74,9 @@ pub struct DocError {
     pub tool: String,
     pub kind: String,
     pub message: String,
+    /// Further fields, e.g. the orchestrator's eve-api `snap_err` fields; kept as they came.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 impl Default for Document {
@@ -129,6 +132,7 @@ impl Document {
                 tool: tool.to_string(),
                 kind: exit.kind().to_string(),
                 message: message.to_string(),
+                extra: Map::new(),
             });
         }
     }
@@ -149,7 +153,11 @@ pub struct StepTimer {
 
 impl StepTimer {
     pub fn start(tool: &str) -> Self {
-        StepTimer { tool: tool.to_string(), started_at: crate::time::now_rfc3339(), start: Instant::now() }
+        StepTimer {
+            tool: tool.to_string(),
+            started_at: crate::time::now_rfc3339(),
+            start: Instant::now(),
+        }
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -195,7 +203,9 @@ pub enum Error {
     TooLarge,
     #[error("the upstream document is not valid JSON")]
     Parse(#[source] serde_json::Error),
-    #[error("the upstream document has unsupported version {0} (this tool reads version {VERSION})")]
+    #[error(
+        "the upstream document has unsupported version {0} (this tool reads version {VERSION})"
+    )]
     Version(String),
     #[error("the upstream document has a wrong field")]
     Shape(#[source] serde_json::Error),
@@ -252,7 +262,10 @@ impl InputKind {
 /// Reads an upstream document from `input`; see [`read_stdin`] for what empty means.
 pub fn read_from(input: impl Read, kind: InputKind) -> Result<Upstream, Error> {
     let mut text = String::new();
-    input.take(MAX_DOCUMENT_BYTES + 1).read_to_string(&mut text).map_err(Error::Read)?;
+    input
+        .take(MAX_DOCUMENT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(Error::Read)?;
     if text.len() as u64 > MAX_DOCUMENT_BYTES {
         return Err(Error::TooLarge);
     }
@@ -283,8 +296,14 @@ mod tests {
 
     #[test]
     fn empty_pipe_is_a_dead_upstream_but_empty_file_is_none() {
-        assert!(matches!(read_from(&b""[..], InputKind::Stream), Err(Error::UpstreamDied)));
-        assert_eq!(read_from(&b" \n"[..], InputKind::File).expect("none"), Upstream::None);
+        assert!(matches!(
+            read_from(&b""[..], InputKind::Stream),
+            Err(Error::UpstreamDied)
+        ));
+        assert_eq!(
+            read_from(&b" \n"[..], InputKind::File).expect("none"),
+            Upstream::None
+        );
     }
 
     #[test]
@@ -298,9 +317,18 @@ mod tests {
 
     #[test]
     fn wrong_version_and_wrong_types_are_refused() {
-        assert!(matches!(Document::from_json(r#"{"version":2,"ok":true}"#), Err(Error::Version(_))));
-        assert!(matches!(Document::from_json(r#"{"ok":true}"#), Err(Error::Version(_))));
-        assert!(matches!(Document::from_json(r#"{"version":1,"ok":"yes"}"#), Err(Error::Shape(_))));
+        assert!(matches!(
+            Document::from_json(r#"{"version":2,"ok":true}"#),
+            Err(Error::Version(_))
+        ));
+        assert!(matches!(
+            Document::from_json(r#"{"ok":true}"#),
+            Err(Error::Version(_))
+        ));
+        assert!(matches!(
+            Document::from_json(r#"{"version":1,"ok":"yes"}"#),
+            Err(Error::Shape(_))
+        ));
         assert!(matches!(Document::from_json("[1]"), Err(Error::Version(_))));
     }
 
@@ -310,7 +338,10 @@ mod tests {
         doc.record_failure("a", Exit::AgentTimeout, "late");
         doc.record_failure("b", Exit::StepFailed, "other");
         let error = doc.error.expect("error");
-        assert_eq!((error.tool.as_str(), error.kind.as_str()), ("a", "agent-timeout"));
+        assert_eq!(
+            (error.tool.as_str(), error.kind.as_str()),
+            ("a", "agent-timeout")
+        );
         assert!(!doc.ok);
     }
 }

@@ -117,7 +117,10 @@ pub struct Coded {
 
 /// Builds an error that carries its own exit code.
 pub fn coded(exit: Exit, message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Coded { exit, message: message.into() })
+    anyhow::Error::new(Coded {
+        exit,
+        message: message.into(),
+    })
 }
 
 impl HasExit for Coded {

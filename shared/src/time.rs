@@ -12,14 +12,19 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn rfc3339(at: OffsetDateTime) -> String {
-    let at = at.replace_nanosecond(at.millisecond() as u32 * 1_000_000).unwrap_or(at);
-    at.format(&Rfc3339).unwrap_or_else(|_| at.unix_timestamp().to_string())
+    let at = at
+        .replace_nanosecond(at.millisecond() as u32 * 1_000_000)
+        .unwrap_or(at);
+    at.format(&Rfc3339)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 /// EVE's snapshot-name timestamp, `YYYYMMDD-HHMMSSmmm` in UTC.
 pub fn eve_timestamp(at: OffsetDateTime) -> String {
-    let format = format_description!("[year][month][day]-[hour][minute][second][subsecond digits:3]");
-    at.format(&format).unwrap_or_else(|_| at.unix_timestamp().to_string())
+    let format =
+        format_description!("[year][month][day]-[hour][minute][second][subsecond digits:3]");
+    at.format(&format)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 /// A duration in milliseconds with microsecond resolution, for reports.

@@ -1,11 +1,308 @@
-//! qga-freeze (being written).
+//! `qga-freeze`: freezes a guest's filesystems through its QEMU guest agent, arms an
+//! auto-thaw watchdog, and passes the job document on.
+//!
+//! The step it appends to the document (see [`evesnap::document`]):
+//!
+//! ```json
+//! {"tool": "qga-freeze", "ok": true, "started_at": "…", "duration_ms": 31.2,
+//!  "frozen": 3, "mountpoints": null, "adopted": false, "agent_version": "7.2.0",
+//!  "freeze_ms": 2.7, "watchdog": {"pid": 4242, "deadline": "…", "deadline_unix_ms": 0,
+//!  "token": "…", "agent": "unix:…", "state_file": "…", "log_file": "…"}}
+//! ```
+//!
+//! On failure `ok` is false, `frozen` is 0 and `possibly_frozen`, `cleanup_thaw` and
+//! `watchdog` say what state the guest was left in; a step skipped because an upstream
+//! step failed has `skipped: true`.
+//!
+//! The orchestrator calls [`freeze`] (and [`abort`]) on a [`evesnap::qga::Client`] it
+//! connected itself, exactly as this binary does.
 
+mod step;
+
+use std::time::{Duration, Instant};
+
+use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
+use evesnap::document::{self, Document, StepTimer};
+use evesnap::exit::{coded, Exit};
+use evesnap::qga::{self, Address, Client};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde_json::{json, Map, Value};
 
-pub fn command() -> clap::Command {
-    clap::Command::new("qga-freeze")
+pub use step::{abort, default_watchdog_program, freeze, Aftermath, CleanupThaw, Error, FreezeOptions, FreezeReport};
+
+/// The tool's name, as in the document's steps.
+pub const TOOL: &str = "qga-freeze";
+
+const LONG_ABOUT: &str = "\
+Freezes the filesystems of a guest through its QEMU guest agent (qemu-ga), so that a \
+snapshot of its disks taken now is application-consistent, then writes the job document \
+on stdout for the next tool (zsnap, then qga-thaw).
+
+Steps: connect (0xFF + guest-sync-delimited, retried while the agent is not up yet, until \
+--connect-timeout), guest-info (freeze commands present and enabled), guest-fsfreeze-status \
+(already frozen fails unless --adopt-frozen), arm the auto-thaw watchdog, freeze \
+(guest-fsfreeze-freeze, or guest-fsfreeze-freeze-list with --mountpoint), verify \
+guest-fsfreeze-status is frozen. A freeze that froze nothing (e.g. a mountpoint that does \
+not exist) or fewer filesystems than mountpoints asked for is an error and is thawed again.
+
+The watchdog is a detached process that survives this tool and the whole pipeline; at \
+--thaw-after seconds it thaws the guest unless qga-thaw cancelled it first. A freeze \
+whose reply timed out may still happen when the agent reads again (a paused VM): the tool \
+then queues a thaw, leaves the watchdog armed, says THE GUEST MAY BE FROZEN and fails. \
+SIGINT, SIGTERM or SIGHUP after the freeze thaws before exiting.
+
+Reads the upstream document on stdin (a terminal or /dev/null: none). If an upstream step \
+failed, it does not freeze, appends a skipped step and exits 5. The agent is --agent, \
+else the document's `agent`; the output document's `agent` is set to it.";
+
+/// The command line of `qga-freeze`.
+#[derive(Debug, Parser)]
+#[command(name = "qga-freeze", version, about = "Freeze a guest's filesystems through its guest agent", long_about = LONG_ABOUT)]
+pub struct Args {
+    /// The guest agent: unix:PATH (or a plain path) for the virtio-serial socket, or
+    /// vsock:CID:PORT [default: the upstream document's `agent`]
+    #[arg(long, value_name = "ADDR")]
+    pub agent: Option<String>,
+    /// Freeze only this mountpoint of the guest (repeatable) [default: every filesystem]
+    #[arg(long = "mountpoint", value_name = "PATH")]
+    pub mountpoints: Vec<String>,
+    /// Seconds each agent call may take
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// Seconds to wait for the agent to answer at all (guest booting, agent restarting,
+    /// another client on the socket) [default: --timeout]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub connect_timeout: Option<Duration>,
+    /// Seconds after which the watchdog thaws the guest unless qga-thaw ran; 0: no watchdog
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub thaw_after: Duration,
+    /// Take over a guest that is already frozen instead of failing
+    #[arg(long)]
+    pub adopt_frozen: bool,
+
+    #[arg(long = evesnap::qga::watchdog::DETACH_FLAG, hide = true)]
+    pub watchdog_detach: bool,
+    #[arg(long = evesnap::qga::watchdog::TOKEN_FLAG, hide = true)]
+    pub watchdog_token: Option<String>,
+    #[arg(long = evesnap::qga::watchdog::DEADLINE_FLAG, hide = true)]
+    pub watchdog_deadline_ms: Option<u64>,
 }
 
-pub fn run(_matches: &clap::ArgMatches) -> Outcome {
-    Outcome::error(anyhow::anyhow!("not yet implemented"))
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a duration (≥ 0 seconds)"))
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let d = parse_secs(text)?;
+    if d.is_zero() {
+        return Err("must be above 0".into());
+    }
+    Ok(d)
+}
+
+pub fn command() -> clap::Command {
+    Args::command().after_help(Exit::table())
+}
+
+/// Signals that make the tool thaw before exiting, read from a signalfd.
+struct Signals {
+    fd: Option<SignalFd>,
+}
+
+impl Signals {
+    /// Blocks SIGINT, SIGTERM and SIGHUP (they wait until [`Signals::pending`] asks).
+    fn block() -> Signals {
+        let mut set = SigSet::empty();
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(signal);
+        }
+        if let Err(e) = set.thread_block() {
+            evesnap::warn!("cannot defer signals during the freeze: {e}");
+            return Signals { fd: None };
+        }
+        Signals { fd: SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok() }
+    }
+
+    fn pending(&self) -> Option<String> {
+        let info = self.fd.as_ref()?.read_signal().ok()??;
+        Some(Signal::try_from(info.ssi_signo as i32).map_or_else(|_| format!("signal {}", info.ssi_signo), |s| s.to_string()))
+    }
+}
+
+fn fields(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+fn upstream_failure(doc: &Document) -> Option<String> {
+    if let Some(step) = doc.failed_step() {
+        return Some(format!("the upstream step {} failed", step.tool));
+    }
+    if let Some(error) = &doc.error {
+        return Some(format!("the upstream step {} failed ({})", error.tool, error.kind));
+    }
+    (!doc.ok).then(|| "the upstream document says a step failed".to_string())
+}
+
+pub fn run(matches: &clap::ArgMatches) -> Outcome {
+    let args = match Args::from_arg_matches(matches) {
+        Ok(args) => args,
+        Err(e) => return Outcome::error(e.into()),
+    };
+    if let Some(token) = &args.watchdog_token {
+        let agent = args.agent.as_deref().unwrap_or_default();
+        let deadline = args.watchdog_deadline_ms.unwrap_or(0);
+        return match step::watchdog_main(agent, token, deadline, args.watchdog_detach) {
+            Ok(()) => Outcome::default(),
+            Err(e) => Outcome::error(e),
+        };
+    }
+    let timer = StepTimer::start(TOOL);
+    let skipped = |timer: StepTimer, reason: &str, args: &Args| {
+        let mountpoints = (!args.mountpoints.is_empty()).then(|| args.mountpoints.clone());
+        timer.finish(false, fields(json!({"skipped": true, "reason": reason, "frozen": 0, "mountpoints": mountpoints, "watchdog": null})))
+    };
+    let mut doc = match document::read_stdin() {
+        Ok(upstream) => upstream.into_document().unwrap_or_default(),
+        Err(e @ document::Error::UpstreamDied) => {
+            let mut doc = Document::new();
+            doc.agent = args.agent.clone();
+            doc.push(skipped(timer, "no upstream document", &args));
+            return Outcome::failed(doc, TOOL, e.into());
+        }
+        Err(e) => return Outcome::error(e.into()),
+    };
+    if let Some(reason) = upstream_failure(&doc) {
+        doc.push(skipped(timer, &reason, &args));
+        return Outcome::failed(doc, TOOL, coded(Exit::UpstreamFailed, format!("{reason}; not freezing")));
+    }
+    let agent = match (&args.agent, &doc.agent) {
+        (Some(flag), Some(upstream)) if flag != upstream => {
+            evesnap::warn!("--agent {flag} overrides the document's agent {upstream}");
+            flag.clone()
+        }
+        (Some(agent), _) | (None, Some(agent)) => agent.clone(),
+        (None, None) => {
+            doc.push(skipped(timer, "no agent", &args));
+            let e = coded(Exit::Usage, "no guest agent: give --agent or a document with `agent`");
+            return Outcome::failed(doc, TOOL, e);
+        }
+    };
+    let address: Address = match agent.parse() {
+        Ok(address) => address,
+        Err(e) => {
+            doc.push(skipped(timer, "bad agent address", &args));
+            return Outcome::failed(doc, TOOL, coded(Exit::Usage, e.to_string()));
+        }
+    };
+    doc.agent = Some(address.to_string());
+    let opts = FreezeOptions {
+        mountpoints: args.mountpoints.clone(),
+        timeout: args.timeout,
+        adopt_frozen: args.adopt_frozen,
+        thaw_after: (!args.thaw_after.is_zero()).then_some(args.thaw_after),
+        watchdog_program: None,
+    };
+    let failed_fields = |aftermath: Option<&Aftermath>| {
+        let mountpoints = (!opts.mountpoints.is_empty()).then(|| opts.mountpoints.clone());
+        fields(json!({
+            "frozen": 0,
+            "mountpoints": mountpoints,
+            "possibly_frozen": aftermath.is_some_and(|a| a.possibly_frozen),
+            "cleanup_thaw": aftermath.and_then(|a| a.thaw.clone()),
+            "watchdog": aftermath.and_then(|a| a.watchdog.clone()),
+        }))
+    };
+
+    let connect_deadline = Instant::now() + args.connect_timeout.unwrap_or(args.timeout);
+    let mut client = match Client::connect(&address, connect_deadline) {
+        Ok(client) => client,
+        Err(e) => {
+            doc.push(timer.finish(false, failed_fields(None)));
+            return Outcome::failed(doc, TOOL, anyhow::Error::new(e));
+        }
+    };
+    client.set_timeout(args.timeout);
+
+    let signals = Signals::block();
+    let result = match signals.pending() {
+        Some(signal) => Err(coded(Exit::StepFailed, format!("interrupted by {signal} before the freeze"))),
+        None => Ok(freeze(&mut client, &opts)),
+    };
+    let result = match result {
+        Ok(result) => result,
+        Err(e) => {
+            doc.push(timer.finish(false, failed_fields(None)));
+            return Outcome::failed(doc, TOOL, e);
+        }
+    };
+    let result = result.and_then(|report| match signals.pending() {
+        None => Ok(report),
+        Some(signal) => Err(Error::Interrupted { signal, aftermath: abort(&mut client, &report, opts.timeout) }),
+    });
+    match result {
+        Ok(report) => {
+            let what = match report.frozen {
+                Some(n) => format!("froze {n} filesystems in {:.1} ms", report.freeze_ms),
+                None => "adopted the existing freeze".to_string(),
+            };
+            match &report.watchdog {
+                Some(w) => evesnap::note!(
+                    "{what} (agent {}); watchdog pid {} thaws at {} unless qga-thaw runs first",
+                    report.agent_version,
+                    w.pid.unwrap_or(0),
+                    w.deadline
+                ),
+                None => evesnap::note!("{what} (agent {}); no watchdog", report.agent_version),
+            }
+            let value = serde_json::to_value(&report).unwrap_or(Value::Null);
+            doc.push(timer.finish(true, fields(value)));
+            Outcome::success(doc)
+        }
+        Err(e) => {
+            doc.push(timer.finish(false, failed_fields(e.aftermath())));
+            if e.aftermath().is_some_and(|a| a.possibly_frozen) {
+                evesnap::warn!("the guest may be frozen: {}", e.aftermath().map(ToString::to_string).unwrap_or_default());
+            }
+            Outcome::failed(doc, TOOL, qga::anyhow_with_exit(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_is_complete() {
+        command().debug_assert();
+        let help = command().render_long_help().to_string();
+        for needle in ["--mountpoint", "--thaw-after", "--adopt-frozen", "Exit status:", "watchdog"] {
+            assert!(help.contains(needle), "{needle} missing from --help");
+        }
+        assert!(!help.contains("--watchdog-token"), "hidden flags stay hidden");
+    }
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(parse_secs("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_secs("0"), Ok(Duration::ZERO));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("NaN").is_err());
+        assert!(parse_timeout("0").is_err());
+    }
+
+    #[test]
+    fn aftermath_says_what_state_the_guest_is_in() {
+        let a = Aftermath { possibly_frozen: true, thaw: Some(CleanupThaw::Queued), watchdog: None };
+        let text = a.to_string();
+        assert!(text.contains("MAY BE FROZEN") && text.contains("run qga-thaw"), "{text}");
+        let b = Aftermath { possibly_frozen: false, thaw: Some(CleanupThaw::Thawed { count: 2 }), watchdog: None };
+        assert_eq!(b.to_string(), "the guest was thawed again (2 filesystems)");
+    }
 }

@@ -1,11 +1,337 @@
-//! qga-thaw (being written).
+//! `qga-thaw`: thaws a guest's filesystems through its QEMU guest agent, whatever the
+//! upstream steps did, cancels the auto-thaw watchdog and ends the pipeline's document.
+//!
+//! The step it appends to the document (see [`evesnap::document`]):
+//!
+//! ```json
+//! {"tool": "qga-thaw", "ok": true, "started_at": "…", "duration_ms": 12.0,
+//!  "thawed": 3, "expected": 3, "thaw_ms": 2.1, "watchdog_cancelled": {"pid": 4242, …}}
+//! ```
+//!
+//! `expected` is the count the upstream `qga-freeze` step froze (`null` if unknown); a
+//! thaw that thawed fewer filesystems means some were thawed early (by the watchdog?),
+//! so the snapshot in between may not be consistent: the step fails.
+//!
+//! The orchestrator calls [`thaw`] on a [`evesnap::qga::Client`] it connected itself.
 
+use std::time::{Duration, Instant};
+
+use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
+use evesnap::document::{self, Document, StepTimer};
+use evesnap::exit::{coded, Exit, HasExit};
+use evesnap::qga::commands as qga;
+use evesnap::qga::watchdog::{self, Watchdog};
+use evesnap::qga::{Address, Client, Error as QgaError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 
-pub fn command() -> clap::Command {
-    clap::Command::new("qga-thaw")
+/// The tool's name, as in the document's steps.
+pub const TOOL: &str = "qga-thaw";
+
+/// How to thaw.
+#[derive(Debug, Clone)]
+pub struct ThawOptions {
+    /// The time each agent call gets.
+    pub timeout: Duration,
+    /// The number of filesystems the freeze froze, if known: a thaw of fewer is an
+    /// [`Error::EarlyThaw`].
+    pub expected: Option<i64>,
+    /// Cancel the auto-thaw watchdog armed for this agent once the thaw is verified.
+    pub cancel_watchdog: bool,
 }
 
-pub fn run(_matches: &clap::ArgMatches) -> Outcome {
-    Outcome::error(anyhow::anyhow!("not yet implemented"))
+impl Default for ThawOptions {
+    fn default() -> Self {
+        ThawOptions { timeout: evesnap::qga::DEFAULT_TIMEOUT, expected: None, cancel_watchdog: true }
+    }
+}
+
+/// A verified thaw; serialises into the `qga-thaw` step's fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThawReport {
+    /// Filesystems thawed (0: nothing was frozen).
+    pub thawed: i64,
+    /// What the freeze froze, if known.
+    pub expected: Option<i64>,
+    /// Round trip of the thaw command alone (the agent runs its hooks inside it).
+    pub thaw_ms: f64,
+    /// The watchdog this thaw cancelled, if one was armed.
+    pub watchdog_cancelled: Option<Watchdog>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the guest agent to thaw: the guest may still be frozen")]
+    Connect(#[source] QgaError),
+    #[error("the thaw failed: the guest may still be frozen")]
+    Thaw(#[source] QgaError),
+    #[error("a thaw was queued but not answered: the guest may still be frozen until the agent reads again")]
+    Queued(#[source] QgaError),
+    #[error("cannot verify the thaw: the guest may still be frozen")]
+    Verify(#[source] QgaError),
+    #[error("the guest still reports frozen after the thaw")]
+    StillFrozen,
+    #[error(
+        "the thaw thawed {thawed} filesystems but the freeze froze {expected}: some were thawed early \
+         (by the watchdog?), so the snapshot may not be consistent"
+    )]
+    EarlyThaw { thawed: i64, expected: i64, report: Box<ThawReport> },
+}
+
+impl HasExit for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::EarlyThaw { .. } => Exit::StepFailed,
+            _ => Exit::ThawFailed,
+        }
+    }
+}
+
+/// Thaws, verifies that the guest reports `thawed`, and cancels the watchdog.
+///
+/// The watchdog stays armed when the thaw cannot be verified: it may still succeed.
+pub fn thaw(client: &mut Client, opts: &ThawOptions) -> Result<ThawReport, Error> {
+    let started = Instant::now();
+    let thawed = if client.is_synced() {
+        client.execute_within(qga::guest_fsfreeze_thaw {}, opts.timeout)
+    } else {
+        // The agent stopped answering earlier: queue the thaw behind what is pending.
+        client.execute_unsynced(qga::guest_fsfreeze_thaw {}, opts.timeout)
+    };
+    let thaw_ms = evesnap::time::millis(started.elapsed());
+    let thawed = match thawed {
+        Ok(n) => n,
+        Err(e) if e.is_timeout() => return Err(Error::Queued(e)),
+        Err(e) => return Err(Error::Thaw(e)),
+    };
+    verify(client, opts, thawed, thaw_ms)
+}
+
+/// Verifies a thaw that answered `thawed`, cancels the watchdog, checks the count.
+fn verify(client: &mut Client, opts: &ThawOptions, thawed: i64, thaw_ms: f64) -> Result<ThawReport, Error> {
+    match client.execute_within(qga::guest_fsfreeze_status {}, opts.timeout) {
+        Ok(qga::GuestFsfreezeStatus::thawed) => {}
+        Ok(qga::GuestFsfreezeStatus::frozen) => return Err(Error::StillFrozen),
+        Err(e) => return Err(Error::Verify(e)),
+    }
+    let watchdog_cancelled = if opts.cancel_watchdog {
+        watchdog::cancel(client.address()).unwrap_or_else(|e| {
+            evesnap::warn!(
+                "the guest is thawed, but its watchdog could not be cancelled (it will find the guest thawed): {}",
+                evesnap::cli::chain(&anyhow::Error::new(e))
+            );
+            None
+        })
+    } else {
+        None
+    };
+    let report = ThawReport { thawed, expected: opts.expected, thaw_ms, watchdog_cancelled };
+    match opts.expected {
+        Some(expected) if thawed < expected => Err(Error::EarlyThaw { thawed, expected, report: Box::new(report) }),
+        _ => Ok(report),
+    }
+}
+
+/// Connects and thaws. A connection the agent does not answer still gets a queued thaw.
+pub fn connect_and_thaw(address: &Address, connect_timeout: Duration, opts: &ThawOptions) -> Result<ThawReport, Error> {
+    let started = Instant::now();
+    let deadline = started + connect_timeout;
+    let mut client = Client::open(address, deadline).map_err(Error::Connect)?;
+    client.set_timeout(opts.timeout);
+    if let Err(e) = client.sync(deadline) {
+        if !e.is_timeout() {
+            return Err(Error::Connect(e));
+        }
+        // Silent agent (paused VM, busy socket): queue a thaw anyway, it runs later.
+        let started = Instant::now();
+        let queued = client.execute_unsynced(qga::guest_fsfreeze_thaw {}, Duration::from_millis(500));
+        return match queued {
+            Ok(n) => verify(&mut client, opts, n, evesnap::time::millis(started.elapsed())),
+            Err(_) => Err(Error::Queued(e)),
+        };
+    }
+    thaw(&mut client, opts)
+}
+
+const LONG_ABOUT: &str = "\
+Thaws the filesystems of a guest through its QEMU guest agent (qemu-ga), verifies that the \
+guest reports `thawed`, cancels the auto-thaw watchdog qga-freeze armed, and writes the job \
+document on stdout.
+
+It thaws whatever the upstream says: an upstream failure is exactly when a thaw matters. The \
+agent is --agent, else the document's `agent`. If stdin is not a valid document but --agent \
+is given, it still thaws, then reports the bad input.
+
+Exit status is non-zero when this step or any upstream step failed, so that \
+`qga-freeze … | zsnap … | qga-thaw` reports failure from its last command: 6 when the thaw \
+failed or could not be verified (the watchdog then stays armed), 5 for an upstream failure, \
+1 when fewer filesystems were thawed than frozen (some were thawed early, e.g. by the \
+watchdog, so the snapshot may not be consistent).";
+
+/// The command line of `qga-thaw`.
+#[derive(Debug, Parser)]
+#[command(name = "qga-thaw", version, about = "Thaw a guest's filesystems through its guest agent", long_about = LONG_ABOUT)]
+pub struct Args {
+    /// The guest agent: unix:PATH (or a plain path) for the virtio-serial socket, or
+    /// vsock:CID:PORT [default: the upstream document's `agent`]
+    #[arg(long, value_name = "ADDR")]
+    pub agent: Option<String>,
+    /// Seconds each agent call may take
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// Seconds to wait for the agent to answer at all [default: --timeout]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub connect_timeout: Option<Duration>,
+    /// Leave the auto-thaw watchdog armed
+    #[arg(long)]
+    pub keep_watchdog: bool,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("{text:?} is not a duration above 0 seconds")),
+    }
+}
+
+pub fn command() -> clap::Command {
+    Args::command().after_help(Exit::table())
+}
+
+fn fields(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+/// What the upstream `qga-freeze` step froze, when it froze through this agent.
+fn expected_count(doc: &Document, address: &Address) -> Option<i64> {
+    let freeze = doc.steps.iter().rev().find(|s| s.tool == "qga-freeze" && s.ok)?;
+    let same_agent = doc.agent.as_deref().and_then(|a| a.parse::<Address>().ok()).map_or(true, |a| &a == address);
+    if !same_agent {
+        return None;
+    }
+    freeze.fields.get("frozen")?.as_i64()
+}
+
+fn upstream_failure(doc: &Document) -> Option<String> {
+    if let Some(step) = doc.failed_step() {
+        return Some(format!("the upstream step {} failed", step.tool));
+    }
+    if let Some(error) = &doc.error {
+        return Some(format!("the upstream step {} failed ({})", error.tool, error.kind));
+    }
+    (!doc.ok).then(|| "the upstream document says a step failed".to_string())
+}
+
+pub fn run(matches: &clap::ArgMatches) -> Outcome {
+    let args = match Args::from_arg_matches(matches) {
+        Ok(args) => args,
+        Err(e) => return Outcome::error(e.into()),
+    };
+    let timer = StepTimer::start(TOOL);
+    let (upstream, input_error) = match document::read_stdin() {
+        Ok(upstream) => (upstream.into_document(), None),
+        Err(e) => (None, Some(e)),
+    };
+    let agent = args.agent.clone().or_else(|| upstream.as_ref().and_then(|d| d.agent.clone()));
+    let Some(agent) = agent else {
+        return match (input_error, upstream) {
+            (Some(e), _) => Outcome::error(anyhow::Error::new(e).context("no --agent, and no document to read it from")),
+            (None, Some(doc)) => Outcome::failed(doc, TOOL, coded(Exit::Usage, "no guest agent: give --agent or a document with `agent`")),
+            (None, None) => Outcome::error(coded(Exit::Usage, "no guest agent: give --agent or a document with `agent`")),
+        };
+    };
+    let mut doc = upstream.unwrap_or_default();
+    let address: Address = match agent.parse() {
+        Ok(address) => address,
+        Err(e) => {
+            doc.push(timer.finish(false, fields(json!({"thawed": null, "reason": "bad agent address"}))));
+            return Outcome::failed(doc, TOOL, coded(Exit::Usage, e.to_string()));
+        }
+    };
+    let opts = ThawOptions { timeout: args.timeout, expected: expected_count(&doc, &address), cancel_watchdog: !args.keep_watchdog };
+    doc.agent = Some(address.to_string());
+    let upstream_failed = upstream_failure(&doc);
+    let result = connect_and_thaw(&address, args.connect_timeout.unwrap_or(args.timeout), &opts);
+
+    let thaw_error = match result {
+        Ok(report) => {
+            evesnap::note!(
+                "thawed {} filesystems in {:.1} ms{}",
+                report.thawed,
+                report.thaw_ms,
+                report.watchdog_cancelled.as_ref().map_or(String::new(), |w| format!("; cancelled watchdog pid {}", w.pid.unwrap_or(0)))
+            );
+            doc.push(timer.finish(true, fields(serde_json::to_value(&report).unwrap_or(Value::Null))));
+            None
+        }
+        Err(e) => {
+            let mut step = match &e {
+                Error::EarlyThaw { report, .. } => fields(serde_json::to_value(report).unwrap_or(Value::Null)),
+                _ => fields(json!({"thawed": null, "expected": opts.expected, "possibly_frozen": true})),
+            };
+            step.insert("early_thaw".into(), json!(matches!(e, Error::EarlyThaw { .. })));
+            doc.push(timer.finish(false, step));
+            Some(e)
+        }
+    };
+    // The most urgent failure decides the exit: a guest that may be frozen first.
+    match (thaw_error, input_error, upstream_failed) {
+        (Some(e), input, _) if e.exit() == Exit::ThawFailed => {
+            if let Some(input) = input {
+                evesnap::warn!("also, the input was bad: {}", evesnap::cli::chain(&anyhow::Error::new(input)));
+            }
+            Outcome::failed(doc, TOOL, evesnap::qga::anyhow_with_exit(e))
+        }
+        (thaw_error, Some(input), _) => {
+            if let Some(e) = thaw_error {
+                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e)));
+            }
+            Outcome::failed(doc, TOOL, anyhow::Error::new(input).context("thawed, but the upstream document is bad"))
+        }
+        (thaw_error, None, Some(reason)) => {
+            if let Some(e) = thaw_error {
+                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e)));
+            }
+            Outcome::failed(doc, TOOL, coded(Exit::UpstreamFailed, format!("{reason} (the guest is thawed)")))
+        }
+        (Some(e), None, None) => Outcome::failed(doc, TOOL, evesnap::qga::anyhow_with_exit(e)),
+        (None, None, None) => Outcome::success(doc),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_is_complete() {
+        command().debug_assert();
+        let help = command().render_long_help().to_string();
+        for needle in ["--agent", "--timeout", "Exit status:", "upstream"] {
+            assert!(help.contains(needle), "{needle} missing from --help");
+        }
+    }
+
+    #[test]
+    fn expected_count_comes_from_the_freeze_step_of_the_same_agent() {
+        let text = r#"{"version":1,"ok":true,"agent":"unix:/a.sock","steps":[
+            {"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":3}]}"#;
+        let doc = Document::from_json(text).expect("doc");
+        assert_eq!(expected_count(&doc, &"unix:/a.sock".parse().expect("a")), Some(3));
+        assert_eq!(expected_count(&doc, &"unix:/b.sock".parse().expect("b")), None);
+    }
+
+    #[test]
+    fn thaw_failures_exit_thaw_failed() {
+        assert_eq!(Error::StillFrozen.exit(), Exit::ThawFailed);
+        let timeout = QgaError::Timeout { address: "unix:/a".into(), command: "x".into(), after: Duration::from_secs(1) };
+        let err = evesnap::qga::anyhow_with_exit(Error::Queued(timeout));
+        assert_eq!(evesnap::cli::exit_of(&err), Exit::ThawFailed);
+    }
 }

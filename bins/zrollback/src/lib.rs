@@ -1,11 +1,396 @@
-//! zrollback (being written).
+//! `zrollback`: rolls datasets back to a named snapshot, all of them or none.
+//!
+//! [`plan`] checks every dataset first: the target snapshot exists, and newer snapshots are
+//! either absent or (with `destroy_newer`) all destroyable — no holds, no clones. Only then
+//! [`execute`] destroys the newer snapshots itself (newest first) and runs a plain
+//! `zfs rollback`, dataset by dataset, reporting exactly what it did. It never uses
+//! `zfs rollback -r`: zfs-fuse and OpenZFS destroy some newer snapshots and then fail on a
+//! held one.
+//!
+//! Step fields (`tool: "zrollback"`): `rolled_back: [{dataset, to}]`, `destroyed: [...]`,
+//! `dry_run`, and with `--dry-run` the `plan`; on failure `error` and `problems` (preflight)
+//! or what was done before the failure.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
+use evesnap::document::{Document, StepTimer};
+use evesnap::exit::{coded, Exit};
+use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
-pub fn command() -> clap::Command {
-    clap::Command::new("zrollback")
+pub const TOOL: &str = "zrollback";
+
+/// One dataset's part of a plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub dataset: String,
+    /// `dataset@name`.
+    pub to: String,
+    /// Snapshots newer than `to`, newest first: destroyed before the rollback.
+    pub newer: Vec<String>,
+    /// Bookmarks newer than `to` (OpenZFS only; its `zfs rollback` refuses them too):
+    /// destroyed before the rollback.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub newer_bookmarks: Vec<String>,
 }
 
-pub fn run(_matches: &clap::ArgMatches) -> Outcome {
-    Outcome::error(anyhow::anyhow!("not yet implemented"))
+/// Everything checked; nothing changed yet.
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackPlan {
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RolledBack {
+    pub dataset: String,
+    pub to: String,
+}
+
+/// What [`execute`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RollbackReport {
+    pub rolled_back: Vec<RolledBack>,
+    pub destroyed: Vec<String>,
+}
+
+/// [`execute`] failed part way; `report` says what had been done.
+#[derive(Debug, thiserror::Error)]
+#[error("rollback failed after rolling back {} dataset(s) and destroying {} snapshot(s)", report.rolled_back.len(), report.destroyed.len())]
+pub struct ExecuteError {
+    pub report: RollbackReport,
+    #[source]
+    pub source: Error,
+}
+
+/// Checks every dataset and plans the rollback to `@name`. With `destroy_newer`, newer
+/// snapshots are planned for destruction if none is held or cloned; without it, any newer
+/// snapshot refuses the plan (and is listed).
+pub fn plan(
+    zfs: &Zfs,
+    datasets: &[String],
+    name: &str,
+    destroy_newer: bool,
+) -> Result<RollbackPlan, Error> {
+    let mut seen = BTreeSet::new();
+    let datasets: Vec<&String> = datasets
+        .iter()
+        .filter(|d| seen.insert(d.as_str()))
+        .collect();
+    if datasets.is_empty() {
+        return Err(Error::InvalidName {
+            name: String::new(),
+            reason: "no dataset given".into(),
+        });
+    }
+    for d in &datasets {
+        names::check_dataset(d)?;
+    }
+    names::check_snapshot_name(name)?;
+
+    let mut problems = Vec::new();
+    let mut targets = Vec::new();
+    let mut pending: Vec<(Target, Vec<SnapshotInfo>)> = Vec::new();
+    for d in datasets {
+        let snaps = match zfs.snapshots(d, &[]) {
+            Ok(s) => s,
+            Err(Error::DoesNotExist { .. }) => {
+                problems.push(Problem::Missing { dataset: d.clone() });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let to = format!("{d}@{name}");
+        let Some(target) = snaps.iter().find(|s| s.name == to) else {
+            problems.push(Problem::NoSuchSnapshot { snapshot: to });
+            continue;
+        };
+        let mut newer: Vec<SnapshotInfo> = snaps
+            .iter()
+            .filter(|s| s.createtxg > target.createtxg)
+            .cloned()
+            .collect();
+        newer.sort_by_key(|s| std::cmp::Reverse(s.createtxg));
+        let mut newer_bookmarks: Vec<(String, u64)> = zfs
+            .bookmarks(d)?
+            .into_iter()
+            .filter(|(_, txg)| *txg > target.createtxg)
+            .collect();
+        newer_bookmarks.sort_by_key(|(_, txg)| std::cmp::Reverse(*txg));
+        let newer_bookmarks: Vec<String> = newer_bookmarks.into_iter().map(|(n, _)| n).collect();
+        if (!newer.is_empty() || !newer_bookmarks.is_empty()) && !destroy_newer {
+            problems.push(Problem::NewerSnapshots {
+                dataset: d.clone(),
+                to: to.clone(),
+                newer: newer
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .chain(newer_bookmarks.iter().cloned())
+                    .collect(),
+            });
+        }
+        let newer_names = newer.iter().map(|s| s.name.clone()).collect();
+        pending.push((
+            Target {
+                dataset: d.clone(),
+                to,
+                newer: newer_names,
+                newer_bookmarks,
+            },
+            newer,
+        ));
+    }
+    if destroy_newer {
+        let pools: BTreeSet<&str> = pending
+            .iter()
+            .filter(|(_, n)| !n.is_empty())
+            .map(|(t, _)| zfs::pool_of(&t.dataset))
+            .collect();
+        let mut clones: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for pool in pools {
+            clones.extend(zfs.clones(pool)?);
+        }
+        for (_, newer) in &pending {
+            for s in newer {
+                if s.userrefs > 0 {
+                    problems.push(Problem::Held {
+                        snapshot: s.name.clone(),
+                        userrefs: s.userrefs,
+                    });
+                }
+                if let Some(c) = clones.get(&s.name) {
+                    problems.push(Problem::HasClones {
+                        snapshot: s.name.clone(),
+                        clones: c.clone(),
+                    });
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Preflight { problems });
+    }
+    targets.extend(pending.into_iter().map(|(t, _)| t));
+    Ok(RollbackPlan { targets })
+}
+
+/// Carries out a plan: per dataset, destroys the newer snapshots (newest first), then rolls
+/// back. Stops at the first failure and says what had been done.
+pub fn execute(zfs: &Zfs, plan: &RollbackPlan) -> Result<RollbackReport, Box<ExecuteError>> {
+    let mut report = RollbackReport::default();
+    for target in &plan.targets {
+        for snapshot in &target.newer {
+            if let Err(source) = zfs.destroy_snapshot(snapshot) {
+                return Err(Box::new(ExecuteError { report, source }));
+            }
+            report.destroyed.push(snapshot.clone());
+        }
+        for bookmark in &target.newer_bookmarks {
+            if let Err(source) = zfs.destroy_bookmark(bookmark) {
+                return Err(Box::new(ExecuteError { report, source }));
+            }
+            report.destroyed.push(bookmark.clone());
+        }
+        if let Err(source) = zfs.rollback(&target.to) {
+            return Err(Box::new(ExecuteError { report, source }));
+        }
+        report.rolled_back.push(RolledBack {
+            dataset: target.dataset.clone(),
+            to: target.to.clone(),
+        });
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zrollback",
+    version,
+    about = "Roll ZFS datasets back to a snapshot, all of them or none",
+    long_about = "Rolls every dataset given (or the job document's `datasets`) back to the snapshot \
+        --to (or the document's `snapshot`). Checks all datasets before changing any. Refuses when \
+        newer snapshots exist and lists them; --destroy-newer destroys them, but only if none is \
+        held or cloned. Reads the job document on stdin, writes it on stdout. A VM must not have \
+        the dataset's filesystem mounted (or the volume open for writing) while it is rolled back."
+)]
+struct Cli {
+    /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
+    #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
+    zfs: Option<PathBuf>,
+    /// A dataset to roll back (repeatable; default: the document's `datasets`).
+    #[arg(long, short = 'd', value_name = "DATASET")]
+    dataset: Vec<String>,
+    /// The snapshot name after `@` (default: the document's `snapshot`).
+    #[arg(long, value_name = "NAME")]
+    to: Option<String>,
+    /// Destroy snapshots newer than the target (refused if any is held or has clones).
+    #[arg(long)]
+    destroy_newer: bool,
+    /// Check and print the plan; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// The command line of `zrollback`.
+pub fn command() -> clap::Command {
+    Cli::command().after_help(Exit::table())
+}
+
+/// Runs `zrollback` as parsed by [`command`].
+pub fn run(matches: &clap::ArgMatches) -> Outcome {
+    let cli = match Cli::from_arg_matches(matches) {
+        Ok(cli) => cli,
+        Err(e) => return Outcome::error(e.into()),
+    };
+    let mut doc = match evesnap::document::read_stdin() {
+        Ok(upstream) => upstream.into_document().unwrap_or_default(),
+        Err(e) => return Outcome::error(e.into()),
+    };
+    let timer = StepTimer::start(TOOL);
+    if !doc.ok || doc.failed_step().is_some() {
+        let culprit = doc
+            .error
+            .as_ref()
+            .map(|e| e.tool.clone())
+            .unwrap_or_else(|| "an upstream step".into());
+        let message = format!("{culprit} failed upstream: {TOOL} did nothing");
+        let mut fields = Map::new();
+        fields.insert("skipped".into(), Value::Bool(true));
+        fields.insert("reason".into(), Value::String(message.clone()));
+        doc.push(timer.finish(false, fields));
+        return Outcome::failed(doc, TOOL, coded(Exit::UpstreamFailed, message));
+    }
+    let datasets = if cli.dataset.is_empty() {
+        doc.datasets.clone()
+    } else {
+        cli.dataset
+    };
+    if datasets.is_empty() {
+        return failed(
+            doc,
+            timer,
+            Map::new(),
+            coded(
+                Exit::Usage,
+                "no dataset: give --dataset or a document with `datasets`",
+            ),
+        );
+    }
+    let Some(name) = cli.to.or_else(|| doc.snapshot.clone()) else {
+        return failed(
+            doc,
+            timer,
+            Map::new(),
+            coded(
+                Exit::Usage,
+                "no snapshot: give --to or a document with `snapshot`",
+            ),
+        );
+    };
+    let zfs = match Zfs::locate(cli.zfs.as_deref()) {
+        Ok(z) => z,
+        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+    };
+    let plan = match plan(&zfs, &datasets, &name, cli.destroy_newer) {
+        Ok(p) => p,
+        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+    };
+    let mut fields = Map::new();
+    fields.insert("dry_run".into(), Value::Bool(cli.dry_run));
+    if cli.dry_run {
+        fields.insert(
+            "plan".into(),
+            serde_json::to_value(&plan).unwrap_or(Value::Null),
+        );
+        fields.insert("rolled_back".into(), Value::Array(Vec::new()));
+        fields.insert("destroyed".into(), Value::Array(Vec::new()));
+        doc.push(timer.finish(true, fields));
+        return Outcome::success(doc);
+    }
+    match execute(&zfs, &plan) {
+        Ok(report) => {
+            evesnap::note!(
+                "rolled back {} dataset(s) to @{name}, destroyed {} newer snapshot(s)",
+                report.rolled_back.len(),
+                report.destroyed.len()
+            );
+            fields.extend(to_fields(&report));
+            doc.datasets = datasets;
+            doc.snapshot = Some(name);
+            doc.push(timer.finish(true, fields));
+            Outcome::success(doc)
+        }
+        Err(e) => {
+            fields.extend(to_fields(&e.report));
+            failed(doc, timer, fields, anyhow::Error::new(*e))
+        }
+    }
+}
+
+fn failed(
+    mut doc: Document,
+    timer: StepTimer,
+    mut fields: Map<String, Value>,
+    error: anyhow::Error,
+) -> Outcome {
+    fields.insert("error".into(), Value::String(evesnap::cli::chain(&error)));
+    if let Some(zfs::Error::Preflight { problems }) = error.downcast_ref::<zfs::Error>() {
+        fields.insert(
+            "problems".into(),
+            serde_json::to_value(problems).unwrap_or(Value::Null),
+        );
+    }
+    doc.push(timer.finish(false, fields));
+    Outcome::failed(doc, TOOL, error)
+}
+
+fn to_fields(value: impl Serialize) -> Map<String, Value> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        command().debug_assert();
+        let help = command().render_long_help().to_string();
+        assert!(
+            help.contains("Exit status:") && help.contains("--destroy-newer"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn bad_names_fail_before_zfs_runs() {
+        let zfs = Zfs::with_path("/nonexistent/zfs");
+        let err = plan(&zfs, &["p/a".into()], "-R", true).expect_err("an error");
+        assert!(matches!(err, Error::InvalidName { .. }), "{err:?}");
+        let err = plan(&zfs, &["p/a b".into()], "s", false).expect_err("an error");
+        assert!(matches!(err, Error::InvalidName { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_partial_failure_keeps_its_exit_code_and_report() {
+        let source = Error::Failed(Box::new(zfs::Failure {
+            argv: vec!["zfs".into()],
+            status: Some(1),
+            stderr: String::new(),
+            stdout: String::new(),
+        }));
+        let report = RollbackReport {
+            destroyed: vec!["p/a@b".into()],
+            ..Default::default()
+        };
+        let err = anyhow::Error::new(ExecuteError { report, source });
+        assert_eq!(evesnap::cli::exit_of(&err), Exit::StepFailed);
+        assert!(err.to_string().contains("destroying 1 snapshot(s)"));
+    }
 }

@@ -1,11 +1,417 @@
-//! zsnap (being written).
+//! `zsnap`: takes one named snapshot of a set of ZFS datasets (atomically where ZFS allows),
+//! with evesnap's metadata as user properties; `list`, `destroy`, `prune` handle the rest of
+//! a snapshot's life.
+//!
+//! The orchestrator calls the same functions: [`preflight`] (before the guest freeze),
+//! [`PreparedSnapshot::take`] (inside the freeze window: one `zfs` call when atomic),
+//! [`PreparedSnapshot::finish`] (after the thaw), and [`list`], [`destroy`], [`prune`].
+//!
+//! Step fields written to the job document (`tool: "zsnap"`):
+//! - take: `snapshots: [{name, guid, createtxg, creation}]`, `atomic`, `method`,
+//!   `snapshot_ms`, `calls`, `properties`; the document's `datasets` and `snapshot` are set.
+//! - `list`: `action: "list"`, `snapshots: [{name, guid, createtxg, creation, userrefs, used,
+//!   referenced, properties}]`.
+//! - `destroy`/`prune`: `action`, `destroyed`, `kept`, `failed`, `dry_run`.
+//! - on failure: `error` (the message) and, for a failed preflight, `problems`.
 
+mod manage;
+pub mod meta;
+mod take;
+
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use evesnap::cli::Outcome;
+use evesnap::document::{Document, StepTimer};
+use evesnap::exit::{coded, Exit};
+use evesnap::zfs::{self, Zfs};
+use serde_json::{Map, Value};
 
-pub fn command() -> clap::Command {
-    clap::Command::new("zsnap")
+pub use manage::{destroy, list, prune, DestroyReport, Kept};
+pub use meta::Metadata;
+pub use take::{
+    common_parent, preflight, Method, PreparedSnapshot, SnapshotEntry, SnapshotReport, Taken,
+};
+
+pub const TOOL: &str = "zsnap";
+
+/// Space every dataset must keep free beyond what the snapshot needs, by default (1 MiB).
+pub const DEFAULT_MIN_FREE: u64 = 1 << 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zsnap",
+    version,
+    about = "Take an application-consistent ZFS snapshot of a VM's datasets",
+    long_about = "Takes one snapshot, under one name, of every dataset given (or of the job document's \
+        `datasets`), after checking that they exist, that the name is free and that there is room. \
+        The set is atomic where ZFS allows it (`zfs snapshot a@n b@n` on OpenZFS, `zfs snapshot -r` \
+        on zfs-fuse when the datasets are exactly one parent's children), else taken one by one \
+        (`atomic: false`). Reads the job document on stdin, writes it on stdout.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
+    #[arg(long, global = true, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
+    zfs: Option<PathBuf>,
+    #[command(flatten)]
+    take: TakeArgs,
+    #[command(subcommand)]
+    action: Option<Action>,
 }
 
-pub fn run(_matches: &clap::ArgMatches) -> Outcome {
-    Outcome::error(anyhow::anyhow!("not yet implemented"))
+#[derive(Debug, Args)]
+struct TakeArgs {
+    /// A dataset to snapshot (repeatable; default: the document's `datasets`).
+    #[arg(long, short = 'd', value_name = "DATASET")]
+    dataset: Vec<String>,
+    /// The snapshot name (after `@`; default: the document's `snapshot`, else the UTC time
+    /// as EVE names them, YYYYMMDD-HHMMSSmmm).
+    #[arg(long, short = 'n', value_name = "NAME")]
+    name: Option<String>,
+    /// An extra user property `module:key=value` for every snapshot (repeatable).
+    #[arg(long, short = 'o', value_name = "KEY=VALUE")]
+    property: Vec<String>,
+    /// The snapshot id stored as org.lfedge.evesnap:id (default: the document's
+    /// `snapshot_id`, else a new UUID).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+    /// The snapshot type stored as org.lfedge.evesnap:type.
+    #[arg(long = "type", value_name = "TYPE", default_value = "IMMEDIATE", value_parser = ["IMMEDIATE", "APP_UPDATE"])]
+    kind: String,
+    /// Bytes each dataset and pool must keep free beyond what the snapshot needs.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_FREE)]
+    min_free: u64,
+    /// Run the preflight and print the plan; create nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// List the snapshots of the datasets, oldest first, with evesnap's metadata.
+    List {
+        /// A dataset (repeatable; default: the document's `datasets`).
+        #[arg(long, short = 'd', value_name = "DATASET")]
+        dataset: Vec<String>,
+        /// Only snapshots taken by evesnap (with org.lfedge.evesnap:id).
+        #[arg(long)]
+        evesnap_only: bool,
+    },
+    /// Destroy snapshots, all or none: refuses held snapshots and snapshots with clones.
+    Destroy {
+        /// Full snapshot names (dataset@name); or use --dataset and --name.
+        #[arg(value_name = "SNAPSHOT")]
+        snapshots: Vec<String>,
+        /// A dataset (repeatable; default: the document's `datasets`).
+        #[arg(long, short = 'd', value_name = "DATASET")]
+        dataset: Vec<String>,
+        /// The snapshot name after `@` (default: the document's `snapshot`).
+        #[arg(long, short = 'n', value_name = "NAME")]
+        name: Option<String>,
+        /// Destroy held snapshots once their last hold is released (`zfs destroy -d`).
+        #[arg(long)]
+        defer: bool,
+        /// Check and print what would be destroyed; destroy nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Keep the N newest snapshot sets and destroy older ones (never a held one).
+    Prune {
+        /// How many snapshot sets to keep (EVE's max_snapshots).
+        #[arg(long, value_name = "N")]
+        keep: usize,
+        /// A dataset (repeatable; default: the document's `datasets`).
+        #[arg(long, short = 'd', value_name = "DATASET")]
+        dataset: Vec<String>,
+        /// Count and prune every snapshot, not only evesnap's.
+        #[arg(long)]
+        all: bool,
+        /// Print what would be destroyed; destroy nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// The command line of `zsnap`.
+pub fn command() -> clap::Command {
+    Cli::command()
+        .after_help(Exit::table())
+        .mut_subcommands(|s| s.after_help(Exit::table()))
+}
+
+/// Runs `zsnap` as parsed by [`command`].
+pub fn run(matches: &clap::ArgMatches) -> Outcome {
+    let cli = match Cli::from_arg_matches(matches) {
+        Ok(cli) => cli,
+        Err(e) => return Outcome::error(e.into()),
+    };
+    let doc = match evesnap::document::read_stdin() {
+        Ok(upstream) => upstream.into_document().unwrap_or_default(),
+        Err(e) => return Outcome::error(e.into()),
+    };
+    let timer = StepTimer::start(TOOL);
+    if let Some(outcome) = skip_after_upstream_failure(&doc, TOOL) {
+        return outcome(doc, timer);
+    }
+    let zfs = match Zfs::locate(cli.zfs.as_deref()) {
+        Ok(z) => z,
+        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+    };
+    match cli.action {
+        None => run_take(&zfs, cli.take, doc, timer),
+        Some(action) => run_action(&zfs, action, doc, timer),
+    }
+}
+
+/// When an upstream step failed: a skipped step and the upstream-failed exit code.
+fn skip_after_upstream_failure(
+    doc: &Document,
+    tool: &'static str,
+) -> Option<impl FnOnce(Document, StepTimer) -> Outcome> {
+    if doc.ok && doc.failed_step().is_none() {
+        return None;
+    }
+    let culprit = doc
+        .error
+        .as_ref()
+        .map(|e| e.tool.clone())
+        .or_else(|| doc.failed_step().map(|s| s.tool.clone()))
+        .unwrap_or_else(|| "an upstream step".into());
+    Some(move |mut doc: Document, timer: StepTimer| {
+        let message = format!("{culprit} failed upstream: {tool} did nothing");
+        let mut fields = Map::new();
+        fields.insert("skipped".into(), Value::Bool(true));
+        fields.insert("reason".into(), Value::String(message.clone()));
+        doc.push(timer.finish(false, fields));
+        Outcome::failed(doc, tool, coded(Exit::UpstreamFailed, message))
+    })
+}
+
+/// Records a failed step (with the error and, for a preflight, its problems) and fails.
+fn failed(
+    mut doc: Document,
+    timer: StepTimer,
+    mut fields: Map<String, Value>,
+    error: anyhow::Error,
+) -> Outcome {
+    fields.insert("error".into(), Value::String(evesnap::cli::chain(&error)));
+    if let Some(zfs::Error::Preflight { problems }) = error.downcast_ref::<zfs::Error>() {
+        fields.insert(
+            "problems".into(),
+            serde_json::to_value(problems).unwrap_or(Value::Null),
+        );
+    }
+    doc.push(timer.finish(false, fields));
+    Outcome::failed(doc, TOOL, error)
+}
+
+fn to_fields(value: impl serde::Serialize) -> Map<String, Value> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+fn datasets_or_document(given: Vec<String>, doc: &Document) -> anyhow::Result<Vec<String>> {
+    let datasets = if given.is_empty() {
+        doc.datasets.clone()
+    } else {
+        given
+    };
+    if datasets.is_empty() {
+        return Err(coded(
+            Exit::Usage,
+            "no dataset: give --dataset or a document with `datasets`",
+        ));
+    }
+    Ok(datasets)
+}
+
+fn run_take(zfs: &Zfs, args: TakeArgs, mut doc: Document, timer: StepTimer) -> Outcome {
+    let datasets = match datasets_or_document(args.dataset, &doc) {
+        Ok(d) => d,
+        Err(e) => return failed(doc, timer, Map::new(), e),
+    };
+    let name = args
+        .name
+        .or_else(|| doc.snapshot.clone())
+        .unwrap_or_else(|| evesnap::time::eve_timestamp(time_now()));
+    let id = args
+        .id
+        .or_else(|| {
+            doc.extra
+                .get("snapshot_id")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let metadata = Metadata {
+        id,
+        kind: args.kind,
+        frozen: meta::guest_frozen(&doc),
+    };
+    let mut properties = Vec::new();
+    for text in &args.property {
+        match zfs::names::split_user_property(text) {
+            Ok((k, v)) => properties.push((k.to_string(), v.to_string())),
+            Err(e) => return failed(doc, timer, Map::new(), e.into()),
+        }
+    }
+    properties.extend(metadata.properties());
+
+    let prepared = match preflight(zfs, &datasets, &name, &properties, args.min_free) {
+        Ok(p) => p,
+        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+    };
+    let mut plan = Map::new();
+    plan.insert(
+        "method".into(),
+        serde_json::to_value(&prepared.method).unwrap_or(Value::Null),
+    );
+    plan.insert("atomic".into(), Value::Bool(prepared.method.atomic()));
+    plan.insert(
+        "planned".into(),
+        serde_json::to_value(&prepared.snapshots).unwrap_or(Value::Null),
+    );
+    if args.dry_run {
+        plan.insert("dry_run".into(), Value::Bool(true));
+        doc.push(timer.finish(true, plan));
+        return Outcome::success(doc);
+    }
+    match prepared.take_and_finish() {
+        Ok(report) => {
+            evesnap::note!(
+                "took {} snapshot(s) @{name} in {:.1} ms ({})",
+                report.snapshots.len(),
+                report.snapshot_ms,
+                if report.atomic {
+                    "atomic"
+                } else {
+                    "not atomic"
+                }
+            );
+            doc.datasets = prepared.datasets.clone();
+            doc.snapshot = Some(name);
+            doc.push(timer.finish(true, to_fields(&report)));
+            Outcome::success(doc)
+        }
+        Err(e) => failed(doc, timer, plan, e.into()),
+    }
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) -> Outcome {
+    let (name, result): (&str, anyhow::Result<Map<String, Value>>) = match action {
+        Action::List {
+            dataset,
+            evesnap_only,
+        } => (
+            "list",
+            datasets_or_document(dataset, &doc).and_then(|d| {
+                let snaps = list(zfs, &d, evesnap_only)?;
+                let mut fields = Map::new();
+                fields.insert("snapshots".into(), serde_json::to_value(snaps)?);
+                Ok(fields)
+            }),
+        ),
+        Action::Destroy {
+            snapshots,
+            dataset,
+            name,
+            defer,
+            dry_run,
+        } => (
+            "destroy",
+            destroy_targets(snapshots, dataset, name, &doc).and_then(|targets| {
+                let report = destroy(zfs, &targets, defer, dry_run)?;
+                report_fields(report)
+            }),
+        ),
+        Action::Prune {
+            keep,
+            dataset,
+            all,
+            dry_run,
+        } => (
+            "prune",
+            datasets_or_document(dataset, &doc).and_then(|d| {
+                let report = prune(zfs, &d, keep, all, dry_run)?;
+                let mut fields = report_fields(report)?;
+                fields.insert("keep".into(), keep.into());
+                Ok(fields)
+            }),
+        ),
+    };
+    let mut action = Map::new();
+    action.insert("action".into(), name.into());
+    match result {
+        Ok(fields) => {
+            action.extend(fields);
+            doc.push(timer.finish(true, action));
+            Outcome::success(doc)
+        }
+        Err(e) => failed(doc, timer, action, e),
+    }
+}
+
+/// A report whose destroys partly failed is an error (the fields still say what happened).
+fn report_fields(report: DestroyReport) -> anyhow::Result<Map<String, Value>> {
+    if let Some(first) = report.failed.first() {
+        return Err(coded(
+            Exit::StepFailed,
+            format!(
+                "{} snapshot(s) could not be destroyed, first {}: {}",
+                report.failed.len(),
+                first.snapshot,
+                first.reason
+            ),
+        ));
+    }
+    Ok(to_fields(&report))
+}
+
+fn destroy_targets(
+    snapshots: Vec<String>,
+    dataset: Vec<String>,
+    name: Option<String>,
+    doc: &Document,
+) -> anyhow::Result<Vec<String>> {
+    if !snapshots.is_empty() {
+        if !dataset.is_empty() || name.is_some() {
+            return Err(coded(
+                Exit::Usage,
+                "give full snapshot names or --dataset/--name, not both",
+            ));
+        }
+        return Ok(snapshots);
+    }
+    let datasets = datasets_or_document(dataset, doc)?;
+    let name = name.or_else(|| doc.snapshot.clone()).ok_or_else(|| {
+        coded(
+            Exit::Usage,
+            "no snapshot: give SNAPSHOT..., --name or a document with `snapshot`",
+        )
+    })?;
+    Ok(datasets.iter().map(|d| format!("{d}@{name}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn help_ends_with_the_exit_table() {
+        let help = command().render_long_help().to_string();
+        assert!(help.contains("Exit status:"), "{help}");
+        assert!(help.contains("--dataset"));
+    }
 }

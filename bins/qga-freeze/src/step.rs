@@ -1,0 +1,346 @@
+//! The freeze step, as the binary and the orchestrator call it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use evesnap::exit::{Exit, HasExit};
+use evesnap::qga::commands as qga;
+use evesnap::qga::watchdog::{self, Watchdog};
+use evesnap::qga::{Client, Error as QgaError};
+use serde::{Deserialize, Serialize};
+
+/// What to freeze and how.
+#[derive(Debug, Clone)]
+pub struct FreezeOptions {
+    /// Mountpoints to freeze (`guest-fsfreeze-freeze-list`); empty freezes every
+    /// filesystem of the guest (`guest-fsfreeze-freeze`).
+    pub mountpoints: Vec<String>,
+    /// The time each agent call gets.
+    pub timeout: Duration,
+    /// Take over a guest that is already frozen instead of failing.
+    pub adopt_frozen: bool,
+    /// Arm the auto-thaw watchdog to thaw this long after the freeze; `None`: no watchdog.
+    pub thaw_after: Option<Duration>,
+    /// The program that runs the watchdog; `None`: [`default_watchdog_program`].
+    pub watchdog_program: Option<PathBuf>,
+}
+
+impl Default for FreezeOptions {
+    fn default() -> Self {
+        FreezeOptions {
+            mountpoints: Vec::new(),
+            timeout: evesnap::qga::DEFAULT_TIMEOUT,
+            adopt_frozen: false,
+            thaw_after: Some(Duration::from_secs(60)),
+            watchdog_program: None,
+        }
+    }
+}
+
+/// A successful freeze; serialises into the `qga-freeze` step's fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeReport {
+    /// Filesystems the freeze froze; `null` when an existing freeze was adopted.
+    pub frozen: Option<i64>,
+    /// The mountpoints asked for; `null`: all of the guest's.
+    pub mountpoints: Option<Vec<String>>,
+    /// An existing freeze was adopted (`--adopt-frozen`).
+    pub adopted: bool,
+    /// The guest agent's version (`guest-info`).
+    pub agent_version: String,
+    /// Round trip of the freeze command alone (the agent runs its hooks inside it).
+    pub freeze_ms: f64,
+    /// The auto-thaw watchdog, if armed.
+    pub watchdog: Option<Watchdog>,
+}
+
+/// What a cleanup thaw after a failed or aborted freeze did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "result")]
+pub enum CleanupThaw {
+    /// Thawed and verified.
+    Thawed { count: i64 },
+    /// Sent, but no answer came in time: it runs when the agent reads again.
+    Queued,
+    /// It failed, or the guest still reports frozen.
+    Failed { message: String },
+}
+
+/// The state a failed freeze left the guest in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aftermath {
+    /// The guest may be frozen now, or become frozen later (a freeze that got no reply
+    /// runs when the agent reads again).
+    pub possibly_frozen: bool,
+    /// The cleanup thaw, if one was tried.
+    pub thaw: Option<CleanupThaw>,
+    /// The auto-thaw watchdog, if it is still armed.
+    pub watchdog: Option<Watchdog>,
+}
+
+impl Aftermath {
+    fn thawed() -> Aftermath {
+        Aftermath { possibly_frozen: false, thaw: None, watchdog: None }
+    }
+}
+
+impl fmt::Display for Aftermath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.possibly_frozen {
+            return match &self.thaw {
+                Some(CleanupThaw::Thawed { count }) => write!(f, "the guest was thawed again ({count} filesystems)"),
+                _ => write!(f, "the guest is not frozen"),
+            };
+        }
+        write!(f, "THE GUEST MAY BE FROZEN")?;
+        match &self.thaw {
+            Some(CleanupThaw::Queued) => write!(f, "; a thaw was sent and runs when the agent reads again")?,
+            Some(CleanupThaw::Failed { message }) => write!(f, "; the thaw failed ({message})")?,
+            Some(CleanupThaw::Thawed { .. }) | None => {}
+        }
+        match &self.watchdog {
+            Some(w) => write!(f, "; the watchdog (pid {}) thaws it at {}", w.pid.unwrap_or(0), w.deadline),
+            None => write!(f, "; no watchdog is armed: run qga-thaw"),
+        }
+    }
+}
+
+/// Why a freeze failed. Variants with an [`Aftermath`] say what state the guest is in.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the check before freezing failed")]
+    Preflight(#[source] QgaError),
+    #[error("the guest agent lacks {0}")]
+    Missing(&'static str),
+    #[error("the guest agent has {0} disabled")]
+    Disabled(&'static str),
+    #[error("the guest is already frozen (--adopt-frozen takes over that freeze)")]
+    AlreadyFrozen,
+    #[error("cannot arm the auto-thaw watchdog")]
+    Watchdog(#[source] watchdog::Error),
+    #[error("the freeze failed; {aftermath}")]
+    Freeze {
+        #[source]
+        source: QgaError,
+        aftermath: Aftermath,
+    },
+    #[error("the freeze froze no filesystem{}; {aftermath}", list(mountpoints))]
+    NothingFrozen { mountpoints: Vec<String>, aftermath: Aftermath },
+    #[error("the freeze froze {frozen} filesystems but {requested} mountpoints were asked for{}; {aftermath}", list(mountpoints))]
+    Partial { frozen: i64, requested: usize, mountpoints: Vec<String>, aftermath: Aftermath },
+    #[error("the guest reports thawed right after the freeze; {aftermath}")]
+    NotFrozen { aftermath: Aftermath },
+    #[error("cannot verify the freeze; {aftermath}")]
+    Verify {
+        #[source]
+        source: QgaError,
+        aftermath: Aftermath,
+    },
+    #[error("interrupted by {signal} after the freeze; {aftermath}")]
+    Interrupted { signal: String, aftermath: Aftermath },
+}
+
+fn list(mountpoints: &[String]) -> String {
+    if mountpoints.is_empty() {
+        String::new()
+    } else {
+        format!(" (of {})", mountpoints.join(", "))
+    }
+}
+
+impl Error {
+    /// The guest's state after this failure, when the failure came after arming the
+    /// watchdog (before, nothing changed).
+    pub fn aftermath(&self) -> Option<&Aftermath> {
+        match self {
+            Error::Freeze { aftermath, .. }
+            | Error::NothingFrozen { aftermath, .. }
+            | Error::Partial { aftermath, .. }
+            | Error::NotFrozen { aftermath }
+            | Error::Verify { aftermath, .. }
+            | Error::Interrupted { aftermath, .. } => Some(aftermath),
+            _ => None,
+        }
+    }
+}
+
+impl HasExit for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::Preflight(e) => match e {
+                QgaError::Unsupported { .. } | QgaError::Disabled { .. } | QgaError::Agent { .. } => Exit::Preflight,
+                e => e.exit(),
+            },
+            Error::Missing(_) | Error::Disabled(_) | Error::AlreadyFrozen => Exit::Preflight,
+            Error::Watchdog(_) => Exit::StepFailed,
+            // A freeze or verification that got no reply: the agent's silence is the news.
+            Error::Freeze { source, .. } | Error::Verify { source, .. } if source.is_timeout() => Exit::AgentTimeout,
+            e => match e.aftermath() {
+                Some(a) if a.possibly_frozen => Exit::ThawFailed,
+                _ => match e {
+                    Error::Freeze { source, .. } | Error::Verify { source, .. } => source.exit(),
+                    _ => Exit::StepFailed,
+                },
+            },
+        }
+    }
+}
+
+/// The program that runs the watchdog: this executable if it is `qga-freeze`, else a
+/// `qga-freeze` next to it (or one level up, for test executables in `deps/`), else
+/// `qga-freeze` from `PATH`.
+pub fn default_watchdog_program() -> PathBuf {
+    const NAME: &str = "qga-freeze";
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == NAME) {
+            return exe;
+        }
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join(NAME);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from(NAME)
+}
+
+fn check_commands(info: &qga::GuestAgentInfo, needed: &[&'static str]) -> Result<(), Error> {
+    for &name in needed {
+        match info.supported_commands.iter().find(|c| c.name == name) {
+            None => return Err(Error::Missing(name)),
+            Some(c) if !c.enabled => return Err(Error::Disabled(name)),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Freezes the guest's filesystems and verifies the freeze.
+///
+/// Before: `guest-info` (freeze commands present and enabled), `guest-fsfreeze-status`
+/// (an existing freeze fails unless adopted). Then the watchdog is armed (so no death
+/// after this point leaves the guest frozen past its deadline), the freeze sent, and
+/// `guest-fsfreeze-status` must say `frozen`. Any failure after the freeze was sent
+/// thaws (a freeze of nothing still ran the agent's hooks) and says in its
+/// [`Aftermath`] whether the guest may still be frozen.
+pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport, Error> {
+    let timeout = opts.timeout;
+    let info = client.execute_within(qga::guest_info {}, timeout).map_err(Error::Preflight)?;
+    let freeze_command = if opts.mountpoints.is_empty() { "guest-fsfreeze-freeze" } else { "guest-fsfreeze-freeze-list" };
+    check_commands(&info, &[freeze_command, "guest-fsfreeze-status", "guest-fsfreeze-thaw"])?;
+    let status = client.execute_within(qga::guest_fsfreeze_status {}, timeout).map_err(Error::Preflight)?;
+    let mountpoints = (!opts.mountpoints.is_empty()).then(|| opts.mountpoints.clone());
+
+    let arm = |client: &Client| -> Result<Option<Watchdog>, Error> {
+        let Some(after) = opts.thaw_after else { return Ok(None) };
+        let program = opts.watchdog_program.clone().unwrap_or_else(default_watchdog_program);
+        watchdog::arm(client.address(), after, &program).map(Some).map_err(Error::Watchdog)
+    };
+
+    if status == qga::GuestFsfreezeStatus::frozen {
+        if !opts.adopt_frozen {
+            return Err(Error::AlreadyFrozen);
+        }
+        return Ok(FreezeReport {
+            frozen: None,
+            mountpoints,
+            adopted: true,
+            agent_version: info.version,
+            freeze_ms: 0.0,
+            watchdog: arm(client)?,
+        });
+    }
+
+    let watchdog = arm(client)?;
+    let started = Instant::now();
+    let result = match &mountpoints {
+        None => client.execute_within(qga::guest_fsfreeze_freeze {}, timeout),
+        Some(list) => client.execute_within(qga::guest_fsfreeze_freeze_list { mountpoints: Some(list.clone()) }, timeout),
+    };
+    let freeze_ms = evesnap::time::millis(started.elapsed());
+    let frozen = match result {
+        Ok(n) => n,
+        Err(source) => {
+            // A freeze without reply may still run; a refused one thaws what it froze,
+            // but thawing again costs nothing and makes sure.
+            let aftermath = cleanup(client, timeout, watchdog, source.is_timeout());
+            return Err(Error::Freeze { source, aftermath });
+        }
+    };
+    let wanted: std::collections::BTreeSet<&String> = opts.mountpoints.iter().collect();
+    if frozen <= 0 {
+        let aftermath = cleanup(client, timeout, watchdog, false);
+        return Err(Error::NothingFrozen { mountpoints: opts.mountpoints.clone(), aftermath });
+    }
+    if (frozen as usize) < wanted.len() {
+        let aftermath = cleanup(client, timeout, watchdog, false);
+        return Err(Error::Partial {
+            frozen,
+            requested: wanted.len(),
+            mountpoints: opts.mountpoints.clone(),
+            aftermath,
+        });
+    }
+    match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
+        Ok(qga::GuestFsfreezeStatus::frozen) => {}
+        Ok(qga::GuestFsfreezeStatus::thawed) => {
+            let aftermath = cleanup(client, timeout, watchdog, false);
+            return Err(Error::NotFrozen { aftermath });
+        }
+        Err(source) => {
+            let aftermath = cleanup(client, timeout, watchdog, source.is_timeout());
+            return Err(Error::Verify { source, aftermath });
+        }
+    }
+    Ok(FreezeReport { frozen: Some(frozen), mountpoints, adopted: false, agent_version: info.version, freeze_ms, watchdog })
+}
+
+/// Undoes a successful freeze (e.g. interrupted before the document was delivered):
+/// thaws, verifies, cancels the watchdog.
+pub fn abort(client: &mut Client, report: &FreezeReport, timeout: Duration) -> Aftermath {
+    let unsynced = !client.is_synced();
+    cleanup(client, timeout, report.watchdog.clone(), unsynced)
+}
+
+/// Thaws after a failed freeze; with `unsynced` (the agent stopped answering) the thaw
+/// is queued behind the pending requests instead of waiting for a sync.
+fn cleanup(client: &mut Client, timeout: Duration, watchdog: Option<Watchdog>, unsynced: bool) -> Aftermath {
+    let thaw = if unsynced {
+        client.execute_unsynced(qga::guest_fsfreeze_thaw {}, timeout)
+    } else {
+        client.execute_within(qga::guest_fsfreeze_thaw {}, timeout)
+    };
+    let possibly_frozen = |thaw| Aftermath { possibly_frozen: true, thaw: Some(thaw), watchdog: watchdog.clone() };
+    let count = match thaw {
+        Ok(count) => count,
+        Err(e) if e.is_timeout() => return possibly_frozen(CleanupThaw::Queued),
+        Err(e) => return possibly_frozen(CleanupThaw::Failed { message: evesnap::cli::chain(&anyhow::Error::new(e)) }),
+    };
+    match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
+        Ok(qga::GuestFsfreezeStatus::thawed) => {}
+        Ok(qga::GuestFsfreezeStatus::frozen) => {
+            return possibly_frozen(CleanupThaw::Failed { message: "the guest still reports frozen".into() })
+        }
+        Err(e) => {
+            return possibly_frozen(CleanupThaw::Failed {
+                message: format!("unverified: {}", evesnap::cli::chain(&anyhow::Error::new(e))),
+            })
+        }
+    }
+    if let Some(w) = &watchdog {
+        if let Err(e) = watchdog::cancel_this(w) {
+            evesnap::warn!("the guest is thawed but its watchdog stays armed: {}", evesnap::cli::chain(&anyhow::Error::new(e)));
+        }
+    }
+    Aftermath { thaw: Some(CleanupThaw::Thawed { count }), ..Aftermath::thawed() }
+}
+
+/// Runs the watchdog body when the hidden watchdog flags are given.
+pub(crate) fn watchdog_main(agent: &str, token: &str, deadline_unix_ms: u64, detach: bool) -> anyhow::Result<()> {
+    let address = agent.parse::<evesnap::qga::Address>()?;
+    watchdog::main(&address, token, deadline_unix_ms, detach)
+}
+

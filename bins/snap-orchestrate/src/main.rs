@@ -1,0 +1,5 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    evesnap::cli::main("snap-orchestrate", snap_orchestrate::command(), snap_orchestrate::run)
+}

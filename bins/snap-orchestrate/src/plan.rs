@@ -1,0 +1,290 @@
+//! The plan: what the controller asks for, as JSON (schema in `plan.schema.json`).
+//!
+//! Unknown fields and wrong types are refused with a message that names the field and
+//! gives line and column; defaults are filled in here so the flow never guesses.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The plan format version this tool reads.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub version: u32,
+    /// Snapshot id from the controller (eve-api `SnapshotDesc.id`); generated when absent.
+    #[serde(default)]
+    pub id: Option<uuid::Uuid>,
+    #[serde(default, rename = "type")]
+    pub kind: SnapshotType,
+    #[serde(default)]
+    pub action: Action,
+    /// Guest agent address: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
+    pub agent: String,
+    /// QMP socket of the VM, to learn whether it runs (used for rollback).
+    #[serde(default)]
+    pub qmp: Option<String>,
+    /// The VM's volumes.
+    pub datasets: Vec<String>,
+    /// Snapshot name; default `evesnap-<id>`.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    #[serde(default)]
+    pub freeze: FreezePlan,
+    #[serde(default)]
+    pub guest_pre: Vec<GuestCommand>,
+    #[serde(default)]
+    pub guest_post: Vec<GuestCommand>,
+    /// Retention after a create: keep at most this many snapshots per dataset (eve-api
+    /// `max_snapshots`), oldest removed first, never a held one.
+    #[serde(default)]
+    pub max_snapshots: Option<u32>,
+    /// For `action: rollback`.
+    #[serde(default)]
+    pub rollback: Option<RollbackPlan>,
+    /// How the guest sees each dataset, for the "not mounted in the guest" check before a
+    /// rollback: by virtio serial, or by PCI address where the agent reports no serial.
+    #[serde(default)]
+    pub disks: BTreeMap<String, GuestDisk>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotType {
+    AppUpdate,
+    #[default]
+    Immediate,
+}
+
+impl SnapshotType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotType::AppUpdate => "app_update",
+            SnapshotType::Immediate => "immediate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Create,
+    Rollback,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct FreezePlan {
+    /// Mountpoints to freeze; empty means every filesystem of the guest.
+    pub mountpoints: Vec<String>,
+    /// Deadline of each agent call, in seconds.
+    pub timeout_s: f64,
+    /// The auto-thaw watchdog's deadline, in seconds (0 = off).
+    pub thaw_after_s: f64,
+    /// When false, a missing or unresponsive agent does not stop the snapshot; it is then
+    /// taken unfrozen and reported as `consistency: "crash"`.
+    pub required: bool,
+}
+
+impl Default for FreezePlan {
+    fn default() -> Self {
+        FreezePlan { mountpoints: Vec::new(), timeout_s: 10.0, thaw_after_s: 60.0, required: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestCommand {
+    /// Absolute path of the program in the guest (run through `guest-exec`, no shell).
+    pub path: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default = "default_command_timeout")]
+    pub timeout_s: f64,
+    /// A failing fatal command stops the flow; a non-fatal one is reported and skipped.
+    #[serde(default = "default_true")]
+    pub fatal: bool,
+}
+
+fn default_command_timeout() -> f64 {
+    30.0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackPlan {
+    /// The snapshot to go back to.
+    pub to: String,
+    /// Destroy snapshots newer than `to` (after checking none is held or cloned).
+    #[serde(default)]
+    pub destroy_newer: bool,
+    /// The controller states the VM is stopped (otherwise QMP or the guest decides).
+    #[serde(default)]
+    pub vm_stopped: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestDisk {
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// PCI address `domain:bus:slot.function` in hex, e.g. `0000:00:07.0`.
+    #[serde(default)]
+    pub pci: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the plan {0}")]
+    Read(String, #[source] std::io::Error),
+    #[error("the plan is not valid")]
+    Parse(#[source] serde_json::Error),
+    #[error("the plan has version {0}; this tool reads version {VERSION}")]
+    Version(u32),
+    #[error("the plan is not valid: {0}")]
+    Invalid(String),
+}
+
+impl evesnap::exit::HasExit for Error {
+    fn exit(&self) -> evesnap::exit::Exit {
+        evesnap::exit::Exit::Usage
+    }
+}
+
+/// The plan's JSON Schema, generated from these types (checked in as `plan.schema.json`).
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(Plan);
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+}
+
+impl Plan {
+    /// Parses and checks a plan; fills in the id.
+    pub fn from_json(text: &str) -> Result<Plan, Error> {
+        let mut plan: Plan = serde_json::from_str(text).map_err(Error::Parse)?;
+        if plan.version != VERSION {
+            return Err(Error::Version(plan.version));
+        }
+        plan.id.get_or_insert_with(uuid::Uuid::new_v4);
+        plan.check()?;
+        Ok(plan)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let invalid = |m: String| Err(Error::Invalid(m));
+        if self.agent.trim().is_empty() {
+            return invalid("`agent` is empty".into());
+        }
+        if self.datasets.is_empty() {
+            return invalid("`datasets` is empty: name at least one volume".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.datasets {
+            if !seen.insert(d) {
+                return invalid(format!("`datasets` names `{d}` twice"));
+            }
+        }
+        for (what, t) in [("freeze.timeout_s", self.freeze.timeout_s), ("freeze.thaw_after_s", self.freeze.thaw_after_s)]
+        {
+            if !t.is_finite() || t < 0.0 {
+                return invalid(format!("`{what}` must be a non-negative number of seconds, not {t}"));
+            }
+        }
+        if self.freeze.timeout_s == 0.0 {
+            return invalid("`freeze.timeout_s` must be above 0".into());
+        }
+        for (list, cmds) in [("guest_pre", &self.guest_pre), ("guest_post", &self.guest_post)] {
+            for (i, c) in cmds.iter().enumerate() {
+                if !c.path.starts_with('/') {
+                    return invalid(format!("`{list}[{i}].path` must be an absolute path in the guest, not `{}`", c.path));
+                }
+                if !c.timeout_s.is_finite() || c.timeout_s <= 0.0 {
+                    return invalid(format!("`{list}[{i}].timeout_s` must be above 0"));
+                }
+            }
+        }
+        match (self.action, &self.rollback) {
+            (Action::Rollback, None) => invalid("`action` is `rollback` but `rollback.to` is missing".into()),
+            (Action::Create, Some(_)) => invalid("`rollback` is given but `action` is `create`".into()),
+            _ => Ok(()),
+        }?;
+        for d in self.disks.keys() {
+            if !self.datasets.contains(d) {
+                return invalid(format!("`disks` names `{d}`, which is not in `datasets`"));
+            }
+        }
+        if self.max_snapshots == Some(0) {
+            return invalid("`max_snapshots` must be at least 1 (the snapshot just taken)".into());
+        }
+        Ok(())
+    }
+
+    pub fn id(&self) -> uuid::Uuid {
+        self.id.unwrap_or_default()
+    }
+
+    /// The snapshot name: the plan's, or `evesnap-<id>`.
+    pub fn snapshot_name(&self) -> String {
+        self.snapshot.clone().unwrap_or_else(|| format!("evesnap-{}", self.id()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"version":1,"agent":"unix:/a","datasets":["p/a"]}"#;
+
+    #[test]
+    fn checked_in_schema_matches_the_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/plan.schema.json");
+        if std::env::var_os("EVESNAP_UPDATE_MAN").is_some() {
+            std::fs::write(path, schema()).expect("write schema");
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(checked_in, schema(), "plan.schema.json is stale: run scripts/mangen");
+    }
+
+    #[test]
+    fn minimal_plan_gets_defaults() {
+        let plan = Plan::from_json(MINIMAL).expect("valid");
+        assert_eq!(plan.action, Action::Create);
+        assert_eq!(plan.kind, SnapshotType::Immediate);
+        assert!(plan.freeze.required);
+        assert_eq!(plan.snapshot_name(), format!("evesnap-{}", plan.id()));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"freez":{}}"#).unwrap_err();
+        let cause = std::error::Error::source(&err).expect("cause").to_string();
+        assert!(cause.contains("unknown field `freez`"), "{cause}");
+        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"freeze":{"timeout":1}}"#)
+            .unwrap_err();
+        assert!(std::error::Error::source(&err).expect("cause").to_string().contains("`timeout`"));
+    }
+
+    #[test]
+    fn wrong_values_are_refused() {
+        for (plan, needle) in [
+            (r#"{"version":1,"agent":"a","datasets":[]}"#, "datasets"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a","p/a"]}"#, "twice"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a"],"action":"rollback"}"#, "rollback.to"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a"],"guest_pre":[{"path":"sync"}]}"#, "absolute"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a"],"max_snapshots":0}"#, "max_snapshots"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/b":{"serial":"x"}}}"#, "p/b"),
+        ] {
+            let err = Plan::from_json(plan).unwrap_err().to_string();
+            assert!(err.contains(needle), "{plan}: {err}");
+        }
+        assert!(matches!(Plan::from_json(r#"{"version":2,"agent":"a","datasets":["p/a"]}"#), Err(Error::Version(2))));
+        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"type":"weekly"}"#).unwrap_err();
+        assert!(std::error::Error::source(&err).expect("cause").to_string().contains("weekly"));
+    }
+}

@@ -1,0 +1,203 @@
+//! zrollback against real ZFS (the test lab's zfs-fuse pool), each test in its own tree.
+
+#[path = "../../zsnap/tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+
+use support::{checksum, run, snapshots, write_file, zfs, Shim, Tree};
+
+fn zrollback() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_zrollback"))
+}
+
+#[test]
+fn newer_snapshots_refuse_unless_destroyed_and_the_data_comes_back() {
+    let tree = Tree::new("zrollback-newer");
+    let a = tree.create("a");
+    let file = tree.mountpoint(&a).join("disk.img");
+    write_file(&file, 1, 1 << 20);
+    let original = checksum(&file);
+    zfs(&["snapshot", &format!("{a}@s1")]);
+    write_file(&file, 2, 1 << 20);
+    zfs(&["snapshot", &format!("{a}@s2")]);
+    write_file(&file, 3, 1 << 20);
+    zfs(&["snapshot", &format!("{a}@s3")]);
+    let changed = checksum(&file);
+    assert_ne!(original, changed);
+
+    let shim = Shim::new("rb-newer", None);
+    let out = run(zrollback(), &["-d", &a, "--to", "s1"], None, &shim.path);
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert_eq!(
+        out.step()["problems"][0]["newer"],
+        serde_json::json!([format!("{a}@s3"), format!("{a}@s2")])
+    );
+    assert!(
+        out.stderr.contains(&format!("{a}@s3, {a}@s2")),
+        "{}",
+        out.stderr
+    );
+    assert!(shim.calls_of("rollback").is_empty() && shim.calls_of("destroy").is_empty());
+    assert_eq!(checksum(&file), changed);
+
+    // The dry run plans, changes nothing.
+    let out = run(
+        zrollback(),
+        &["-d", &a, "--to", "s1", "--destroy-newer", "--dry-run"],
+        None,
+        &shim.path,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.step()["plan"]["targets"][0]["newer"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(snapshots(&a).len(), 3);
+
+    let doc = r#"{"version":1,"ok":true,"steps":[],"datasets":[],"snapshot":"s1"}"#;
+    let out = run(
+        zrollback(),
+        &["-d", &a, "--destroy-newer"],
+        Some(doc),
+        &shim.path,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.step()["rolled_back"],
+        serde_json::json!([{"dataset": a, "to": format!("{a}@s1")}])
+    );
+    assert_eq!(
+        out.step()["destroyed"],
+        serde_json::json!([format!("{a}@s3"), format!("{a}@s2")])
+    );
+    assert_eq!(snapshots(&a), [format!("{a}@s1")]);
+    assert_eq!(
+        checksum(&file),
+        original,
+        "the file is back to the snapshot's content"
+    );
+    // Never `rollback -r`.
+    assert!(shim
+        .calls_of("rollback")
+        .iter()
+        .all(|c| !c.contains(&"-r".to_string())));
+}
+
+#[test]
+fn a_held_newer_snapshot_refuses_and_nothing_is_destroyed() {
+    let tree = Tree::new("zrollback-held");
+    let a = tree.create("a");
+    let file = tree.mountpoint(&a).join("f");
+    write_file(&file, 1, 4096);
+    for s in ["s1", "s2", "s3"] {
+        zfs(&["snapshot", &format!("{a}@{s}")]);
+    }
+    write_file(&file, 2, 4096);
+    let before = checksum(&file);
+    // The newest is held: zfs' own `rollback -r` would destroy s2 and then fail on s3.
+    tree.hold("evesnap-test", &format!("{a}@s3"));
+    let shim = Shim::new("rb-held", None);
+    let out = run(
+        zrollback(),
+        &["-d", &a, "--to", "s1", "--destroy-newer"],
+        None,
+        &shim.path,
+    );
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert_eq!(out.step()["problems"][0]["problem"], "held");
+    assert_eq!(out.step()["problems"][0]["snapshot"], format!("{a}@s3"));
+    assert_eq!(snapshots(&a).len(), 3, "nothing destroyed");
+    assert!(shim.calls_of("destroy").is_empty() && shim.calls_of("rollback").is_empty());
+    assert_eq!(checksum(&file), before);
+}
+
+#[test]
+fn a_clone_of_a_newer_snapshot_refuses() {
+    let tree = Tree::new("zrollback-clone");
+    let a = tree.create("a");
+    zfs(&["snapshot", &format!("{a}@s1")]);
+    zfs(&["snapshot", &format!("{a}@s2")]);
+    let clone = format!("{}/c", tree.root);
+    zfs(&["clone", &format!("{a}@s2"), &clone]);
+    let out = run(
+        zrollback(),
+        &["-d", &a, "--to", "s1", "--destroy-newer"],
+        None,
+        &support::real_zfs(),
+    );
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert_eq!(out.step()["problems"][0]["problem"], "has-clones");
+    assert_eq!(
+        out.step()["problems"][0]["clones"],
+        serde_json::json!([clone])
+    );
+    assert_eq!(snapshots(&a).len(), 2);
+}
+
+#[test]
+fn several_datasets_are_all_checked_before_any_is_rolled_back() {
+    let tree = Tree::new("zrollback-multi");
+    let a = tree.create("a");
+    let b = tree.create("b");
+    let fa = tree.mountpoint(&a).join("f");
+    let fb = tree.mountpoint(&b).join("f");
+    write_file(&fa, 1, 8192);
+    write_file(&fb, 2, 8192);
+    let (a1, b1) = (checksum(&fa), checksum(&fb));
+    zfs(&["snapshot", &format!("{a}@s1")]);
+    zfs(&["snapshot", &format!("{b}@s1")]);
+    write_file(&fa, 3, 8192);
+    write_file(&fb, 4, 8192);
+    let a2 = checksum(&fa);
+    // b has a newer snapshot: without --destroy-newer, a must not be rolled back either.
+    zfs(&["snapshot", &format!("{b}@s2")]);
+    let shim = Shim::new("rb-multi", None);
+    let out = run(
+        zrollback(),
+        &["-d", &a, "-d", &b, "--to", "s1"],
+        None,
+        &shim.path,
+    );
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert!(shim.calls_of("rollback").is_empty());
+    assert_eq!(checksum(&fa), a2);
+
+    // A dataset without the snapshot refuses as well.
+    let c = tree.create("c");
+    let out = run(
+        zrollback(),
+        &["-d", &a, "-d", &c, "--to", "s1"],
+        None,
+        &shim.path,
+    );
+    assert_eq!(out.code, 7);
+    assert_eq!(out.step()["problems"][0]["problem"], "no-such-snapshot");
+
+    let out = run(
+        zrollback(),
+        &["-d", &a, "-d", &b, "--to", "s1", "--destroy-newer"],
+        None,
+        &shim.path,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.step()["rolled_back"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        out.step()["destroyed"],
+        serde_json::json!([format!("{b}@s2")])
+    );
+    assert_eq!((checksum(&fa), checksum(&fb)), (a1, b1));
+}
+
+#[test]
+fn an_upstream_failure_rolls_nothing_back() {
+    let shim = Shim::new("rb-upstream", None);
+    let doc = r#"{"version":1,"ok":false,"steps":[],"error":{"tool":"zsnap","kind":"preflight-failed","message":"x"},
+                  "datasets":["evesnap-test/t/none"],"snapshot":"s1"}"#;
+    let out = run(zrollback(), &[], Some(doc), &shim.path);
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert_eq!(out.step()["skipped"], true);
+    assert!(shim.calls().is_empty());
+}

@@ -1,0 +1,219 @@
+//! The rest of a snapshot's life: [`list`], [`destroy`], [`prune`].
+//!
+//! A "snapshot" of a VM spans its datasets under one name; [`prune`] works on such groups so
+//! that it never leaves half a set behind.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
+use serde::Serialize;
+
+use crate::meta;
+
+/// Every snapshot of `datasets`, oldest first per dataset, with evesnap's metadata.
+/// `only_evesnap` keeps those that carry an `org.lfedge.evesnap:id`.
+pub fn list(
+    zfs: &Zfs,
+    datasets: &[String],
+    only_evesnap: bool,
+) -> Result<Vec<SnapshotInfo>, Error> {
+    let mut out = Vec::new();
+    for d in datasets {
+        let snaps = zfs.snapshots(d, &meta::KEYS)?;
+        out.extend(
+            snaps
+                .into_iter()
+                .filter(|s| !only_evesnap || s.properties.contains_key(meta::ID)),
+        );
+    }
+    Ok(out)
+}
+
+/// What [`destroy`] and [`prune`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DestroyReport {
+    /// Destroyed (or, with `defer`, marked for destruction when the last hold goes).
+    pub destroyed: Vec<String>,
+    /// Left alone, with the reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<Kept>,
+    /// `zfs destroy` failed on these (after the checks passed: a race, or zfs-fuse being
+    /// busy); the rest went on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<Kept>,
+    pub dry_run: bool,
+}
+
+impl DestroyReport {
+    fn record(&mut self, snapshot: &str, done: Result<(), Error>) {
+        match done {
+            Ok(()) => self.destroyed.push(snapshot.to_string()),
+            Err(e) => {
+                let reason = evesnap::cli::chain(&anyhow::Error::new(e));
+                evesnap::warn!("cannot destroy {snapshot}: {reason}");
+                self.failed.push(Kept {
+                    snapshot: snapshot.to_string(),
+                    reason,
+                });
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Kept {
+    pub snapshot: String,
+    pub reason: String,
+}
+
+/// Problems that forbid destroying one snapshot: holds (unless `defer`) and clones.
+fn blockers(
+    info: &SnapshotInfo,
+    clones: &BTreeMap<String, Vec<String>>,
+    defer: bool,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if info.userrefs > 0 && !defer {
+        problems.push(Problem::Held {
+            snapshot: info.name.clone(),
+            userrefs: info.userrefs,
+        });
+    }
+    if let Some(c) = clones.get(&info.name) {
+        problems.push(Problem::HasClones {
+            snapshot: info.name.clone(),
+            clones: c.clone(),
+        });
+    }
+    problems
+}
+
+fn clones_of_pools(zfs: &Zfs, names: &[String]) -> Result<BTreeMap<String, Vec<String>>, Error> {
+    let pools: BTreeSet<&str> = names.iter().map(|n| zfs::pool_of(n)).collect();
+    let mut all = BTreeMap::new();
+    for pool in pools {
+        all.extend(zfs.clones(pool)?);
+    }
+    Ok(all)
+}
+
+/// Destroys the named snapshots (`dataset@name`), all or none: every one must exist, be
+/// unheld (`defer` uses `zfs destroy -d` instead, which destroys it when the last hold is
+/// released) and have no clones, or nothing is destroyed.
+pub fn destroy(
+    zfs: &Zfs,
+    snapshots: &[String],
+    defer: bool,
+    dry_run: bool,
+) -> Result<DestroyReport, Error> {
+    for s in snapshots {
+        names::split_snapshot(s)?;
+    }
+    let existing = zfs.existing(snapshots)?;
+    let mut problems: Vec<Problem> = snapshots
+        .iter()
+        .filter(|s| !existing.contains(s))
+        .map(|s| Problem::NoSuchSnapshot {
+            snapshot: s.clone(),
+        })
+        .collect();
+    let infos = zfs.snapshot_info(&existing, &[])?;
+    let clones = clones_of_pools(zfs, &existing)?;
+    for info in &infos {
+        problems.extend(blockers(info, &clones, defer));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Preflight { problems });
+    }
+    let mut report = DestroyReport {
+        dry_run,
+        ..Default::default()
+    };
+    for s in snapshots {
+        let done = if dry_run {
+            Ok(())
+        } else if defer {
+            zfs.run(&["destroy".into(), "-d".into(), s.clone()], s)
+                .map(drop)
+        } else {
+            zfs.destroy_snapshot(s)
+        };
+        report.record(s, done);
+    }
+    Ok(report)
+}
+
+/// Keeps the `keep` newest snapshot sets of `datasets` and destroys the older ones, oldest
+/// first (by `createtxg`). A set is the snapshots of one name across the datasets. An old
+/// set with a held or cloned member is never destroyed: it stays (reported in `kept`), and
+/// no newer set is destroyed in its place, so more than `keep` sets may remain. Unless
+/// `all`, only evesnap's snapshots (with `org.lfedge.evesnap:id`) are counted and touched.
+/// EVE's `max_snapshots` is `keep`.
+pub fn prune(
+    zfs: &Zfs,
+    datasets: &[String],
+    keep: usize,
+    all: bool,
+    dry_run: bool,
+) -> Result<DestroyReport, Error> {
+    let snaps = list(zfs, datasets, !all)?;
+    // Group by name; order groups by their oldest member.
+    let mut groups: BTreeMap<String, Vec<SnapshotInfo>> = BTreeMap::new();
+    for s in snaps {
+        groups
+            .entry(s.short_name().to_string())
+            .or_default()
+            .push(s);
+    }
+    let mut ordered: Vec<(u64, String, Vec<SnapshotInfo>)> = groups
+        .into_iter()
+        .map(|(name, members)| {
+            (
+                members.iter().map(|m| m.createtxg).min().unwrap_or(0),
+                name,
+                members,
+            )
+        })
+        .collect();
+    ordered.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let names: Vec<String> = ordered
+        .iter()
+        .flat_map(|(_, _, m)| m.iter().map(|s| s.name.clone()))
+        .collect();
+    let clones = clones_of_pools(zfs, &names)?;
+
+    let mut report = DestroyReport {
+        dry_run,
+        ..Default::default()
+    };
+    let excess = ordered.len().saturating_sub(keep);
+    for (_, _, members) in &ordered[..excess] {
+        let problems: Vec<Problem> = members
+            .iter()
+            .flat_map(|m| blockers(m, &clones, false))
+            .collect();
+        if !problems.is_empty() {
+            let reason = problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            for m in members {
+                report.kept.push(Kept {
+                    snapshot: m.name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            continue;
+        }
+        for m in members {
+            let done = if dry_run {
+                Ok(())
+            } else {
+                zfs.destroy_snapshot(&m.name)
+            };
+            report.record(&m.name, done);
+        }
+    }
+    Ok(report)
+}

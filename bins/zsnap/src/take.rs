@@ -1,0 +1,418 @@
+//! Taking a snapshot: [`preflight`] checks and plans everything, [`PreparedSnapshot::take`]
+//! is the only part that belongs inside a guest's freeze window (one `zfs` call when the
+//! set is atomic), [`PreparedSnapshot::finish`] reads back what was created (and tidies up)
+//! after the thaw.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use evesnap::zfs::{self, names, Capabilities, Error, Problem, Zfs};
+use serde::Serialize;
+
+/// How the set of snapshots is taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Method {
+    /// One dataset, one call.
+    Single,
+    /// `zfs snapshot a@n b@n ...`: one call, one transaction group (OpenZFS).
+    Multi,
+    /// `zfs snapshot -r parent@n`: one call, atomic, where the datasets are exactly `parent`'s
+    /// descendants (a zfs without multi-name snapshots, e.g. zfs-fuse). When `parent` is not
+    /// one of the datasets, its own snapshot (`extra`) is destroyed by
+    /// [`PreparedSnapshot::finish`], after the freeze window.
+    Recursive {
+        parent: String,
+        extra: Option<String>,
+    },
+    /// One call per dataset, not atomic; a failure destroys what this run created.
+    OneByOne,
+}
+
+impl Method {
+    pub fn atomic(&self) -> bool {
+        !matches!(self, Method::OneByOne)
+    }
+}
+
+/// Everything checked and decided; nothing created yet.
+#[derive(Debug)]
+pub struct PreparedSnapshot<'z> {
+    zfs: &'z Zfs,
+    caps: Capabilities,
+    /// The datasets, in the order given (duplicates removed).
+    pub datasets: Vec<String>,
+    /// The part after `@`.
+    pub name: String,
+    /// `dataset@name`, one per dataset.
+    pub snapshots: Vec<String>,
+    /// User properties set on every snapshot.
+    pub properties: Vec<(String, String)>,
+    pub method: Method,
+    /// The space facts the preflight looked at.
+    pub space: Vec<zfs::Space>,
+}
+
+/// What [`PreparedSnapshot::take`] did: the snapshots exist.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    /// Every snapshot created, `extra` included.
+    pub created: Vec<String>,
+    /// Wall time of the `zfs snapshot` call(s).
+    pub elapsed: Duration,
+    /// Number of `zfs` calls made.
+    pub calls: usize,
+}
+
+/// One snapshot in the step's `snapshots` list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotEntry {
+    pub name: String,
+    /// A string: 64-bit guids do not survive JSON readers that use doubles.
+    pub guid: String,
+    pub createtxg: u64,
+    /// Seconds since the epoch.
+    pub creation: u64,
+}
+
+/// The `zsnap` step's own fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    pub snapshots: Vec<SnapshotEntry>,
+    /// All snapshots belong to one transaction group.
+    pub atomic: bool,
+    pub method: Method,
+    /// Milliseconds spent in the `zfs snapshot` call(s): the part inside a freeze window.
+    pub snapshot_ms: f64,
+    /// `zfs` calls inside that window.
+    pub calls: usize,
+    /// The user properties set on every snapshot.
+    pub properties: BTreeMap<String, String>,
+    /// Snapshots made only as a side effect (a recursive parent's own) that could not be
+    /// destroyed again; normally empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<String>,
+}
+
+/// Checks that every dataset exists, that `name` is free on all of them and that there is
+/// room, and decides how to take the set. Creates nothing. `min_free` is the space each
+/// dataset (and each pool) must keep free beyond what the snapshot itself needs.
+pub fn preflight<'z>(
+    zfs: &'z Zfs,
+    datasets: &[String],
+    name: &str,
+    properties: &[(String, String)],
+    min_free: u64,
+) -> Result<PreparedSnapshot<'z>, Error> {
+    let mut seen = BTreeSet::new();
+    let datasets: Vec<String> = datasets
+        .iter()
+        .filter(|d| seen.insert(d.as_str()))
+        .cloned()
+        .collect();
+    if datasets.is_empty() {
+        return Err(Error::InvalidName {
+            name: String::new(),
+            reason: "no dataset given".into(),
+        });
+    }
+    for d in &datasets {
+        names::check_dataset(d)?;
+    }
+    names::check_snapshot_name(name)?;
+    for (k, v) in properties {
+        names::check_user_property(k, v)?;
+    }
+    let snapshots: Vec<String> = datasets
+        .iter()
+        .map(|d| names::snapshot(d, name))
+        .collect::<Result<_, _>>()?;
+    let caps = zfs.capabilities()?;
+
+    let pools: Vec<String> = datasets
+        .iter()
+        .map(|d| zfs::pool_of(d).to_string())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut problems = Vec::new();
+    let mut asked = datasets.clone();
+    asked.extend(pools.iter().filter(|p| !datasets.contains(p)).cloned());
+    let (space, missing) = zfs.space(&asked)?;
+    // A missing pool makes its datasets missing too: name the datasets only.
+    for d in missing.iter().filter(|d| datasets.contains(d)) {
+        problems.push(Problem::Missing { dataset: d.clone() });
+    }
+    if !missing.is_empty() {
+        return Err(Error::Preflight { problems });
+    }
+
+    let method = choose_method(zfs, caps, &datasets, &pools, name)?;
+    let mut probe = snapshots.clone();
+    if let Method::Recursive {
+        extra: Some(extra), ..
+    } = &method
+    {
+        probe.push(extra.clone());
+    }
+    for taken in zfs.existing(&probe)? {
+        problems.push(Problem::NameTaken { snapshot: taken });
+    }
+
+    let by_name: BTreeMap<&str, &zfs::Space> =
+        space.iter().map(|s| (s.dataset.as_str(), s)).collect();
+    let mut pool_needs: BTreeMap<&str, u64> = BTreeMap::new();
+    for d in &datasets {
+        let Some(s) = by_name.get(d.as_str()) else {
+            continue;
+        };
+        let needed = s.snapshot_needs().saturating_add(min_free);
+        let available = s.available_outside_reservation();
+        if needed > available {
+            problems.push(Problem::NoRoom {
+                dataset: d.clone(),
+                needed,
+                available,
+                missing: needed - available,
+            });
+        }
+        *pool_needs.entry(zfs::pool_of(d)).or_default() += s.snapshot_needs();
+    }
+    // Several thick volumes of one pool each fit alone but not together.
+    for (pool, needs) in pool_needs {
+        let Some(s) = by_name.get(pool) else { continue };
+        let needed = needs.saturating_add(min_free);
+        let available = s.available_outside_reservation();
+        // Said already when one of its datasets alone does not fit.
+        let already = problems
+            .iter()
+            .any(|p| matches!(p, Problem::NoRoom { dataset, .. } if zfs::pool_of(dataset) == pool));
+        if needed > available && !already && datasets.len() > 1 {
+            problems.push(Problem::NoRoom {
+                dataset: pool.to_string(),
+                needed,
+                available,
+                missing: needed - available,
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Preflight { problems });
+    }
+    Ok(PreparedSnapshot {
+        zfs,
+        caps,
+        datasets,
+        name: name.to_string(),
+        snapshots,
+        properties: properties.to_vec(),
+        method,
+        space,
+    })
+}
+
+fn choose_method(
+    zfs: &Zfs,
+    caps: Capabilities,
+    datasets: &[String],
+    pools: &[String],
+    name: &str,
+) -> Result<Method, Error> {
+    if datasets.len() == 1 {
+        return Ok(Method::Single);
+    }
+    if pools.len() > 1 {
+        // Neither implementation snapshots across pools atomically.
+        return Ok(Method::OneByOne);
+    }
+    if caps.multi_snapshot {
+        return Ok(Method::Multi);
+    }
+    let parent = common_parent(datasets);
+    let below = zfs.descendants(&parent)?;
+    let set: BTreeSet<&str> = datasets.iter().map(String::as_str).collect();
+    let exact = below
+        .iter()
+        .all(|d| set.contains(d.as_str()) || *d == parent);
+    if !exact {
+        return Ok(Method::OneByOne);
+    }
+    let extra = (!set.contains(parent.as_str())).then(|| format!("{parent}@{name}"));
+    Ok(Method::Recursive { parent, extra })
+}
+
+/// The deepest dataset that is or contains every one of `datasets` (same pool assumed).
+pub fn common_parent(datasets: &[String]) -> String {
+    let mut prefix: Vec<&str> = datasets[0].split('/').collect();
+    for d in &datasets[1..] {
+        let parts: Vec<&str> = d.split('/').collect();
+        let same = prefix
+            .iter()
+            .zip(&parts)
+            .take_while(|(a, b)| a == b)
+            .count();
+        prefix.truncate(same);
+    }
+    prefix.join("/")
+}
+
+impl PreparedSnapshot<'_> {
+    /// Adds or replaces a user property before [`take`](Self::take) (e.g. `frozen` once the
+    /// freeze result is known). No `zfs` call.
+    pub fn set_property(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        names::check_user_property(key, value)?;
+        self.properties.retain(|(k, _)| k != key);
+        self.properties.push((key.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    /// The recursive parent's own snapshot, when it is not one of the datasets.
+    fn extra(&self) -> Option<String> {
+        match &self.method {
+            Method::Recursive { extra, .. } => extra.clone(),
+            _ => None,
+        }
+    }
+
+    /// Properties for `zfs snapshot -o`, when this zfs takes them.
+    fn inline_props(&self) -> &[(String, String)] {
+        if self.caps.snapshot_props {
+            &self.properties
+        } else {
+            &[]
+        }
+    }
+
+    /// Creates the snapshots: the one part meant for a freeze window. One `zfs` call unless
+    /// the method is [`Method::OneByOne`]; on a failure there, what this call created is
+    /// destroyed again and the error says so.
+    pub fn take(&self) -> Result<Taken, Error> {
+        let start = Instant::now();
+        let props = self.inline_props();
+        match &self.method {
+            Method::Single | Method::Multi => {
+                self.zfs.snapshot(&self.snapshots, props, false)?;
+                Ok(Taken {
+                    created: self.snapshots.clone(),
+                    elapsed: start.elapsed(),
+                    calls: 1,
+                })
+            }
+            Method::Recursive { parent, .. } => {
+                self.zfs
+                    .snapshot(&[format!("{parent}@{}", self.name)], props, true)?;
+                let mut created = self.snapshots.clone();
+                created.extend(self.extra());
+                Ok(Taken {
+                    created,
+                    elapsed: start.elapsed(),
+                    calls: 1,
+                })
+            }
+            Method::OneByOne => {
+                let mut created: Vec<String> = Vec::new();
+                for snapshot in &self.snapshots {
+                    if let Err(e) = self
+                        .zfs
+                        .snapshot(std::slice::from_ref(snapshot), props, false)
+                    {
+                        return Err(self.undo(created, e, "taking the snapshots one by one"));
+                    }
+                    created.push(snapshot.clone());
+                }
+                Ok(Taken {
+                    created,
+                    elapsed: start.elapsed(),
+                    calls: self.snapshots.len(),
+                })
+            }
+        }
+    }
+
+    fn undo(&self, created: Vec<String>, error: Error, what: &str) -> Error {
+        let mut undone = Vec::new();
+        let mut left = Vec::new();
+        for snapshot in created.iter().rev() {
+            match self.zfs.destroy_snapshot(snapshot) {
+                Ok(()) => undone.push(snapshot.clone()),
+                Err(e) => {
+                    evesnap::warn!("cannot destroy {snapshot} after a failed snapshot: {e}");
+                    left.push(snapshot.clone());
+                }
+            }
+        }
+        Error::Partial {
+            what: what.to_string(),
+            undone,
+            left,
+            source: Box::new(error),
+        }
+    }
+
+    /// After the freeze window: destroys the recursive parent's own snapshot, sets the
+    /// properties where `snapshot -o` is missing, and reads back guid, createtxg, creation.
+    pub fn finish(&self, taken: Taken) -> Result<SnapshotReport, Error> {
+        let mut left_behind = Vec::new();
+        if let Some(extra) = self.extra() {
+            if let Err(e) = self.zfs.destroy_snapshot(&extra) {
+                evesnap::warn!("cannot destroy {extra}, made by the recursive snapshot: {e}");
+                left_behind.push(extra);
+            }
+        }
+        if !self.caps.snapshot_props && !self.properties.is_empty() {
+            for snapshot in &self.snapshots {
+                self.zfs.set(snapshot, &self.properties)?;
+            }
+        }
+        let info = self.zfs.snapshot_info(&self.snapshots, &[])?;
+        let snapshots = info
+            .into_iter()
+            .map(|s| SnapshotEntry {
+                name: s.name,
+                guid: s.guid,
+                createtxg: s.createtxg,
+                creation: s.creation,
+            })
+            .collect();
+        Ok(SnapshotReport {
+            snapshots,
+            atomic: self.method.atomic(),
+            method: self.method.clone(),
+            snapshot_ms: evesnap::time::millis(taken.elapsed),
+            calls: taken.calls,
+            properties: self.properties.iter().cloned().collect(),
+            left_behind,
+        })
+    }
+
+    /// [`take`](Self::take) then [`finish`](Self::finish).
+    pub fn take_and_finish(&self) -> Result<SnapshotReport, Error> {
+        let taken = self.take()?;
+        self.finish(taken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(common_parent(&v(&["p/a/x", "p/a/y"])), "p/a");
+        assert_eq!(common_parent(&v(&["p/a/x", "p/a/x/z"])), "p/a/x");
+        assert_eq!(common_parent(&v(&["p/a", "p/ab"])), "p");
+        assert_eq!(common_parent(&v(&["p/a/x", "p/b"])), "p");
+    }
+
+    #[test]
+    fn atomicity() {
+        assert!(Method::Multi.atomic());
+        assert!(Method::Recursive {
+            parent: "p".into(),
+            extra: None
+        }
+        .atomic());
+        assert!(!Method::OneByOne.atomic());
+    }
+}

@@ -1,0 +1,136 @@
+//! Where the guest agent listens: the host end of a virtio-serial chardev (a Unix
+//! socket) or an AF_VSOCK port inside the guest.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The address of a guest agent.
+///
+/// Written as `unix:<path>` (or a plain path) for the Unix socket QEMU serves for a
+/// `virtserialport` chardev, and `vsock:<cid>:<port>` for an agent listening on AF_VSOCK
+/// (what EVE gives its guests).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Unix(PathBuf),
+    Vsock { cid: u32, port: u32 },
+}
+
+/// A text that is not an agent address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bad agent address {text:?}: {reason} (expected unix:<path>, a path, or vsock:<cid>:<port>)"
+)]
+pub struct ParseAddressError {
+    pub text: String,
+    pub reason: &'static str,
+}
+
+impl Address {
+    /// A Unix socket address; relative paths are made absolute, so that the address (and
+    /// the watchdog keyed by it) means the same thing from every working directory.
+    pub fn unix(path: impl AsRef<Path>) -> Address {
+        let path = path.as_ref();
+        Address::Unix(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+    }
+}
+
+impl FromStr for Address {
+    type Err = ParseAddressError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| ParseAddressError {
+            text: text.to_string(),
+            reason,
+        };
+        if text.is_empty() {
+            return Err(bad("empty"));
+        }
+        if text.contains('\0') {
+            return Err(bad("contains a NUL byte"));
+        }
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad("empty socket path"));
+            }
+            return Ok(Address::unix(path));
+        }
+        if let Some(rest) = text.strip_prefix("vsock:") {
+            let (cid, port) = rest
+                .split_once(':')
+                .ok_or_else(|| bad("vsock needs <cid>:<port>"))?;
+            let cid = cid
+                .parse()
+                .map_err(|_| bad("the vsock cid is not a number"))?;
+            let port = port
+                .parse()
+                .map_err(|_| bad("the vsock port is not a number"))?;
+            return Ok(Address::Vsock { cid, port });
+        }
+        // `tcp:` and the like: a scheme we do not speak, not a relative path.
+        if let Some((scheme, _)) = text.split_once(':') {
+            if !scheme.contains('/')
+                && !scheme.is_empty()
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                return Err(bad("unknown scheme"));
+            }
+        }
+        Ok(Address::unix(text))
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Unix(path) => write!(f, "unix:{}", path.display()),
+            Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        assert_eq!(
+            "unix:/run/q.sock".parse::<Address>(),
+            Ok(Address::Unix("/run/q.sock".into()))
+        );
+        assert_eq!(
+            "/run/q.sock".parse::<Address>(),
+            Ok(Address::Unix("/run/q.sock".into()))
+        );
+        assert_eq!(
+            "vsock:3:1234".parse::<Address>(),
+            Ok(Address::Vsock { cid: 3, port: 1234 })
+        );
+        assert_eq!(
+            Address::Vsock { cid: 3, port: 1234 }.to_string(),
+            "vsock:3:1234"
+        );
+        assert_eq!(Address::Unix("/a b".into()).to_string(), "unix:/a b");
+        let relative: Address = "q.sock".parse().expect("relative path");
+        assert!(
+            matches!(&relative, Address::Unix(p) if p.is_absolute()),
+            "{relative}"
+        );
+    }
+
+    #[test]
+    fn refuses_nonsense() {
+        for text in [
+            "",
+            "unix:",
+            "vsock:3",
+            "vsock:x:1",
+            "vsock:3:-1",
+            "tcp:localhost:4444",
+            "a\0b",
+        ] {
+            assert!(text.parse::<Address>().is_err(), "{text:?} parsed");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! A client for the QEMU guest agent (qemu-ga), as the real agent needs it.
+//!
+//! # Transports
+//! - `unix:<path>` or a plain path: the host end of the virtio-serial chardev QEMU serves.
+//! - `vsock:<cid>:<port>`: an agent listening on AF_VSOCK (EVE's guests).
+//!
+//! # Framing
+//! The chardev serves one client at a time, and what a previous client left behind
+//! survives it: replies to requests whose client went away, half a JSON object, syncs
+//! sent while the guest was booting. So every connection starts with the byte `0xFF`
+//! (resets the agent's parser), then `guest-sync-delimited` with a random id; everything
+//! up to the `0xFF` that precedes a reply is dropped, and replies carrying another id are
+//! skipped. Commands carry an `id` too; replies with another id are skipped. While the
+//! agent does not answer yet, the sync is repeated until the caller's deadline.
+//!
+//! Commands are the typed ones of the `qapi` crate ([`qapi::qga`]), replies are
+//! decoded as [`qapi_spec::Response`].
+//!
+//! # Errors
+//! [`Error`] distinguishes an agent that cannot be reached ([`Exit::AgentUnreachable`]),
+//! one that does not answer in time ([`Exit::AgentTimeout`]), garbage on the wire, and
+//! the agent's own refusals: an error reply, a command disabled (most are while the guest
+//! is frozen), a command the agent does not have.
+
+mod address;
+mod client;
+#[cfg(test)]
+mod client_tests;
+mod stream;
+#[doc(hidden)]
+pub mod testing;
+pub mod watchdog;
+
+use std::time::Duration;
+
+pub use address::{Address, ParseAddressError};
+pub use client::{Client, ExecResult, DEFAULT_MAX_REPLY, DEFAULT_TIMEOUT};
+/// The agent's typed commands and reply types.
+pub use qapi::qga as commands;
+
+use crate::exit::{Exit, HasExit};
+
+/// What the agent said when it refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{desc} ({class})")]
+pub struct AgentError {
+    pub class: String,
+    pub desc: String,
+}
+
+/// An error talking to the guest agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the guest agent at {address}")]
+    Unreachable {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest agent at {address} did not answer {command} within {}", client::fmt_seconds(*after))]
+    Timeout {
+        address: String,
+        command: String,
+        after: Duration,
+    },
+    #[error("the connection to the guest agent broke during {command}")]
+    Disconnected {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest agent answered {command} with garbage ({detail})")]
+    Protocol {
+        command: String,
+        detail: String,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    #[error("the guest agent's reply to {command} is longer than {limit} bytes")]
+    ReplyTooLong { command: String, limit: usize },
+    #[error("the guest agent refused {command}")]
+    Agent {
+        command: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("the guest agent has {command} disabled")]
+    Disabled {
+        command: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("the guest agent does not support {command}")]
+    Unsupported {
+        command: String,
+        #[source]
+        source: AgentError,
+    },
+}
+
+impl Error {
+    /// Classifies an error reply.
+    fn from_agent(command: &str, agent: AgentError) -> Error {
+        let command = command.to_string();
+        let desc = agent.desc.to_ascii_lowercase();
+        // qemu-ga 7.2 answers "Command guest-exec has been disabled: the agent is in frozen
+        // state" with class CommandNotFound: the text decides first.
+        if desc.contains("disabled") {
+            Error::Disabled {
+                command,
+                source: agent,
+            }
+        } else if agent.class == "CommandNotFound"
+            || desc.contains("not currently supported")
+            || desc.contains("not found")
+        {
+            Error::Unsupported {
+                command,
+                source: agent,
+            }
+        } else {
+            Error::Agent {
+                command,
+                source: agent,
+            }
+        }
+    }
+
+    /// True when the request may have reached the agent but its reply did not come back:
+    /// the command may still run (or have run).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+}
+
+impl HasExit for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::Unreachable { .. } | Error::Disconnected { .. } => Exit::AgentUnreachable,
+            Error::Timeout { .. } => Exit::AgentTimeout,
+            _ => Exit::StepFailed,
+        }
+    }
+}
+
+/// A tool's own error together with its exit code, so that the code survives the trip
+/// through `anyhow::Error` to [`crate::cli`]. Displays as the wrapped error and hands on
+/// its causes, so the chain reads the same.
+#[derive(Debug)]
+pub struct WithExit {
+    exit: Exit,
+    error: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl WithExit {
+    pub fn new<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> WithExit {
+        WithExit {
+            exit: error.exit(),
+            error: Box::new(error),
+        }
+    }
+
+    /// The wrapped error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+}
+
+impl std::fmt::Display for WithExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for WithExit {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl HasExit for WithExit {
+    fn exit(&self) -> Exit {
+        self.exit
+    }
+}
+
+/// Wraps a tool error that knows its exit code into `anyhow::Error`, keeping the code.
+pub fn anyhow_with_exit<E: HasExit + std::error::Error + Send + Sync + 'static>(
+    error: E,
+) -> anyhow::Error {
+    anyhow::Error::new(WithExit::new(error))
+}
+
+/// The exit code of one cause in an error chain, if it is one of this module's errors.
+pub fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
+    if let Some(e) = cause.downcast_ref::<WithExit>() {
+        return Some(e.exit());
+    }
+    if let Some(e) = cause.downcast_ref::<Error>() {
+        return Some(e.exit());
+    }
+    if let Some(e) = cause.downcast_ref::<watchdog::Error>() {
+        return Some(e.exit());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_replies_are_classified() {
+        let e = |class: &str, desc: &str| {
+            Error::from_agent(
+                "x",
+                AgentError {
+                    class: class.into(),
+                    desc: desc.into(),
+                },
+            )
+        };
+        assert!(matches!(
+            e("GenericError", "Command guest-exec has been disabled"),
+            Error::Disabled { .. }
+        ));
+        // Verbatim from qemu-ga 7.2 while frozen.
+        assert!(matches!(
+            e("CommandNotFound", "Command guest-exec has been disabled: the agent is in frozen state"),
+            Error::Disabled { .. }
+        ));
+        assert!(matches!(
+            e(
+                "CommandNotFound",
+                "The command guest-foo has not been found"
+            ),
+            Error::Unsupported { .. }
+        ));
+        assert!(matches!(
+            e(
+                "GenericError",
+                "this feature or command is not currently supported"
+            ),
+            Error::Unsupported { .. }
+        ));
+        assert!(matches!(
+            e("GenericError", "failed to freeze /: Device busy"),
+            Error::Agent { .. }
+        ));
+    }
+
+    #[test]
+    fn with_exit_keeps_code_and_chain() {
+        let inner = Error::Timeout {
+            address: "unix:/a".into(),
+            command: "guest-ping".into(),
+            after: Duration::from_millis(1500),
+        };
+        let err = anyhow_with_exit(inner).context("outer");
+        assert_eq!(crate::cli::exit_of(&err), Exit::AgentTimeout);
+        assert_eq!(
+            crate::cli::chain(&err),
+            "outer: the guest agent at unix:/a did not answer guest-ping within 1.5s"
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! A non-blocking stream socket to the agent with deadlines on every operation.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, VsockAddr};
+
+use super::Address;
+
+/// How a wait on the socket ended without data.
+#[derive(Debug)]
+pub(crate) enum WaitError {
+    /// The deadline passed.
+    Timeout,
+    /// The socket failed or the peer closed it.
+    Io(io::Error),
+}
+
+impl From<io::Error> for WaitError {
+    fn from(e: io::Error) -> Self {
+        WaitError::Io(e)
+    }
+}
+
+impl From<Errno> for WaitError {
+    fn from(e: Errno) -> Self {
+        WaitError::Io(e.into())
+    }
+}
+
+/// A connected stream socket (AF_UNIX or AF_VSOCK), non-blocking, close-on-exec.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    fd: OwnedFd,
+}
+
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Waits until `fd` has `events` or the deadline passes. Interrupted waits resume.
+fn wait(fd: &OwnedFd, events: PollFlags, deadline: Instant) -> Result<PollFlags, WaitError> {
+    loop {
+        let Some(left) = remaining(deadline) else {
+            return Err(WaitError::Timeout);
+        };
+        // Round up so that a sub-millisecond remainder still waits instead of spinning.
+        let millis = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), events)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(0) => continue,
+            Ok(_) => return Ok(fds[0].revents().unwrap_or(PollFlags::empty())),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Stream {
+    /// Opens a connection; fails with the socket error (ENOENT, ECONNREFUSED, …) or
+    /// [`WaitError::Timeout`] when a vsock connect does not complete by the deadline.
+    pub(crate) fn connect(address: &Address, deadline: Instant) -> Result<Stream, WaitError> {
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let (fd, result) = match address {
+            Address::Unix(path) => {
+                let addr = UnixAddr::new(path.as_path())?;
+                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+                let result = socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr);
+                (fd, result)
+            }
+            Address::Vsock { cid, port } => {
+                let addr = VsockAddr::new(*cid, *port);
+                let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, flags, None)?;
+                let result = socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr);
+                (fd, result)
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(Errno::EINPROGRESS) | Err(Errno::EINTR) => {
+                wait(&fd, PollFlags::POLLOUT, deadline)?;
+                let error = socket::getsockopt(&fd, socket::sockopt::SocketError)?;
+                if error != 0 {
+                    return Err(WaitError::Io(io::Error::from_raw_os_error(error)));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Stream { fd })
+    }
+
+    /// A stream over an already connected socket (tests use socket pairs).
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Stream> {
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        Ok(Stream { fd })
+    }
+
+    /// Writes all of `data` by the deadline.
+    pub(crate) fn write_all(&self, mut data: &[u8], deadline: Instant) -> Result<(), WaitError> {
+        while !data.is_empty() {
+            match nix::unistd::write(&self.fd, data) {
+                Ok(0) => return Err(WaitError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(n) => data = &data[n..],
+                Err(Errno::EAGAIN) => {
+                    let events = wait(&self.fd, PollFlags::POLLOUT, deadline)?;
+                    if events.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL)
+                        && !events.contains(PollFlags::POLLOUT)
+                    {
+                        return Err(WaitError::Io(io::ErrorKind::BrokenPipe.into()));
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what is available, waiting for at least one byte until the deadline.
+    /// End of stream is an [`io::ErrorKind::UnexpectedEof`] error.
+    pub(crate) fn read_some(&self, buf: &mut [u8], deadline: Instant) -> Result<usize, WaitError> {
+        loop {
+            match nix::unistd::read(&self.fd, buf) {
+                Ok(0) => {
+                    return Err(WaitError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the agent closed the connection",
+                    )))
+                }
+                Ok(n) => return Ok(n),
+                Err(Errno::EAGAIN) => {
+                    wait(&self.fd, PollFlags::POLLIN, deadline)?;
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
