@@ -123,6 +123,15 @@ impl Document {
         self.steps.push(step);
     }
 
+    /// Inserts a step at `index`, for a step measured earlier but finished later (the
+    /// snapshot, whose read-back waits until after the thaw), so steps stay in start order.
+    pub fn insert(&mut self, index: usize, step: Step) {
+        if !step.ok {
+            self.ok = false;
+        }
+        self.steps.insert(index.min(self.steps.len()), step);
+    }
+
     /// Records a failure of `tool`: `ok` becomes false and, if no earlier failure was
     /// recorded, `error` is set. The first failure is the one worth reporting.
     pub fn record_failure(&mut self, tool: &str, exit: Exit, message: &str) {

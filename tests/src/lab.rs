@@ -84,8 +84,11 @@ pub fn vm_lock() -> VmLock {
 }
 
 fn cross_process_lock(name: &str) -> nix::fcntl::Flock<File> {
-    let dir = test_lab_dir();
-    std::fs::create_dir_all(&dir).expect("create the test lab folder");
+    lock_in(&test_lab_dir(), name)
+}
+
+fn lock_in(dir: &std::path::Path, name: &str) -> nix::fcntl::Flock<File> {
+    std::fs::create_dir_all(dir).expect("create the test lab folder");
     let file = File::options()
         .create(true)
         .truncate(false)
@@ -94,4 +97,90 @@ fn cross_process_lock(name: &str) -> nix::fcntl::Flock<File> {
         .expect("open lock file");
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .unwrap_or_else(|(_, e)| panic!("flock {name}: {e}"))
+}
+
+/// What `scripts/lab up --openzfs` prints: a VM running OpenZFS 2.3 with pool `pool` on its
+/// own disk, EVE-style zvols (`<pool>/vault/volumes/<uuid>.1`, the first thick, the second
+/// sparse) each holding an ext4 mounted in the guest, a control agent reached from the host
+/// and a second agent inside the guest on AF_VSOCK loopback for tools run in the guest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenZfsLab {
+    pub dir: PathBuf,
+    /// The control agent, from the host: `unix:<path>`.
+    pub agent: String,
+    pub qmp: PathBuf,
+    /// The pool inside the guest.
+    pub pool: String,
+    pub zvols: Vec<String>,
+    /// Zvol → its ext4 mountpoint in the guest.
+    pub guest_mounts: BTreeMap<String, String>,
+    /// The guest folder that shows `guest_bin_host` (read-only, live).
+    pub guest_bin: String,
+    /// The host folder shared as `guest_bin`.
+    pub guest_bin_host: PathBuf,
+    /// The agent address tools inside the guest use, e.g. `vsock:1:10000`.
+    pub guest_agent: String,
+    pub qemu_pid: u32,
+}
+
+/// The OpenZFS test lab's folder: `EVESNAP_TEST_OPENZFS_LAB_DIR` or `target/lab-openzfs-test`.
+pub fn openzfs_lab_dir() -> PathBuf {
+    std::env::var_os("EVESNAP_TEST_OPENZFS_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target/lab-openzfs-test"))
+}
+
+/// The host folder the OpenZFS test lab shares as its `guest_bin`: `EVESNAP_GUEST_BIN_DIR`
+/// or the statically linked build `target/static/x86_64-unknown-linux-gnu/debug` (see
+/// `scripts/test`; the folder is created empty when nothing was built there).
+pub fn openzfs_guest_bin_dir() -> PathBuf {
+    std::env::var_os("EVESNAP_GUEST_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target/static/x86_64-unknown-linux-gnu/debug"))
+}
+
+/// Runs `scripts/lab <args> --openzfs` for the OpenZFS test lab.
+pub fn openzfs_lab_command(args: &[&str]) -> std::process::Output {
+    let bin_dir = openzfs_guest_bin_dir();
+    std::fs::create_dir_all(&bin_dir).expect("create the guest bin folder");
+    Command::new(crate::repo_root().join("scripts/lab"))
+        .args(args)
+        .arg("--openzfs")
+        .env("EVESNAP_LAB_DIR", openzfs_lab_dir())
+        .env_remove("EVESNAP_LAB_POOL")
+        .env("EVESNAP_GUEST_BIN_DIR", bin_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run scripts/lab")
+}
+
+/// Brings the OpenZFS test lab up (once per process). The first run on a machine builds the
+/// OpenZFS modules for the guest kernel (~3–6 min); later runs take ~25 s.
+pub fn openzfs_lab() -> &'static OpenZfsLab {
+    static LAB: OnceLock<OpenZfsLab> = OnceLock::new();
+    LAB.get_or_init(|| {
+        let _guard = lock_in(&openzfs_lab_dir(), "up.lock");
+        let out = openzfs_lab_command(&["up"]);
+        assert!(
+            out.status.success(),
+            "scripts/lab up --openzfs failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "scripts/lab up --openzfs printed no lab object ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    })
+}
+
+/// Exclusive use of the OpenZFS lab VM (its control agent socket serves one client at a
+/// time; tests also change the pool).
+pub fn openzfs_vm_lock() -> VmLock {
+    static IN_PROCESS: Mutex<()> = Mutex::new(());
+    let guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    VmLock { _file: lock_in(&openzfs_lab_dir(), "vm.lock"), _guard: guard }
 }

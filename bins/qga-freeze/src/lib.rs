@@ -30,7 +30,10 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{json, Map, Value};
 
-pub use step::{abort, default_watchdog_program, freeze, Aftermath, CleanupThaw, Error, FreezeOptions, FreezeReport};
+pub use step::{
+    abort, default_watchdog_program, freeze, Aftermath, CleanupThaw, Error, FreezeOptions,
+    FreezeReport,
+};
 
 /// The tool's name, as in the document's steps.
 pub const TOOL: &str = "qga-freeze";
@@ -91,8 +94,12 @@ pub struct Args {
 }
 
 fn parse_secs(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a duration (≥ 0 seconds)"))
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{text:?} is not a duration (≥ 0 seconds)"))
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -123,12 +130,17 @@ impl Signals {
             evesnap::warn!("cannot defer signals during the freeze: {e}");
             return Signals { fd: None };
         }
-        Signals { fd: SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok() }
+        Signals {
+            fd: SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok(),
+        }
     }
 
     fn pending(&self) -> Option<String> {
         let info = self.fd.as_ref()?.read_signal().ok()??;
-        Some(Signal::try_from(info.ssi_signo as i32).map_or_else(|_| format!("signal {}", info.ssi_signo), |s| s.to_string()))
+        Some(
+            Signal::try_from(info.ssi_signo as i32)
+                .map_or_else(|_| format!("signal {}", info.ssi_signo), |s| s.to_string()),
+        )
     }
 }
 
@@ -144,7 +156,10 @@ fn upstream_failure(doc: &Document) -> Option<String> {
         return Some(format!("the upstream step {} failed", step.tool));
     }
     if let Some(error) = &doc.error {
-        return Some(format!("the upstream step {} failed ({})", error.tool, error.kind));
+        return Some(format!(
+            "the upstream step {} failed ({})",
+            error.tool, error.kind
+        ));
     }
     (!doc.ok).then(|| "the upstream document says a step failed".to_string())
 }
@@ -179,7 +194,11 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     if let Some(reason) = upstream_failure(&doc) {
         doc.push(skipped(timer, &reason, &args));
-        return Outcome::failed(doc, TOOL, coded(Exit::UpstreamFailed, format!("{reason}; not freezing")));
+        return Outcome::failed(
+            doc,
+            TOOL,
+            coded(Exit::UpstreamFailed, format!("{reason}; not freezing")),
+        );
     }
     let agent = match (&args.agent, &doc.agent) {
         (Some(flag), Some(upstream)) if flag != upstream => {
@@ -189,7 +208,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         (Some(agent), _) | (None, Some(agent)) => agent.clone(),
         (None, None) => {
             doc.push(skipped(timer, "no agent", &args));
-            let e = coded(Exit::Usage, "no guest agent: give --agent or a document with `agent`");
+            let e = coded(
+                Exit::Usage,
+                "no guest agent: give --agent or a document with `agent`",
+            );
             return Outcome::failed(doc, TOOL, e);
         }
     };
@@ -231,7 +253,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
 
     let signals = Signals::block();
     let result = match signals.pending() {
-        Some(signal) => Err(coded(Exit::StepFailed, format!("interrupted by {signal} before the freeze"))),
+        Some(signal) => Err(coded(
+            Exit::StepFailed,
+            format!("interrupted by {signal} before the freeze"),
+        )),
         None => Ok(freeze(&mut client, &opts)),
     };
     let result = match result {
@@ -243,7 +268,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     let result = result.and_then(|report| match signals.pending() {
         None => Ok(report),
-        Some(signal) => Err(Error::Interrupted { signal, aftermath: abort(&mut client, &report, opts.timeout) }),
+        Some(signal) => Err(Error::Interrupted {
+            signal,
+            aftermath: Box::new(abort(&mut client, &report, opts.timeout)),
+        }),
     });
     match result {
         Ok(report) => {
@@ -267,7 +295,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Err(e) => {
             doc.push(timer.finish(false, failed_fields(e.aftermath())));
             if e.aftermath().is_some_and(|a| a.possibly_frozen) {
-                evesnap::warn!("the guest may be frozen: {}", e.aftermath().map(ToString::to_string).unwrap_or_default());
+                evesnap::warn!(
+                    "the guest may be frozen: {}",
+                    e.aftermath().map(ToString::to_string).unwrap_or_default()
+                );
             }
             Outcome::failed(doc, TOOL, qga::anyhow_with_exit(e))
         }
@@ -282,10 +313,19 @@ mod tests {
     fn help_is_complete() {
         command().debug_assert();
         let help = command().render_long_help().to_string();
-        for needle in ["--mountpoint", "--thaw-after", "--adopt-frozen", "Exit status:", "watchdog"] {
+        for needle in [
+            "--mountpoint",
+            "--thaw-after",
+            "--adopt-frozen",
+            "Exit status:",
+            "watchdog",
+        ] {
             assert!(help.contains(needle), "{needle} missing from --help");
         }
-        assert!(!help.contains("--watchdog-token"), "hidden flags stay hidden");
+        assert!(
+            !help.contains("--watchdog-token"),
+            "hidden flags stay hidden"
+        );
     }
 
     #[test]
@@ -299,10 +339,21 @@ mod tests {
 
     #[test]
     fn aftermath_says_what_state_the_guest_is_in() {
-        let a = Aftermath { possibly_frozen: true, thaw: Some(CleanupThaw::Queued), watchdog: None };
+        let a = Aftermath {
+            possibly_frozen: true,
+            thaw: Some(CleanupThaw::Queued),
+            watchdog: None,
+        };
         let text = a.to_string();
-        assert!(text.contains("MAY BE FROZEN") && text.contains("run qga-thaw"), "{text}");
-        let b = Aftermath { possibly_frozen: false, thaw: Some(CleanupThaw::Thawed { count: 2 }), watchdog: None };
+        assert!(
+            text.contains("MAY BE FROZEN") && text.contains("run qga-thaw"),
+            "{text}"
+        );
+        let b = Aftermath {
+            possibly_frozen: false,
+            thaw: Some(CleanupThaw::Thawed { count: 2 }),
+            watchdog: None,
+        };
         assert_eq!(b.to_string(), "the guest was thawed again (2 filesystems)");
     }
 }

@@ -82,7 +82,11 @@ pub struct Aftermath {
 
 impl Aftermath {
     fn thawed() -> Aftermath {
-        Aftermath { possibly_frozen: false, thaw: None, watchdog: None }
+        Aftermath {
+            possibly_frozen: false,
+            thaw: None,
+            watchdog: None,
+        }
     }
 }
 
@@ -90,18 +94,27 @@ impl fmt::Display for Aftermath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.possibly_frozen {
             return match &self.thaw {
-                Some(CleanupThaw::Thawed { count }) => write!(f, "the guest was thawed again ({count} filesystems)"),
+                Some(CleanupThaw::Thawed { count }) => {
+                    write!(f, "the guest was thawed again ({count} filesystems)")
+                }
                 _ => write!(f, "the guest is not frozen"),
             };
         }
         write!(f, "THE GUEST MAY BE FROZEN")?;
         match &self.thaw {
-            Some(CleanupThaw::Queued) => write!(f, "; a thaw was sent and runs when the agent reads again")?,
+            Some(CleanupThaw::Queued) => {
+                write!(f, "; a thaw was sent and runs when the agent reads again")?
+            }
             Some(CleanupThaw::Failed { message }) => write!(f, "; the thaw failed ({message})")?,
             Some(CleanupThaw::Thawed { .. }) | None => {}
         }
         match &self.watchdog {
-            Some(w) => write!(f, "; the watchdog (pid {}) thaws it at {}", w.pid.unwrap_or(0), w.deadline),
+            Some(w) => write!(
+                f,
+                "; the watchdog (pid {}) thaws it at {}",
+                w.pid.unwrap_or(0),
+                w.deadline
+            ),
             None => write!(f, "; no watchdog is armed: run qga-thaw"),
         }
     }
@@ -124,22 +137,33 @@ pub enum Error {
     Freeze {
         #[source]
         source: QgaError,
-        aftermath: Aftermath,
+        aftermath: Box<Aftermath>,
     },
     #[error("the freeze froze no filesystem{}; {aftermath}", list(mountpoints))]
-    NothingFrozen { mountpoints: Vec<String>, aftermath: Aftermath },
+    NothingFrozen {
+        mountpoints: Vec<String>,
+        aftermath: Box<Aftermath>,
+    },
     #[error("the freeze froze {frozen} filesystems but {requested} mountpoints were asked for{}; {aftermath}", list(mountpoints))]
-    Partial { frozen: i64, requested: usize, mountpoints: Vec<String>, aftermath: Aftermath },
+    Partial {
+        frozen: i64,
+        requested: usize,
+        mountpoints: Vec<String>,
+        aftermath: Box<Aftermath>,
+    },
     #[error("the guest reports thawed right after the freeze; {aftermath}")]
-    NotFrozen { aftermath: Aftermath },
+    NotFrozen { aftermath: Box<Aftermath> },
     #[error("cannot verify the freeze; {aftermath}")]
     Verify {
         #[source]
         source: QgaError,
-        aftermath: Aftermath,
+        aftermath: Box<Aftermath>,
     },
     #[error("interrupted by {signal} after the freeze; {aftermath}")]
-    Interrupted { signal: String, aftermath: Aftermath },
+    Interrupted {
+        signal: String,
+        aftermath: Box<Aftermath>,
+    },
 }
 
 fn list(mountpoints: &[String]) -> String {
@@ -160,7 +184,7 @@ impl Error {
             | Error::Partial { aftermath, .. }
             | Error::NotFrozen { aftermath }
             | Error::Verify { aftermath, .. }
-            | Error::Interrupted { aftermath, .. } => Some(aftermath),
+            | Error::Interrupted { aftermath, .. } => Some(&**aftermath),
             _ => None,
         }
     }
@@ -170,13 +194,17 @@ impl HasExit for Error {
     fn exit(&self) -> Exit {
         match self {
             Error::Preflight(e) => match e {
-                QgaError::Unsupported { .. } | QgaError::Disabled { .. } | QgaError::Agent { .. } => Exit::Preflight,
+                QgaError::Unsupported { .. }
+                | QgaError::Disabled { .. }
+                | QgaError::Agent { .. } => Exit::Preflight,
                 e => e.exit(),
             },
             Error::Missing(_) | Error::Disabled(_) | Error::AlreadyFrozen => Exit::Preflight,
             Error::Watchdog(_) => Exit::StepFailed,
             // A freeze or verification that got no reply: the agent's silence is the news.
-            Error::Freeze { source, .. } | Error::Verify { source, .. } if source.is_timeout() => Exit::AgentTimeout,
+            Error::Freeze { source, .. } | Error::Verify { source, .. } if source.is_timeout() => {
+                Exit::AgentTimeout
+            }
             e => match e.aftermath() {
                 Some(a) if a.possibly_frozen => Exit::ThawFailed,
                 _ => match e {
@@ -228,16 +256,38 @@ fn check_commands(info: &qga::GuestAgentInfo, needed: &[&'static str]) -> Result
 /// [`Aftermath`] whether the guest may still be frozen.
 pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport, Error> {
     let timeout = opts.timeout;
-    let info = client.execute_within(qga::guest_info {}, timeout).map_err(Error::Preflight)?;
-    let freeze_command = if opts.mountpoints.is_empty() { "guest-fsfreeze-freeze" } else { "guest-fsfreeze-freeze-list" };
-    check_commands(&info, &[freeze_command, "guest-fsfreeze-status", "guest-fsfreeze-thaw"])?;
-    let status = client.execute_within(qga::guest_fsfreeze_status {}, timeout).map_err(Error::Preflight)?;
+    let info = client
+        .execute_within(qga::guest_info {}, timeout)
+        .map_err(Error::Preflight)?;
+    let freeze_command = if opts.mountpoints.is_empty() {
+        "guest-fsfreeze-freeze"
+    } else {
+        "guest-fsfreeze-freeze-list"
+    };
+    check_commands(
+        &info,
+        &[
+            freeze_command,
+            "guest-fsfreeze-status",
+            "guest-fsfreeze-thaw",
+        ],
+    )?;
+    let status = client
+        .execute_within(qga::guest_fsfreeze_status {}, timeout)
+        .map_err(Error::Preflight)?;
     let mountpoints = (!opts.mountpoints.is_empty()).then(|| opts.mountpoints.clone());
 
     let arm = |client: &Client| -> Result<Option<Watchdog>, Error> {
-        let Some(after) = opts.thaw_after else { return Ok(None) };
-        let program = opts.watchdog_program.clone().unwrap_or_else(default_watchdog_program);
-        watchdog::arm(client.address(), after, &program).map(Some).map_err(Error::Watchdog)
+        let Some(after) = opts.thaw_after else {
+            return Ok(None);
+        };
+        let program = opts
+            .watchdog_program
+            .clone()
+            .unwrap_or_else(default_watchdog_program);
+        watchdog::arm(client.address(), after, &program)
+            .map(Some)
+            .map_err(Error::Watchdog)
     };
 
     if status == qga::GuestFsfreezeStatus::frozen {
@@ -258,7 +308,12 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
     let started = Instant::now();
     let result = match &mountpoints {
         None => client.execute_within(qga::guest_fsfreeze_freeze {}, timeout),
-        Some(list) => client.execute_within(qga::guest_fsfreeze_freeze_list { mountpoints: Some(list.clone()) }, timeout),
+        Some(list) => client.execute_within(
+            qga::guest_fsfreeze_freeze_list {
+                mountpoints: Some(list.clone()),
+            },
+            timeout,
+        ),
     };
     let freeze_ms = evesnap::time::millis(started.elapsed());
     let frozen = match result {
@@ -266,17 +321,20 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
         Err(source) => {
             // A freeze without reply may still run; a refused one thaws what it froze,
             // but thawing again costs nothing and makes sure.
-            let aftermath = cleanup(client, timeout, watchdog, source.is_timeout());
+            let aftermath = boxed_cleanup(client, timeout, watchdog, source.is_timeout());
             return Err(Error::Freeze { source, aftermath });
         }
     };
     let wanted: std::collections::BTreeSet<&String> = opts.mountpoints.iter().collect();
     if frozen <= 0 {
-        let aftermath = cleanup(client, timeout, watchdog, false);
-        return Err(Error::NothingFrozen { mountpoints: opts.mountpoints.clone(), aftermath });
+        let aftermath = boxed_cleanup(client, timeout, watchdog, false);
+        return Err(Error::NothingFrozen {
+            mountpoints: opts.mountpoints.clone(),
+            aftermath,
+        });
     }
     if (frozen as usize) < wanted.len() {
-        let aftermath = cleanup(client, timeout, watchdog, false);
+        let aftermath = boxed_cleanup(client, timeout, watchdog, false);
         return Err(Error::Partial {
             frozen,
             requested: wanted.len(),
@@ -287,15 +345,22 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
     match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
         Ok(qga::GuestFsfreezeStatus::frozen) => {}
         Ok(qga::GuestFsfreezeStatus::thawed) => {
-            let aftermath = cleanup(client, timeout, watchdog, false);
+            let aftermath = boxed_cleanup(client, timeout, watchdog, false);
             return Err(Error::NotFrozen { aftermath });
         }
         Err(source) => {
-            let aftermath = cleanup(client, timeout, watchdog, source.is_timeout());
+            let aftermath = boxed_cleanup(client, timeout, watchdog, source.is_timeout());
             return Err(Error::Verify { source, aftermath });
         }
     }
-    Ok(FreezeReport { frozen: Some(frozen), mountpoints, adopted: false, agent_version: info.version, freeze_ms, watchdog })
+    Ok(FreezeReport {
+        frozen: Some(frozen),
+        mountpoints,
+        adopted: false,
+        agent_version: info.version,
+        freeze_ms,
+        watchdog,
+    })
 }
 
 /// Undoes a successful freeze (e.g. interrupted before the document was delivered):
@@ -305,42 +370,79 @@ pub fn abort(client: &mut Client, report: &FreezeReport, timeout: Duration) -> A
     cleanup(client, timeout, report.watchdog.clone(), unsynced)
 }
 
+fn boxed_cleanup(
+    client: &mut Client,
+    timeout: Duration,
+    watchdog: Option<Watchdog>,
+    unsynced: bool,
+) -> Box<Aftermath> {
+    Box::new(cleanup(client, timeout, watchdog, unsynced))
+}
+
 /// Thaws after a failed freeze; with `unsynced` (the agent stopped answering) the thaw
 /// is queued behind the pending requests instead of waiting for a sync.
-fn cleanup(client: &mut Client, timeout: Duration, watchdog: Option<Watchdog>, unsynced: bool) -> Aftermath {
+fn cleanup(
+    client: &mut Client,
+    timeout: Duration,
+    watchdog: Option<Watchdog>,
+    unsynced: bool,
+) -> Aftermath {
     let thaw = if unsynced {
         client.execute_unsynced(qga::guest_fsfreeze_thaw {}, timeout)
     } else {
         client.execute_within(qga::guest_fsfreeze_thaw {}, timeout)
     };
-    let possibly_frozen = |thaw| Aftermath { possibly_frozen: true, thaw: Some(thaw), watchdog: watchdog.clone() };
+    let possibly_frozen = |thaw| Aftermath {
+        possibly_frozen: true,
+        thaw: Some(thaw),
+        watchdog: watchdog.clone(),
+    };
     let count = match thaw {
         Ok(count) => count,
         Err(e) if e.is_timeout() => return possibly_frozen(CleanupThaw::Queued),
-        Err(e) => return possibly_frozen(CleanupThaw::Failed { message: evesnap::cli::chain(&anyhow::Error::new(e)) }),
+        Err(e) => {
+            return possibly_frozen(CleanupThaw::Failed {
+                message: evesnap::cli::chain(&anyhow::Error::new(e)),
+            })
+        }
     };
     match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
         Ok(qga::GuestFsfreezeStatus::thawed) => {}
         Ok(qga::GuestFsfreezeStatus::frozen) => {
-            return possibly_frozen(CleanupThaw::Failed { message: "the guest still reports frozen".into() })
+            return possibly_frozen(CleanupThaw::Failed {
+                message: "the guest still reports frozen".into(),
+            })
         }
         Err(e) => {
             return possibly_frozen(CleanupThaw::Failed {
-                message: format!("unverified: {}", evesnap::cli::chain(&anyhow::Error::new(e))),
+                message: format!(
+                    "unverified: {}",
+                    evesnap::cli::chain(&anyhow::Error::new(e))
+                ),
             })
         }
     }
     if let Some(w) = &watchdog {
         if let Err(e) = watchdog::cancel_this(w) {
-            evesnap::warn!("the guest is thawed but its watchdog stays armed: {}", evesnap::cli::chain(&anyhow::Error::new(e)));
+            evesnap::warn!(
+                "the guest is thawed but its watchdog stays armed: {}",
+                evesnap::cli::chain(&anyhow::Error::new(e))
+            );
         }
     }
-    Aftermath { thaw: Some(CleanupThaw::Thawed { count }), ..Aftermath::thawed() }
+    Aftermath {
+        thaw: Some(CleanupThaw::Thawed { count }),
+        ..Aftermath::thawed()
+    }
 }
 
 /// Runs the watchdog body when the hidden watchdog flags are given.
-pub(crate) fn watchdog_main(agent: &str, token: &str, deadline_unix_ms: u64, detach: bool) -> anyhow::Result<()> {
+pub(crate) fn watchdog_main(
+    agent: &str,
+    token: &str,
+    deadline_unix_ms: u64,
+    detach: bool,
+) -> anyhow::Result<()> {
     let address = agent.parse::<evesnap::qga::Address>()?;
     watchdog::main(&address, token, deadline_unix_ms, detach)
 }
-

@@ -30,9 +30,14 @@ impl Drop for RunDir {
         // Stop any watchdog a failed test left behind (by its recorded pid).
         if let Ok(entries) = std::fs::read_dir(&self.0) {
             for entry in entries.flatten() {
-                if let Ok(w) = serde_json::from_slice::<Watchdog>(&std::fs::read(entry.path()).unwrap_or_default()) {
+                if let Ok(w) = serde_json::from_slice::<Watchdog>(
+                    &std::fs::read(entry.path()).unwrap_or_default(),
+                ) {
                     if let Some(pid) = w.pid {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
                     }
                 }
             }
@@ -42,15 +47,19 @@ impl Drop for RunDir {
 }
 
 fn thaw_bin() -> PathBuf {
-    // Built by `cargo build --workspace --bins`; next to qga-freeze.
-    Path::new(FREEZE).with_file_name("qga-thaw")
+    // Built by `cargo build --workspace --bins` (scripts/test does it first).
+    evesnap_tests::bin("qga-thaw")
 }
 
 fn run(bin: &Path, args: &[&str], stdin: Option<&str>, run_dir: &RunDir) -> Output {
     let mut child = Command::new(bin)
         .args(args)
         .env("EVESNAP_RUN_DIR", &run_dir.0)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -64,7 +73,12 @@ fn run(bin: &Path, args: &[&str], stdin: Option<&str>, run_dir: &RunDir) -> Outp
 
 fn doc_of(out: &Output) -> Document {
     let text = String::from_utf8_lossy(&out.stdout);
-    Document::from_json(&text).unwrap_or_else(|e| panic!("no document ({e}): {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+    Document::from_json(&text).unwrap_or_else(|e| {
+        panic!(
+            "no document ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn code(out: &Output) -> i32 {
@@ -90,13 +104,20 @@ fn sim(state: SimState) -> (FakeAgent, Sim, String) {
 fn freeze_then_thaw_round_trip() {
     let dir = RunDir::new("round");
     let (_agent, sim, address) = sim(SimState::default());
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--thaw-after", "30"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &address, "--thaw-after", "30"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.agent.as_deref(), Some(address.as_str()));
     let step = &doc.steps[0];
     assert_eq!((step.tool.as_str(), step.ok), ("qga-freeze", true));
-    let report: FreezeReport = serde_json::from_value(serde_json::Value::Object(step.fields.clone())).expect("strict report");
+    let report: FreezeReport =
+        serde_json::from_value(serde_json::Value::Object(step.fields.clone()))
+            .expect("strict report");
     assert_eq!(report.frozen, Some(3));
     assert_eq!(report.mountpoints, None);
     let watchdog = report.watchdog.expect("watchdog armed");
@@ -126,26 +147,58 @@ fn freeze_then_thaw_round_trip() {
 fn a_mountpoint_that_does_not_exist_freezes_nothing_and_is_thawed() {
     let dir = RunDir::new("nomount");
     let (_agent, sim, address) = sim(SimState::default());
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--mountpoint", "/nonexistent"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &address, "--mountpoint", "/nonexistent"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert!(!doc.ok);
     assert_eq!(doc.steps[0].fields["frozen"], 0);
     assert_eq!(doc.steps[0].fields["possibly_frozen"], false);
-    assert!(stderr(&out).contains("froze no filesystem"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("froze no filesystem"),
+        "{}",
+        stderr(&out)
+    );
     let log = sim.state().log.clone();
-    assert_eq!(log.iter().filter(|c| *c == "guest-fsfreeze-thaw").count(), 1, "{log:?}");
-    assert!(std::fs::read_dir(&dir.0).expect("dir").flatten().all(|e| !e.path().to_string_lossy().ends_with(".json")), "watchdog cancelled");
+    assert_eq!(
+        log.iter().filter(|c| *c == "guest-fsfreeze-thaw").count(),
+        1,
+        "{log:?}"
+    );
+    assert!(
+        std::fs::read_dir(&dir.0)
+            .expect("dir")
+            .flatten()
+            .all(|e| !e.path().to_string_lossy().ends_with(".json")),
+        "watchdog cancelled"
+    );
 }
 
 #[test]
 fn fewer_filesystems_than_mountpoints_is_an_error() {
     let dir = RunDir::new("partial");
     let (_agent, sim, address) = sim(SimState::default());
-    let args = ["--agent", &address, "--mountpoint", "/data0", "--mountpoint", "/gone", "--thaw-after", "0"];
+    let args = [
+        "--agent",
+        &address,
+        "--mountpoint",
+        "/data0",
+        "--mountpoint",
+        "/gone",
+        "--thaw-after",
+        "0",
+    ];
     let out = run(Path::new(FREEZE), &args, None, &dir);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("froze 1 filesystems but 2 mountpoints"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("froze 1 filesystems but 2 mountpoints"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(sim.state().frozen, 0);
 }
 
@@ -153,24 +206,54 @@ fn fewer_filesystems_than_mountpoints_is_an_error() {
 fn freezing_only_listed_mountpoints_uses_the_list_command() {
     let dir = RunDir::new("list");
     let (_agent, sim, address) = sim(SimState::default());
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--mountpoint", "/data0", "--thaw-after", "0"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &[
+            "--agent",
+            &address,
+            "--mountpoint",
+            "/data0",
+            "--thaw-after",
+            "0",
+        ],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.steps[0].fields["frozen"], 1);
-    assert_eq!(doc.steps[0].fields["mountpoints"], serde_json::json!(["/data0"]));
+    assert_eq!(
+        doc.steps[0].fields["mountpoints"],
+        serde_json::json!(["/data0"])
+    );
     assert_eq!(doc.steps[0].fields["watchdog"], serde_json::Value::Null);
-    assert!(sim.state().log.contains(&"guest-fsfreeze-freeze-list".to_string()));
+    assert!(sim
+        .state()
+        .log
+        .contains(&"guest-fsfreeze-freeze-list".to_string()));
     sim.state().frozen = 0;
 }
 
 #[test]
 fn an_already_frozen_guest_is_refused_unless_adopted() {
     let dir = RunDir::new("adopt");
-    let (_agent, sim, address) = sim(SimState { frozen: 2, ..SimState::default() });
+    let (_agent, sim, address) = sim(SimState {
+        frozen: 2,
+        ..SimState::default()
+    });
     let out = run(Path::new(FREEZE), &["--agent", &address], None, &dir);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
-    assert!(!sim.state().log.iter().any(|c| c.starts_with("guest-fsfreeze-freeze") || c == "guest-fsfreeze-thaw"));
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--adopt-frozen", "--thaw-after", "0"], None, &dir);
+    assert!(!sim
+        .state()
+        .log
+        .iter()
+        .any(|c| c.starts_with("guest-fsfreeze-freeze") || c == "guest-fsfreeze-thaw"));
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &address, "--adopt-frozen", "--thaw-after", "0"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.steps[0].fields["adopted"], true);
@@ -185,7 +268,11 @@ fn an_agent_without_freeze_is_a_preflight_failure() {
     let (_agent, _sim, address) = sim(state);
     let out = run(Path::new(FREEZE), &["--agent", &address], None, &dir);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
-    assert!(stderr(&out).contains("lacks guest-fsfreeze-freeze"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("lacks guest-fsfreeze-freeze"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -200,8 +287,16 @@ fn an_upstream_failure_skips_the_freeze() {
     assert_eq!(code(&out), 5, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.steps[1].fields["skipped"], true);
-    assert_eq!(doc.error.as_ref().map(|e| e.tool.as_str()), Some("plan"), "the first failure is kept");
-    assert_eq!(agent.connections.load(std::sync::atomic::Ordering::SeqCst), 0, "the agent was not touched");
+    assert_eq!(
+        doc.error.as_ref().map(|e| e.tool.as_str()),
+        Some("plan"),
+        "the first failure is kept"
+    );
+    assert_eq!(
+        agent.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the agent was not touched"
+    );
 }
 
 #[test]
@@ -212,12 +307,31 @@ fn bad_usage_and_unreachable_agents_have_their_codes() {
     let out = run(Path::new(FREEZE), &["--agent", "tcp:host:1"], None, &dir);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     let missing = dir.0.join("none.sock");
-    let out = run(Path::new(FREEZE), &["--agent", &missing.to_string_lossy(), "--timeout", "0.5"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &missing.to_string_lossy(), "--timeout", "0.5"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 3, "{}", stderr(&out));
-    assert!(stderr(&out).contains("cannot connect to the guest agent"), "{}", stderr(&out));
-    let out = run(Path::new(FREEZE), &["--agent", "x", "--timeout", "0"], None, &dir);
+    assert!(
+        stderr(&out).contains("cannot connect to the guest agent"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", "x", "--timeout", "0"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 2);
-    let out = run(Path::new(FREEZE), &["--agent", "x"], Some("{not json"), &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", "x"],
+        Some("{not json"),
+        &dir,
+    );
     assert_eq!(code(&out), 2);
 }
 
@@ -228,9 +342,18 @@ fn a_freeze_without_reply_fails_with_the_timeout_code_and_thaws() {
     state.silent.push("guest-fsfreeze-freeze".into());
     let (_agent, sim, address) = sim(state);
     let started = Instant::now();
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--timeout", "1"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &address, "--timeout", "1"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
     let doc = doc_of(&out);
     let step = &doc.steps[0];
     // The agent answered the rescue thaw: thawed and verified, watchdog cancelled.
@@ -238,22 +361,39 @@ fn a_freeze_without_reply_fails_with_the_timeout_code_and_thaws() {
     assert_eq!(step.fields["cleanup_thaw"]["result"], "thawed");
     assert_eq!(step.fields["watchdog"], serde_json::Value::Null);
     let log = sim.state().log.clone();
-    assert!(log.ends_with(&["guest-fsfreeze-thaw".into(), "guest-sync-delimited".into(), "guest-fsfreeze-status".into()]), "{log:?}");
+    assert!(
+        log.ends_with(&[
+            "guest-fsfreeze-thaw".into(),
+            "guest-sync-delimited".into(),
+            "guest-fsfreeze-status".into()
+        ]),
+        "{log:?}"
+    );
 }
 
 #[test]
 fn a_freeze_and_thaw_without_reply_leave_the_watchdog_armed() {
     let dir = RunDir::new("silent2");
     let mut state = SimState::default();
-    state.silent.extend(["guest-fsfreeze-freeze".into(), "guest-fsfreeze-thaw".into()]);
+    state
+        .silent
+        .extend(["guest-fsfreeze-freeze".into(), "guest-fsfreeze-thaw".into()]);
     let (_agent, _sim, address) = sim(state);
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--timeout", "0.5"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &address, "--timeout", "0.5"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 4, "{}", stderr(&out));
     let doc = doc_of(&out);
     let step = &doc.steps[0];
     assert_eq!(step.fields["possibly_frozen"], true);
     assert_eq!(step.fields["cleanup_thaw"]["result"], "queued");
-    assert!(step.fields["watchdog"]["pid"].is_u64(), "the watchdog stays armed: {step:?}");
+    assert!(
+        step.fields["watchdog"]["pid"].is_u64(),
+        "the watchdog stays armed: {step:?}"
+    );
     assert!(stderr(&out).contains("MAY BE FROZEN"), "{}", stderr(&out));
 }
 
@@ -261,11 +401,18 @@ fn a_freeze_and_thaw_without_reply_leave_the_watchdog_armed() {
 fn the_watchdog_thaws_at_its_deadline() {
     let dir = RunDir::new("fire");
     let (_agent, sim, address) = sim(SimState::default());
-    let out = run(Path::new(FREEZE), &["--agent", &address, "--thaw-after", "1"], None, &dir);
+    let out = run(
+        Path::new(FREEZE),
+        &["--agent", &address, "--thaw-after", "1"],
+        None,
+        &dir,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(sim.state().frozen, 3);
     let doc = doc_of(&out);
-    let pid = doc.steps[0].fields["watchdog"]["pid"].as_u64().expect("pid") as u32;
+    let pid = doc.steps[0].fields["watchdog"]["pid"]
+        .as_u64()
+        .expect("pid") as u32;
     let until = Instant::now() + Duration::from_secs(10);
     while sim.state().frozen > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(100));
@@ -286,7 +433,9 @@ fn the_watchdog_thaws_at_its_deadline() {
 fn sigterm_during_the_freeze_thaws_before_exiting() {
     let dir = RunDir::new("sigterm");
     let mut state = SimState::default();
-    state.delays.push(("guest-fsfreeze-freeze".into(), Duration::from_millis(1500)));
+    state
+        .delays
+        .push(("guest-fsfreeze-freeze".into(), Duration::from_millis(1500)));
     let (_agent, sim, address) = sim(state);
     let child = Command::new(FREEZE)
         .args(["--agent", &address, "--thaw-after", "30"])
@@ -301,12 +450,24 @@ fn sigterm_during_the_freeze_thaws_before_exiting() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(sim.state().frozen, 3, "frozen, reply pending");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
     let out = child.wait_with_output().expect("wait");
     assert_eq!(code(&out), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("interrupted by SIGTERM"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGTERM"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(sim.state().frozen, 0);
     let doc = doc_of(&out);
     assert_eq!(doc.steps[0].fields["cleanup_thaw"]["result"], "thawed");
-    assert_eq!(doc.steps[0].fields["watchdog"], serde_json::Value::Null, "cancelled");
+    assert_eq!(
+        doc.steps[0].fields["watchdog"],
+        serde_json::Value::Null,
+        "cancelled"
+    );
 }

@@ -21,11 +21,14 @@ fn address(lab: &Lab) -> Address {
 }
 
 fn connect(lab: &Lab) -> Client {
-    Client::connect(&address(lab), Instant::now() + Duration::from_secs(30)).expect("connect to the lab agent")
+    Client::connect(&address(lab), Instant::now() + Duration::from_secs(30))
+        .expect("connect to the lab agent")
 }
 
 fn status(lab: &Lab) -> GuestFsfreezeStatus {
-    connect(lab).fsfreeze_status().expect("guest-fsfreeze-status")
+    connect(lab)
+        .fsfreeze_status()
+        .expect("guest-fsfreeze-status")
 }
 
 /// Resumes the VM and thaws the guest on drop: no test leaves the lab frozen or paused.
@@ -36,7 +39,8 @@ struct ThawGuard<'a> {
 
 impl<'a> ThawGuard<'a> {
     fn new(lab: &'a Lab, name: &str) -> ThawGuard<'a> {
-        let run_dir = std::env::temp_dir().join(format!("evesnap-real-{}-{name}", std::process::id()));
+        let run_dir =
+            std::env::temp_dir().join(format!("evesnap-real-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).expect("run dir");
         ThawGuard { lab, run_dir }
@@ -46,13 +50,21 @@ impl<'a> ThawGuard<'a> {
         let mut child = Command::new(evesnap_tests::bin(bin))
             .args(args)
             .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
         if let Some(text) = stdin {
-            let _ = child.stdin.take().expect("stdin").write_all(text.as_bytes());
+            let _ = child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes());
         }
         child.wait_with_output().expect("wait")
     }
@@ -66,9 +78,13 @@ impl Drop for ThawGuard<'_> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut thawed = false;
         while !thawed && Instant::now() < deadline {
-            if let Ok(mut client) = Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20)) {
+            if let Ok(mut client) =
+                Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20))
+            {
                 let _ = client.execute(guest_fsfreeze_thaw {});
-                thawed = client.fsfreeze_status().is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
+                thawed = client
+                    .fsfreeze_status()
+                    .is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
             }
         }
         // Watchdogs of this test: by their recorded pid.
@@ -77,7 +93,10 @@ impl Drop for ThawGuard<'_> {
                 let text = std::fs::read(entry.path()).unwrap_or_default();
                 if let Ok(w) = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text) {
                     if let Some(pid) = w.pid {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
                     }
                 }
             }
@@ -91,7 +110,12 @@ impl Drop for ThawGuard<'_> {
 
 fn doc_of(out: &Output) -> Document {
     let text = String::from_utf8_lossy(&out.stdout);
-    Document::from_json(&text).unwrap_or_else(|e| panic!("no document ({e}): {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+    Document::from_json(&text).unwrap_or_else(|e| {
+        panic!(
+            "no document ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn stderr(out: &Output) -> String {
@@ -104,18 +128,30 @@ fn code(out: &Output) -> i32 {
 
 /// Runs a shell command line in the guest (busybox sh), expecting success; its stdout.
 fn guest_sh(client: &mut Client, script: &str) -> String {
-    let result = client.guest_exec("/bin/sh", &["-c", script], Duration::from_secs(30)).expect("guest-exec");
-    assert!(result.success(), "guest `{script}` failed: {result:?} {}", String::from_utf8_lossy(&result.stderr));
+    let result = client
+        .guest_exec("/bin/sh", &["-c", script], Duration::from_secs(30))
+        .expect("guest-exec");
+    assert!(
+        result.success(),
+        "guest `{script}` failed: {result:?} {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     String::from_utf8_lossy(&result.stdout).into_owned()
 }
 
 /// Starts `script` in the background in the guest (detached from guest-exec's pipes).
 fn guest_background(client: &mut Client, script: &str) {
-    guest_sh(client, &format!("( {script} ) </dev/null >/dev/null 2>&1 &"));
+    guest_sh(
+        client,
+        &format!("( {script} ) </dev/null >/dev/null 2>&1 &"),
+    );
 }
 
 fn seconds(text: &str) -> f64 {
-    text.split_whitespace().next().and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("not an uptime: {text:?}"))
+    text.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("not an uptime: {text:?}"))
 }
 
 #[test]
@@ -128,11 +164,16 @@ fn fsinfo_and_guest_exec_work_on_the_real_agent() {
     assert!(info.version.starts_with("7."), "{}", info.version);
     let fs = client.fsinfo().expect("guest-get-fsinfo parses as typed");
     for mount in lab.guest_mounts.values() {
-        assert!(fs.iter().any(|f| &f.mountpoint == mount), "{mount} in {fs:?}");
+        assert!(
+            fs.iter().any(|f| &f.mountpoint == mount),
+            "{mount} in {fs:?}"
+        );
     }
     let out = guest_sh(&mut client, "echo hello; echo oops >&2; exit 0");
     assert_eq!(out, "hello\n");
-    let r = client.guest_exec("/bin/sh", &["-c", "exit 3"], Duration::from_secs(10)).expect("exec");
+    let r = client
+        .guest_exec("/bin/sh", &["-c", "exit 3"], Duration::from_secs(10))
+        .expect("exec");
     assert_eq!(r.exitcode, Some(3));
 }
 
@@ -150,15 +191,30 @@ fn freeze_all_blocks_a_guest_write_until_the_thaw() {
             "sleep 1; cat /proc/uptime > /run/ev-t0; echo data > /data0/ev-blocked; cat /proc/uptime > /run/ev-t1",
         );
     }
-    let out = guard.run("qga-freeze", &["--agent", &lab.agent, "--thaw-after", "60"], None);
+    let out = guard.run(
+        "qga-freeze",
+        &["--agent", &lab.agent, "--thaw-after", "60"],
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
-    assert_eq!(doc.steps[0].fields["frozen"].as_i64(), Some(lab.guest_mounts.len() as i64));
+    assert_eq!(
+        doc.steps[0].fields["frozen"].as_i64(),
+        Some(lab.guest_mounts.len() as i64)
+    );
     {
         let mut client = connect(lab);
-        assert_eq!(client.fsfreeze_status().expect("status"), GuestFsfreezeStatus::frozen);
-        let err = client.guest_exec("/bin/true", &[], Duration::from_secs(5)).expect_err("disabled while frozen");
-        assert!(matches!(err, evesnap::qga::Error::Disabled { .. }), "{err:?}");
+        assert_eq!(
+            client.fsfreeze_status().expect("status"),
+            GuestFsfreezeStatus::frozen
+        );
+        let err = client
+            .guest_exec("/bin/true", &[], Duration::from_secs(5))
+            .expect_err("disabled while frozen");
+        assert!(
+            matches!(err, evesnap::qga::Error::Disabled { .. }),
+            "{err:?}"
+        );
     }
     std::thread::sleep(Duration::from_secs(3));
     let out = guard.run("qga-thaw", &[], Some(&doc.to_json()));
@@ -180,8 +236,17 @@ fn freeze_all_blocks_a_guest_write_until_the_thaw() {
     let lines: Vec<&str> = stamps.lines().collect();
     assert_eq!(lines.len(), 2, "both stamps: {stamps:?}");
     let (t0, t1) = (seconds(lines[0]), seconds(lines[1]));
-    assert!(t1 - t0 >= 1.5, "the write waited for the thaw: started {t0}, done {t1}");
-    assert_eq!(guest_sh(&mut client, "cat /data0/ev-blocked; rm -f /data0/ev-blocked"), "data\n");
+    assert!(
+        t1 - t0 >= 1.5,
+        "the write waited for the thaw: started {t0}, done {t1}"
+    );
+    assert_eq!(
+        guest_sh(
+            &mut client,
+            "cat /data0/ev-blocked; rm -f /data0/ev-blocked"
+        ),
+        "data\n"
+    );
 }
 
 #[test]
@@ -191,18 +256,35 @@ fn freezing_data0_leaves_data1_writable() {
     let guard = ThawGuard::new(lab, "list");
     {
         let mut client = connect(lab);
-        guest_sh(&mut client, "rm -f /run/ev-a /run/ev-b /data1/ev-free /data0/ev-held");
+        guest_sh(
+            &mut client,
+            "rm -f /run/ev-a /run/ev-b /data1/ev-free /data0/ev-held",
+        );
         guest_background(
             &mut client,
             "sleep 1; echo free > /data1/ev-free; cat /proc/uptime > /run/ev-a; \
              echo held > /data0/ev-held; cat /proc/uptime > /run/ev-b",
         );
     }
-    let out = guard.run("qga-freeze", &["--agent", &lab.agent, "--mountpoint", "/data0", "--thaw-after", "60"], None);
+    let out = guard.run(
+        "qga-freeze",
+        &[
+            "--agent",
+            &lab.agent,
+            "--mountpoint",
+            "/data0",
+            "--thaw-after",
+            "60",
+        ],
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.steps[0].fields["frozen"], 1);
-    assert_eq!(doc.steps[0].fields["mountpoints"], serde_json::json!(["/data0"]));
+    assert_eq!(
+        doc.steps[0].fields["mountpoints"],
+        serde_json::json!(["/data0"])
+    );
     let frozen_at = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let out = guard.run("qga-thaw", &[], Some(&doc.to_json()));
@@ -216,9 +298,21 @@ fn freezing_data0_leaves_data1_writable() {
     let lines: Vec<&str> = stamps.lines().collect();
     assert_eq!(lines.len(), 2, "{stamps:?}");
     let (a, b) = (seconds(lines[0]), seconds(lines[1]));
-    assert!(uptime_at_thaw - a >= 1.0, "/data1 was written while /data0 was frozen: at {a}, thaw ~{uptime_at_thaw}");
-    assert!(b - a >= 1.5, "/data0 waited for the thaw: {a} → {b} (frozen ~{thaw_after:.1}s)");
-    assert_eq!(guest_sh(&mut client, "cat /data1/ev-free /data0/ev-held; rm -f /data1/ev-free /data0/ev-held"), "free\nheld\n");
+    assert!(
+        uptime_at_thaw - a >= 1.0,
+        "/data1 was written while /data0 was frozen: at {a}, thaw ~{uptime_at_thaw}"
+    );
+    assert!(
+        b - a >= 1.5,
+        "/data0 waited for the thaw: {a} → {b} (frozen ~{thaw_after:.1}s)"
+    );
+    assert_eq!(
+        guest_sh(
+            &mut client,
+            "cat /data1/ev-free /data0/ev-held; rm -f /data1/ev-free /data0/ev-held"
+        ),
+        "free\nheld\n"
+    );
 }
 
 #[test]
@@ -226,9 +320,17 @@ fn a_mountpoint_that_does_not_exist_fails_and_leaves_the_guest_thawed() {
     let lab = test_lab();
     let _vm = vm_lock();
     let guard = ThawGuard::new(lab, "nomount");
-    let out = guard.run("qga-freeze", &["--agent", &lab.agent, "--mountpoint", "/no/such/mount"], None);
+    let out = guard.run(
+        "qga-freeze",
+        &["--agent", &lab.agent, "--mountpoint", "/no/such/mount"],
+        None,
+    );
     assert_eq!(code(&out), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("froze no filesystem"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("froze no filesystem"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 }
 
@@ -237,9 +339,14 @@ fn stale_input_on_the_channel_does_not_break_the_next_run() {
     let lab = test_lab();
     let _vm = vm_lock();
     let guard = ThawGuard::new(lab, "stale");
-    let Address::Unix(path) = address(lab) else { panic!("the lab agent is a Unix socket") };
+    let Address::Unix(path) = address(lab) else {
+        panic!("the lab agent is a Unix socket")
+    };
     // A client that asks and leaves before the reply; one that leaves half an object.
-    for junk in [&b"{\"execute\": \"guest-get-fsinfo\", \"id\": 31337}\n"[..], b"{\"execute\": \"guest-ping\", \"argu"] {
+    for junk in [
+        &b"{\"execute\": \"guest-get-fsinfo\", \"id\": 31337}\n"[..],
+        b"{\"execute\": \"guest-ping\", \"argu",
+    ] {
         let mut s = UnixStream::connect(&path).expect("connect");
         s.write_all(junk).expect("write");
         drop(s);
@@ -247,18 +354,25 @@ fn stale_input_on_the_channel_does_not_break_the_next_run() {
     // One that reads a little and leaves the rest (a reply of unknown length).
     {
         let mut s = UnixStream::connect(&path).expect("connect");
-        s.write_all(b"{\"execute\": \"guest-info\"}\n").expect("write");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.write_all(b"{\"execute\": \"guest-info\"}\n")
+            .expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let mut some = [0u8; 10];
         let _ = s.read(&mut some);
     }
-    let out = guard.run("qga-freeze", &["--agent", &lab.agent, "--thaw-after", "60"], None);
+    let out = guard.run(
+        "qga-freeze",
+        &["--agent", &lab.agent, "--thaw-after", "60"],
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
     // Leave half an object again, between freeze and thaw.
     {
         let mut s = UnixStream::connect(&path).expect("connect");
-        s.write_all(b"{\"execute\": \"guest-fsfreeze-st").expect("write");
+        s.write_all(b"{\"execute\": \"guest-fsfreeze-st")
+            .expect("write");
     }
     let out = guard.run("qga-thaw", &[], Some(&doc.to_json()));
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -275,12 +389,29 @@ fn a_paused_vm_times_out_with_the_timeout_code_and_is_thawed_after_resuming() {
     // The binary, paused before it connects: the agent never answers.
     qmp.stop().expect("stop");
     let started = Instant::now();
-    let out = guard.run("qga-freeze", &["--agent", &lab.agent, "--timeout", "2"], None);
+    let out = guard.run(
+        "qga-freeze",
+        &["--agent", &lab.agent, "--timeout", "2"],
+        None,
+    );
     let took = started.elapsed();
-    assert_eq!(code(&out), Exit::AgentTimeout.code() as i32, "{}", stderr(&out));
-    assert!(took < Duration::from_secs(5), "failed within the timeout: {took:?}");
+    assert_eq!(
+        code(&out),
+        Exit::AgentTimeout.code() as i32,
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "failed within the timeout: {took:?}"
+    );
     let out = guard.run("qga-thaw", &["--agent", &lab.agent, "--timeout", "1"], None);
-    assert_eq!(code(&out), Exit::ThawFailed.code() as i32, "a thaw that cannot be verified: {}", stderr(&out));
+    assert_eq!(
+        code(&out),
+        Exit::ThawFailed.code() as i32,
+        "a thaw that cannot be verified: {}",
+        stderr(&out)
+    );
     qmp.cont().expect("cont");
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 
@@ -288,10 +419,18 @@ fn a_paused_vm_times_out_with_the_timeout_code_and_is_thawed_after_resuming() {
     // and runs when the VM resumes, and so does the thaw queued behind it.
     let mut client = connect(lab);
     qmp.stop().expect("stop");
-    let opts = qga_freeze::FreezeOptions { timeout: Duration::from_secs(2), thaw_after: None, ..Default::default() };
+    let opts = qga_freeze::FreezeOptions {
+        timeout: Duration::from_secs(2),
+        thaw_after: None,
+        ..Default::default()
+    };
     let started = Instant::now();
     let err = qga_freeze::freeze(&mut client, &opts).expect_err("no answer while paused");
-    assert!(started.elapsed() < Duration::from_secs(12), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(err.exit(), Exit::AgentTimeout, "{err}");
     let aftermath = err.aftermath().cloned();
     drop(client);
@@ -304,7 +443,11 @@ fn a_paused_vm_times_out_with_the_timeout_code_and_is_thawed_after_resuming() {
         std::thread::sleep(Duration::from_millis(500));
         last = status(lab);
     }
-    assert_eq!(last, GuestFsfreezeStatus::thawed, "after cont the guest is thawed ({aftermath:?})");
+    assert_eq!(
+        last,
+        GuestFsfreezeStatus::thawed,
+        "after cont the guest is thawed ({aftermath:?})"
+    );
 }
 
 #[test]
@@ -315,18 +458,31 @@ fn a_freeze_whose_reply_is_lost_is_thawed_by_the_queued_thaw() {
     let mut qmp = Qmp::connect(&lab.qmp, Duration::from_secs(10)).expect("qmp");
     let mut client = connect(lab);
     // Preflight done by hand, then pause right before the freeze goes out.
-    assert_eq!(client.fsfreeze_status().expect("status"), GuestFsfreezeStatus::thawed);
+    assert_eq!(
+        client.fsfreeze_status().expect("status"),
+        GuestFsfreezeStatus::thawed
+    );
     qmp.stop().expect("stop");
     let err = client
-        .execute_within(evesnap::qga::commands::guest_fsfreeze_freeze {}, Duration::from_secs(2))
+        .execute_within(
+            evesnap::qga::commands::guest_fsfreeze_freeze {},
+            Duration::from_secs(2),
+        )
         .expect_err("paused");
     assert!(err.is_timeout(), "{err:?}");
     let queued = client.execute_unsynced(guest_fsfreeze_thaw {}, Duration::from_secs(1));
     assert!(queued.as_ref().is_err_and(|e| e.is_timeout()), "{queued:?}");
     qmp.cont().expect("cont");
     // Same connection: the late freeze reply (other id) is skipped, the thaw's is ours.
-    let thawed = client.execute_unsynced(evesnap::qga::commands::guest_fsfreeze_status {}, Duration::from_secs(20));
-    assert_eq!(thawed.expect("status after resume"), GuestFsfreezeStatus::thawed, "freeze then queued thaw ran");
+    let thawed = client.execute_unsynced(
+        evesnap::qga::commands::guest_fsfreeze_status {},
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        thawed.expect("status after resume"),
+        GuestFsfreezeStatus::thawed,
+        "freeze then queued thaw ran"
+    );
 }
 
 #[test]
@@ -356,8 +512,14 @@ fn the_watchdog_thaws_after_qga_freeze_is_killed() {
     let _ = child.wait();
     let doc = Document::from_json(&String::from_utf8_lossy(&text)).expect("doc");
     assert!(doc.ok, "{doc:?}");
-    let pid = doc.steps[0].fields["watchdog"]["pid"].as_u64().expect("watchdog pid") as u32;
-    assert_eq!(status(lab), GuestFsfreezeStatus::frozen, "still frozen after the kill");
+    let pid = doc.steps[0].fields["watchdog"]["pid"]
+        .as_u64()
+        .expect("watchdog pid") as u32;
+    assert_eq!(
+        status(lab),
+        GuestFsfreezeStatus::frozen,
+        "still frozen after the kill"
+    );
     let deadline = frozen_at + Duration::from_secs(5 + 20);
     let mut last = GuestFsfreezeStatus::frozen;
     while last == GuestFsfreezeStatus::frozen && Instant::now() < deadline {
@@ -366,13 +528,22 @@ fn the_watchdog_thaws_after_qga_freeze_is_killed() {
     }
     let thawed_after = frozen_at.elapsed();
     assert_eq!(last, GuestFsfreezeStatus::thawed, "the watchdog thawed");
-    assert!(thawed_after >= Duration::from_secs(4), "not before its deadline: {thawed_after:?}");
-    eprintln!("watchdog thawed {:.1} s after the freeze (deadline 5 s)", thawed_after.as_secs_f64());
+    assert!(
+        thawed_after >= Duration::from_secs(4),
+        "not before its deadline: {thawed_after:?}"
+    );
+    eprintln!(
+        "watchdog thawed {:.1} s after the freeze (deadline 5 s)",
+        thawed_after.as_secs_f64()
+    );
     let gone = Instant::now() + Duration::from_secs(5);
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the watchdog exited");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the watchdog exited"
+    );
 }
 
 #[test]
@@ -381,7 +552,10 @@ fn freeze_and_thaw_timings() {
     let _vm = vm_lock();
     let _guard = ThawGuard::new(lab, "timing");
     let mut client = connect(lab);
-    let opts = qga_freeze::FreezeOptions { thaw_after: None, ..Default::default() };
+    let opts = qga_freeze::FreezeOptions {
+        thaw_after: None,
+        ..Default::default()
+    };
     let mut freeze_ms = Vec::new();
     let mut window_ms = Vec::new();
     let mut thaw_ms = Vec::new();
@@ -389,11 +563,136 @@ fn freeze_and_thaw_timings() {
         let started = Instant::now();
         let report = qga_freeze::freeze(&mut client, &opts).expect("freeze");
         let frozen = Instant::now();
-        let thaw = qga_thaw::thaw(&mut client, &qga_thaw::ThawOptions { expected: report.frozen, cancel_watchdog: false, ..Default::default() })
-            .expect("thaw");
+        let thaw = qga_thaw::thaw(
+            &mut client,
+            &qga_thaw::ThawOptions {
+                expected: report.frozen,
+                cancel_watchdog: false,
+                ..Default::default()
+            },
+        )
+        .expect("thaw");
         window_ms.push(evesnap::time::millis(frozen.duration_since(started)));
         freeze_ms.push(report.freeze_ms);
         thaw_ms.push(thaw.thaw_ms);
     }
     eprintln!("freeze command ms {freeze_ms:?}; freeze() incl. preflight+verify ms {window_ms:?}; thaw command ms {thaw_ms:?}");
+}
+
+/// Copies a host file into the guest (guest-file-open/write/close).
+fn guest_upload(client: &mut Client, local: &Path, remote: &str) {
+    use evesnap::qga::commands::{guest_file_close, guest_file_open, guest_file_write};
+    let data = std::fs::read(local).expect("read the file to upload");
+    let handle = client
+        .execute(guest_file_open {
+            path: remote.into(),
+            mode: Some("w".into()),
+        })
+        .expect("guest-file-open");
+    for chunk in data.chunks(512 * 1024) {
+        client
+            .execute_within(
+                guest_file_write {
+                    handle,
+                    buf_b64: chunk.to_vec(),
+                    count: None,
+                },
+                Duration::from_secs(60),
+            )
+            .expect("guest-file-write");
+    }
+    client
+        .execute(guest_file_close { handle })
+        .expect("guest-file-close");
+}
+
+/// Stops the second agent of the vsock test; qemu-ga thaws what it froze when it exits.
+struct SecondAgent<'a>(&'a Lab);
+
+impl Drop for SecondAgent<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut client) =
+            Client::connect(&address(self.0), Instant::now() + Duration::from_secs(30))
+        {
+            let script = "test -f /run/ev-qga2.pid && kill $(cat /run/ev-qga2.pid); \
+                          for i in 1 2 3 4 5 6 7 8 9 10; do test -f /run/ev-qga2.pid || break; sleep 0.3; done; \
+                          rm -f /run/ev-qga-freeze /run/ev-qga-thaw";
+            let _ = client.guest_exec("/bin/sh", &["-c", script], Duration::from_secs(20));
+        }
+    }
+}
+
+#[test]
+fn the_vsock_transport_reaches_an_agent_inside_the_guest() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "vsock");
+    let mut client = connect(lab);
+    let probe = guest_sh(
+        &mut client,
+        "test -e /dev/vsock && grep -q '^vsock_loopback ' /proc/modules && command -v qemu-ga; true",
+    );
+    let Some(qemu_ga) = probe.lines().next().map(str::to_string) else {
+        eprintln!("SKIP the_vsock_transport_reaches_an_agent_inside_the_guest: the lab guest has no /dev/vsock with vsock_loopback");
+        return;
+    };
+    // The tools, stripped, into the guest (same Debian userland: same libc).
+    let mut copies = Vec::new();
+    for tool in ["qga-freeze", "qga-thaw"] {
+        let stripped = guard.run_dir.join(tool);
+        let strip = Command::new("strip")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(evesnap_tests::bin(tool))
+            .status();
+        if !strip.is_ok_and(|s| s.success()) {
+            eprintln!("SKIP the_vsock_transport_reaches_an_agent_inside_the_guest: no `strip` on this host (binutils) to shrink {tool}");
+            return;
+        }
+        copies.push((stripped, format!("/run/ev-{tool}")));
+    }
+    let _second = SecondAgent(lab);
+    for (local, remote) in &copies {
+        // Kept in the guest between runs: uploading through TCG takes a while.
+        let size = std::fs::metadata(local).map(|m| m.len()).unwrap_or(0);
+        let there = guest_sh(
+            &mut client,
+            &format!("stat -c %s {remote} 2>/dev/null; true"),
+        );
+        if there.trim() != size.to_string() {
+            guest_upload(&mut client, local, remote);
+        }
+    }
+    // A second qemu-ga in the guest, listening on vsock port 4444 of the local CID (1).
+    guest_sh(
+        &mut client,
+        "chmod 755 /run/ev-qga-freeze /run/ev-qga-thaw; mkdir -p /run/ev-qga2",
+    );
+    guest_sh(
+        &mut client,
+        &format!("{qemu_ga} -d -m vsock-listen -p 1:4444 -t /run/ev-qga2 -f /run/ev-qga2.pid -l /run/ev-qga2.log"),
+    );
+    let out = guest_sh(
+        &mut client,
+        "/run/ev-qga-freeze --agent vsock:1:4444 --mountpoint /data1 --thaw-after 0 --connect-timeout 20 </dev/null",
+    );
+    let doc = Document::from_json(&out)
+        .unwrap_or_else(|e| panic!("no document from the guest ({e}): {out}"));
+    assert_eq!(doc.agent.as_deref(), Some("vsock:1:4444"));
+    assert_eq!(doc.steps[0].fields["frozen"], 1, "{doc:?}");
+    let out = guest_sh(
+        &mut client,
+        &format!(
+            "echo '{}' | /run/ev-qga-thaw",
+            doc.to_json().replace('\'', "")
+        ),
+    );
+    let doc = Document::from_json(&out)
+        .unwrap_or_else(|e| panic!("no document from the guest ({e}): {out}"));
+    assert_eq!(doc.steps[1].fields["thawed"], 1, "{doc:?}");
+    assert!(doc.ok);
+    eprintln!(
+        "vsock (in-guest loopback): freeze {} ms, thaw {} ms",
+        doc.steps[0].fields["freeze_ms"], doc.steps[1].fields["thaw_ms"]
+    );
 }

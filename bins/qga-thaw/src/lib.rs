@@ -43,7 +43,11 @@ pub struct ThawOptions {
 
 impl Default for ThawOptions {
     fn default() -> Self {
-        ThawOptions { timeout: evesnap::qga::DEFAULT_TIMEOUT, expected: None, cancel_watchdog: true }
+        ThawOptions {
+            timeout: evesnap::qga::DEFAULT_TIMEOUT,
+            expected: None,
+            cancel_watchdog: true,
+        }
     }
 }
 
@@ -77,7 +81,11 @@ pub enum Error {
         "the thaw thawed {thawed} filesystems but the freeze froze {expected}: some were thawed early \
          (by the watchdog?), so the snapshot may not be consistent"
     )]
-    EarlyThaw { thawed: i64, expected: i64, report: Box<ThawReport> },
+    EarlyThaw {
+        thawed: i64,
+        expected: i64,
+        report: Box<ThawReport>,
+    },
 }
 
 impl HasExit for Error {
@@ -110,7 +118,12 @@ pub fn thaw(client: &mut Client, opts: &ThawOptions) -> Result<ThawReport, Error
 }
 
 /// Verifies a thaw that answered `thawed`, cancels the watchdog, checks the count.
-fn verify(client: &mut Client, opts: &ThawOptions, thawed: i64, thaw_ms: f64) -> Result<ThawReport, Error> {
+fn verify(
+    client: &mut Client,
+    opts: &ThawOptions,
+    thawed: i64,
+    thaw_ms: f64,
+) -> Result<ThawReport, Error> {
     match client.execute_within(qga::guest_fsfreeze_status {}, opts.timeout) {
         Ok(qga::GuestFsfreezeStatus::thawed) => {}
         Ok(qga::GuestFsfreezeStatus::frozen) => return Err(Error::StillFrozen),
@@ -127,15 +140,28 @@ fn verify(client: &mut Client, opts: &ThawOptions, thawed: i64, thaw_ms: f64) ->
     } else {
         None
     };
-    let report = ThawReport { thawed, expected: opts.expected, thaw_ms, watchdog_cancelled };
+    let report = ThawReport {
+        thawed,
+        expected: opts.expected,
+        thaw_ms,
+        watchdog_cancelled,
+    };
     match opts.expected {
-        Some(expected) if thawed < expected => Err(Error::EarlyThaw { thawed, expected, report: Box::new(report) }),
+        Some(expected) if thawed < expected => Err(Error::EarlyThaw {
+            thawed,
+            expected,
+            report: Box::new(report),
+        }),
         _ => Ok(report),
     }
 }
 
 /// Connects and thaws. A connection the agent does not answer still gets a queued thaw.
-pub fn connect_and_thaw(address: &Address, connect_timeout: Duration, opts: &ThawOptions) -> Result<ThawReport, Error> {
+pub fn connect_and_thaw(
+    address: &Address,
+    connect_timeout: Duration,
+    opts: &ThawOptions,
+) -> Result<ThawReport, Error> {
     let started = Instant::now();
     let deadline = started + connect_timeout;
     let mut client = Client::open(address, deadline).map_err(Error::Connect)?;
@@ -146,9 +172,15 @@ pub fn connect_and_thaw(address: &Address, connect_timeout: Duration, opts: &Tha
         }
         // Silent agent (paused VM, busy socket): queue a thaw anyway, it runs later.
         let started = Instant::now();
-        let queued = client.execute_unsynced(qga::guest_fsfreeze_thaw {}, Duration::from_millis(500));
+        let queued =
+            client.execute_unsynced(qga::guest_fsfreeze_thaw {}, Duration::from_millis(500));
         return match queued {
-            Ok(n) => verify(&mut client, opts, n, evesnap::time::millis(started.elapsed())),
+            Ok(n) => verify(
+                &mut client,
+                opts,
+                n,
+                evesnap::time::millis(started.elapsed()),
+            ),
             Err(_) => Err(Error::Queued(e)),
         };
     }
@@ -190,7 +222,10 @@ pub struct Args {
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
     match Duration::try_from_secs_f64(secs) {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(format!("{text:?} is not a duration above 0 seconds")),
@@ -210,9 +245,13 @@ fn fields(value: Value) -> Map<String, Value> {
 
 /// What the upstream `qga-freeze` step froze, when it froze through this agent.
 fn expected_count(doc: &Document, address: &Address) -> Option<i64> {
-    let freeze = doc.steps.iter().rev().find(|s| s.tool == "qga-freeze" && s.ok)?;
-    let same_agent = doc.agent.as_deref().and_then(|a| a.parse::<Address>().ok()).map_or(true, |a| &a == address);
-    if !same_agent {
+    let freeze = doc
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.tool == "qga-freeze" && s.ok)?;
+    let upstream_agent = doc.agent.as_deref().and_then(|a| a.parse::<Address>().ok());
+    if matches!(upstream_agent, Some(a) if a != *address) {
         return None;
     }
     freeze.fields.get("frozen")?.as_i64()
@@ -223,7 +262,10 @@ fn upstream_failure(doc: &Document) -> Option<String> {
         return Some(format!("the upstream step {} failed", step.tool));
     }
     if let Some(error) = &doc.error {
-        return Some(format!("the upstream step {} failed ({})", error.tool, error.kind));
+        return Some(format!(
+            "the upstream step {} failed ({})",
+            error.tool, error.kind
+        ));
     }
     (!doc.ok).then(|| "the upstream document says a step failed".to_string())
 }
@@ -238,26 +280,52 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(upstream) => (upstream.into_document(), None),
         Err(e) => (None, Some(e)),
     };
-    let agent = args.agent.clone().or_else(|| upstream.as_ref().and_then(|d| d.agent.clone()));
+    let agent = args
+        .agent
+        .clone()
+        .or_else(|| upstream.as_ref().and_then(|d| d.agent.clone()));
     let Some(agent) = agent else {
         return match (input_error, upstream) {
-            (Some(e), _) => Outcome::error(anyhow::Error::new(e).context("no --agent, and no document to read it from")),
-            (None, Some(doc)) => Outcome::failed(doc, TOOL, coded(Exit::Usage, "no guest agent: give --agent or a document with `agent`")),
-            (None, None) => Outcome::error(coded(Exit::Usage, "no guest agent: give --agent or a document with `agent`")),
+            (Some(e), _) => Outcome::error(
+                anyhow::Error::new(e).context("no --agent, and no document to read it from"),
+            ),
+            (None, Some(doc)) => Outcome::failed(
+                doc,
+                TOOL,
+                coded(
+                    Exit::Usage,
+                    "no guest agent: give --agent or a document with `agent`",
+                ),
+            ),
+            (None, None) => Outcome::error(coded(
+                Exit::Usage,
+                "no guest agent: give --agent or a document with `agent`",
+            )),
         };
     };
     let mut doc = upstream.unwrap_or_default();
     let address: Address = match agent.parse() {
         Ok(address) => address,
         Err(e) => {
-            doc.push(timer.finish(false, fields(json!({"thawed": null, "reason": "bad agent address"}))));
+            doc.push(timer.finish(
+                false,
+                fields(json!({"thawed": null, "reason": "bad agent address"})),
+            ));
             return Outcome::failed(doc, TOOL, coded(Exit::Usage, e.to_string()));
         }
     };
-    let opts = ThawOptions { timeout: args.timeout, expected: expected_count(&doc, &address), cancel_watchdog: !args.keep_watchdog };
+    let opts = ThawOptions {
+        timeout: args.timeout,
+        expected: expected_count(&doc, &address),
+        cancel_watchdog: !args.keep_watchdog,
+    };
     doc.agent = Some(address.to_string());
     let upstream_failed = upstream_failure(&doc);
-    let result = connect_and_thaw(&address, args.connect_timeout.unwrap_or(args.timeout), &opts);
+    let result = connect_and_thaw(
+        &address,
+        args.connect_timeout.unwrap_or(args.timeout),
+        &opts,
+    );
 
     let thaw_error = match result {
         Ok(report) => {
@@ -265,17 +333,33 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 "thawed {} filesystems in {:.1} ms{}",
                 report.thawed,
                 report.thaw_ms,
-                report.watchdog_cancelled.as_ref().map_or(String::new(), |w| format!("; cancelled watchdog pid {}", w.pid.unwrap_or(0)))
+                report
+                    .watchdog_cancelled
+                    .as_ref()
+                    .map_or(String::new(), |w| format!(
+                        "; cancelled watchdog pid {}",
+                        w.pid.unwrap_or(0)
+                    ))
             );
-            doc.push(timer.finish(true, fields(serde_json::to_value(&report).unwrap_or(Value::Null))));
+            doc.push(timer.finish(
+                true,
+                fields(serde_json::to_value(&report).unwrap_or(Value::Null)),
+            ));
             None
         }
         Err(e) => {
             let mut step = match &e {
-                Error::EarlyThaw { report, .. } => fields(serde_json::to_value(report).unwrap_or(Value::Null)),
-                _ => fields(json!({"thawed": null, "expected": opts.expected, "possibly_frozen": true})),
+                Error::EarlyThaw { report, .. } => {
+                    fields(serde_json::to_value(report).unwrap_or(Value::Null))
+                }
+                _ => fields(
+                    json!({"thawed": null, "expected": opts.expected, "possibly_frozen": true}),
+                ),
             };
-            step.insert("early_thaw".into(), json!(matches!(e, Error::EarlyThaw { .. })));
+            step.insert(
+                "early_thaw".into(),
+                json!(matches!(e, Error::EarlyThaw { .. })),
+            );
             doc.push(timer.finish(false, step));
             Some(e)
         }
@@ -284,21 +368,41 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     match (thaw_error, input_error, upstream_failed) {
         (Some(e), input, _) if e.exit() == Exit::ThawFailed => {
             if let Some(input) = input {
-                evesnap::warn!("also, the input was bad: {}", evesnap::cli::chain(&anyhow::Error::new(input)));
+                evesnap::warn!(
+                    "also, the input was bad: {}",
+                    evesnap::cli::chain(&anyhow::Error::new(input))
+                );
             }
             Outcome::failed(doc, TOOL, evesnap::qga::anyhow_with_exit(e))
         }
         (thaw_error, Some(input), _) => {
             if let Some(e) = thaw_error {
-                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e)));
+                evesnap::warn!(
+                    "{}",
+                    evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e))
+                );
             }
-            Outcome::failed(doc, TOOL, anyhow::Error::new(input).context("thawed, but the upstream document is bad"))
+            Outcome::failed(
+                doc,
+                TOOL,
+                anyhow::Error::new(input).context("thawed, but the upstream document is bad"),
+            )
         }
         (thaw_error, None, Some(reason)) => {
             if let Some(e) = thaw_error {
-                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e)));
+                evesnap::warn!(
+                    "{}",
+                    evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e))
+                );
             }
-            Outcome::failed(doc, TOOL, coded(Exit::UpstreamFailed, format!("{reason} (the guest is thawed)")))
+            Outcome::failed(
+                doc,
+                TOOL,
+                coded(
+                    Exit::UpstreamFailed,
+                    format!("{reason} (the guest is thawed)"),
+                ),
+            )
         }
         (Some(e), None, None) => Outcome::failed(doc, TOOL, evesnap::qga::anyhow_with_exit(e)),
         (None, None, None) => Outcome::success(doc),
@@ -323,14 +427,24 @@ mod tests {
         let text = r#"{"version":1,"ok":true,"agent":"unix:/a.sock","steps":[
             {"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":3}]}"#;
         let doc = Document::from_json(text).expect("doc");
-        assert_eq!(expected_count(&doc, &"unix:/a.sock".parse().expect("a")), Some(3));
-        assert_eq!(expected_count(&doc, &"unix:/b.sock".parse().expect("b")), None);
+        assert_eq!(
+            expected_count(&doc, &"unix:/a.sock".parse().expect("a")),
+            Some(3)
+        );
+        assert_eq!(
+            expected_count(&doc, &"unix:/b.sock".parse().expect("b")),
+            None
+        );
     }
 
     #[test]
     fn thaw_failures_exit_thaw_failed() {
         assert_eq!(Error::StillFrozen.exit(), Exit::ThawFailed);
-        let timeout = QgaError::Timeout { address: "unix:/a".into(), command: "x".into(), after: Duration::from_secs(1) };
+        let timeout = QgaError::Timeout {
+            address: "unix:/a".into(),
+            command: "x".into(),
+            after: Duration::from_secs(1),
+        };
         let err = evesnap::qga::anyhow_with_exit(Error::Queued(timeout));
         assert_eq!(evesnap::cli::exit_of(&err), Exit::ThawFailed);
     }

@@ -16,7 +16,7 @@ fn soon(secs: f64) -> Instant {
 fn pinger(before: impl Fn(&mut super::testing::Peer) + Send + 'static) -> FakeAgent {
     FakeAgent::start(move |peer| {
         before(peer);
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 _ => peer.reply(&req, json!({})),
@@ -47,7 +47,7 @@ fn stale_output_before_the_sync_is_skipped() {
 #[test]
 fn replies_with_other_ids_are_skipped() {
     let agent = FakeAgent::start(|peer| {
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 _ => {
@@ -68,7 +68,7 @@ fn replies_with_other_ids_are_skipped() {
 fn garbage_is_a_protocol_error_and_the_next_command_resyncs() {
     let agent = FakeAgent::start(|peer| {
         let mut first = true;
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 _ if first => {
@@ -92,7 +92,7 @@ fn garbage_is_a_protocol_error_and_the_next_command_resyncs() {
 #[test]
 fn a_reply_of_the_wrong_shape_is_a_protocol_error() {
     let agent = FakeAgent::start(|peer| {
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 _ => peer.reply(&req, json!("banana")),
@@ -110,7 +110,7 @@ fn a_reply_of_the_wrong_shape_is_a_protocol_error() {
 fn oversized_lines_are_capped_and_the_connection_recovers() {
     let agent = FakeAgent::start(|peer| {
         let mut first = true;
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 _ if first => {
@@ -136,7 +136,7 @@ fn oversized_lines_are_capped_and_the_connection_recovers() {
 
 #[test]
 fn a_silent_peer_times_out_by_the_deadline() {
-    let agent = FakeAgent::start(|peer| while peer.next().is_some() {});
+    let agent = FakeAgent::start(|peer| while peer.next_request().is_some() {});
     let started = Instant::now();
     let err = Client::connect(&agent.address, soon(1.2)).expect_err("silent");
     let took = started.elapsed();
@@ -157,7 +157,7 @@ fn a_silent_peer_times_out_by_the_deadline() {
 fn a_command_without_reply_times_out_and_a_late_reply_is_not_taken_for_the_next() {
     let agent = FakeAgent::start(|peer| {
         let mut held = None;
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => {
                     // The held reply comes late, after the client gave up, before the sync.
@@ -188,7 +188,7 @@ fn a_command_without_reply_times_out_and_a_late_reply_is_not_taken_for_the_next(
 fn an_unsynced_command_is_answered_by_its_own_id() {
     let agent = FakeAgent::start(|peer| {
         let mut held = None;
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 "guest-fsfreeze-freeze" => held = Some(req),
@@ -218,7 +218,7 @@ fn an_agent_that_wakes_up_late_is_waited_for() {
     let agent = FakeAgent::start(|peer| {
         let mut pending = Vec::new();
         let woke = Instant::now() + Duration::from_millis(1200);
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" if Instant::now() < woke => pending.push(req),
                 "guest-sync-delimited" => {
@@ -287,7 +287,7 @@ fn commands_are_disabled_while_frozen() {
 fn guest_exec_polls_and_decodes() {
     let agent = FakeAgent::start(|peer| {
         let mut polls = 0;
-        while let Some(req) = peer.next() {
+        while let Some(req) = peer.next_request() {
             match req.execute.as_str() {
                 "guest-sync-delimited" => peer.answer_sync(&req),
                 "guest-exec" => {

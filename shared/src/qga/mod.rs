@@ -226,7 +226,10 @@ mod tests {
         ));
         // Verbatim from qemu-ga 7.2 while frozen.
         assert!(matches!(
-            e("CommandNotFound", "Command guest-exec has been disabled: the agent is in frozen state"),
+            e(
+                "CommandNotFound",
+                "Command guest-exec has been disabled: the agent is in frozen state"
+            ),
             Error::Disabled { .. }
         ));
         assert!(matches!(

@@ -37,7 +37,7 @@ pub struct Peer {
 impl Peer {
     /// The next request; `None` when the client closed the connection or the agent stops.
     /// A `0xFF` byte drops any partial input and is answered like qemu-ga does.
-    pub fn next(&mut self) -> Option<Request> {
+    pub fn next_request(&mut self) -> Option<Request> {
         loop {
             if let Some(pos) = self.buf.iter().position(|&b| b == 0xFF || b == b'\n') {
                 let byte = self.buf[pos];
@@ -286,7 +286,7 @@ impl Sim {
     fn serve(&self, peer: &mut Peer) {
         let stale = self.state().stale_output.clone();
         peer.send_raw(&stale);
-        while let Some(request) = peer.next() {
+        while let Some(request) = peer.next_request() {
             let name = request.execute.as_str();
             let (reply, delay) = {
                 let mut state = self.state();
@@ -329,7 +329,10 @@ impl Sim {
             return Err(("CommandNotFound", desc));
         }
         if state.disabled.iter().any(|c| c == name) {
-            return Err(("CommandNotFound", format!("Command {name} has been disabled")));
+            return Err((
+                "CommandNotFound",
+                format!("Command {name} has been disabled"),
+            ));
         }
         if let Some((_, desc)) = state.failing.iter().find(|(c, _)| c == name) {
             return Err(("GenericError", desc.clone()));
