@@ -63,7 +63,10 @@ pub fn test_lab() -> &'static Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("scripts/lab up printed no lab object ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "scripts/lab up printed no lab object ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     })
 }
@@ -80,7 +83,10 @@ pub fn vm_lock() -> VmLock {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
     // A test that panicked while holding the lock poisons it; the VM is still usable.
     let guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-    VmLock { _file: cross_process_lock("vm.lock"), _guard: guard }
+    VmLock {
+        _file: cross_process_lock("vm.lock"),
+        _guard: guard,
+    }
 }
 
 fn cross_process_lock(name: &str) -> nix::fcntl::Flock<File> {
@@ -182,5 +188,8 @@ pub fn openzfs_lab() -> &'static OpenZfsLab {
 pub fn openzfs_vm_lock() -> VmLock {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
     let guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-    VmLock { _file: lock_in(&openzfs_lab_dir(), "vm.lock"), _guard: guard }
+    VmLock {
+        _file: lock_in(&openzfs_lab_dir(), "vm.lock"),
+        _guard: guard,
+    }
 }

@@ -1,5 +1,6 @@
 //! Helpers for the workspace-level tests: the shared test lab, the tools' binaries.
 
+pub mod guest;
 pub mod lab;
 
 use std::path::PathBuf;
@@ -14,8 +15,15 @@ pub fn repo_root() -> PathBuf {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile folder");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile folder");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }

@@ -86,7 +86,7 @@ pub fn execute(plan: &Plan, zfs: &Zfs) -> Outcome {
     };
     let lock = match crate::lock::lock_vm(&plan.agent) {
         Ok(lock) => lock,
-        Err(e) => return fail(report, "preflight", anyhow::Error::new(e)),
+        Err(e) => return fail(report, "preflight", evesnap::qga::anyhow_with_exit(e)),
     };
     let mut run = Run { plan, zfs, report, events, timeout: Duration::from_secs_f64(plan.freeze.timeout_s) };
     let result = match plan.action {

@@ -27,7 +27,6 @@ pub mod plan;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
@@ -97,7 +96,7 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
         Some(path) => {
             std::fs::File::open(path)
                 .and_then(|f| f.take(MAX_PLAN_BYTES + 1).read_to_string(&mut text))
-                .map_err(|e| plan::Error::Read(path.display().to_string(), e))?;
+                .map_err(|e| evesnap::qga::anyhow_with_exit(plan::Error::Read(path.display().to_string(), e)))?;
         }
         None => {
             let stdin = std::io::stdin();
@@ -108,7 +107,7 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
                 .lock()
                 .take(MAX_PLAN_BYTES + 1)
                 .read_to_string(&mut text)
-                .map_err(|e| plan::Error::Read("from stdin".into(), e))?;
+                .map_err(|e| evesnap::qga::anyhow_with_exit(plan::Error::Read("from stdin".into(), e)))?;
         }
     }
     if text.len() as u64 > MAX_PLAN_BYTES {
@@ -117,5 +116,5 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
     if text.trim().is_empty() {
         return Err(coded(Exit::Usage, "the plan is empty"));
     }
-    Plan::from_json(&text).context("bad plan")
+    Plan::from_json(&text).map_err(evesnap::qga::anyhow_with_exit)
 }

@@ -1,0 +1,457 @@
+//! snap-orchestrate against the lab: the real agent in the VM, the real zfs-fuse pool.
+//!
+//! Every test that touches the VM holds [`vm_lock`] and a [`ThawGuard`], and destroys the
+//! snapshots it made, so tests stay independent. The agent serves one connection at a
+//! time: a test never keeps one open while a tool runs.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use evesnap::qga::commands::GuestFsfreezeStatus;
+use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
+use evesnap_tests::lab::{test_lab, vm_lock, Lab};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The report's own fields, parsed strictly: a renamed or extra field fails the test.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Report {
+    version: u32,
+    ok: bool,
+    steps: Vec<Value>,
+    error: Option<ReportError>,
+    agent: String,
+    datasets: Vec<String>,
+    snapshot: String,
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    action: String,
+    create_time: Option<String>,
+    snapshots: Option<Vec<Snapshot>>,
+    consistency: Option<String>,
+    freeze_window_ms: Option<f64>,
+    rolled_back: Option<Vec<Value>>,
+    destroyed: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ReportError {
+    tool: String,
+    kind: String,
+    message: String,
+    description: String,
+    severity: String,
+    step: String,
+    timestamp: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Snapshot {
+    name: String,
+    guid: String,
+    createtxg: u64,
+    creation: u64,
+}
+
+fn report(out: &Output) -> Report {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("not a report ({e}):\n{}\nstderr: {}", String::from_utf8_lossy(&out.stdout), stderr(out))
+    })
+}
+
+fn step<'r>(report: &'r Report, tool: &str) -> &'r Value {
+    report.steps.iter().find(|s| s["tool"] == tool).unwrap_or_else(|| panic!("no {tool} step: {report:?}"))
+}
+
+/// How the lab guest sees each dataset (serial `diskN`, PCI slot 7 + N).
+fn disks(lab: &Lab) -> Value {
+    let mut map = serde_json::Map::new();
+    for (i, dataset) in lab.datasets.iter().enumerate() {
+        map.insert(dataset.clone(), json!({"serial": format!("disk{i}"), "pci": format!("0000:00:{:02x}.0", 7 + i)}));
+    }
+    Value::Object(map)
+}
+
+fn plan(lab: &Lab, extra: Value) -> Value {
+    let mut plan = json!({
+        "version": 1,
+        "id": new_id(),
+        "type": "app_update",
+        "agent": lab.agent,
+        "qmp": lab.qmp,
+        "datasets": lab.datasets,
+        "disks": disks(lab),
+        "freeze": {"timeout_s": 20, "thaw_after_s": 60},
+    });
+    for (k, v) in extra.as_object().expect("object").iter() {
+        plan[k] = v.clone();
+    }
+    plan
+}
+
+fn new_id() -> String {
+    let bytes = std::fs::read("/proc/sys/kernel/random/uuid").expect("a uuid");
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+fn orchestrate(guard: &ThawGuard<'_>, plan: &Value, env: &[(&str, &str)]) -> Output {
+    let mut command = guard.command("snap-orchestrate");
+    command.envs(env.iter().copied());
+    run_with_stdin(command, &plan.to_string())
+}
+
+fn run_with_stdin(mut command: Command, input: &str) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snap-orchestrate");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write plan");
+    child.wait_with_output().expect("wait")
+}
+
+/// Snapshots of the lab's datasets named `name`.
+fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
+    let out = Command::new("zfs")
+        .args(["list", "-H", "-o", "name", "-t", "snapshot", "-r", &format!("{}/lab", lab.pool)])
+        .output()
+        .expect("zfs list");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.ends_with(&format!("@{name}"))).map(String::from).collect()
+}
+
+/// Destroys every snapshot of the lab's datasets named `name` (test cleanup).
+struct Cleanup<'a>(&'a Lab, Vec<String>);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for name in &self.1 {
+            for snapshot in snapshots_named(self.0, name) {
+                let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
+            }
+            let parent = format!("{}/lab/vm0@{name}", self.0.pool);
+            let _ = Command::new("zfs").args(["destroy", &parent]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+fn zfs_get(property: &str, name: &str) -> String {
+    let out = Command::new("zfs").args(["get", "-H", "-p", "-o", "value", property, name]).output().expect("zfs get");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn create_with_hooks_then_rollback_restores_the_data() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-create");
+    let name = format!("t-create-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    guest_sh(&mut connect(lab), "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 2>/dev/null; rm -f /data0/hook.log; sync");
+
+    // Create: guest_pre's effect is in the snapshot, guest_post's is not.
+    let create = plan(
+        lab,
+        json!({
+            "snapshot": name,
+            "guest_pre": [{"path": "/bin/sh", "args": ["-c", "echo pre >> /data0/hook.log; sync"]}],
+            "guest_post": [{"path": "/bin/sh", "args": ["-c", "echo post >> /data0/hook.log"]}],
+        }),
+    );
+    let out = orchestrate(&guard, &create, &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    assert!(r.ok && r.error.is_none());
+    assert_eq!(r.consistency.as_deref(), Some("application"));
+    let snaps = r.snapshots.as_ref().expect("snapshots");
+    assert_eq!(snaps.len(), 2);
+    assert!(snaps.iter().all(|s| s.createtxg == snaps[0].createtxg && !s.guid.is_empty() && s.creation > 0));
+    assert!(r.freeze_window_ms.expect("window") > 0.0);
+    let tools: Vec<&str> = r.steps.iter().map(|s| s["tool"].as_str().unwrap_or("")).collect();
+    assert_eq!(tools, ["preflight", "guest_pre", "qga-freeze", "zsnap", "qga-thaw", "guest_post"]);
+    assert_eq!(step(&r, "qga-freeze")["frozen"], 2);
+    assert_eq!(step(&r, "qga-thaw")["thawed"], 2);
+    for s in snaps {
+        assert_eq!(zfs_get("org.lfedge.evesnap:frozen", &s.name), "true");
+        assert_eq!(zfs_get("org.lfedge.evesnap:consistency", &s.name), "application");
+        assert_eq!(zfs_get("org.lfedge.evesnap:id", &s.name), r.id);
+    }
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    let at_snapshot = guest_sh(&mut connect(lab), "md5sum /data0/app.bin");
+
+    // The application writes on.
+    guest_sh(&mut connect(lab), "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 conv=notrunc 2>/dev/null; sync");
+    assert_ne!(guest_sh(&mut connect(lab), "md5sum /data0/app.bin"), at_snapshot);
+
+    // Rollback while /data0 is mounted: refused, nothing changed.
+    let mounted = plan(lab, json!({"action": "rollback", "rollback": {"to": name}}));
+    let out = orchestrate(&guard, &mounted, &[]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    let r = report(&out);
+    let error = r.error.as_ref().expect("error");
+    assert_eq!((error.step.as_str(), error.kind.as_str()), ("unmounted", "preflight-failed"));
+    assert!(error.description.contains("/data0"), "{}", error.description);
+    assert!(step(&r, "unmounted")["mounted"][0].as_str().unwrap_or("").contains("/data0"));
+    assert_ne!(guest_sh(&mut connect(lab), "md5sum /data0/app.bin"), at_snapshot);
+
+    // With guest_pre unmounting and guest_post remounting: the data is the snapshot's.
+    let released = plan(
+        lab,
+        json!({
+            "action": "rollback",
+            "rollback": {"to": name},
+            "guest_pre": [{"path": "/bin/umount", "args": ["/data0"]}, {"path": "/bin/umount", "args": ["/data1"]}],
+            "guest_post": [
+                {"path": "/bin/sh", "args": ["-c", "echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 /dev/vda /data0"]},
+                {"path": "/bin/mount", "args": ["-t", "ext4", "/dev/vdb", "/data1"]},
+            ],
+        }),
+    );
+    let out = orchestrate(&guard, &released, &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    assert_eq!(r.rolled_back.as_ref().map(Vec::len), Some(2));
+    assert_eq!(guest_sh(&mut connect(lab), "md5sum /data0/app.bin"), at_snapshot);
+    assert_eq!(guest_sh(&mut connect(lab), "cat /data0/hook.log"), "pre\n");
+}
+
+#[test]
+fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-pre");
+    let name = format!("t-pre-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let failing = plan(
+        lab,
+        json!({
+            "snapshot": name,
+            "guest_pre": [
+                {"path": "/bin/sh", "args": ["-c", "echo stopping > /tmp/app.state"]},
+                {"path": "/bin/sh", "args": ["-c", "echo cannot quiesce >&2; exit 3"]},
+            ],
+            "guest_post": [
+                {"path": "/bin/sh", "args": ["-c", "echo resumed > /tmp/app.state"]},
+                {"path": "/bin/sh", "args": ["-c", "echo never >> /tmp/app.state"]},
+            ],
+        }),
+    );
+    let out = orchestrate(&guard, &failing, &[]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let r = report(&out);
+    let error = r.error.as_ref().expect("error");
+    assert_eq!(error.step, "guest_pre");
+    assert!(error.description.contains("exited with status 3"), "{}", error.description);
+    let pre = step(&r, "guest_pre");
+    assert_eq!(pre["commands"][1]["stderr"], "cannot quiesce\n");
+    assert!(r.steps.iter().all(|s| s["tool"] != "qga-freeze" && s["tool"] != "zsnap"));
+    assert!(snapshots_named(lab, &name).is_empty());
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    // The guest_post of the commands that ran, in reverse: both ran, so both undo steps,
+    // the second's first.
+    assert_eq!(guest_sh(&mut connect(lab), "cat /tmp/app.state"), "resumed\n");
+}
+
+/// A `zfs` on which `snapshot` first waits `delay` seconds, then runs the real one; it
+/// touches `marker` when a snapshot starts (not for the bare `zfs snapshot` that probes
+/// the usage text).
+fn slow_zfs(dir: &std::path::Path, delay: u32) -> (PathBuf, PathBuf) {
+    let real = which_zfs();
+    let marker = dir.join("snapshot-started");
+    let shim = dir.join("zfs");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then touch '{}'; sleep {delay}; fi\nexec '{}' \"$@\"\n",
+            marker.display(),
+            real.display()
+        ),
+    )
+    .expect("write shim");
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    (shim, marker)
+}
+
+fn which_zfs() -> PathBuf {
+    let out = Command::new("sh").args(["-c", "command -v zfs"]).output().expect("sh");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn wait_for(path: &std::path::Path, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-term");
+    let name = format!("t-term-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let (shim, marker) = slow_zfs(&guard.run_dir, 4);
+    let mut child = guard
+        .command("snap-orchestrate")
+        .env("EVESNAP_ZFS", &shim)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let input = plan(lab, json!({"snapshot": name})).to_string();
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("plan");
+    // The orchestrator holds the agent's one connection now: the report tells what it did.
+    wait_for(&marker, Duration::from_secs(60));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    // A second signal must not skip the thaw either.
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM again");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    let r = report(&out);
+    assert_eq!(step(&r, "qga-freeze")["frozen"], 2, "the snapshot step ran while frozen");
+    assert_eq!(step(&r, "qga-thaw")["ok"], true);
+    assert_eq!(r.error.as_ref().map(|e| e.step.as_str()), Some("snapshot"));
+    // Taken after the early thaw, the snapshot cannot claim consistency: it is gone.
+    assert!(snapshots_named(lab, &name).is_empty(), "{:?}", snapshots_named(lab, &name));
+}
+
+#[test]
+fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-busy");
+    let first_name = format!("t-busy1-{}", std::process::id());
+    let second_name = format!("t-busy2-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![first_name.clone(), second_name.clone()]);
+    let (shim, marker) = slow_zfs(&guard.run_dir, 1);
+    let mut first = guard
+        .command("snap-orchestrate")
+        .env("EVESNAP_ZFS", &shim)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let input = plan(lab, json!({"snapshot": first_name})).to_string();
+    first.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("plan");
+    wait_for(&marker, Duration::from_secs(60));
+    let started = Instant::now();
+    let out = orchestrate(&guard, &plan(lab, json!({"snapshot": second_name})), &[]);
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    assert!(stderr(&out).contains("in progress"), "{}", stderr(&out));
+    let first = first.wait_with_output().expect("wait");
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    assert_eq!(snapshots_named(lab, &first_name).len(), 2);
+    assert!(snapshots_named(lab, &second_name).is_empty());
+}
+
+#[test]
+fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-pipe");
+    let piped = format!("t-pipe-{}", std::process::id());
+    let orchestrated = format!("t-orch-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![piped.clone(), orchestrated.clone()]);
+
+    let mut datasets = Vec::new();
+    for d in &lab.datasets {
+        datasets.extend(["--dataset", d.as_str()]);
+    }
+    let pipeline = format!(
+        "'{}' --agent '{}' | '{}' {} --name '{}' | '{}'",
+        evesnap_tests::bin("qga-freeze").display(),
+        lab.agent,
+        evesnap_tests::bin("zsnap").display(),
+        datasets.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" "),
+        piped,
+        evesnap_tests::bin("qga-thaw").display(),
+    );
+    let out = Command::new("sh")
+        .args(["-c", &pipeline])
+        .env("EVESNAP_RUN_DIR", &guard.run_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("pipeline");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let piped_doc = doc_of(&out);
+    assert!(piped_doc.ok);
+
+    let out = orchestrate(&guard, &plan(lab, json!({"snapshot": orchestrated, "type": "immediate"})), &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    assert_eq!(r.consistency.as_deref(), Some("application"));
+
+    for (name, expect_consistency) in [(&piped, None), (&orchestrated, Some("application"))] {
+        let snaps = snapshots_named(lab, name);
+        assert_eq!(snaps.len(), 2, "{name}: {snaps:?}");
+        let txgs: Vec<String> = snaps.iter().map(|s| zfs_get("createtxg", s)).collect();
+        assert_eq!(txgs[0], txgs[1], "{name} is atomic");
+        for s in &snaps {
+            assert_eq!(zfs_get("org.lfedge.evesnap:frozen", s), "true", "{s}");
+            assert_eq!(zfs_get("org.lfedge.evesnap:type", s), "IMMEDIATE", "{s}");
+            if let Some(c) = expect_consistency {
+                assert_eq!(zfs_get("org.lfedge.evesnap:consistency", s), c);
+            }
+        }
+    }
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+}
+
+#[test]
+fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-noagent");
+    let name = format!("t-noagent-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let missing = guard.run_dir.join("no-such-agent.sock");
+    let agent = format!("unix:{}", missing.display());
+
+    let out = orchestrate(&guard, &plan(lab, json!({"snapshot": name, "agent": agent})), &[]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(report(&out).error.as_ref().map(|e| e.kind.as_str()), Some("agent-unreachable"));
+    assert!(snapshots_named(lab, &name).is_empty());
+
+    let allowed = plan(
+        lab,
+        json!({"snapshot": name, "agent": agent, "freeze": {"required": false, "timeout_s": 2, "thaw_after_s": 60}}),
+    );
+    let out = orchestrate(&guard, &allowed, &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    assert_eq!(r.consistency.as_deref(), Some("crash"));
+    assert!(stderr(&out).contains("crash-consistent"), "{}", stderr(&out));
+    for s in snapshots_named(lab, &name) {
+        assert_eq!(zfs_get("org.lfedge.evesnap:frozen", &s), "false");
+        assert_eq!(zfs_get("org.lfedge.evesnap:consistency", &s), "crash");
+    }
+}
+
+#[test]
+fn a_bad_plan_is_refused_with_the_field_named() {
+    // Refused before anything is contacted: no lab needed.
+    let bad = json!({"version": 1, "agent": "unix:/nonexistent", "datasets": ["p/a"], "freez": {}});
+    let out = run_with_stdin(Command::new(evesnap_tests::bin("snap-orchestrate")), &bad.to_string());
+    assert_eq!(code(&out), 2);
+    assert!(out.stdout.is_empty());
+    assert!(stderr(&out).contains("unknown field `freez`"), "{}", stderr(&out));
+    let out = run_with_stdin(Command::new(evesnap_tests::bin("snap-orchestrate")), "{\"version\": 1,\n \"agent\": }");
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+}
