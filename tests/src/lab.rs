@@ -24,6 +24,8 @@ pub struct Lab {
     pub pool: String,
     pub datasets: Vec<String>,
     pub guest_mounts: BTreeMap<String, String>,
+    /// How the guest sees each dataset: `{"serial": "disk0", "pci": "0000:00:07.0"}`.
+    pub disks: BTreeMap<String, serde_json::Value>,
     pub qemu_pid: u32,
 }
 

@@ -71,15 +71,6 @@ fn step<'r>(report: &'r Report, tool: &str) -> &'r Value {
     report.steps.iter().find(|s| s["tool"] == tool).unwrap_or_else(|| panic!("no {tool} step: {report:?}"))
 }
 
-/// How the lab guest sees each dataset (serial `diskN`, PCI slot 7 + N).
-fn disks(lab: &Lab) -> Value {
-    let mut map = serde_json::Map::new();
-    for (i, dataset) in lab.datasets.iter().enumerate() {
-        map.insert(dataset.clone(), json!({"serial": format!("disk{i}"), "pci": format!("0000:00:{:02x}.0", 7 + i)}));
-    }
-    Value::Object(map)
-}
-
 fn plan(lab: &Lab, extra: Value) -> Value {
     let mut plan = json!({
         "version": 1,
@@ -88,7 +79,7 @@ fn plan(lab: &Lab, extra: Value) -> Value {
         "agent": lab.agent,
         "qmp": lab.qmp,
         "datasets": lab.datasets,
-        "disks": disks(lab),
+        "disks": lab.disks,
         "freeze": {"timeout_s": 20, "thaw_after_s": 60},
     });
     for (k, v) in extra.as_object().expect("object").iter() {

@@ -1,0 +1,96 @@
+"""A minimal QEMU guest agent client for the lab scripts (the Rust tools have the real one).
+
+Every connection starts as the real agent needs (LAB.md §2): byte 0xFF, then
+guest-sync-delimited with a random id; replies up to ours are skipped.
+"""
+
+import base64
+import json
+import random
+import socket
+import time
+
+
+class AgentError(Exception):
+    pass
+
+
+class Agent:
+    def __init__(self, path, timeout=10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+        ident = random.randrange(1, 2**31)
+        self._send({"execute": "guest-sync-delimited", "arguments": {"id": ident}}, prefix=b"\xff")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self._read()
+            if msg.get("return") == ident:
+                return
+        raise AgentError("no reply to guest-sync-delimited")
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send(self, msg, prefix=b""):
+        self.sock.sendall(prefix + json.dumps(msg).encode() + b"\n")
+
+    def _read(self):
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                line = line.lstrip(b"\xff").strip()
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AgentError("the agent closed the connection")
+            self.buf += chunk
+
+    def execute(self, command, arguments=None):
+        msg = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self._send(msg)
+        reply = self._read()
+        if "error" in reply:
+            raise AgentError(f"{command}: {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    def exec(self, argv, timeout=30.0):
+        """Runs argv in the guest; returns (exitcode, stdout, stderr)."""
+        pid = self.execute("guest-exec", {"path": argv[0], "arg": list(argv[1:]), "capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.execute("guest-exec-status", {"pid": pid})
+            if status["exited"]:
+                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+                return status.get("exitcode", -1), out, err
+            time.sleep(0.02)
+        raise AgentError(f"{argv[0]} did not finish within {timeout} s")
+
+    def sh(self, script, timeout=30.0):
+        """Runs a busybox sh script in the guest; its stdout, or AgentError on failure."""
+        code, out, err = self.exec(["/bin/sh", "-c", script], timeout)
+        if code != 0:
+            raise AgentError(f"guest `{script}` exited {code}: {err.strip()}")
+        return out
+
+
+def ping(path, timeout):
+    """True when the agent answers guest-ping."""
+    try:
+        with Agent(path, timeout) as agent:
+            return agent.execute("guest-ping") == {}
+    except (OSError, AgentError, ValueError):
+        return False
