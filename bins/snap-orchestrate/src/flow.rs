@@ -64,12 +64,41 @@ struct Run<'a> {
     plan: &'a Plan,
     zfs: &'a Zfs,
     report: Document,
-    events: Events<TakeResult>,
+    events: &'a mut Events<TakeResult>,
     timeout: Duration,
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught for the life of the process (a long-running
+/// caller such as a listener installs them once and passes them to every run).
+#[derive(Debug)]
+pub struct Signals(Events<TakeResult>);
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        Events::install().map(Signals)
+    }
+
+    /// The first signal caught so far, if any.
+    pub fn caught(&mut self) -> Option<i32> {
+        self.0.poll_signal();
+        self.0.interrupted
+    }
 }
 
 /// Runs the plan's action and returns the report (printed by the caller).
 pub fn execute(plan: &Plan, zfs: &Zfs) -> Outcome {
+    match Signals::install() {
+        Ok(mut signals) => execute_with(plan, zfs, &mut signals),
+        Err(e) => {
+            let report = Document::new();
+            fail(report, "preflight", anyhow::Error::new(e).context("cannot install signal handlers"))
+        }
+    }
+}
+
+/// [`execute`] with signals installed by the caller. A signal caught before the run
+/// stops it before it touches anything.
+pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Outcome {
     let mut report = Document::new();
     report.agent = Some(plan.agent.clone());
     report.datasets = plan.datasets.clone();
@@ -80,15 +109,11 @@ pub fn execute(plan: &Plan, zfs: &Zfs) -> Outcome {
     report.extra.insert("id".into(), json!(plan.id().to_string()));
     report.extra.insert("type".into(), json!(plan.kind.as_str()));
     report.extra.insert("action".into(), json!(plan.action));
-    let events = match Events::install() {
-        Ok(e) => e,
-        Err(e) => return fail(report, "preflight", anyhow::Error::new(e).context("cannot install signal handlers")),
-    };
     let lock = match crate::lock::lock_vm(&plan.agent) {
         Ok(lock) => lock,
         Err(e) => return fail(report, "preflight", evesnap::qga::anyhow_with_exit(e)),
     };
-    let mut run = Run { plan, zfs, report, events, timeout: Duration::from_secs_f64(plan.freeze.timeout_s) };
+    let mut run = Run { plan, zfs, report, events: &mut signals.0, timeout: Duration::from_secs_f64(plan.freeze.timeout_s) };
     let result = match plan.action {
         Action::Create => run.create(),
         Action::Rollback => run.rollback(),
