@@ -6,7 +6,13 @@ use std::path::PathBuf;
 
 /// Every tool's command, as its `--help` is built.
 fn commands() -> Vec<clap::Command> {
-    vec![qga_freeze::command(), qga_thaw::command(), zsnap::command(), zrollback::command()]
+    vec![
+        qga_freeze::command(),
+        qga_thaw::command(),
+        zsnap::command(),
+        zrollback::command(),
+        snap_orchestrate::command(),
+    ]
 }
 
 /// `(file name, page)` for a command and, as `tool-sub.1`, each of its subcommands.
@@ -25,7 +31,9 @@ fn render(command: clap::Command) -> Vec<(String, Vec<u8>)> {
 
 fn page(command: clap::Command) -> Vec<u8> {
     let mut out = Vec::new();
-    clap_mangen::Man::new(command).render(&mut out).expect("render to memory");
+    clap_mangen::Man::new(command)
+        .render(&mut out)
+        .expect("render to memory");
     out
 }
 
@@ -59,6 +67,12 @@ fn man_pages_match_the_clap_definitions() {
         }
         return;
     }
-    assert!(stale.is_empty(), "man pages out of date: {stale:?}; run scripts/mangen");
-    assert!(extra.is_empty(), "man pages for no command: {extra:?}; run scripts/mangen");
+    assert!(
+        stale.is_empty(),
+        "man pages out of date: {stale:?}; run scripts/mangen"
+    );
+    assert!(
+        extra.is_empty(),
+        "man pages for no command: {extra:?}; run scripts/mangen"
+    );
 }
