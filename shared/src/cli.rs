@@ -51,24 +51,20 @@ impl Outcome {
 /// The exit code of an error chain: the first error in it that knows its code.
 pub fn exit_of(error: &anyhow::Error) -> Exit {
     for cause in error.chain() {
-        if let Some(e) = cause.downcast_ref::<crate::exit::Coded>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::document::Error>() {
-            return e.exit();
-        }
-        if let Some(e) = cause.downcast_ref::<crate::zfs::Error>() {
-            return e.exit();
-        }
-        if let Some(exit) = crate::qga::exit_of_cause(cause) {
+        let known = [
+            cause.downcast_ref::<crate::exit::WithExit>().map(HasExit::exit),
+            cause.downcast_ref::<crate::exit::Coded>().map(HasExit::exit),
+            cause.downcast_ref::<crate::document::Error>().map(HasExit::exit),
+            cause.downcast_ref::<crate::zfs::Error>().map(HasExit::exit),
+            cause.downcast_ref::<crate::qga::Error>().map(HasExit::exit),
+            cause.downcast_ref::<crate::qga::watchdog::Error>().map(HasExit::exit),
+            cause.downcast_ref::<crate::qmp::Error>().map(HasExit::exit),
+            cause
+                .downcast_ref::<clap::Error>()
+                .map(|e| if e.use_stderr() { Exit::Usage } else { Exit::Success }),
+        ];
+        if let Some(exit) = known.into_iter().flatten().next() {
             return exit;
-        }
-        if let Some(e) = cause.downcast_ref::<clap::Error>() {
-            return if e.use_stderr() {
-                Exit::Usage
-            } else {
-                Exit::Success
-            };
         }
     }
     Exit::StepFailed

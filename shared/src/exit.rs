@@ -129,6 +129,49 @@ impl HasExit for Coded {
     }
 }
 
+/// A tool's own error together with its exit code, so that the code survives the trip
+/// through `anyhow::Error` to [`crate::cli`]. Displays as the wrapped error and hands on
+/// its causes, so the chain reads the same.
+#[derive(Debug)]
+pub struct WithExit {
+    exit: Exit,
+    error: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl WithExit {
+    pub fn new<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> WithExit {
+        WithExit { exit: error.exit(), error: Box::new(error) }
+    }
+
+    /// The wrapped error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+}
+
+impl fmt::Display for WithExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for WithExit {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl HasExit for WithExit {
+    fn exit(&self) -> Exit {
+        self.exit
+    }
+}
+
+/// Wraps an error that knows its exit code into `anyhow::Error`, keeping the code.
+pub fn wrap<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> anyhow::Error {
+    anyhow::Error::new(WithExit::new(error))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

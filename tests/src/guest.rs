@@ -1,17 +1,16 @@
 //! Driving the lab guest from tests: the agent client, guest shell commands, and a guard
 //! that leaves the VM running and thawed whatever happens in the test.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use evesnap::document::Document;
 use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
 use evesnap::qga::{Address, Client};
 use evesnap::qmp::Qmp;
 
 use crate::lab::Lab;
+pub use crate::run::{code, doc_of, stderr};
+use crate::run::RunDir;
 
 pub fn address(lab: &Lab) -> Address {
     lab.agent.parse().expect("the lab's agent address")
@@ -49,71 +48,29 @@ pub fn guest_background(client: &mut Client, script: &str) {
     );
 }
 
-/// The document a tool printed; panics with its stderr when there is none.
-pub fn doc_of(out: &Output) -> Document {
-    let text = String::from_utf8_lossy(&out.stdout);
-    Document::from_json(&text).unwrap_or_else(|e| {
-        panic!(
-            "no document ({e}): {text}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-pub fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
 /// Resumes the VM and thaws the guest on drop: no test leaves the lab frozen or paused.
 /// Tools run through it get their own runtime folder (watchdogs, locks), cleaned up too.
 #[derive(Debug)]
 pub struct ThawGuard<'a> {
     pub lab: &'a Lab,
-    pub run_dir: PathBuf,
+    pub run_dir: RunDir,
 }
 
 impl<'a> ThawGuard<'a> {
     pub fn new(lab: &'a Lab, name: &str) -> ThawGuard<'a> {
-        let run_dir =
-            std::env::temp_dir().join(format!("evesnap-real-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&run_dir);
-        std::fs::create_dir_all(&run_dir).expect("run dir");
-        ThawGuard { lab, run_dir }
+        ThawGuard { lab, run_dir: RunDir::new(name) }
     }
 
     /// A tool of this workspace with this guard's runtime folder.
     pub fn command(&self, bin: &str) -> Command {
         let mut command = Command::new(crate::bin(bin));
-        command.env("EVESNAP_RUN_DIR", &self.run_dir);
+        command.env("EVESNAP_RUN_DIR", self.run_dir.path());
         command
     }
 
     /// Runs a tool to completion, `stdin` piped in (or `/dev/null`).
     pub fn run(&self, bin: &str, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = self
-            .command(bin)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        if let Some(text) = stdin {
-            let _ = child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes());
-        }
-        child.wait_with_output().expect("wait")
+        crate::run::run(&crate::bin(bin), args, stdin, &self.run_dir)
     }
 }
 
@@ -125,30 +82,12 @@ impl Drop for ThawGuard<'_> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut thawed = false;
         while !thawed && Instant::now() < deadline {
-            if let Ok(mut client) =
-                Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20))
-            {
+            if let Ok(mut client) = Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20)) {
                 let _ = client.execute(guest_fsfreeze_thaw {});
-                thawed = client
-                    .fsfreeze_status()
-                    .is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
+                thawed = client.fsfreeze_status().is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
             }
         }
-        // Watchdogs of this test: by their recorded pid.
-        if let Ok(entries) = std::fs::read_dir(&self.run_dir) {
-            for entry in entries.flatten() {
-                let text = std::fs::read(entry.path()).unwrap_or_default();
-                if let Ok(w) = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text) {
-                    if let Some(pid) = w.pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGTERM,
-                        );
-                    }
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.run_dir);
+        // The run folder's drop then stops this test's watchdogs.
         if !thawed && !std::thread::panicking() {
             panic!("ThawGuard could not verify that the lab guest is thawed");
         }

@@ -2,6 +2,7 @@
 
 pub mod guest;
 pub mod lab;
+pub mod run;
 
 use std::path::PathBuf;
 

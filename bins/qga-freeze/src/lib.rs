@@ -25,7 +25,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{self, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
-use evesnap::qga::{self, Address, Client};
+use evesnap::qga::{Address, Client};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{json, Map, Value};
@@ -300,7 +300,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                     e.aftermath().map(ToString::to_string).unwrap_or_default()
                 );
             }
-            Outcome::failed(doc, TOOL, qga::anyhow_with_exit(e))
+            Outcome::failed(doc, TOOL, evesnap::exit::wrap(e))
         }
     }
 }

@@ -446,3 +446,99 @@ pub(crate) fn watchdog_main(
     let address = agent.parse::<evesnap::qga::Address>()?;
     watchdog::main(&address, token, deadline_unix_ms, detach)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evesnap::qga::AgentError;
+
+    fn timeout() -> QgaError {
+        QgaError::Timeout {
+            address: "unix:/a".into(),
+            command: "guest-fsfreeze-freeze".into(),
+            after: Duration::from_secs(2),
+        }
+    }
+
+    fn possibly_frozen() -> Box<Aftermath> {
+        Box::new(Aftermath {
+            possibly_frozen: true,
+            thaw: Some(CleanupThaw::Queued),
+            watchdog: None,
+        })
+    }
+
+    #[test]
+    fn exit_codes_follow_the_guest_state() {
+        let refused = AgentError {
+            class: "CommandNotFound".into(),
+            desc: "not found".into(),
+        };
+        let unsupported = QgaError::Unsupported {
+            command: "guest-info".into(),
+            source: refused,
+        };
+        assert_eq!(Error::Preflight(unsupported).exit(), Exit::Preflight);
+        assert_eq!(Error::Preflight(timeout()).exit(), Exit::AgentTimeout);
+        assert_eq!(Error::AlreadyFrozen.exit(), Exit::Preflight);
+        // No answer to the freeze: the timeout code, even though the guest may be frozen.
+        assert_eq!(
+            Error::Freeze {
+                source: timeout(),
+                aftermath: possibly_frozen()
+            }
+            .exit(),
+            Exit::AgentTimeout
+        );
+        // The freeze broke otherwise and the cleanup thaw could not be verified.
+        let broke = QgaError::Disconnected {
+            command: "guest-fsfreeze-freeze".into(),
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        };
+        assert_eq!(
+            Error::Freeze {
+                source: broke,
+                aftermath: possibly_frozen()
+            }
+            .exit(),
+            Exit::ThawFailed
+        );
+        let thawed = Box::new(Aftermath {
+            possibly_frozen: false,
+            thaw: Some(CleanupThaw::Thawed { count: 0 }),
+            watchdog: None,
+        });
+        assert_eq!(
+            Error::NothingFrozen {
+                mountpoints: vec!["/x".into()],
+                aftermath: thawed
+            }
+            .exit(),
+            Exit::StepFailed
+        );
+        assert_eq!(
+            Error::NotFrozen {
+                aftermath: possibly_frozen()
+            }
+            .exit(),
+            Exit::ThawFailed
+        );
+    }
+
+    #[test]
+    fn messages_name_the_mountpoints_and_the_state() {
+        let thawed = Box::new(Aftermath {
+            possibly_frozen: false,
+            thaw: Some(CleanupThaw::Thawed { count: 0 }),
+            watchdog: None,
+        });
+        let e = Error::NothingFrozen {
+            mountpoints: vec!["/no".into()],
+            aftermath: thawed,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the freeze froze no filesystem (of /no); the guest was thawed again (0 filesystems)"
+        );
+    }
+}

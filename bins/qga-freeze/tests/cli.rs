@@ -1,92 +1,19 @@
 //! `qga-freeze` (and `qga-thaw` after it) against a simulated agent: the document, the
 //! exit codes, the watchdog, signals.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evesnap::document::Document;
 use evesnap::qga::testing::{FakeAgent, Sim, SimState};
-use evesnap::qga::watchdog::Watchdog;
+use evesnap_tests::run::{code, doc_of, run, stderr, RunDir};
 use qga_freeze::FreezeReport;
 
 const FREEZE: &str = env!("CARGO_BIN_EXE_qga-freeze");
 
-/// A private runtime folder, so watchdogs of parallel tests never meet.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(name: &str) -> RunDir {
-        let dir = std::env::temp_dir().join(format!("evesnap-qf-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("run dir");
-        RunDir(dir)
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        // Stop any watchdog a failed test left behind (by its recorded pid).
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for entry in entries.flatten() {
-                if let Ok(w) = serde_json::from_slice::<Watchdog>(
-                    &std::fs::read(entry.path()).unwrap_or_default(),
-                ) {
-                    if let Some(pid) = w.pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGTERM,
-                        );
-                    }
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn thaw_bin() -> PathBuf {
     // Built by `cargo build --workspace --bins` (scripts/test does it first).
     evesnap_tests::bin("qga-thaw")
-}
-
-fn run(bin: &Path, args: &[&str], stdin: Option<&str>, run_dir: &RunDir) -> Output {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("EVESNAP_RUN_DIR", &run_dir.0)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    child.wait_with_output().expect("wait")
-}
-
-fn doc_of(out: &Output) -> Document {
-    let text = String::from_utf8_lossy(&out.stdout);
-    Document::from_json(&text).unwrap_or_else(|e| {
-        panic!(
-            "no document ({e}): {text}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -123,7 +50,7 @@ fn freeze_then_thaw_round_trip() {
     let watchdog = report.watchdog.expect("watchdog armed");
     let pid = watchdog.pid.expect("pid");
     assert!(process_alive(pid), "the watchdog runs");
-    assert!(watchdog.state_file.starts_with(&dir.0));
+    assert!(watchdog.state_file.starts_with(dir.path()));
     assert_eq!(sim.state().frozen, 3);
 
     let out = run(&thaw_bin(), &[], Some(&doc.to_json()), &dir);
@@ -170,7 +97,7 @@ fn a_mountpoint_that_does_not_exist_freezes_nothing_and_is_thawed() {
         "{log:?}"
     );
     assert!(
-        std::fs::read_dir(&dir.0)
+        std::fs::read_dir(dir.path())
             .expect("dir")
             .flatten()
             .all(|e| !e.path().to_string_lossy().ends_with(".json")),
@@ -306,7 +233,7 @@ fn bad_usage_and_unreachable_agents_have_their_codes() {
     assert_eq!(code(&out), 2, "no agent: {}", stderr(&out));
     let out = run(Path::new(FREEZE), &["--agent", "tcp:host:1"], None, &dir);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
-    let missing = dir.0.join("none.sock");
+    let missing = dir.path().join("none.sock");
     let out = run(
         Path::new(FREEZE),
         &["--agent", &missing.to_string_lossy(), "--timeout", "0.5"],
@@ -439,7 +366,7 @@ fn sigterm_during_the_freeze_thaws_before_exiting() {
     let (_agent, sim, address) = sim(state);
     let child = Command::new(FREEZE)
         .args(["--agent", &address, "--thaw-after", "30"])
-        .env("EVESNAP_RUN_DIR", &dir.0)
+        .env("EVESNAP_RUN_DIR", dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

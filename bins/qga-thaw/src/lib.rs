@@ -373,13 +373,13 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                     evesnap::cli::chain(&anyhow::Error::new(input))
                 );
             }
-            Outcome::failed(doc, TOOL, evesnap::qga::anyhow_with_exit(e))
+            Outcome::failed(doc, TOOL, evesnap::exit::wrap(e))
         }
         (thaw_error, Some(input), _) => {
             if let Some(e) = thaw_error {
                 evesnap::warn!(
                     "{}",
-                    evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e))
+                    evesnap::cli::chain(&evesnap::exit::wrap(e))
                 );
             }
             Outcome::failed(
@@ -392,7 +392,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             if let Some(e) = thaw_error {
                 evesnap::warn!(
                     "{}",
-                    evesnap::cli::chain(&evesnap::qga::anyhow_with_exit(e))
+                    evesnap::cli::chain(&evesnap::exit::wrap(e))
                 );
             }
             Outcome::failed(
@@ -404,7 +404,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 ),
             )
         }
-        (Some(e), None, None) => Outcome::failed(doc, TOOL, evesnap::qga::anyhow_with_exit(e)),
+        (Some(e), None, None) => Outcome::failed(doc, TOOL, evesnap::exit::wrap(e)),
         (None, None, None) => Outcome::success(doc),
     }
 }
@@ -445,7 +445,7 @@ mod tests {
             command: "x".into(),
             after: Duration::from_secs(1),
         };
-        let err = evesnap::qga::anyhow_with_exit(Error::Queued(timeout));
+        let err = evesnap::exit::wrap(Error::Queued(timeout));
         assert_eq!(evesnap::cli::exit_of(&err), Exit::ThawFailed);
     }
 }

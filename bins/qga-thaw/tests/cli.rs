@@ -1,68 +1,12 @@
 //! `qga-thaw` against a simulated agent: it thaws whatever the upstream says, and its exit
 //! code reports the pipeline's failure.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
 
-use evesnap::document::Document;
 use evesnap::qga::testing::{FakeAgent, SimState};
+use evesnap_tests::run::{code, doc_of, run, stderr, RunDir};
 
 const THAW: &str = env!("CARGO_BIN_EXE_qga-thaw");
-
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(name: &str) -> RunDir {
-        let dir = std::env::temp_dir().join(format!("evesnap-qt-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("run dir");
-        RunDir(dir)
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-enum Input<'a> {
-    Null,
-    Text(&'a str),
-}
-
-fn run(args: &[&str], input: Input<'_>, dir: &RunDir) -> Output {
-    let mut child = Command::new(THAW)
-        .args(args)
-        .env("EVESNAP_RUN_DIR", &dir.0)
-        .stdin(match input {
-            Input::Null => Stdio::null(),
-            Input::Text(_) => Stdio::piped(),
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    if let Input::Text(text) = input {
-        let mut pipe = child.stdin.take().expect("stdin");
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    child.wait_with_output().expect("wait")
-}
-
-fn doc_of(out: &Output) -> Document {
-    let text = String::from_utf8_lossy(&out.stdout);
-    Document::from_json(&text).unwrap_or_else(|e| panic!("no document ({e}): {text}"))
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn frozen_sim() -> (FakeAgent, evesnap::qga::testing::Sim, String) {
     let (agent, sim) = FakeAgent::simulated(SimState {
@@ -77,7 +21,7 @@ fn frozen_sim() -> (FakeAgent, evesnap::qga::testing::Sim, String) {
 fn thaws_with_agent_flag_and_no_upstream() {
     let dir = RunDir::new("plain");
     let (_agent, sim, address) = frozen_sim();
-    let out = run(&["--agent", &address], Input::Null, &dir);
+    let out = run(Path::new(THAW), &["--agent", &address], None, &dir);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.steps[0].fields["thawed"], 2);
@@ -89,9 +33,9 @@ fn thaws_with_agent_flag_and_no_upstream() {
 fn bad_input_still_thaws_then_reports_it() {
     let dir = RunDir::new("garbage");
     let (_agent, sim, address) = frozen_sim();
-    let out = run(
+    let out = run(Path::new(THAW), 
         &["--agent", &address],
-        Input::Text("{\"version\": 1, \"ok\": tr"),
+        Some("{\"version\": 1, \"ok\": tr"),
         &dir,
     );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
@@ -110,7 +54,7 @@ fn bad_input_still_thaws_then_reports_it() {
 fn a_dead_upstream_still_thaws_and_exits_upstream_failed() {
     let dir = RunDir::new("dead");
     let (_agent, sim, address) = frozen_sim();
-    let out = run(&["--agent", &address], Input::Text(""), &dir);
+    let out = run(Path::new(THAW), &["--agent", &address], Some(""), &dir);
     assert_eq!(code(&out), 5, "{}", stderr(&out));
     assert_eq!(sim.state().frozen, 0);
 }
@@ -125,7 +69,7 @@ fn an_upstream_failure_still_thaws_and_exits_upstream_failed() {
         {{"tool":"zsnap","ok":false,"started_at":"x","duration_ms":1}}],
         "error":{{"tool":"zsnap","kind":"step-failed","message":"out of space"}}}}"#
     );
-    let out = run(&[], Input::Text(&upstream), &dir);
+    let out = run(Path::new(THAW), &[], Some(&upstream), &dir);
     assert_eq!(code(&out), 5, "{}", stderr(&out));
     assert_eq!(sim.state().frozen, 0);
     let doc = doc_of(&out);
@@ -145,9 +89,9 @@ fn an_agent_that_does_not_answer_the_thaw_exits_thaw_failed() {
     state.silent.push("guest-fsfreeze-thaw".into());
     let (agent, _sim) = FakeAgent::simulated(state);
     let address = agent.address.to_string();
-    let out = run(
+    let out = run(Path::new(THAW), 
         &["--agent", &address, "--timeout", "0.5"],
-        Input::Null,
+        None,
         &dir,
     );
     assert_eq!(code(&out), 6, "{}", stderr(&out));
@@ -163,10 +107,10 @@ fn an_agent_that_does_not_answer_the_thaw_exits_thaw_failed() {
 #[test]
 fn an_unreachable_agent_exits_thaw_failed() {
     let dir = RunDir::new("unreach");
-    let missing = dir.0.join("none.sock");
-    let out = run(
+    let missing = dir.path().join("none.sock");
+    let out = run(Path::new(THAW), 
         &["--agent", &missing.to_string_lossy(), "--timeout", "0.3"],
-        Input::Null,
+        None,
         &dir,
     );
     assert_eq!(code(&out), 6, "{}", stderr(&out));
@@ -175,8 +119,8 @@ fn an_unreachable_agent_exits_thaw_failed() {
 #[test]
 fn no_agent_is_a_usage_error() {
     let dir = RunDir::new("noagent");
-    let out = run(&[], Input::Null, &dir);
+    let out = run(Path::new(THAW), &[], None, &dir);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
-    let out = run(&[], Input::Text("{\"version\":1,\"ok\":true}"), &dir);
+    let out = run(Path::new(THAW), &[], Some("{\"version\":1,\"ok\":true}"), &dir);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 }

@@ -111,7 +111,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Outcome {
     report.extra.insert("action".into(), json!(plan.action));
     let lock = match crate::lock::lock_vm(&plan.agent) {
         Ok(lock) => lock,
-        Err(e) => return fail(report, "preflight", evesnap::qga::anyhow_with_exit(e)),
+        Err(e) => return fail(report, "preflight", evesnap::exit::wrap(e)),
     };
     let mut run = Run { plan, zfs, report, events: &mut signals.0, timeout: Duration::from_secs_f64(plan.freeze.timeout_s) };
     let result = match plan.action {
@@ -342,7 +342,7 @@ impl Run<'_> {
                 self.step(timer, false, Map::new());
                 let exit = evesnap::exit::HasExit::exit(&e);
                 let _ = self.run_post(&mut client); // its step records its own result
-                return Err(("freeze", evesnap::qga::anyhow_with_exit(e).context(format!("freeze ({})", exit.kind()))));
+                return Err(("freeze", evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind()))));
             }
         };
         let freeze_returned = Instant::now();
@@ -406,10 +406,11 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The snapshot inside the freeze window, on a worker thread so that a signal is
-    /// answered: the thaw then follows as soon as `zfs snapshot` returns, or after
-    /// [`SIGNAL_GRACE`] at the latest. A snapshot that returns only after such an early
-    /// thaw is destroyed (it may postdate the thaw) and the early thaw's result returned.
+    /// The snapshot inside the freeze window, on a worker thread so that neither a hung
+    /// zfs nor a signal keeps the guest frozen: the thaw follows as soon as `zfs snapshot`
+    /// returns, or after the agent timeout (after [`SIGNAL_GRACE`] once a signal came) at
+    /// the latest. A snapshot that returns only after such an early thaw is destroyed (it
+    /// may postdate the thaw) and the early thaw's result returned.
     #[allow(clippy::type_complexity)]
     fn take_while_frozen(
         &mut self,
@@ -423,19 +424,27 @@ impl Run<'_> {
             scope.spawn(move || {
                 let _ = sender.send(Event::Done(prepared.take()));
             });
-            let mut deadline: Option<Instant> = None;
+            // A zfs that hangs must not keep the guest frozen: the snapshot gets the same
+            // time as an agent call, a signal shortens that to the grace.
+            let started = Instant::now();
+            let mut deadline = started + *timeout;
+            let mut why = format!("`zfs snapshot` did not return within {:.1} s", timeout.as_secs_f64());
             loop {
-                let event = match deadline {
-                    None => events.wait(),
-                    Some(at) => events.wait_timeout(at.saturating_duration_since(Instant::now())),
-                };
-                match event {
+                match events.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Some(Event::Done(result)) => return (result.map_err(anyhow::Error::new), None),
-                    Some(Event::Signal(_)) => {
-                        deadline.get_or_insert_with(|| Instant::now() + SIGNAL_GRACE);
+                    Some(Event::Signal(signal)) => {
+                        let grace = Instant::now() + SIGNAL_GRACE;
+                        if grace < deadline {
+                            deadline = grace;
+                            why = format!(
+                                "interrupted by signal {signal} while `zfs snapshot` ran, which did not return \
+                                 within {} s",
+                                SIGNAL_GRACE.as_secs()
+                            );
+                        }
                     }
                     None => {
-                        if deadline.is_some_and(|at| Instant::now() < at) {
+                        if Instant::now() < deadline {
                             continue;
                         }
                         let thawed = thaw_step(report, client, *timeout, frozen);
@@ -454,9 +463,8 @@ impl Run<'_> {
                             }
                         }
                         let error = anyhow!(
-                            "interrupted while `zfs snapshot` ran: the guest was thawed after {} s without waiting \
-                             for it, so what it created was destroyed ({})",
-                            SIGNAL_GRACE.as_secs(),
+                            "{why}: the guest was thawed without waiting for it, and what it created later was \
+                             destroyed, since it may postdate the thaw ({})",
                             if destroyed.is_empty() { "nothing".to_string() } else { destroyed.join(", ") }
                         );
                         return (Err(error), Some(thawed));
@@ -660,7 +668,7 @@ fn thaw_step(report: &mut Document, client: &mut Client, timeout: Duration, froz
         }
         Err(e) => {
             report.push(timer.finish(false, Map::new()));
-            Err(evesnap::qga::anyhow_with_exit(e))
+            Err(evesnap::exit::wrap(e))
         }
     }
 }

@@ -96,7 +96,7 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
         Some(path) => {
             std::fs::File::open(path)
                 .and_then(|f| f.take(MAX_PLAN_BYTES + 1).read_to_string(&mut text))
-                .map_err(|e| evesnap::qga::anyhow_with_exit(plan::Error::Read(path.display().to_string(), e)))?;
+                .map_err(|e| evesnap::exit::wrap(plan::Error::Read(path.display().to_string(), e)))?;
         }
         None => {
             let stdin = std::io::stdin();
@@ -107,7 +107,7 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
                 .lock()
                 .take(MAX_PLAN_BYTES + 1)
                 .read_to_string(&mut text)
-                .map_err(|e| evesnap::qga::anyhow_with_exit(plan::Error::Read("from stdin".into(), e)))?;
+                .map_err(|e| evesnap::exit::wrap(plan::Error::Read("from stdin".into(), e)))?;
         }
     }
     if text.len() as u64 > MAX_PLAN_BYTES {
@@ -116,5 +116,5 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
     if text.trim().is_empty() {
         return Err(coded(Exit::Usage, "the plan is empty"));
     }
-    Plan::from_json(&text).map_err(evesnap::qga::anyhow_with_exit)
+    Plan::from_json(&text).map_err(evesnap::exit::wrap)
 }

@@ -291,7 +291,7 @@ fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
     let guard = ThawGuard::new(lab, "orch-term");
     let name = format!("t-term-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
-    let (shim, marker) = slow_zfs(&guard.run_dir, 4);
+    let (shim, marker) = slow_zfs(guard.run_dir.path(), 4);
     let mut child = guard
         .command("snap-orchestrate")
         .env("EVESNAP_ZFS", &shim)
@@ -328,7 +328,7 @@ fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
     let first_name = format!("t-busy1-{}", std::process::id());
     let second_name = format!("t-busy2-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![first_name.clone(), second_name.clone()]);
-    let (shim, marker) = slow_zfs(&guard.run_dir, 1);
+    let (shim, marker) = slow_zfs(guard.run_dir.path(), 1);
     let mut first = guard
         .command("snap-orchestrate")
         .env("EVESNAP_ZFS", &shim)
@@ -375,7 +375,7 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
     );
     let out = Command::new("sh")
         .args(["-c", &pipeline])
-        .env("EVESNAP_RUN_DIR", &guard.run_dir)
+        .env("EVESNAP_RUN_DIR", guard.run_dir.path())
         .stdin(Stdio::null())
         .output()
         .expect("pipeline");
@@ -411,7 +411,7 @@ fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
     let guard = ThawGuard::new(lab, "orch-noagent");
     let name = format!("t-noagent-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
-    let missing = guard.run_dir.join("no-such-agent.sock");
+    let missing = guard.run_dir.path().join("no-such-agent.sock");
     let agent = format!("unix:{}", missing.display());
 
     let out = orchestrate(&guard, &plan(lab, json!({"snapshot": name, "agent": agent})), &[]);
@@ -445,4 +445,24 @@ fn a_bad_plan_is_refused_with_the_field_named() {
     let out = run_with_stdin(Command::new(evesnap_tests::bin("snap-orchestrate")), "{\"version\": 1,\n \"agent\": }");
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_hung_zfs_snapshot_does_not_keep_the_guest_frozen() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-hang");
+    let name = format!("t-hang-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let (shim, _marker) = slow_zfs(guard.run_dir.path(), 8);
+    let hanging = plan(lab, json!({"snapshot": name, "freeze": {"timeout_s": 3, "thaw_after_s": 60}}));
+    let out = orchestrate(&guard, &hanging, &[("EVESNAP_ZFS", shim.to_str().expect("utf-8 path"))]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let r = report(&out);
+    assert_eq!(step(&r, "qga-thaw")["ok"], true);
+    let error = r.error.as_ref().expect("error");
+    assert_eq!(error.step, "snapshot");
+    assert!(error.description.contains("did not return within 3.0 s"), "{}", error.description);
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    assert!(snapshots_named(lab, &name).is_empty(), "{:?}", snapshots_named(lab, &name));
 }

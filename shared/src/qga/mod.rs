@@ -10,8 +10,14 @@
 //! sent while the guest was booting. So every connection starts with the byte `0xFF`
 //! (resets the agent's parser), then `guest-sync-delimited` with a random id; everything
 //! up to the `0xFF` that precedes a reply is dropped, and replies carrying another id are
-//! skipped. Commands carry an `id` too; replies with another id are skipped. While the
-//! agent does not answer yet, the sync is repeated until the caller's deadline.
+//! skipped. Commands carry an `id` too (qemu-ga echoes it; verified against 7.2), and
+//! replies with another id or none are skipped, so a late reply to a request that timed
+//! out is never taken for the answer to a later one. While the agent does not answer yet,
+//! the sync is repeated until the caller's deadline; only the newest sync's reply counts.
+//!
+//! After a timeout or garbage the connection is re-synchronised before the next command.
+//! [`Client::execute_unsynced`] is the exception: a rescue thaw queued behind a freeze to
+//! an agent that stopped answering (a paused VM), which runs when it reads again.
 //!
 //! Commands are the typed ones of the `qapi` crate ([`qapi::qga`]), replies are
 //! decoded as [`qapi_spec::Response`].
@@ -143,68 +149,6 @@ impl HasExit for Error {
     }
 }
 
-/// A tool's own error together with its exit code, so that the code survives the trip
-/// through `anyhow::Error` to [`crate::cli`]. Displays as the wrapped error and hands on
-/// its causes, so the chain reads the same.
-#[derive(Debug)]
-pub struct WithExit {
-    exit: Exit,
-    error: Box<dyn std::error::Error + Send + Sync + 'static>,
-}
-
-impl WithExit {
-    pub fn new<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> WithExit {
-        WithExit {
-            exit: error.exit(),
-            error: Box::new(error),
-        }
-    }
-
-    /// The wrapped error.
-    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        &*self.error
-    }
-}
-
-impl std::fmt::Display for WithExit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
-    }
-}
-
-impl std::error::Error for WithExit {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.error.source()
-    }
-}
-
-impl HasExit for WithExit {
-    fn exit(&self) -> Exit {
-        self.exit
-    }
-}
-
-/// Wraps a tool error that knows its exit code into `anyhow::Error`, keeping the code.
-pub fn anyhow_with_exit<E: HasExit + std::error::Error + Send + Sync + 'static>(
-    error: E,
-) -> anyhow::Error {
-    anyhow::Error::new(WithExit::new(error))
-}
-
-/// The exit code of one cause in an error chain, if it is one of this module's errors.
-pub fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
-    if let Some(e) = cause.downcast_ref::<WithExit>() {
-        return Some(e.exit());
-    }
-    if let Some(e) = cause.downcast_ref::<Error>() {
-        return Some(e.exit());
-    }
-    if let Some(e) = cause.downcast_ref::<watchdog::Error>() {
-        return Some(e.exit());
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,7 +203,7 @@ mod tests {
             command: "guest-ping".into(),
             after: Duration::from_millis(1500),
         };
-        let err = anyhow_with_exit(inner).context("outer");
+        let err = crate::exit::wrap(inner).context("outer");
         assert_eq!(crate::cli::exit_of(&err), Exit::AgentTimeout);
         assert_eq!(
             crate::cli::chain(&err),

@@ -107,11 +107,6 @@ impl HasExit for Error {
     }
 }
 
-/// Where watchdog state lives: the tools' runtime folder, [`crate::runtime_dir`].
-pub fn runtime_dir() -> PathBuf {
-    crate::runtime_dir()
-}
-
 /// FNV-1a: a stable hash, so every build names the same address the same way.
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
@@ -125,11 +120,11 @@ fn stem(address: &Address) -> String {
 
 /// The state file of the watchdog for `address`.
 pub fn state_path(address: &Address) -> PathBuf {
-    runtime_dir().join(format!("{}.json", stem(address)))
+    crate::runtime_dir().join(format!("{}.json", stem(address)))
 }
 
 fn log_path(address: &Address) -> PathBuf {
-    runtime_dir().join(format!("{}.log", stem(address)))
+    crate::runtime_dir().join(format!("{}.log", stem(address)))
 }
 
 fn random_token() -> String {
@@ -154,7 +149,7 @@ fn rfc3339_ms(unix_ms: u64) -> String {
 }
 
 fn ensure_runtime_dir() -> Result<PathBuf, Error> {
-    let dir = runtime_dir();
+    let dir = crate::runtime_dir();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -243,7 +238,7 @@ fn start(watchdog: &Watchdog, program: &Path) -> Result<u32, Error> {
         .arg(format!("--{TOKEN_FLAG}={}", watchdog.token))
         .arg(format!("--{DEADLINE_FLAG}={}", watchdog.deadline_unix_ms))
         .arg(format!("--agent={}", watchdog.agent))
-        .env("EVESNAP_RUN_DIR", runtime_dir())
+        .env("EVESNAP_RUN_DIR", crate::runtime_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
