@@ -169,6 +169,8 @@ pub fn openzfs_lab() -> &'static OpenZfsLab {
     static LAB: OnceLock<OpenZfsLab> = OnceLock::new();
     LAB.get_or_init(|| {
         let _guard = lock_in(&openzfs_lab_dir(), "up.lock");
+        // `up` talks to the control agent, which serves one client at a time.
+        let _vm = openzfs_vm_lock();
         let out = openzfs_lab_command(&["up"]);
         assert!(
             out.status.success(),
