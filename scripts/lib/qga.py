@@ -79,6 +79,17 @@ class Agent:
             time.sleep(0.02)
         raise AgentError(f"{argv[0]} did not finish within {timeout} s")
 
+    def upload(self, data, remote, mode="755"):
+        """Writes bytes to a file in the guest (guest-file-*), then chmods it."""
+        handle = self.execute("guest-file-open", {"path": remote, "mode": "w"})
+        try:
+            for i in range(0, len(data), 48 * 1024):
+                chunk = base64.b64encode(data[i:i + 48 * 1024]).decode()
+                self.execute("guest-file-write", {"handle": handle, "buf-b64": chunk})
+        finally:
+            self.execute("guest-file-close", {"handle": handle})
+        self.exec(["/bin/chmod", mode, remote])
+
     def sh(self, script, timeout=30.0):
         """Runs a busybox sh script in the guest; its stdout, or AgentError on failure."""
         code, out, err = self.exec(["/bin/sh", "-c", script], timeout)

@@ -27,6 +27,14 @@ pub fn eve_timestamp(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
+/// Now, in microseconds since the epoch: the clock every tool stamps the freeze window
+/// with, so a pipeline's window can be computed across processes.
+pub fn now_unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A duration in milliseconds with microsecond resolution, for reports.
 pub fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0

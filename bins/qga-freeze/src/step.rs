@@ -52,6 +52,8 @@ pub struct FreezeReport {
     pub agent_version: String,
     /// Round trip of the freeze command alone (the agent runs its hooks inside it).
     pub freeze_ms: f64,
+    /// When the freeze command returned (µs since the epoch): the freeze window starts here.
+    pub frozen_at_unix_us: u64,
     /// The auto-thaw watchdog, if armed.
     pub watchdog: Option<Watchdog>,
 }
@@ -300,6 +302,7 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
             adopted: true,
             agent_version: info.version,
             freeze_ms: 0.0,
+            frozen_at_unix_us: evesnap::time::now_unix_us(),
             watchdog: arm(client)?,
         });
     }
@@ -316,6 +319,7 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
         ),
     };
     let freeze_ms = evesnap::time::millis(started.elapsed());
+    let frozen_at_unix_us = evesnap::time::now_unix_us();
     let frozen = match result {
         Ok(n) => n,
         Err(source) => {
@@ -359,6 +363,7 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
         adopted: false,
         agent_version: info.version,
         freeze_ms,
+        frozen_at_unix_us,
         watchdog,
     })
 }

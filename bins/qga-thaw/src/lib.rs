@@ -61,6 +61,8 @@ pub struct ThawReport {
     pub expected: Option<i64>,
     /// Round trip of the thaw command alone (the agent runs its hooks inside it).
     pub thaw_ms: f64,
+    /// When the thaw command returned (µs since the epoch): the freeze window ends here.
+    pub thawed_at_unix_us: u64,
     /// The watchdog this thaw cancelled, if one was armed.
     pub watchdog_cancelled: Option<Watchdog>,
 }
@@ -109,12 +111,13 @@ pub fn thaw(client: &mut Client, opts: &ThawOptions) -> Result<ThawReport, Error
         client.execute_unsynced(qga::guest_fsfreeze_thaw {}, opts.timeout)
     };
     let thaw_ms = evesnap::time::millis(started.elapsed());
+    let thawed_at_unix_us = evesnap::time::now_unix_us();
     let thawed = match thawed {
         Ok(n) => n,
         Err(e) if e.is_timeout() => return Err(Error::Queued(e)),
         Err(e) => return Err(Error::Thaw(e)),
     };
-    verify(client, opts, thawed, thaw_ms)
+    verify(client, opts, thawed, thaw_ms, thawed_at_unix_us)
 }
 
 /// Verifies a thaw that answered `thawed`, cancels the watchdog, checks the count.
@@ -123,6 +126,7 @@ fn verify(
     opts: &ThawOptions,
     thawed: i64,
     thaw_ms: f64,
+    thawed_at_unix_us: u64,
 ) -> Result<ThawReport, Error> {
     match client.execute_within(qga::guest_fsfreeze_status {}, opts.timeout) {
         Ok(qga::GuestFsfreezeStatus::thawed) => {}
@@ -144,6 +148,7 @@ fn verify(
         thawed,
         expected: opts.expected,
         thaw_ms,
+        thawed_at_unix_us,
         watchdog_cancelled,
     };
     match opts.expected {
@@ -180,6 +185,7 @@ pub fn connect_and_thaw(
                 opts,
                 n,
                 evesnap::time::millis(started.elapsed()),
+                evesnap::time::now_unix_us(),
             ),
             Err(_) => Err(Error::Queued(e)),
         };
