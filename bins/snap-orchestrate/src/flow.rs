@@ -345,7 +345,6 @@ impl Run<'_> {
                 return Err(("freeze", evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind()))));
             }
         };
-        let freeze_returned = Instant::now();
         self.step(timer, true, fields(&frozen));
 
         // 4. Snapshot, on a worker so a signal can be answered by a thaw.
@@ -358,8 +357,12 @@ impl Run<'_> {
             Some(thawed) => thawed,
             None => self.thaw(&mut client, &frozen),
         };
-        let window = freeze_returned.elapsed();
-        self.report.extra.insert("freeze_window_ms".into(), json!(evesnap::time::millis(window)));
+        // From the freeze command's return to the thaw command's return, on one clock.
+        let window_ms = thaw
+            .as_ref()
+            .ok()
+            .map(|thawed_at| thawed_at.saturating_sub(frozen.frozen_at_unix_us) as f64 / 1000.0);
+        self.report.extra.insert("freeze_window_ms".into(), json!(window_ms));
 
         let snapshot = match taken {
             Ok(taken) => match prepared.finish(taken) {
@@ -401,7 +404,7 @@ impl Run<'_> {
             if plan.datasets.len() == 1 { plan.datasets[0].as_str() } else { "<datasets>" },
             plan.snapshot_name(),
             consistency.as_str(),
-            evesnap::time::millis(window)
+            window_ms.unwrap_or_default()
         );
         Ok(())
     }
@@ -417,7 +420,7 @@ impl Run<'_> {
         client: &mut Client,
         prepared: &zsnap::PreparedSnapshot<'_>,
         frozen: &FreezeReport,
-    ) -> (Result<zsnap::Taken, anyhow::Error>, Option<Result<(), anyhow::Error>>) {
+    ) -> (Result<zsnap::Taken, anyhow::Error>, Option<Result<u64, anyhow::Error>>) {
         let sender = self.events.sender();
         let Run { events, report, timeout, zfs, .. } = self;
         std::thread::scope(|scope| {
@@ -474,7 +477,7 @@ impl Run<'_> {
         })
     }
 
-    fn thaw(&mut self, client: &mut Client, frozen: &FreezeReport) -> Result<(), anyhow::Error> {
+    fn thaw(&mut self, client: &mut Client, frozen: &FreezeReport) -> Result<u64, anyhow::Error> {
         thaw_step(&mut self.report, client, self.timeout, frozen)
     }
 
@@ -657,14 +660,20 @@ impl Run<'_> {
     }
 }
 
-/// The thaw step (`qga_thaw::thaw`, verified, watchdog cancelled), recorded in `report`.
-fn thaw_step(report: &mut Document, client: &mut Client, timeout: Duration, frozen: &FreezeReport) -> Result<(), anyhow::Error> {
+/// The thaw step (`qga_thaw::thaw`, verified, watchdog cancelled), recorded in `report`;
+/// when the thaw command returned.
+fn thaw_step(
+    report: &mut Document,
+    client: &mut Client,
+    timeout: Duration,
+    frozen: &FreezeReport,
+) -> Result<u64, anyhow::Error> {
     let timer = StepTimer::start(qga_thaw::TOOL);
     let options = ThawOptions { timeout, expected: frozen.frozen, cancel_watchdog: true };
     match qga_thaw::thaw(client, &options) {
         Ok(thawed) => {
             report.push(timer.finish(true, fields(&thawed)));
-            Ok(())
+            Ok(thawed.thawed_at_unix_us)
         }
         Err(e) => {
             report.push(timer.finish(false, Map::new()));
