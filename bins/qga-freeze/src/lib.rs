@@ -288,6 +288,13 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 ),
                 None => evesnap::note!("{what} (agent {}); no watchdog", report.agent_version),
             }
+            // The watchdog keeps this connection for qga-thaw: closing it would make the
+            // agent pause ~100 ms before it reads the thaw (see the watchdog module).
+            if let Some(w) = &report.watchdog {
+                if let Err(e) = evesnap::qga::watchdog::hand_over(w, client.into_fd()) {
+                    evesnap::note!("the agent connection is closed instead of kept: {}", evesnap::cli::chain(&anyhow::Error::new(e)));
+                }
+            }
             let value = serde_json::to_value(&report).unwrap_or(Value::Null);
             doc.push(timer.finish(true, fields(value)));
             Outcome::success(doc)

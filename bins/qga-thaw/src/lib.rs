@@ -63,6 +63,9 @@ pub struct ThawReport {
     pub thaw_ms: f64,
     /// When the thaw command returned (µs since the epoch): the freeze window ends here.
     pub thawed_at_unix_us: u64,
+    /// The thaw went through the freeze's own connection, kept by its watchdog.
+    #[serde(default)]
+    pub kept_connection: bool,
     /// The watchdog this thaw cancelled, if one was armed.
     pub watchdog_cancelled: Option<Watchdog>,
 }
@@ -149,6 +152,7 @@ fn verify(
         expected: opts.expected,
         thaw_ms,
         thawed_at_unix_us,
+        kept_connection: false,
         watchdog_cancelled,
     };
     match opts.expected {
@@ -169,6 +173,18 @@ pub fn connect_and_thaw(
 ) -> Result<ThawReport, Error> {
     let started = Instant::now();
     let deadline = started + connect_timeout;
+    // The freeze's own connection, kept by its watchdog: no reconnect inside the window.
+    match watchdog::take_over(address) {
+        Ok(Some(fd)) => match Client::from_fd(fd, address.clone(), deadline) {
+            Ok(mut client) => {
+                client.set_timeout(opts.timeout);
+                return thaw(&mut client, opts).map(|report| ThawReport { kept_connection: true, ..report });
+            }
+            Err(e) => evesnap::note!("the kept agent connection failed ({e}); connecting anew"),
+        },
+        Ok(None) => {}
+        Err(e) => evesnap::note!("no kept agent connection: {}", evesnap::cli::chain(&anyhow::Error::new(e))),
+    }
     let mut client = Client::open(address, deadline).map_err(Error::Connect)?;
     client.set_timeout(opts.timeout);
     if let Err(e) = client.sync(deadline) {

@@ -382,6 +382,10 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let piped_doc = doc_of(&out);
     assert!(piped_doc.ok);
+    // The thaw went through the freeze's connection, kept by the watchdog: no reconnect
+    // (and no qemu-ga reconnect pause) inside the window.
+    let thaw = piped_doc.steps.iter().find(|s| s.tool == "qga-thaw").expect("thaw step");
+    assert_eq!(thaw.fields["kept_connection"], true, "{thaw:?}");
 
     let out = orchestrate(&guard, &plan(lab, json!({"snapshot": orchestrated, "type": "immediate"})), &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));

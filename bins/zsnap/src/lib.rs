@@ -146,6 +146,19 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(cli) => cli,
         Err(e) => return Outcome::error(e.into()),
     };
+    let (zfs, locate_error) = match Zfs::locate(cli.zfs.as_deref()) {
+        Ok(zfs) => (Some(zfs), None),
+        Err(e) => (None, Some(e)),
+    };
+    // What the command line alone decides is checked before the upstream document arrives:
+    // in `qga-freeze | zsnap --dataset … --name …`, the guest is frozen while the document
+    // travels, and only the snapshot call is left for that window.
+    let early = match (&zfs, &cli.action) {
+        (Some(zfs), None) if !cli.take.dataset.is_empty() && cli.take.name.is_some() => {
+            Some(prepare(zfs, &cli.take, &cli.take.dataset, cli.take.name.clone().unwrap_or_default(), None))
+        }
+        _ => None,
+    };
     let doc = match evesnap::document::read_stdin() {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
         Err(e) => return Outcome::error(e.into()),
@@ -154,14 +167,46 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     if let Some(outcome) = skip_after_upstream_failure(&doc, TOOL) {
         return outcome(doc, timer);
     }
-    let zfs = match Zfs::locate(cli.zfs.as_deref()) {
-        Ok(z) => z,
-        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+    let zfs = match (&zfs, locate_error) {
+        (Some(zfs), _) => zfs,
+        (None, error) => {
+            let error = error.map_or_else(|| anyhow::anyhow!("zfs was not located"), anyhow::Error::new);
+            return failed(doc, timer, Map::new(), error);
+        }
     };
     match cli.action {
-        None => run_take(&zfs, cli.take, doc, timer),
-        Some(action) => run_action(&zfs, action, doc, timer),
+        None => run_take(zfs, cli.take, doc, timer, early),
+        Some(action) => run_action(zfs, action, doc, timer),
     }
+}
+
+/// The metadata and user properties of a snapshot taken by `args`, with what the upstream
+/// document says (the id it carries, whether the guest is frozen) when there is one.
+fn properties(args: &TakeArgs, doc: Option<&Document>) -> anyhow::Result<Vec<(String, String)>> {
+    let id = args
+        .id
+        .clone()
+        .or_else(|| doc?.extra.get("snapshot_id").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let metadata = Metadata { id, kind: args.kind.clone(), frozen: doc.is_some_and(meta::guest_frozen) };
+    let mut properties = Vec::new();
+    for text in &args.property {
+        let (k, v) = zfs::names::split_user_property(text)?;
+        properties.push((k.to_string(), v.to_string()));
+    }
+    properties.extend(metadata.properties());
+    Ok(properties)
+}
+
+fn prepare<'z>(
+    zfs: &'z Zfs,
+    args: &TakeArgs,
+    datasets: &[String],
+    name: String,
+    doc: Option<&Document>,
+) -> anyhow::Result<PreparedSnapshot<'z>> {
+    let properties = properties(args, doc)?;
+    Ok(preflight(zfs, datasets, &name, &properties, args.min_free)?)
 }
 
 /// When an upstream step failed: a skipped step and the upstream-failed exit code.
@@ -228,42 +273,39 @@ fn datasets_or_document(given: Vec<String>, doc: &Document) -> anyhow::Result<Ve
     Ok(datasets)
 }
 
-fn run_take(zfs: &Zfs, args: TakeArgs, mut doc: Document, timer: StepTimer) -> Outcome {
-    let datasets = match datasets_or_document(args.dataset, &doc) {
-        Ok(d) => d,
-        Err(e) => return failed(doc, timer, Map::new(), e),
-    };
-    let name = args
-        .name
-        .or_else(|| doc.snapshot.clone())
-        .unwrap_or_else(|| evesnap::time::eve_timestamp(time_now()));
-    let id = args
-        .id
-        .or_else(|| {
-            doc.extra
-                .get("snapshot_id")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let metadata = Metadata {
-        id,
-        kind: args.kind,
-        frozen: meta::guest_frozen(&doc),
-    };
-    let mut properties = Vec::new();
-    for text in &args.property {
-        match zfs::names::split_user_property(text) {
-            Ok((k, v)) => properties.push((k.to_string(), v.to_string())),
-            Err(e) => return failed(doc, timer, Map::new(), e.into()),
+fn run_take<'z>(
+    zfs: &'z Zfs,
+    args: TakeArgs,
+    mut doc: Document,
+    timer: StepTimer,
+    early: Option<anyhow::Result<PreparedSnapshot<'z>>>,
+) -> Outcome {
+    let prepared = match early {
+        // Checked before the document came: only what the document adds is set now.
+        Some(Ok(mut prepared)) => match properties(&args, Some(&doc)).and_then(|props| {
+            props.iter().try_for_each(|(k, v)| prepared.set_property(k, v)).map_err(anyhow::Error::new)
+        }) {
+            Ok(()) => prepared,
+            Err(e) => return failed(doc, timer, Map::new(), e),
+        },
+        Some(Err(e)) => return failed(doc, timer, Map::new(), e),
+        None => {
+            let datasets = match datasets_or_document(args.dataset.clone(), &doc) {
+                Ok(d) => d,
+                Err(e) => return failed(doc, timer, Map::new(), e),
+            };
+            let name = args
+                .name
+                .clone()
+                .or_else(|| doc.snapshot.clone())
+                .unwrap_or_else(|| evesnap::time::eve_timestamp(time_now()));
+            match prepare(zfs, &args, &datasets, name, Some(&doc)) {
+                Ok(p) => p,
+                Err(e) => return failed(doc, timer, Map::new(), e),
+            }
         }
-    }
-    properties.extend(metadata.properties());
-
-    let prepared = match preflight(zfs, &datasets, &name, &properties, args.min_free) {
-        Ok(p) => p,
-        Err(e) => return failed(doc, timer, Map::new(), e.into()),
     };
+    let name = prepared.name.clone();
     let mut plan = Map::new();
     plan.insert(
         "method".into(),

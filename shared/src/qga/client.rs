@@ -178,6 +178,11 @@ impl Client {
         Ok(client)
     }
 
+    /// The connection itself, for handing it over (the next user re-synchronises it).
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        self.stream.into_fd()
+    }
+
     fn new(stream: Stream, address: Address) -> Client {
         Client {
             stream,

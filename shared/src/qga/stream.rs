@@ -103,6 +103,11 @@ impl Stream {
         Ok(Stream { fd })
     }
 
+    /// The connected socket, for handing the connection to another process.
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Writes all of `data` by the deadline.
     pub(crate) fn write_all(&self, mut data: &[u8], deadline: Instant) -> Result<(), WaitError> {
         while !data.is_empty() {

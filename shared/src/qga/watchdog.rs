@@ -17,6 +17,13 @@
 //! connects, and if the guest is frozen it thaws and verifies, retrying for
 //! [`FIRE_RETRY_WINDOW`] if the agent does not answer (a paused VM).
 //!
+//! The watchdog also keeps the freezing tool's agent connection, handed over through its
+//! keeper socket (`watchdog-<hash>.sock`, SCM_RIGHTS) when that tool exits, and hands it
+//! on to the thaw, for at most [`KEEP_FOR`]. qemu-ga, when its virtio-serial client
+//! disconnects, sleeps about 100 ms before it reads again; a pipeline that hands the one
+//! connection along never pays that inside the freeze window. Without a hand-over, or
+//! after [`KEEP_FOR`], everyone connects as usual.
+//!
 //! The process is started as `<program> --watchdog-detach --watchdog-token T
 //! --watchdog-deadline-ms D --agent A`: that first process starts the real watchdog
 //! (the same program without `--watchdog-detach`, stdio detached, its own session),
@@ -24,12 +31,16 @@
 //! `qga-freeze` is such a program ([`main`] does the work).
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, IoSliceMut, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use super::{commands, Address, Client};
@@ -39,6 +50,11 @@ use crate::exit::{Exit, HasExit};
 pub const DETACH_FLAG: &str = "watchdog-detach";
 pub const TOKEN_FLAG: &str = "watchdog-token";
 pub const DEADLINE_FLAG: &str = "watchdog-deadline-ms";
+
+/// How long a watchdog keeps a handed-over connection for the thaw. The agent serves one
+/// client at a time: anyone else waits while it is kept, so only briefly (a pipeline's
+/// snapshot takes milliseconds); after that the thaw reconnects as usual.
+pub const KEEP_FOR: Duration = Duration::from_secs(2);
 
 /// How long a watchdog keeps trying to thaw after its deadline.
 pub const FIRE_RETRY_WINDOW: Duration = Duration::from_secs(600);
@@ -91,6 +107,12 @@ pub enum Error {
         #[source]
         source: nix::errno::Errno,
     },
+    #[error("cannot hand the agent connection over through {}", path.display())]
+    Handover {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("the watchdog could not thaw the guest within {}s after its deadline", FIRE_RETRY_WINDOW.as_secs())]
     GaveUp {
         #[source]
@@ -125,6 +147,115 @@ pub fn state_path(address: &Address) -> PathBuf {
 
 fn log_path(address: &Address) -> PathBuf {
     crate::runtime_dir().join(format!("{}.log", stem(address)))
+}
+
+/// The keeper socket of the watchdog for `address`.
+pub fn keeper_path(address: &Address) -> PathBuf {
+    crate::runtime_dir().join(format!("{}.sock", stem(address)))
+}
+
+/// Longest keeper request or reply line.
+const KEEPER_LINE: usize = 128;
+
+fn send_with_fd(socket: &UnixStream, line: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    let sent = socket::sendmsg::<()>(socket.as_raw_fd(), &[IoSlice::new(line.as_bytes())], &cmsgs, MsgFlags::empty(), None)?;
+    if sent != line.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short keeper message"));
+    }
+    Ok(())
+}
+
+/// One line and at most one descriptor. A stream socket delivers the descriptor with the
+/// first byte of the message it was sent with, which is all there is here.
+fn receive_with_fd(socket: &UnixStream) -> io::Result<(String, Option<OwnedFd>)> {
+    let mut buf = [0u8; KEEPER_LINE];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = socket::recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fd = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for raw in fds {
+                let owned = own_received(raw);
+                if fd.is_none() {
+                    fd = Some(owned);
+                }
+            }
+        }
+    }
+    let n = msg.bytes;
+    let line = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+    Ok((line, fd))
+}
+
+/// Takes ownership of a descriptor received with SCM_RIGHTS.
+#[allow(unsafe_code)]
+fn own_received(raw: RawFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: recvmsg just installed `raw` in this process's table for this message; no
+    // other owner exists, and it is owned exactly once here.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Hands the agent connection of a successful freeze to the watchdog `watchdog`, which
+/// keeps it open for the thaw (see the module documentation).
+pub fn hand_over(watchdog: &Watchdog, connection: OwnedFd) -> Result<(), Error> {
+    let address: Address = watchdog.agent.parse().map_err(|e| Error::Handover {
+        path: PathBuf::new(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    let path = keeper_path(&address);
+    let handover = |source| Error::Handover { path: path.clone(), source };
+    let socket = UnixStream::connect(&path).map_err(handover)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(handover)?;
+    send_with_fd(&socket, &format!("hold {}\n", watchdog.token), Some(connection.as_fd())).map_err(handover)?;
+    let (reply, _) = receive_with_fd(&socket).map_err(handover)?;
+    if reply != "ok" {
+        return Err(handover(io::Error::other(format!("the watchdog answered {reply:?}"))));
+    }
+    Ok(())
+}
+
+/// Takes the agent connection the watchdog for `address` keeps, if it keeps one.
+pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
+    let Some(watchdog) = current(address)? else {
+        return Ok(None);
+    };
+    let path = keeper_path(address);
+    let handover = |source| Error::Handover { path: path.clone(), source };
+    let socket = match UnixStream::connect(&path) {
+        Ok(socket) => socket,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(handover(e)),
+    };
+    socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(handover)?;
+    send_with_fd(&socket, &format!("take {}\n", watchdog.token), None).map_err(handover)?;
+    let (reply, fd) = receive_with_fd(&socket).map_err(handover)?;
+    Ok(if reply == "ok" { fd } else { None })
+}
+
+/// Serves one keeper request: `hold <token>` (with a descriptor) or `take <token>`.
+fn serve_keeper(listener: &UnixListener, token: &str, held: &mut Option<(OwnedFd, Instant)>) {
+    let Ok((socket, _)) = listener.accept() else { return };
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = socket.set_write_timeout(Some(Duration::from_secs(2)));
+    let Ok((line, fd)) = receive_with_fd(&socket) else { return };
+    let reply = match (line.split_once(' '), fd) {
+        (Some(("hold", t)), Some(fd)) if t == token => {
+            *held = Some((fd, Instant::now()));
+            send_with_fd(&socket, "ok\n", None)
+        }
+        (Some(("take", t)), None) if t == token => match held.take() {
+            Some((fd, _)) => send_with_fd(&socket, "ok\n", Some(fd.as_fd())),
+            None => send_with_fd(&socket, "none\n", None),
+        },
+        _ => send_with_fd(&socket, "refused\n", None),
+    };
+    if let Err(e) = reply {
+        crate::warn!("watchdog keeper: {e}");
+    }
 }
 
 fn random_token() -> String {
@@ -385,8 +516,15 @@ pub fn main(
 
 /// Waits for the deadline while armed, then thaws if the guest is frozen.
 pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Ending, Error> {
+    let keeper = keeper_path(address);
+    let _ = fs::remove_file(&keeper);
+    let listener = UnixListener::bind(&keeper)
+        .map_err(|e| crate::warn!("watchdog: no keeper socket {}: {e}", keeper.display()))
+        .ok();
+    let mut held: Option<(OwnedFd, Instant)> = None;
     loop {
         if !is_current(address, token) {
+            let _ = fs::remove_file(&keeper);
             return Ok(Ending::Cancelled);
         }
         let Ok(left) = deadline.duration_since(SystemTime::now()) else {
@@ -395,14 +533,34 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
         if left.is_zero() {
             break;
         }
-        std::thread::sleep(left.min(Duration::from_millis(500)));
+        let mut wait = left.min(Duration::from_millis(500));
+        if let Some((_, since)) = &held {
+            match KEEP_FOR.checked_sub(since.elapsed()) {
+                // Kept long enough: let other clients in.
+                None => held = None,
+                Some(keep) => wait = wait.min(keep),
+            }
+        }
+        match &listener {
+            Some(listener) => {
+                let millis = wait.as_millis().clamp(1, 500) as u16;
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                if let Ok(n) = nix::poll::poll(&mut fds, PollTimeout::from(millis)) {
+                    if n > 0 {
+                        serve_keeper(listener, token, &mut held);
+                    }
+                }
+            }
+            None => std::thread::sleep(wait),
+        }
     }
+    let _ = fs::remove_file(&keeper);
     let give_up = Instant::now() + FIRE_RETRY_WINDOW;
     loop {
         if !is_current(address, token) {
             return Ok(Ending::Cancelled);
         }
-        match thaw_once(address) {
+        match thaw_once(address, held.take().map(|(fd, _)| fd)) {
             Ok(ending) => {
                 if is_current(address, token) {
                     let _ = remove_state(&state_path(address));
@@ -421,8 +579,12 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
     }
 }
 
-fn thaw_once(address: &Address) -> Result<Ending, super::Error> {
-    let mut client = Client::connect(address, Instant::now() + Duration::from_secs(15))?;
+fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<Ending, super::Error> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut client = match held {
+        Some(fd) => Client::from_fd(fd, address.clone(), deadline)?,
+        None => Client::connect(address, deadline)?,
+    };
     client.set_timeout(Duration::from_secs(15));
     if client.fsfreeze_status()? == commands::GuestFsfreezeStatus::thawed {
         return Ok(Ending::NotFrozen);
