@@ -10,6 +10,7 @@ pub mod exit;
 pub mod log;
 pub mod qga;
 pub mod qmp;
+pub mod request;
 pub mod time;
 pub mod zfs;
 

@@ -93,3 +93,30 @@ impl Drop for ThawGuard<'_> {
         }
     }
 }
+
+/// Copies a host file into the guest (`guest-file-open/write/close`, 512 KiB chunks).
+pub fn guest_upload(client: &mut Client, local: &std::path::Path, remote: &str) {
+    use evesnap::qga::commands::{guest_file_close, guest_file_open, guest_file_write};
+    let data = std::fs::read(local).expect("read the file to upload");
+    let handle = client
+        .execute(guest_file_open {
+            path: remote.into(),
+            mode: Some("w".into()),
+        })
+        .expect("guest-file-open");
+    for chunk in data.chunks(512 * 1024) {
+        client
+            .execute_within(
+                guest_file_write {
+                    handle,
+                    buf_b64: chunk.to_vec(),
+                    count: None,
+                },
+                Duration::from_secs(60),
+            )
+            .expect("guest-file-write");
+    }
+    client
+        .execute(guest_file_close { handle })
+        .expect("guest-file-close");
+}

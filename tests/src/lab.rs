@@ -26,6 +26,9 @@ pub struct Lab {
     pub guest_mounts: BTreeMap<String, String>,
     /// How the guest sees each dataset: `{"serial": "disk0", "pci": "0000:00:07.0"}`.
     pub disks: BTreeMap<String, serde_json::Value>,
+    /// The VM's volumes map for `snap-orchestrate serve --volumes` (`disks` as a file).
+    #[serde(default)]
+    pub volumes: Option<PathBuf>,
     pub qemu_pid: u32,
 }
 

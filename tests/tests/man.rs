@@ -12,6 +12,7 @@ fn commands() -> Vec<clap::Command> {
         zsnap::command(),
         zrollback::command(),
         snap_orchestrate::command(),
+        eve_guest_agent::command(),
     ]
 }
 

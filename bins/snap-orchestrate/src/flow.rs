@@ -11,6 +11,7 @@
 //! application, umount) → verify no guest filesystem sits on the volumes → rollback →
 //! guest_post (e.g. drop caches, mount, start the application) → report.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
@@ -319,7 +320,10 @@ impl Run<'_> {
         }
 
         // 3. Freeze. The freeze step arms the watchdog before freezing.
-        let consistency = if pre_ok { Consistency::Application } else { Consistency::Filesystem };
+        // Application-consistent only when something quiesced the application: the plan's
+        // own commands, all successful, or the caller.
+        let quiesced = (pre_ok && !plan.guest_pre.is_empty()) || plan.application_quiesced;
+        let consistency = if quiesced { Consistency::Application } else { Consistency::Filesystem };
         if let Err(e) = prepared.set_property(CONSISTENCY_PROPERTY, consistency.as_str()) {
             return Err(("preflight", anyhow::Error::new(e)));
         }
@@ -422,16 +426,22 @@ impl Run<'_> {
         frozen: &FreezeReport,
     ) -> (Result<zsnap::Taken, anyhow::Error>, Option<Result<u64, anyhow::Error>>) {
         let sender = self.events.sender();
-        let Run { events, report, timeout, zfs, .. } = self;
+        let Run { events, report, timeout, zfs, plan, .. } = self;
         std::thread::scope(|scope| {
             scope.spawn(move || {
                 let _ = sender.send(Event::Done(prepared.take()));
             });
             // A zfs that hangs must not keep the guest frozen: the snapshot gets the same
-            // time as an agent call, a signal shortens that to the grace.
+            // time as an agent call, a signal shortens that to the grace. Never longer than
+            // the watchdog's deadline: while this holds the agent's one connection, the
+            // watchdog cannot get through to thaw.
             let started = Instant::now();
-            let mut deadline = started + *timeout;
-            let mut why = format!("`zfs snapshot` did not return within {:.1} s", timeout.as_secs_f64());
+            let limit = match plan.freeze.thaw_after_s {
+                t if t > 0.0 => (*timeout).min(Duration::from_secs_f64(t)),
+                _ => *timeout,
+            };
+            let mut deadline = started + limit;
+            let mut why = format!("`zfs snapshot` did not return within {:.1} s", limit.as_secs_f64());
             loop {
                 match events.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Some(Event::Done(result)) => return (result.map_err(anyhow::Error::new), None),
@@ -552,7 +562,8 @@ impl Run<'_> {
         let mut agent = None;
         if !vm_stopped {
             let mut needed = vec!["guest-get-fsinfo"];
-            if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() {
+            let resolves = plan.disks.values().any(|d| d.dev.is_some());
+            if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() || resolves {
                 needed.extend(["guest-exec", "guest-exec-status"]);
             }
             // Without an agent nothing can show the volumes are unused: it is required here.
@@ -577,7 +588,32 @@ impl Run<'_> {
                 ));
             }
         }
-        self.step(timer, true, fields(json!({ "vm_stopped": vm_stopped, "plan": target })));
+        // `disks.*.dev` resolved in the guest, before anything changes there.
+        let mut devices: BTreeMap<&str, String> = BTreeMap::new();
+        if let Some((client, _)) = agent.as_mut() {
+            for (dataset, disk) in &plan.disks {
+                let Some(dev) = &disk.dev else { continue };
+                match guest::resolve_dev(client, dev, self.timeout) {
+                    Ok(node) => {
+                        devices.insert(dataset, node);
+                    }
+                    Err(why) => {
+                        self.step(timer, false, fields(json!({ "devices": devices })));
+                        return Err((
+                            "preflight",
+                            coded(
+                                Exit::Preflight,
+                                format!(
+                                    "cannot tell whether {dataset} is mounted in the guest: `disks.{dataset}.dev` \
+                                     does not resolve there: {why}"
+                                ),
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        self.step(timer, true, fields(json!({ "vm_stopped": vm_stopped, "plan": target, "devices": devices })));
         self.check_signal("guest_pre")?;
 
         if let Some((client, _)) = agent.as_mut() {
@@ -594,7 +630,9 @@ impl Run<'_> {
                     .datasets
                     .iter()
                     .filter_map(|d| {
-                        let mounts = plan.disks.get(d).map(|disk| guest::mounts_on(&filesystems, disk)).unwrap_or_default();
+                        let dev = devices.get(d.as_str()).map(String::as_str);
+                        let mounts =
+                            plan.disks.get(d).map(|disk| guest::mounts_on(&filesystems, disk, dev)).unwrap_or_default();
                         (!mounts.is_empty()).then(|| format!("{d}: {}", mounts.join(", ")))
                     })
                     .collect::<Vec<_>>(),

@@ -94,23 +94,99 @@ pub fn parse_pci(text: &str) -> Option<(i64, i64, i64, i64)> {
     Some((hex(domain)?, hex(bus)?, hex(slot)?, hex(function)?))
 }
 
+/// Runs the first of `programs` (same program, usual places) the guest can start.
+fn guest_run(
+    client: &mut Client,
+    programs: &[&str],
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(String, evesnap::qga::ExecResult), String> {
+    let mut tried = Vec::new();
+    for program in programs {
+        match client.guest_exec(program, args, timeout) {
+            Ok(done) => return Ok((program.to_string(), done)),
+            // Not there (or not runnable): the next one.
+            Err(e) => tried.push(format!("{program}: {}", evesnap::cli::chain(&anyhow::Error::new(e)))),
+        }
+    }
+    Err(format!("cannot run it in the guest ({})", tried.join("; ")))
+}
+
+/// Resolves the plan's `disks.*.dev` in the guest to the block device it names, e.g.
+/// `/dev/zvol/persist/vault/volumes/v.1` → `/dev/zd16`: `readlink -f`, then `test -b` (a
+/// `readlink -f` of a path whose last part does not exist prints the path and succeeds,
+/// and a mistyped path must not make every filesystem look unrelated). Argv only.
+pub fn resolve_dev(client: &mut Client, dev: &str, timeout: Duration) -> Result<String, String> {
+    let (program, done) = guest_run(client, &["/bin/readlink", "/usr/bin/readlink"], &["-f", dev], timeout)
+        .map_err(|e| format!("readlink: {e}"))?;
+    let out = String::from_utf8_lossy(&done.stdout);
+    let path = out.trim();
+    if !done.success() || !path.starts_with("/dev/") || path.contains(char::is_whitespace) {
+        let err = String::from_utf8_lossy(&done.stderr);
+        return Err(format!(
+            "`{program} -f {dev}` in the guest gave {path:?} (exit {:?}{}): not a device node",
+            done.exitcode,
+            if err.trim().is_empty() { String::new() } else { format!(", {}", err.trim()) }
+        ));
+    }
+    let (program, done) =
+        guest_run(client, &["/bin/test", "/usr/bin/test"], &["-b", path], timeout).map_err(|e| format!("test: {e}"))?;
+    if !done.success() {
+        return Err(format!(
+            "{dev} resolves to {path}, which is not a block device in the guest (`{program} -b` exit {:?})",
+            done.exitcode
+        ));
+    }
+    Ok(path.to_string())
+}
+
+/// Is the kernel device `name` (`zd0`, `vda1`, `zd16p2`) the device `base` (`zd0`, `vda`)
+/// or one of its partitions?
+fn same_device(name: &str, base: &str) -> bool {
+    let Some(rest) = name.strip_prefix(base) else { return false };
+    if rest.is_empty() {
+        return true;
+    }
+    // vda → vda1; zd0, nvme0n1 → zd0p1, nvme0n1p1 (a digit before the partition number).
+    let digits = if base.ends_with(|c: char| c.is_ascii_digit()) { rest.strip_prefix('p') } else { Some(rest) };
+    digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The kernel name of a device node: `/dev/zd16` → `zd16`.
+fn kernel_name(dev: &str) -> &str {
+    dev.rsplit('/').next().unwrap_or(dev)
+}
+
 /// Does the agent's description of a disk designate `disk`? By serial where both sides
-/// have one, else by PCI address; `None` when nothing can tell.
-fn same_disk(address: &qga::GuestDiskAddress, disk: &GuestDisk) -> Option<bool> {
+/// have one, else by device node (`dev`, resolved in the guest), else by PCI address;
+/// `None` when nothing can tell.
+fn same_disk(address: &qga::GuestDiskAddress, disk: &GuestDisk, dev: Option<&str>) -> Option<bool> {
     if let (Some(want), Some(have)) = (&disk.serial, &address.serial) {
         return Some(want == have);
+    }
+    if let (Some(want), Some(have)) = (dev, address.dev.as_deref()) {
+        // The agent names the whole disk; the plan may name one of its partitions.
+        return Some(same_device(kernel_name(want), kernel_name(have)));
     }
     let (domain, bus, slot, function) = parse_pci(disk.pci.as_deref()?)?;
     let pci = &address.pci_controller;
     Some(pci.domain == domain && pci.bus == bus && pci.slot == slot && pci.function == function)
 }
 
-/// The guest's mountpoints that sit on `disk`, from `guest-get-fsinfo`. An entry that
-/// cannot be told apart from `disk` counts as on it: a rollback must never guess.
-pub fn mounts_on(filesystems: &[qga::GuestFilesystemInfo], disk: &GuestDisk) -> Vec<String> {
+/// The guest's mountpoints that sit on `disk`, from `guest-get-fsinfo`; `dev` is the
+/// device node `disk.dev` resolved to in the guest ([`resolve_dev`]). An entry that cannot
+/// be told apart from `disk` counts as on it: a rollback must never guess.
+///
+/// The agent reports a filesystem on a device without a bus address (a zvol `zdN`, a loop
+/// or zram device) with an empty `disk` list: only its kernel name (`name`) can tie it to
+/// `disk`, and only through `dev`. Serial and PCI address cannot see such filesystems.
+pub fn mounts_on(filesystems: &[qga::GuestFilesystemInfo], disk: &GuestDisk, dev: Option<&str>) -> Vec<String> {
     filesystems
         .iter()
-        .filter(|fs| fs.disk.iter().any(|address| same_disk(address, disk) != Some(false)))
+        .filter(|fs| {
+            dev.is_some_and(|dev| same_device(&fs.name, kernel_name(dev)))
+                || fs.disk.iter().any(|address| same_disk(address, disk, dev) != Some(false))
+        })
         .map(|fs| format!("{} ({})", fs.mountpoint, fs.name))
         .collect()
 }
@@ -129,10 +205,10 @@ mod tests {
     #[test]
     fn matches_by_pci_when_the_agent_reports_no_serial() {
         let fs = fsinfo(LAB);
-        let disk0 = GuestDisk { serial: Some("disk0".into()), pci: Some("0000:00:07.0".into()) };
-        assert_eq!(mounts_on(&fs, &disk0), vec!["/data0 (vda)"]);
-        let elsewhere = GuestDisk { serial: None, pci: Some("0000:00:09.0".into()) };
-        assert!(mounts_on(&fs, &elsewhere).is_empty());
+        let disk0 = GuestDisk { serial: Some("disk0".into()), pci: Some("0000:00:07.0".into()), dev: None };
+        assert_eq!(mounts_on(&fs, &disk0, None), vec!["/data0 (vda)"]);
+        let elsewhere = GuestDisk { serial: None, pci: Some("0000:00:09.0".into()), dev: None };
+        assert!(mounts_on(&fs, &elsewhere, None).is_empty());
     }
 
     #[test]
@@ -140,11 +216,60 @@ mod tests {
         let with_serial = LAB.replace(r#""dev": "/dev/vda""#, r#""dev": "/dev/vda", "serial": "disk0""#);
         let fs = fsinfo(&with_serial);
         // The serial says disk0 even though the PCI address given is another one.
-        let disk0 = GuestDisk { serial: Some("disk0".into()), pci: Some("0000:00:09.0".into()) };
-        assert_eq!(mounts_on(&fs, &disk0), vec!["/data0 (vda)"]);
+        let disk0 = GuestDisk { serial: Some("disk0".into()), pci: Some("0000:00:09.0".into()), dev: None };
+        assert_eq!(mounts_on(&fs, &disk0, None), vec!["/data0 (vda)"]);
         // Nothing to compare: both filesystems may be on it.
-        let unknown = GuestDisk { serial: Some("diskX".into()), pci: None };
-        assert_eq!(mounts_on(&fsinfo(LAB), &unknown).len(), 2);
+        let unknown = GuestDisk { serial: Some("diskX".into()), pci: None, dev: None };
+        assert_eq!(mounts_on(&fsinfo(LAB), &unknown, None).len(), 2);
+    }
+
+    // Verbatim from qemu-ga 7.2 inside the OpenZFS lab guest (vsock agent, udev running): the
+    // zvols' ext4 filesystems, with no disk address at all.
+    const ZVOLS: &str = r#"[{"name": "zd0", "total-bytes": 110621696, "mountpoint": "/mnt/6f1e0a52-3c8d-4b7a-9e21-5d4c3b2a1f00", "disk": [], "used-bytes": 14336, "type": "ext4"}, {"name": "zd16", "total-bytes": 223465472, "mountpoint": "/mnt/a3b9c7d1-2e4f-4a6b-8c0d-1e2f3a4b5c6d", "disk": [], "used-bytes": 14336, "type": "ext4"}]"#;
+
+    #[test]
+    fn zvols_are_matched_by_their_resolved_device() {
+        let fs = fsinfo(ZVOLS);
+        let thick = GuestDisk { serial: None, pci: None, dev: Some("/dev/zvol/persist/vault/volumes/6f1e.1".into()) };
+        assert_eq!(mounts_on(&fs, &thick, Some("/dev/zd0")), vec!["/mnt/6f1e0a52-3c8d-4b7a-9e21-5d4c3b2a1f00 (zd0)"]);
+        assert_eq!(mounts_on(&fs, &thick, Some("/dev/zd16")), vec!["/mnt/a3b9c7d1-2e4f-4a6b-8c0d-1e2f3a4b5c6d (zd16)"]);
+        // zd1 is not zd16's prefix-sibling; zd0p1 is zd0's partition.
+        assert!(mounts_on(&fs, &thick, Some("/dev/zd1")).is_empty());
+        let part = fsinfo(&ZVOLS.replace(r#""name": "zd0""#, r#""name": "zd0p1""#));
+        assert_eq!(mounts_on(&part, &thick, Some("/dev/zd0")).len(), 1);
+    }
+
+    /// The bug the OpenZFS lab found: serial or PCI address cannot see a filesystem the
+    /// agent reports with `disk: []`, so a rollback went ahead under the mounted zvols.
+    /// Such a plan still sees nothing (documented); `dev` is what sees them.
+    #[test]
+    fn serial_and_pci_cannot_see_zvols() {
+        let fs = fsinfo(ZVOLS);
+        let by_pci = GuestDisk { serial: Some("persist0".into()), pci: Some("0000:00:07.0".into()), dev: None };
+        assert!(mounts_on(&fs, &by_pci, None).is_empty());
+        let both = GuestDisk { dev: Some("/dev/zvol/p/v".into()), ..by_pci };
+        assert_eq!(mounts_on(&fs, &both, Some("/dev/zd16")).len(), 1);
+    }
+
+    #[test]
+    fn dev_matches_the_agents_device_node() {
+        let fs = fsinfo(LAB);
+        let by_id = GuestDisk { serial: None, pci: None, dev: Some("/dev/disk/by-id/virtio-disk1".into()) };
+        assert_eq!(mounts_on(&fs, &by_id, Some("/dev/vdb")), vec!["/data1 (vdb)"]);
+        assert_eq!(mounts_on(&fs, &by_id, Some("/dev/vdb1")), vec!["/data1 (vdb)"]);
+        assert!(mounts_on(&fs, &by_id, Some("/dev/vdc")).is_empty());
+    }
+
+    #[test]
+    fn device_names() {
+        assert!(same_device("zd0", "zd0"));
+        assert!(same_device("zd0p1", "zd0"));
+        assert!(!same_device("zd16", "zd1"));
+        assert!(!same_device("zd1p", "zd1"));
+        assert!(same_device("vda1", "vda"));
+        assert!(!same_device("vdab", "vda"));
+        assert!(same_device("nvme0n1p2", "nvme0n1"));
+        assert_eq!(kernel_name("/dev/zd16"), "zd16");
     }
 
     #[test]

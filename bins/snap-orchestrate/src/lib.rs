@@ -17,17 +17,21 @@
 //! `retention` (create); `preflight`, `guest_pre`, `unmounted`, `zrollback`, `guest_post`
 //! (rollback). Each has `tool`, `ok`, `started_at`, `duration_ms` and its own fields;
 //! guest command steps carry each command's exit status and output.
+//!
+//! `snap-orchestrate serve` ([`serve`]) is the host end of VM-initiated snapshots: it serves
+//! the requests of `eve-guest-agent` in the guest with the same flow.
 
 pub mod flow;
 pub mod guest;
 mod interrupt;
 pub mod lock;
 pub mod plan;
+pub mod serve;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
 use evesnap::zfs::{self, Zfs};
@@ -50,10 +54,14 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
         plan says so) or when guest_pre released them and the guest agent shows no filesystem mounted \
         on them (matched by disk serial, else PCI address, from the plan's `disks`).\n\n\
         One orchestration per VM runs at a time (a lock keyed by the agent address).\n\n\
-        The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema.",
-    after_help = Exit::table()
+        The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema.\n\n\
+        `snap-orchestrate serve` is the host end of VM-initiated snapshots (eve-guest-agent in the guest).",
+    after_help = Exit::table(),
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// Read the plan from FILE instead of stdin.
     #[arg(long, value_name = "FILE")]
     plan: Option<PathBuf>,
@@ -63,6 +71,27 @@ struct Cli {
     /// Print the plan's JSON Schema and exit.
     #[arg(long, exclusive = true)]
     print_schema: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Serve snapshot requests from inside a VM (eve-guest-agent) on its virtio-serial port.
+    #[command(
+        long_about = "Connects to the host end of a VM's virtio-serial port org.lfedge.eve.snapshot.0 \
+            (QEMU's `-chardev socket,server=on`; reconnects when QEMU restarts) and serves the JSON-line \
+            requests of eve-guest-agent in the guest, one at a time: create (freeze through the guest \
+            agent, one snapshot, thaw; refused without room, with the preflight's numbers), list, and \
+            rollback (refused while the disk is mounted in the guest). The guest can only name disks of \
+            --volumes, identified through guest-get-fsinfo (mounted) or by serial and PCI address \
+            (unmounted); it never names a dataset. Garbage, unknown fields and lines over 64 KiB get an \
+            error reply; the listener reads on.\n\n\
+            Each request is recorded as one JSON line on stdout: {at, request, reply, report}, report \
+            being the flow's full report. Exits 0 on SIGINT/SIGTERM/SIGHUP; a signal during a request \
+            stops its flow as it stops the orchestrator's (the guest is thawed), the guest gets the error \
+            reply, then the listener exits.",
+        after_help = Exit::table()
+    )]
+    Serve(serve::ServeArgs),
 }
 
 /// The command line of `snap-orchestrate`.
@@ -75,6 +104,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(cli) => cli,
         Err(e) => return Outcome::error(e.into()),
     };
+    if let Some(Sub::Serve(args)) = &cli.command {
+        return serve::run(args);
+    }
     if cli.print_schema {
         print!("{}", plan::schema());
         return Outcome::default();

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 /// The plan format version this tool reads.
 pub const VERSION: u32 = 1;
 
+/// The longest time a plan may give (a year): every duration becomes a deadline
+/// (`Instant + Duration`), which a larger value would overflow.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
@@ -41,11 +45,16 @@ pub struct Plan {
     /// `max_snapshots`), oldest removed first, never a held one.
     #[serde(default)]
     pub max_snapshots: Option<u32>,
+    /// The caller quiesced the application itself (e.g. a request from inside the guest):
+    /// a frozen snapshot then counts as application-consistent without `guest_pre`.
+    #[serde(default)]
+    pub application_quiesced: bool,
     /// For `action: rollback`.
     #[serde(default)]
     pub rollback: Option<RollbackPlan>,
     /// How the guest sees each dataset, for the "not mounted in the guest" check before a
-    /// rollback: by virtio serial, or by PCI address where the agent reports no serial.
+    /// rollback: by virtio serial, by PCI address where the agent reports no serial, or by a
+    /// device path resolved in the guest (zvols, which the agent reports with neither).
     #[serde(default)]
     pub disks: BTreeMap<String, GuestDisk>,
 }
@@ -138,6 +147,13 @@ pub struct GuestDisk {
     /// PCI address `domain:bus:slot.function` in hex, e.g. `0000:00:07.0`.
     #[serde(default)]
     pub pci: Option<String>,
+    /// A device path in the guest, e.g. `/dev/zvol/persist/vault/volumes/<uuid>.1` or
+    /// `/dev/disk/by-id/virtio-<serial>`: resolved in the guest (`readlink -f` through
+    /// `guest-exec`) and compared with the device names the agent reports. For disks the
+    /// agent reports without serial or PCI address, such as the zvols (`/dev/zdN`) of an
+    /// agent that runs where the pool is.
+    #[serde(default)]
+    pub dev: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +208,8 @@ impl Plan {
         }
         for (what, t) in [("freeze.timeout_s", self.freeze.timeout_s), ("freeze.thaw_after_s", self.freeze.thaw_after_s)]
         {
-            if !t.is_finite() || t < 0.0 {
-                return invalid(format!("`{what}` must be a non-negative number of seconds, not {t}"));
+            if !t.is_finite() || !(0.0..=MAX_SECONDS).contains(&t) {
+                return invalid(format!("`{what}` must be a number of seconds from 0 to {MAX_SECONDS}, not {t}"));
             }
         }
         if self.freeze.timeout_s == 0.0 {
@@ -204,8 +220,8 @@ impl Plan {
                 if !c.path.starts_with('/') {
                     return invalid(format!("`{list}[{i}].path` must be an absolute path in the guest, not `{}`", c.path));
                 }
-                if !c.timeout_s.is_finite() || c.timeout_s <= 0.0 {
-                    return invalid(format!("`{list}[{i}].timeout_s` must be above 0"));
+                if !c.timeout_s.is_finite() || c.timeout_s <= 0.0 || c.timeout_s > MAX_SECONDS {
+                    return invalid(format!("`{list}[{i}].timeout_s` must be above 0 and at most {MAX_SECONDS} s"));
                 }
             }
         }
@@ -214,9 +230,14 @@ impl Plan {
             (Action::Create, Some(_)) => invalid("`rollback` is given but `action` is `create`".into()),
             _ => Ok(()),
         }?;
-        for d in self.disks.keys() {
+        for (d, disk) in &self.disks {
             if !self.datasets.contains(d) {
                 return invalid(format!("`disks` names `{d}`, which is not in `datasets`"));
+            }
+            if let Some(dev) = &disk.dev {
+                if !dev.starts_with('/') || dev.chars().any(char::is_whitespace) {
+                    return invalid(format!("`disks.{d}.dev` must be an absolute path in the guest, not `{dev}`"));
+                }
             }
         }
         if self.max_snapshots == Some(0) {
@@ -279,11 +300,22 @@ mod tests {
             (r#"{"version":1,"agent":"a","datasets":["p/a"],"guest_pre":[{"path":"sync"}]}"#, "absolute"),
             (r#"{"version":1,"agent":"a","datasets":["p/a"],"max_snapshots":0}"#, "max_snapshots"),
             (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/b":{"serial":"x"}}}"#, "p/b"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"zd0"}}}"#, "disks.p/a.dev"),
+            (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"-f /x"}}}"#, "absolute"),
         ] {
             let err = Plan::from_json(plan).unwrap_err().to_string();
             assert!(err.contains(needle), "{plan}: {err}");
         }
         assert!(matches!(Plan::from_json(r#"{"version":2,"agent":"a","datasets":["p/a"]}"#), Err(Error::Version(2))));
+        // Regression: these were accepted, then panicked converting to a Duration/deadline.
+        for plan in [
+            r#"{"version":1,"agent":"a","datasets":["p/a"],"freeze":{"timeout_s":1e300}}"#,
+            r#"{"version":1,"agent":"a","datasets":["p/a"],"freeze":{"thaw_after_s":1e20}}"#,
+            r#"{"version":1,"agent":"a","datasets":["p/a"],"guest_pre":[{"path":"/x","timeout_s":1e30}]}"#,
+        ] {
+            let err = Plan::from_json(plan).unwrap_err().to_string();
+            assert!(err.contains("timeout_s") || err.contains("thaw_after_s"), "{plan}: {err}");
+        }
         let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"type":"weekly"}"#).unwrap_err();
         assert!(std::error::Error::source(&err).expect("cause").to_string().contains("weekly"));
     }

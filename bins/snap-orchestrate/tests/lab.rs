@@ -390,9 +390,10 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
     let out = orchestrate(&guard, &plan(lab, json!({"snapshot": orchestrated, "type": "immediate"})), &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
-    assert_eq!(r.consistency.as_deref(), Some("application"));
+    // Frozen, but nothing quiesced the application: filesystem-consistent, no more.
+    assert_eq!(r.consistency.as_deref(), Some("filesystem"));
 
-    for (name, expect_consistency) in [(&piped, None), (&orchestrated, Some("application"))] {
+    for (name, expect_consistency) in [(&piped, None), (&orchestrated, Some("filesystem"))] {
         let snaps = snapshots_named(lab, name);
         assert_eq!(snaps.len(), 2, "{name}: {snaps:?}");
         let txgs: Vec<String> = snaps.iter().map(|s| zfs_get("createtxg", s)).collect();

@@ -1,0 +1,900 @@
+//! `snap-orchestrate serve`, the host end of VM-initiated snapshots.
+//!
+//! First without a VM: the test plays QEMU's chardev server and feeds the listener
+//! garbage, oversized lines and forged requests. Then in the lab: the static
+//! `eve-guest-agent` is copied into the guest and run there (through `guest-exec`, in the
+//! background, so that the test never holds the agent while the listener needs it)
+//! against the listener on the VM's real virtio-serial port.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use evesnap::qga::commands::GuestFsfreezeStatus;
+use evesnap::request::Reply;
+use evesnap_tests::guest::{connect, guest_background, guest_sh, guest_upload, status, ThawGuard};
+use evesnap_tests::lab::{test_lab, vm_lock, Lab};
+use evesnap_tests::run::RunDir;
+use serde_json::{json, Value};
+
+/// A running listener; stopped by SIGTERM (by its pid) on drop.
+struct Serve {
+    child: Child,
+    records: Receiver<Value>,
+    stderr: PathBuf,
+}
+
+impl Serve {
+    fn start(
+        run_dir: &Path,
+        channel: &Path,
+        agent: &str,
+        volumes: &Path,
+        timeout: &str,
+        env: &[(&str, &Path)],
+    ) -> Serve {
+        let stderr = run_dir.join(format!("serve-{}.err", std::process::id()));
+        let mut child = Command::new(evesnap_tests::bin("snap-orchestrate"))
+            .arg("serve")
+            .arg("--channel")
+            .arg(channel)
+            .args(["--agent", agent, "--timeout", timeout])
+            .arg("--volumes")
+            .arg(volumes)
+            .env("EVESNAP_RUN_DIR", run_dir)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn snap-orchestrate serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, records) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("serve printed a non-JSON line ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Serve {
+            child,
+            records,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The next request record `{at, request, reply, report}`.
+    fn record(&self, within: Duration) -> Value {
+        self.records.recv_timeout(within).unwrap_or_else(|e| {
+            panic!(
+                "no request record from serve ({e}); its stderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+
+    /// The reply of the next record, parsed strictly.
+    fn reply(&self, within: Duration) -> (Value, Reply) {
+        let record = self.record(within);
+        let reply: Reply = serde_json::from_value(record["reply"].clone())
+            .unwrap_or_else(|e| panic!("a reply that does not parse strictly ({e}): {record}"));
+        (record, reply)
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// SIGTERM; the exit code.
+    fn stop(&mut self) -> i32 {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if self.running() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn write_volumes(dir: &Path, volumes: &Value) -> PathBuf {
+    let path = dir.join("volumes.json");
+    std::fs::write(&path, volumes.to_string()).expect("write the volumes map");
+    path
+}
+
+/// The test's end of a fake QEMU chardev: accepts the listener's connection.
+fn accept(listener: &UnixListener) -> UnixStream {
+    listener.set_nonblocking(false).expect("blocking");
+    let (stream, _) = listener.accept().expect("the listener connects");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+}
+
+/// Reads one non-empty line.
+fn read_line(reader: &mut BufReader<UnixStream>) -> Value {
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("read a reply line");
+        assert!(n > 0, "the listener closed the channel");
+        if !line.trim().is_empty() {
+            return serde_json::from_str(line.trim())
+                .unwrap_or_else(|e| panic!("reply not JSON ({e}): {line}"));
+        }
+    }
+}
+
+const FAKE_VOLUMES: &str = r#"{"pool/vm0/disk0": {"serial": "disk0", "pci": "0000:00:07.0"}}"#;
+
+#[test]
+fn garbage_on_the_channel_gets_error_replies_and_the_listener_reads_on() {
+    let run_dir = RunDir::new("serve-garbage");
+    let channel = run_dir.path().join("request.sock");
+    let volumes = write_volumes(
+        run_dir.path(),
+        &serde_json::from_str(FAKE_VOLUMES).expect("json"),
+    );
+    let agent = format!("unix:{}", run_dir.path().join("no-agent.sock").display());
+    let mut serve = Serve::start(
+        run_dir.path(),
+        &channel,
+        &agent,
+        &volumes,
+        "2",
+        &[("EVESNAP_ZFS", Path::new("/bin/true"))],
+    );
+    // QEMU is not there yet: the listener waits for its socket.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(serve.running(), "{}", serve.stderr());
+    let listener = UnixListener::bind(&channel).expect("bind");
+    let stream = accept(&listener);
+    assert!(serve.stderr().contains("waiting for"), "{}", serve.stderr());
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+
+    let disk = json!({"path": "/data0", "serial": "disk0"});
+    let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
+        (b"garbage\n".to_vec(), None, "not a valid request"),
+        (b"\xff\xfe\x00{\"half\n".to_vec(), None, "not a valid request"),
+        (
+            json!({"version": 1, "id": "r1", "op": "create", "disk": disk, "dataset": "pool/other/disk9"}).to_string().into_bytes(),
+            Some("r1"),
+            "unknown field `dataset`",
+        ),
+        (
+            json!({"version": 1, "id": "r2", "op": "create", "disk": {"path": "/data0", "dataset": "pool/x"}}).to_string().into_bytes(),
+            Some("r2"),
+            "unknown field `dataset`",
+        ),
+        (
+            json!({"version": 1, "id": "r3", "op": "create", "disk": disk, "name": "x;rm -rf /"}).to_string().into_bytes(),
+            Some("r3"),
+            "invalid character",
+        ),
+        (
+            json!({"version": 1, "id": "r4", "op": "rollback", "disk": disk, "to": "../../etc"}).to_string().into_bytes(),
+            Some("r4"),
+            "invalid character",
+        ),
+        ([vec![b'x'; 70_000], b"\n".to_vec()].concat(), None, "longer than 65536"),
+    ];
+    for (bytes, id, needle) in &cases {
+        writer.write_all(bytes).expect("write");
+        if !bytes.ends_with(b"\n") {
+            writer.write_all(b"\n").expect("newline");
+        }
+        let reply = read_line(&mut reader);
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert_eq!(reply["id"].as_str(), *id, "{reply}");
+        assert_eq!(reply["error"]["kind"], "bad-request", "{reply}");
+        assert_eq!(reply["error"]["code"], 2, "{reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains(needle),
+            "{needle}: {reply}"
+        );
+        let (_, record) = serve.reply(Duration::from_secs(10));
+        assert_eq!(record.error.expect("error").kind, "bad-request");
+    }
+    // A valid request is served (the agent is missing: that is what it says).
+    writer
+        .write_all(
+            format!(
+                "\n{}\n",
+                json!({"version": 1, "id": "ok1", "op": "create", "disk": disk})
+            )
+            .as_bytes(),
+        )
+        .expect("write");
+    let reply = read_line(&mut reader);
+    assert_eq!(reply["id"], "ok1", "{reply}");
+    assert_eq!(reply["error"]["kind"], "agent-unreachable", "{reply}");
+    assert_eq!(reply["error"]["code"], 3, "{reply}");
+    assert!(serve.running(), "{}", serve.stderr());
+
+    // QEMU restarts: the listener connects again and serves the next request.
+    drop((writer, reader));
+    let stream = accept(&listener);
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    writer
+        .write_all(b"{\"still\": \"garbage\"}\n")
+        .expect("write");
+    assert_eq!(read_line(&mut reader)["error"]["kind"], "bad-request");
+    assert!(
+        serve.stderr().contains("reconnecting"),
+        "{}",
+        serve.stderr()
+    );
+
+    // One listener per channel.
+    let second = Command::new(evesnap_tests::bin("snap-orchestrate"))
+        .arg("serve")
+        .arg("--channel")
+        .arg(&channel)
+        .args(["--agent", &agent])
+        .arg("--volumes")
+        .arg(&volumes)
+        .env("EVESNAP_RUN_DIR", run_dir.path())
+        .env("EVESNAP_ZFS", "/bin/true")
+        .output()
+        .expect("second serve");
+    assert_eq!(
+        second.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+
+    assert_eq!(
+        serve.stop(),
+        0,
+        "SIGTERM ends the listener cleanly: {}",
+        serve.stderr()
+    );
+}
+
+#[test]
+fn bad_command_lines_and_volume_maps_are_refused() {
+    let run_dir = RunDir::new("serve-usage");
+    let serve = |volumes: &str| {
+        let path = run_dir.path().join("v.json");
+        std::fs::write(&path, volumes).expect("write");
+        Command::new(evesnap_tests::bin("snap-orchestrate"))
+            .args([
+                "serve",
+                "--channel",
+                "/nonexistent/evesnap.sock",
+                "--agent",
+                "unix:/nonexistent/qga.sock",
+                "--volumes",
+            ])
+            .arg(&path)
+            .env("EVESNAP_RUN_DIR", run_dir.path())
+            .env("EVESNAP_ZFS", "/bin/true")
+            .output()
+            .expect("serve")
+    };
+    for (volumes, needle) in [
+        ("{}", "no volume"),
+        (
+            r#"{"p/a": {"serial": "s", "dataset": "p/b"}}"#,
+            "unknown field `dataset`",
+        ),
+        (
+            r#"{"p/a": {"serial": "s"}, "p/b": {"serial": "s"}}"#,
+            "two volumes",
+        ),
+        ("not json", "not valid"),
+    ] {
+        let out = serve(volumes);
+        assert_eq!(out.status.code(), Some(2), "{volumes}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{volumes}: {stderr}");
+    }
+    // The plan-running command line is unchanged.
+    let out = Command::new(evesnap_tests::bin("snap-orchestrate"))
+        .arg("--print-schema")
+        .output()
+        .expect("schema");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"Plan\""));
+    let out = Command::new(evesnap_tests::bin("snap-orchestrate"))
+        .args(["--plan", "/nonexistent/plan.json", "serve"])
+        .output()
+        .expect("conflict");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+// ------------------------------------------------------------------ in the lab
+
+const GUEST_BIN: &str = "/run/eve-guest-agent";
+
+/// The statically linked guest tool (built by `scripts/test`, or by
+/// `RUSTFLAGS='-C target-feature=+crt-static' cargo build -p eve-guest-agent --target
+/// x86_64-unknown-linux-gnu --target-dir target/static`), stripped, copied into the guest
+/// unless it is there already.
+fn install_guest_tool(lab: &Lab, run_dir: &Path) {
+    let built = evesnap_tests::repo_root()
+        .join("target/static/x86_64-unknown-linux-gnu/debug/eve-guest-agent");
+    assert!(
+        built.exists(),
+        "{} is not built: RUSTFLAGS='-C target-feature=+crt-static' cargo build -p eve-guest-agent \
+         --target x86_64-unknown-linux-gnu --target-dir target/static",
+        built.display()
+    );
+    let stripped = run_dir.join("eve-guest-agent");
+    let ok = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&built)
+        .status()
+        .is_ok_and(|s| s.success());
+    let local = if ok { stripped } else { built.clone() };
+    let size = std::fs::metadata(&local).expect("stat").len();
+    let stamp = format!("{size}-{}", mtime(&built));
+    let mut client = connect(lab);
+    let there = guest_sh(
+        &mut client,
+        &format!("cat {GUEST_BIN}.stamp 2>/dev/null; true"),
+    );
+    if there.trim() != stamp {
+        guest_upload(&mut client, &local, GUEST_BIN);
+        guest_sh(
+            &mut client,
+            &format!("chmod 755 {GUEST_BIN}; echo {stamp} > {GUEST_BIN}.stamp"),
+        );
+    }
+}
+
+fn mtime(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The lab VM's volumes map: the one `scripts/lab up` wrote, else one made from `disks`.
+fn lab_volumes(lab: &Lab, run_dir: &Path) -> PathBuf {
+    match &lab.volumes {
+        Some(path) => {
+            let map: Value =
+                serde_json::from_slice(&std::fs::read(path).expect("the lab's volumes map"))
+                    .expect("JSON");
+            assert_eq!(
+                map,
+                json!(lab.disks),
+                "the lab's volumes map is its `disks`"
+            );
+            path.clone()
+        }
+        None => write_volumes(run_dir, &json!(lab.disks)),
+    }
+}
+
+/// What `eve-guest-agent` did in the guest.
+#[derive(Debug)]
+struct GuestRun {
+    code: i32,
+    stdout: Value,
+    stderr: String,
+}
+
+/// Starts `eve-guest-agent snapshot ARGS` in the guest, in the background (the agent
+/// connection is closed at once, as the listener needs the agent).
+fn guest_start(lab: &Lab, args: &str) {
+    guest_background(
+        &mut connect(lab),
+        &format!("rm -f /tmp/ega.*; {GUEST_BIN} snapshot {args} >/tmp/ega.out 2>/tmp/ega.err; echo $? >/tmp/ega.rc"),
+    );
+}
+
+/// Waits for the background `eve-guest-agent` to finish.
+fn guest_finish(lab: &Lab) -> GuestRun {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rc = guest_sh(&mut connect(lab), "cat /tmp/ega.rc 2>/dev/null; true");
+        if let Ok(code) = rc.trim().parse::<i32>() {
+            let mut client = connect(lab);
+            let out = guest_sh(&mut client, "cat /tmp/ega.out");
+            let stderr = guest_sh(&mut client, "cat /tmp/ega.err");
+            let stdout = serde_json::from_str(out.trim()).unwrap_or_else(|e| {
+                panic!("eve-guest-agent printed no JSON ({e}): {out:?}; stderr: {stderr}")
+            });
+            return GuestRun {
+                code,
+                stdout,
+                stderr,
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "eve-guest-agent did not finish in the guest"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Runs a request from the guest through the listener: the guest's result and the
+/// listener's record of it.
+fn guest_request(lab: &Lab, serve: &Serve, args: &str) -> (GuestRun, Value, Reply) {
+    guest_start(lab, args);
+    let (record, reply) = serve.reply(Duration::from_secs(120));
+    let run = guest_finish(lab);
+    eprintln!(
+        "guest: eve-guest-agent snapshot {args} -> {}: {}\n  stderr: {}",
+        run.code,
+        run.stdout,
+        run.stderr.trim()
+    );
+    (run, record, reply)
+}
+
+fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
+    let out = Command::new("zfs")
+        .args([
+            "list",
+            "-H",
+            "-o",
+            "name",
+            "-t",
+            "snapshot",
+            "-r",
+            &format!("{}/lab", lab.pool),
+        ])
+        .output()
+        .expect("zfs list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(&format!("@{name}")))
+        .map(String::from)
+        .collect()
+}
+
+/// Destroys the test's snapshots; remounts what a test unmounted.
+struct Cleanup<'a>(&'a Lab, Vec<String>);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for name in &self.1 {
+            for snapshot in snapshots_named(self.0, name) {
+                let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
+            }
+        }
+        if let Ok(mut client) = evesnap::qga::Client::connect(
+            &evesnap_tests::guest::address(self.0),
+            Instant::now() + Duration::from_secs(30),
+        ) {
+            let _ = client.guest_exec(
+                "/bin/sh",
+                &[
+                    "-c",
+                    "grep -q ' /data0 ' /proc/mounts || mount -t ext4 /dev/vda /data0; \
+                         grep -q ' /data1 ' /proc/mounts || mount -t ext4 /dev/vdb /data1; true",
+                ],
+                Duration::from_secs(30),
+            );
+        }
+    }
+}
+
+/// Takes `quota=used+256K` on a dataset (less than the 1 MiB a snapshot must leave free),
+/// restored on drop.
+struct Quota(String);
+
+impl Quota {
+    fn scarce(dataset: &str) -> Quota {
+        let used = zfs_get("used", dataset).parse::<u64>().expect("used");
+        let quota = used + 256 * 1024;
+        let ok = Command::new("zfs")
+            .args(["set", &format!("quota={quota}"), dataset])
+            .status()
+            .expect("zfs set");
+        assert!(ok.success(), "zfs set quota");
+        Quota(dataset.to_string())
+    }
+}
+
+impl Drop for Quota {
+    fn drop(&mut self) {
+        let _ = Command::new("zfs")
+            .args(["set", "quota=none", &self.0])
+            .status();
+    }
+}
+
+fn zfs_get(property: &str, name: &str) -> String {
+    let out = Command::new("zfs")
+        .args(["get", "-H", "-p", "-o", "value", property, name])
+        .output()
+        .expect("zfs get");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn dataset_of<'l>(lab: &'l Lab, serial: &str) -> &'l str {
+    lab.disks
+        .iter()
+        .find(|(_, d)| d["serial"] == serial)
+        .map(|(ds, _)| ds.as_str())
+        .unwrap_or_else(|| panic!("no lab disk with serial {serial}"))
+}
+
+#[test]
+fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "serve-create");
+    install_guest_tool(lab, guard.run_dir.path());
+    let name = format!("t-guest-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let volumes = lab_volumes(lab, guard.run_dir.path());
+    let serve = Serve::start(
+        guard.run_dir.path(),
+        &lab.request_channel,
+        &lab.agent,
+        &volumes,
+        "20",
+        &[],
+    );
+
+    let (run, record, reply) =
+        guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
+    assert_eq!(run.stdout["ok"], true, "{run:?}");
+    assert_eq!(run.stdout["id"], record["request"]["id"]);
+    assert_eq!(reply.disks, ["disk0"]);
+    assert_eq!(reply.snapshot.as_deref(), Some(name.as_str()));
+    let taken = reply.snapshots.as_ref().expect("snapshots");
+    assert_eq!(taken.len(), 1, "{reply:?}");
+    assert_eq!(
+        (taken[0].disk.as_str(), taken[0].name.as_str()),
+        ("disk0", name.as_str())
+    );
+    assert!(
+        reply.consistency.is_some() && reply.freeze_window_ms.is_some_and(|ms| ms > 0.0),
+        "{reply:?}"
+    );
+    // The guest described its disk as sysfs shows it.
+    assert_eq!(record["request"]["disk"]["serial"], "disk0", "{record}");
+    assert_eq!(record["request"]["disk"]["pci"], "0000:00:07.0", "{record}");
+    // Only /data0 was frozen, and the guest is thawed.
+    let steps = record["report"]["steps"].as_array().expect("steps");
+    let freeze = steps
+        .iter()
+        .find(|s| s["tool"] == "qga-freeze")
+        .expect("freeze step");
+    assert_eq!(freeze["frozen"], 1, "{freeze}");
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    assert_eq!(
+        snapshots_named(lab, &name),
+        [format!("{}@{name}", dataset_of(lab, "disk0"))]
+    );
+    // No host name reaches the guest.
+    assert!(
+        !run.stdout.to_string().contains(&lab.pool),
+        "{}",
+        run.stdout
+    );
+
+    let (run, _, reply) = guest_request(lab, &serve, "--list /dev/vda");
+    assert_eq!(run.code, 0, "{run:?}");
+    let listed = reply.snapshots.expect("list");
+    assert!(
+        listed.iter().any(|s| s.name == name && s.disk == "disk0"),
+        "{listed:?}"
+    );
+
+    // A name taken already: refused by the preflight, the guest says 1.
+    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /dev/vda --name {name}"));
+    assert_eq!(run.code, 1, "{run:?}");
+    let error = reply.error.expect("error");
+    assert_eq!(
+        (error.kind.as_str(), error.code),
+        ("preflight-failed", 7),
+        "{error:?}"
+    );
+    assert!(
+        error.message.contains(&format!("disk0@{name}")),
+        "{error:?}"
+    );
+    assert!(run.stderr.contains("the host refused"), "{run:?}");
+}
+
+#[test]
+fn no_room_in_the_pool_is_reported_to_the_guest_and_nothing_is_created() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "serve-room");
+    install_guest_tool(lab, guard.run_dir.path());
+    let name = format!("t-room-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let volumes = lab_volumes(lab, guard.run_dir.path());
+    let serve = Serve::start(
+        guard.run_dir.path(),
+        &lab.request_channel,
+        &lab.agent,
+        &volumes,
+        "20",
+        &[],
+    );
+    let _quota = Quota::scarce(dataset_of(lab, "disk0"));
+
+    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stdout["ok"], false);
+    let error = reply.error.expect("error");
+    assert_eq!(
+        (error.kind.as_str(), error.code, error.step.as_deref()),
+        ("preflight-failed", 7, Some("preflight"))
+    );
+    assert!(error.message.contains("bytes missing"), "{error:?}");
+    let problem = &error.problems[0];
+    assert_eq!(problem["problem"], "no-room", "{problem}");
+    assert_eq!(
+        problem["dataset"], "disk0",
+        "the guest's name for it: {problem}"
+    );
+    let (needed, available) = (
+        problem["needed"].as_u64().expect("needed"),
+        problem["available"].as_u64().expect("available"),
+    );
+    assert!(
+        needed > available && problem["missing"].as_u64() == Some(needed - available),
+        "{problem}"
+    );
+    assert!(snapshots_named(lab, &name).is_empty());
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+}
+
+#[test]
+fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_on() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "serve-refuse");
+    install_guest_tool(lab, guard.run_dir.path());
+    let name = format!("t-refuse-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    // This VM's map has disk0 only: disk1 stands for another VM's volume.
+    let disk0 = dataset_of(lab, "disk0");
+    let volumes = write_volumes(guard.run_dir.path(), &json!({ disk0: lab.disks[disk0] }));
+    let mut serve = Serve::start(
+        guard.run_dir.path(),
+        &lab.request_channel,
+        &lab.agent,
+        &volumes,
+        "20",
+        &[],
+    );
+
+    // A disk that is not in the map, mounted and unmounted.
+    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /data1 --name {name}"));
+    assert_eq!(run.code, 1, "{run:?}");
+    let error = reply.error.expect("error");
+    assert_eq!(
+        (error.kind.as_str(), error.code),
+        ("unknown-disk", 7),
+        "{error:?}"
+    );
+    assert!(
+        error.message.contains("not one of this VM's volumes"),
+        "{error:?}"
+    );
+
+    // Garbage, an oversized line and forged requests, written to the port from the guest.
+    let port = "/dev/virtio-ports/org.lfedge.eve.snapshot.0";
+    let forged = [
+        json!({"version": 1, "id": "forged1", "op": "rollback", "disk": {"path": "/dev/vdb"}, "to": name,
+               "dataset": dataset_of(lab, "disk1")}),
+        json!({"version": 1, "id": "forged2", "op": "rollback",
+               "disk": {"path": "/dev/vdb", "device": "/dev/vdb", "serial": "disk0", "pci": "0000:00:08.0"}, "to": name}),
+        json!({"version": 1, "id": "forged3", "op": "create", "disk": {"path": "/data1", "mountpoint": "/data1",
+               "serial": "disk0"}, "name": name}),
+    ];
+    let mut script = format!(
+        "exec 3>{port}; printf 'garbage\\n\\377\\376{{\"half\\n' >&3; head -c 70000 /dev/zero | tr '\\0' x >&3; echo >&3; "
+    );
+    for request in &forged {
+        script.push_str(&format!(
+            "echo '{}' >&3; ",
+            request.to_string().replace('\'', "")
+        ));
+    }
+    script.push_str("exec 3>&-");
+    guest_sh(&mut connect(lab), &script);
+    let mut replies = Vec::new();
+    for _ in 0..6 {
+        replies.push(serve.reply(Duration::from_secs(60)).1);
+    }
+    let kinds: Vec<(Option<&str>, &str)> = replies
+        .iter()
+        .map(|r| {
+            (
+                r.id.as_deref(),
+                r.error.as_ref().map_or("", |e| e.kind.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (None, "bad-request"),
+            (None, "bad-request"),
+            (None, "bad-request"),
+            (Some("forged1"), "bad-request"),
+            (Some("forged2"), "unknown-disk"),
+            (Some("forged3"), "unknown-disk"),
+        ],
+        "{replies:?}"
+    );
+    assert!(serve.running(), "{}", serve.stderr());
+    assert!(snapshots_named(lab, &name).is_empty());
+
+    // The listener still serves, and the guest skips the stale replies to the garbage.
+    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    assert_eq!(run.code, 0, "{run:?}\n{}", serve.stderr());
+    assert!(reply.ok);
+    assert_eq!(snapshots_named(lab, &name), [format!("{disk0}@{name}")]);
+    assert_eq!(serve.stop(), 0);
+}
+
+#[test]
+fn a_rollback_from_the_guest_after_umount_restores_the_data() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "serve-rollback");
+    install_guest_tool(lab, guard.run_dir.path());
+    let name = format!("t-grb-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let volumes = lab_volumes(lab, guard.run_dir.path());
+    let serve = Serve::start(
+        guard.run_dir.path(),
+        &lab.request_channel,
+        &lab.agent,
+        &volumes,
+        "20",
+        &[],
+    );
+
+    guest_sh(
+        &mut connect(lab),
+        "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 2>/dev/null; sync",
+    );
+    let at_snapshot = guest_sh(&mut connect(lab), "md5sum /data0/app.bin");
+    let (run, _, _) = guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    assert_eq!(run.code, 0, "{run:?}");
+    guest_sh(
+        &mut connect(lab),
+        "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 conv=notrunc 2>/dev/null; sync",
+    );
+    assert_ne!(
+        guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
+        at_snapshot
+    );
+
+    // Still mounted: the flow's check refuses, nothing changes.
+    let (run, _, reply) = guest_request(lab, &serve, &format!("--rollback /dev/vda --to {name}"));
+    assert_eq!(run.code, 1, "{run:?}");
+    let error = reply.error.expect("error");
+    assert_eq!(
+        (error.kind.as_str(), error.step.as_deref()),
+        ("preflight-failed", Some("unmounted")),
+        "{error:?}"
+    );
+    assert!(error.message.contains("/data0"), "{error:?}");
+    assert_ne!(
+        guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
+        at_snapshot
+    );
+
+    // Unmounted (the agent no longer lists it: the guest's serial and PCI address name it).
+    guest_sh(&mut connect(lab), "umount /data0");
+    let (run, record, reply) =
+        guest_request(lab, &serve, &format!("--rollback /dev/vda --to {name}"));
+    assert_eq!(run.code, 0, "{run:?}\n{record}");
+    assert_eq!(
+        (reply.disks.as_slice(), reply.snapshot.as_deref()),
+        (&["disk0".to_string()][..], Some(name.as_str()))
+    );
+    assert_eq!(
+        record["report"]["rolled_back"][0]["dataset"],
+        dataset_of(lab, "disk0"),
+        "{record}"
+    );
+    guest_sh(
+        &mut connect(lab),
+        "echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 /dev/vda /data0",
+    );
+    assert_eq!(
+        guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
+        at_snapshot
+    );
+}
+
+#[test]
+fn the_guest_tells_an_absent_host_a_silent_host_and_a_busy_port_apart() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "serve-host");
+    install_guest_tool(lab, guard.run_dir.path());
+
+    // Nobody on the host end: 3 after --connect-timeout.
+    guest_start(lab, "--list /data0 --connect-timeout 1");
+    let run = guest_finish(lab);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert_eq!(run.stdout["error"]["kind"], "host-unreachable", "{run:?}");
+
+    // The test is the host end and stays silent: 4 after --timeout.
+    let host = UnixStream::connect(&lab.request_channel).expect("connect to the request channel");
+    host.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut reader = BufReader::new(host.try_clone().expect("clone"));
+    guest_start(lab, "--list /data0 --timeout 2");
+    let first = read_line(&mut reader);
+    let run = guest_finish(lab);
+    assert_eq!(run.code, 4, "{run:?}");
+    assert_eq!(run.stdout["error"]["kind"], "host-timeout", "{run:?}");
+    assert_eq!(run.stdout["id"], first["id"]);
+
+    // A second requester while one waits: 8. Then the first gets its reply, after the
+    // stale reply to the request that timed out and some garbage.
+    guest_start(lab, "--list /data0 --timeout 60");
+    let second = read_line(&mut reader);
+    let mut client = connect(lab);
+    let busy = client
+        .guest_exec(
+            GUEST_BIN,
+            &["snapshot", "--list", "/data0", "--timeout", "2"],
+            Duration::from_secs(30),
+        )
+        .expect("guest-exec");
+    drop(client);
+    assert_eq!(
+        busy.exitcode,
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    let mut writer = host;
+    writer
+        .write_all(
+            format!(
+                "{}\nnot json\n{}\n",
+                json!({"version": 1, "id": first["id"], "ok": true}),
+                json!({"version": 1, "id": second["id"], "ok": true, "op": "list", "snapshots": []})
+            )
+            .as_bytes(),
+        )
+        .expect("reply");
+    let run = guest_finish(lab);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout["id"], second["id"]);
+}
