@@ -179,13 +179,18 @@ fn same_disk(address: &qga::GuestDiskAddress, disk: &GuestDisk, dev: Option<&str
 ///
 /// The agent reports a filesystem on a device without a bus address (a zvol `zdN`, a loop
 /// or zram device) with an empty `disk` list: only its kernel name (`name`) can tie it to
-/// `disk`, and only through `dev`. Serial and PCI address cannot see such filesystems.
+/// `disk`, and only through `dev`. Without `dev`, such a filesystem cannot be told apart,
+/// so it counts as on the disk.
 pub fn mounts_on(filesystems: &[qga::GuestFilesystemInfo], disk: &GuestDisk, dev: Option<&str>) -> Vec<String> {
     filesystems
         .iter()
-        .filter(|fs| {
-            dev.is_some_and(|dev| same_device(&fs.name, kernel_name(dev)))
-                || fs.disk.iter().any(|address| same_disk(address, disk, dev) != Some(false))
+        .filter(|fs| match dev {
+            Some(dev) if fs.disk.is_empty() => same_device(&fs.name, kernel_name(dev)),
+            None if fs.disk.is_empty() => true,
+            _ => {
+                dev.is_some_and(|dev| same_device(&fs.name, kernel_name(dev)))
+                    || fs.disk.iter().any(|address| same_disk(address, disk, dev) != Some(false))
+            }
         })
         .map(|fs| format!("{} ({})", fs.mountpoint, fs.name))
         .collect()
@@ -239,14 +244,14 @@ mod tests {
         assert_eq!(mounts_on(&part, &thick, Some("/dev/zd0")).len(), 1);
     }
 
-    /// The bug the OpenZFS lab found: serial or PCI address cannot see a filesystem the
-    /// agent reports with `disk: []`, so a rollback went ahead under the mounted zvols.
-    /// Such a plan still sees nothing (documented); `dev` is what sees them.
+    /// Serial and PCI address cannot see a zvol's filesystem (the agent reports it with
+    /// `disk: []`): it once let a rollback go ahead under mounted zvols. Without `dev`, such
+    /// a filesystem now counts as on the disk; with `dev`, its kernel name decides.
     #[test]
-    fn serial_and_pci_cannot_see_zvols() {
+    fn filesystems_without_disk_address_count_unless_dev_tells() {
         let fs = fsinfo(ZVOLS);
         let by_pci = GuestDisk { serial: Some("persist0".into()), pci: Some("0000:00:07.0".into()), dev: None };
-        assert!(mounts_on(&fs, &by_pci, None).is_empty());
+        assert_eq!(mounts_on(&fs, &by_pci, None).len(), fs.len());
         let both = GuestDisk { dev: Some("/dev/zvol/p/v".into()), ..by_pci };
         assert_eq!(mounts_on(&fs, &both, Some("/dev/zd16")).len(), 1);
     }

@@ -52,7 +52,9 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
         and prints one JSON report on stdout whose error fields match eve-api's snap_err.\n\n\
         For action \"rollback\", the volumes are rolled back only when the VM is stopped (QMP or the \
         plan says so) or when guest_pre released them and the guest agent shows no filesystem mounted \
-        on them (matched by disk serial, else PCI address, from the plan's `disks`).\n\n\
+        on them (matched from the plan's `disks`: by the device path `dev` resolved in the guest, \
+        which zvols need, else by serial, else by PCI address; a filesystem the agent cannot place \
+        counts as mounted).\n\n\
         One orchestration per VM runs at a time (a lock keyed by the agent address).\n\n\
         The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema.\n\n\
         `snap-orchestrate serve` is the host end of VM-initiated snapshots (eve-guest-agent in the guest).",
