@@ -146,6 +146,19 @@ impl Document {
         }
     }
 
+    /// Why the pipeline so far failed, if it did: the first failed step, else the recorded
+    /// error, else `ok: false`. Tools downstream of a failure do nothing but pass it on (a
+    /// thaw excepted).
+    pub fn upstream_failure(&self) -> Option<String> {
+        if let Some(step) = self.failed_step() {
+            return Some(format!("the upstream step {} failed", step.tool));
+        }
+        if let Some(error) = &self.error {
+            return Some(format!("the upstream step {} failed ({})", error.tool, error.kind));
+        }
+        (!self.ok).then(|| "the upstream document says a step failed".to_string())
+    }
+
     /// The first step that failed, if any.
     pub fn failed_step(&self) -> Option<&Step> {
         self.steps.iter().find(|s| !s.ok)

@@ -151,19 +151,6 @@ fn fields(value: Value) -> Map<String, Value> {
     }
 }
 
-fn upstream_failure(doc: &Document) -> Option<String> {
-    if let Some(step) = doc.failed_step() {
-        return Some(format!("the upstream step {} failed", step.tool));
-    }
-    if let Some(error) = &doc.error {
-        return Some(format!(
-            "the upstream step {} failed ({})",
-            error.tool, error.kind
-        ));
-    }
-    (!doc.ok).then(|| "the upstream document says a step failed".to_string())
-}
-
 pub fn run(matches: &clap::ArgMatches) -> Outcome {
     let args = match Args::from_arg_matches(matches) {
         Ok(args) => args,
@@ -192,7 +179,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         }
         Err(e) => return Outcome::error(e.into()),
     };
-    if let Some(reason) = upstream_failure(&doc) {
+    if let Some(reason) = doc.upstream_failure() {
         doc.push(skipped(timer, &reason, &args));
         return Outcome::failed(
             doc,

@@ -15,7 +15,8 @@ use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
 use evesnap::qga::{Address, Client};
 use evesnap::qmp::Qmp;
 use evesnap_tests::guest::{
-    address, code, connect, doc_of, guest_background, guest_sh, status, stderr, ThawGuard,
+    address, code, connect, doc_of, guest_background, guest_sh, guest_upload, status, stderr,
+    ThawGuard,
 };
 use evesnap_tests::lab::{test_lab, vm_lock, Lab};
 
@@ -451,32 +452,6 @@ fn freeze_and_thaw_timings() {
     eprintln!("freeze command ms {freeze_ms:?}; freeze() incl. preflight+verify ms {window_ms:?}; thaw command ms {thaw_ms:?}");
 }
 
-/// Copies a host file into the guest (guest-file-open/write/close).
-fn guest_upload(client: &mut Client, local: &Path, remote: &str) {
-    use evesnap::qga::commands::{guest_file_close, guest_file_open, guest_file_write};
-    let data = std::fs::read(local).expect("read the file to upload");
-    let handle = client
-        .execute(guest_file_open {
-            path: remote.into(),
-            mode: Some("w".into()),
-        })
-        .expect("guest-file-open");
-    for chunk in data.chunks(512 * 1024) {
-        client
-            .execute_within(
-                guest_file_write {
-                    handle,
-                    buf_b64: chunk.to_vec(),
-                    count: None,
-                },
-                Duration::from_secs(60),
-            )
-            .expect("guest-file-write");
-    }
-    client
-        .execute(guest_file_close { handle })
-        .expect("guest-file-close");
-}
 
 /// Stops the second agent of the vsock test; qemu-ga thaws what it froze when it exits.
 struct SecondAgent<'a>(&'a Lab);

@@ -279,19 +279,6 @@ fn expected_count(doc: &Document, address: &Address) -> Option<i64> {
     freeze.fields.get("frozen")?.as_i64()
 }
 
-fn upstream_failure(doc: &Document) -> Option<String> {
-    if let Some(step) = doc.failed_step() {
-        return Some(format!("the upstream step {} failed", step.tool));
-    }
-    if let Some(error) = &doc.error {
-        return Some(format!(
-            "the upstream step {} failed ({})",
-            error.tool, error.kind
-        ));
-    }
-    (!doc.ok).then(|| "the upstream document says a step failed".to_string())
-}
-
 pub fn run(matches: &clap::ArgMatches) -> Outcome {
     let args = match Args::from_arg_matches(matches) {
         Ok(args) => args,
@@ -342,7 +329,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         cancel_watchdog: !args.keep_watchdog,
     };
     doc.agent = Some(address.to_string());
-    let upstream_failed = upstream_failure(&doc);
+    let upstream_failed = doc.upstream_failure();
     let result = connect_and_thaw(
         &address,
         args.connect_timeout.unwrap_or(args.timeout),

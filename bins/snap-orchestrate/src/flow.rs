@@ -219,9 +219,13 @@ impl Run<'_> {
         let mut all_ok = true;
         let mut result = Ok(());
         for command in commands {
-            if let Err(e) = self.check_signal(label) {
-                result = Err(e);
-                break;
+            // A signal stops what moves forward (guest_pre), never what brings the guest
+            // back (guest_post resumes the application, remounts the volumes).
+            if label != "guest_post" {
+                if let Err(e) = self.check_signal(label) {
+                    result = Err(e);
+                    break;
+                }
             }
             let run = guest::run_command(client, command);
             evesnap::note!("{label}: {}", run.describe());

@@ -94,12 +94,17 @@ fn new_id() -> String {
 }
 
 fn orchestrate(guard: &ThawGuard<'_>, plan: &Value, env: &[(&str, &str)]) -> Output {
-    let mut command = guard.command("snap-orchestrate");
-    command.envs(env.iter().copied());
-    run_with_stdin(command, &plan.to_string())
+    spawn_orchestrate(guard, plan, env).wait_with_output().expect("wait")
 }
 
-fn run_with_stdin(mut command: Command, input: &str) -> Output {
+/// Starts snap-orchestrate with `plan` on its stdin (closed after) and output captured.
+fn spawn_orchestrate(guard: &ThawGuard<'_>, plan: &Value, env: &[(&str, &str)]) -> std::process::Child {
+    let mut command = guard.command("snap-orchestrate");
+    command.envs(env.iter().copied());
+    spawn_with_stdin(command, &plan.to_string())
+}
+
+fn spawn_with_stdin(mut command: Command, input: &str) -> std::process::Child {
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -107,7 +112,11 @@ fn run_with_stdin(mut command: Command, input: &str) -> Output {
         .spawn()
         .expect("spawn snap-orchestrate");
     child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write plan");
-    child.wait_with_output().expect("wait")
+    child
+}
+
+fn run_with_stdin(command: Command, input: &str) -> Output {
+    spawn_with_stdin(command, input).wait_with_output().expect("wait")
 }
 
 /// Snapshots of the lab's datasets named `name`.
@@ -292,16 +301,8 @@ fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
     let name = format!("t-term-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let (shim, marker) = slow_zfs(guard.run_dir.path(), 4);
-    let mut child = guard
-        .command("snap-orchestrate")
-        .env("EVESNAP_ZFS", &shim)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let input = plan(lab, json!({"snapshot": name})).to_string();
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("plan");
+    let shim_path = shim.to_str().expect("utf-8 path");
+    let child = spawn_orchestrate(&guard, &plan(lab, json!({"snapshot": name})), &[("EVESNAP_ZFS", shim_path)]);
     // The orchestrator holds the agent's one connection now: the report tells what it did.
     wait_for(&marker, Duration::from_secs(60));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -329,16 +330,8 @@ fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
     let second_name = format!("t-busy2-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![first_name.clone(), second_name.clone()]);
     let (shim, marker) = slow_zfs(guard.run_dir.path(), 1);
-    let mut first = guard
-        .command("snap-orchestrate")
-        .env("EVESNAP_ZFS", &shim)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let input = plan(lab, json!({"snapshot": first_name})).to_string();
-    first.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("plan");
+    let shim_path = shim.to_str().expect("utf-8 path");
+    let first = spawn_orchestrate(&guard, &plan(lab, json!({"snapshot": first_name})), &[("EVESNAP_ZFS", shim_path)]);
     wait_for(&marker, Duration::from_secs(60));
     let started = Instant::now();
     let out = orchestrate(&guard, &plan(lab, json!({"snapshot": second_name})), &[]);

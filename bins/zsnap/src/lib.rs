@@ -214,17 +214,9 @@ fn skip_after_upstream_failure(
     doc: &Document,
     tool: &'static str,
 ) -> Option<impl FnOnce(Document, StepTimer) -> Outcome> {
-    if doc.ok && doc.failed_step().is_none() {
-        return None;
-    }
-    let culprit = doc
-        .error
-        .as_ref()
-        .map(|e| e.tool.clone())
-        .or_else(|| doc.failed_step().map(|s| s.tool.clone()))
-        .unwrap_or_else(|| "an upstream step".into());
+    let reason = doc.upstream_failure()?;
     Some(move |mut doc: Document, timer: StepTimer| {
-        let message = format!("{culprit} failed upstream: {tool} did nothing");
+        let message = format!("{reason}: {tool} did nothing");
         let mut fields = Map::new();
         fields.insert("skipped".into(), Value::Bool(true));
         fields.insert("reason".into(), Value::String(message.clone()));
@@ -305,6 +297,17 @@ fn run_take<'z>(
             }
         }
     };
+    let mut prepared = prepared;
+    // A snapshot that ends after the upstream freeze's watchdog deadline may postdate the
+    // watchdog's thaw: it must not claim `frozen`.
+    let claims_frozen = prepared.properties.iter().any(|(k, v)| k == meta::FROZEN && v == "true");
+    let deadline = claims_frozen.then(|| meta::watchdog_deadline_ms(&doc)).flatten();
+    if deadline.is_some_and(|d| meta::now_ms() >= d) {
+        evesnap::warn!("the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest");
+        if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
+            return failed(doc, timer, Map::new(), e.into());
+        }
+    }
     let name = prepared.name.clone();
     let mut plan = Map::new();
     plan.insert(
@@ -322,7 +325,25 @@ fn run_take<'z>(
         return Outcome::success(doc);
     }
     match prepared.take_and_finish() {
-        Ok(report) => {
+        Ok(mut report) => {
+            if deadline.is_some_and(|d| meta::now_ms() >= d) && report.properties.get(meta::FROZEN).is_some_and(|v| v == "true") {
+                evesnap::warn!(
+                    "the snapshot returned after the freeze's watchdog deadline, so it may postdate the \
+                     watchdog's thaw: {} set to false",
+                    meta::FROZEN
+                );
+                let unfrozen = [(meta::FROZEN.to_string(), "false".to_string())];
+                for snapshot in &prepared.snapshots {
+                    if let Err(e) = zfs.set(snapshot, &unfrozen) {
+                        let e = anyhow::Error::new(e).context(format!(
+                            "{snapshot} was taken after the watchdog deadline and still claims {}=true",
+                            meta::FROZEN
+                        ));
+                        return failed(doc, timer, to_fields(&report), e);
+                    }
+                }
+                report.properties.insert(meta::FROZEN.to_string(), "false".to_string());
+            }
             evesnap::note!(
                 "took {} snapshot(s) @{name} in {:.1} ms ({})",
                 report.snapshots.len(),

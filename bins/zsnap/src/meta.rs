@@ -55,6 +55,20 @@ pub fn guest_frozen(doc: &Document) -> bool {
     step.ok && frozen > 0 && !doc.steps[freeze + 1..].iter().any(|s| s.tool == "qga-thaw")
 }
 
+/// The deadline (ms since the epoch) of the auto-thaw watchdog the upstream freeze armed,
+/// if the document shows one: after it, the guest may be thawed whatever the document says.
+pub fn watchdog_deadline_ms(doc: &Document) -> Option<u64> {
+    let freeze = doc.steps.iter().rev().find(|s| s.tool == "qga-freeze" && s.ok)?;
+    freeze.fields.get("watchdog")?.get("deadline_unix_ms")?.as_u64()
+}
+
+/// Now, in ms since the epoch (the watchdog's clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +94,15 @@ mod tests {
         let failed =
             r#"{"tool":"qga-freeze","ok":false,"started_at":"t","duration_ms":1,"frozen":2}"#;
         assert!(!guest_frozen(&doc(failed)));
+    }
+
+    #[test]
+    fn the_watchdog_deadline_comes_from_the_freeze_step() {
+        let with = r#"{"tool":"qga-freeze","ok":true,"started_at":"t","duration_ms":1,"frozen":2,
+            "watchdog":{"deadline_unix_ms":1795635060123}}"#;
+        assert_eq!(watchdog_deadline_ms(&doc(with)), Some(1_795_635_060_123));
+        assert_eq!(watchdog_deadline_ms(&doc(FREEZE)), None);
+        assert!(now_ms() > 1_700_000_000_000);
     }
 
     #[test]
