@@ -52,16 +52,28 @@ impl Outcome {
 pub fn exit_of(error: &anyhow::Error) -> Exit {
     for cause in error.chain() {
         let known = [
-            cause.downcast_ref::<crate::exit::WithExit>().map(HasExit::exit),
-            cause.downcast_ref::<crate::exit::Coded>().map(HasExit::exit),
-            cause.downcast_ref::<crate::document::Error>().map(HasExit::exit),
+            cause
+                .downcast_ref::<crate::exit::WithExit>()
+                .map(HasExit::exit),
+            cause
+                .downcast_ref::<crate::exit::Coded>()
+                .map(HasExit::exit),
+            cause
+                .downcast_ref::<crate::document::Error>()
+                .map(HasExit::exit),
             cause.downcast_ref::<crate::zfs::Error>().map(HasExit::exit),
             cause.downcast_ref::<crate::qga::Error>().map(HasExit::exit),
-            cause.downcast_ref::<crate::qga::watchdog::Error>().map(HasExit::exit),
-            cause.downcast_ref::<crate::qmp::Error>().map(HasExit::exit),
             cause
-                .downcast_ref::<clap::Error>()
-                .map(|e| if e.use_stderr() { Exit::Usage } else { Exit::Success }),
+                .downcast_ref::<crate::qga::watchdog::Error>()
+                .map(HasExit::exit),
+            cause.downcast_ref::<crate::qmp::Error>().map(HasExit::exit),
+            cause.downcast_ref::<clap::Error>().map(|e| {
+                if e.use_stderr() {
+                    Exit::Usage
+                } else {
+                    Exit::Success
+                }
+            }),
         ];
         if let Some(exit) = known.into_iter().flatten().next() {
             return exit;

@@ -154,7 +154,10 @@ impl Document {
             return Some(format!("the upstream step {} failed", step.tool));
         }
         if let Some(error) = &self.error {
-            return Some(format!("the upstream step {} failed ({})", error.tool, error.kind));
+            return Some(format!(
+                "the upstream step {} failed ({})",
+                error.tool, error.kind
+            ));
         }
         (!self.ok).then(|| "the upstream document says a step failed".to_string())
     }

@@ -140,7 +140,10 @@ pub struct WithExit {
 
 impl WithExit {
     pub fn new<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> WithExit {
-        WithExit { exit: error.exit(), error: Box::new(error) }
+        WithExit {
+            exit: error.exit(),
+            error: Box::new(error),
+        }
     }
 
     /// The wrapped error.

@@ -50,13 +50,21 @@ pub fn run(bin: &Path, args: &[&str], stdin: Option<&str>, run_dir: &RunDir) -> 
     let mut child = Command::new(bin)
         .args(args)
         .env("EVESNAP_RUN_DIR", run_dir.path())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
     if let Some(text) = stdin {
-        let _ = child.stdin.take().expect("stdin").write_all(text.as_bytes());
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes());
     }
     child.wait_with_output().expect("wait")
 }
@@ -64,8 +72,12 @@ pub fn run(bin: &Path, args: &[&str], stdin: Option<&str>, run_dir: &RunDir) -> 
 /// The document a tool printed; panics with its stderr when there is none.
 pub fn doc_of(out: &Output) -> Document {
     let text = String::from_utf8_lossy(&out.stdout);
-    Document::from_json(&text)
-        .unwrap_or_else(|e| panic!("no document ({e}): {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+    Document::from_json(&text).unwrap_or_else(|e| {
+        panic!(
+            "no document ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 pub fn stderr(out: &Output) -> String {

@@ -279,7 +279,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             // agent pause ~100 ms before it reads the thaw (see the watchdog module).
             if let Some(w) = &report.watchdog {
                 if let Err(e) = evesnap::qga::watchdog::hand_over(w, client.into_fd()) {
-                    evesnap::note!("the agent connection is closed instead of kept: {}", evesnap::cli::chain(&anyhow::Error::new(e)));
+                    evesnap::note!(
+                        "the agent connection is closed instead of kept: {}",
+                        evesnap::cli::chain(&anyhow::Error::new(e))
+                    );
                 }
             }
             let value = serde_json::to_value(&report).unwrap_or(Value::Null);

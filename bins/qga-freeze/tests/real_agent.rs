@@ -452,7 +452,6 @@ fn freeze_and_thaw_timings() {
     eprintln!("freeze command ms {freeze_ms:?}; freeze() incl. preflight+verify ms {window_ms:?}; thaw command ms {thaw_ms:?}");
 }
 
-
 /// Stops the second agent of the vsock test; qemu-ga thaws what it froze when it exits.
 struct SecondAgent<'a>(&'a Lab);
 

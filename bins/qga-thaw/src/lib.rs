@@ -178,12 +178,18 @@ pub fn connect_and_thaw(
         Ok(Some(fd)) => match Client::from_fd(fd, address.clone(), deadline) {
             Ok(mut client) => {
                 client.set_timeout(opts.timeout);
-                return thaw(&mut client, opts).map(|report| ThawReport { kept_connection: true, ..report });
+                return thaw(&mut client, opts).map(|report| ThawReport {
+                    kept_connection: true,
+                    ..report
+                });
             }
             Err(e) => evesnap::note!("the kept agent connection failed ({e}); connecting anew"),
         },
         Ok(None) => {}
-        Err(e) => evesnap::note!("no kept agent connection: {}", evesnap::cli::chain(&anyhow::Error::new(e))),
+        Err(e) => evesnap::note!(
+            "no kept agent connection: {}",
+            evesnap::cli::chain(&anyhow::Error::new(e))
+        ),
     }
     let mut client = Client::open(address, deadline).map_err(Error::Connect)?;
     client.set_timeout(opts.timeout);
@@ -386,10 +392,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         }
         (thaw_error, Some(input), _) => {
             if let Some(e) = thaw_error {
-                evesnap::warn!(
-                    "{}",
-                    evesnap::cli::chain(&evesnap::exit::wrap(e))
-                );
+                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::exit::wrap(e)));
             }
             Outcome::failed(
                 doc,
@@ -399,10 +402,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         }
         (thaw_error, None, Some(reason)) => {
             if let Some(e) = thaw_error {
-                evesnap::warn!(
-                    "{}",
-                    evesnap::cli::chain(&evesnap::exit::wrap(e))
-                );
+                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::exit::wrap(e)));
             }
             Outcome::failed(
                 doc,

@@ -33,7 +33,8 @@ fn thaws_with_agent_flag_and_no_upstream() {
 fn bad_input_still_thaws_then_reports_it() {
     let dir = RunDir::new("garbage");
     let (_agent, sim, address) = frozen_sim();
-    let out = run(Path::new(THAW), 
+    let out = run(
+        Path::new(THAW),
         &["--agent", &address],
         Some("{\"version\": 1, \"ok\": tr"),
         &dir,
@@ -89,7 +90,8 @@ fn an_agent_that_does_not_answer_the_thaw_exits_thaw_failed() {
     state.silent.push("guest-fsfreeze-thaw".into());
     let (agent, _sim) = FakeAgent::simulated(state);
     let address = agent.address.to_string();
-    let out = run(Path::new(THAW), 
+    let out = run(
+        Path::new(THAW),
         &["--agent", &address, "--timeout", "0.5"],
         None,
         &dir,
@@ -108,7 +110,8 @@ fn an_agent_that_does_not_answer_the_thaw_exits_thaw_failed() {
 fn an_unreachable_agent_exits_thaw_failed() {
     let dir = RunDir::new("unreach");
     let missing = dir.path().join("none.sock");
-    let out = run(Path::new(THAW), 
+    let out = run(
+        Path::new(THAW),
         &["--agent", &missing.to_string_lossy(), "--timeout", "0.3"],
         None,
         &dir,
@@ -121,6 +124,11 @@ fn no_agent_is_a_usage_error() {
     let dir = RunDir::new("noagent");
     let out = run(Path::new(THAW), &[], None, &dir);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
-    let out = run(Path::new(THAW), &[], Some("{\"version\":1,\"ok\":true}"), &dir);
+    let out = run(
+        Path::new(THAW),
+        &[],
+        Some("{\"version\":1,\"ok\":true}"),
+        &dir,
+    );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 }

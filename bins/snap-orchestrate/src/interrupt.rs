@@ -37,7 +37,11 @@ impl<T: Send + 'static> Events<T> {
                 }
             }
         })?;
-        Ok(Events { tx, rx, interrupted: None })
+        Ok(Events {
+            tx,
+            rx,
+            interrupted: None,
+        })
     }
 
     /// A sender for a worker's result.

@@ -130,12 +130,17 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
         Some(path) => {
             std::fs::File::open(path)
                 .and_then(|f| f.take(MAX_PLAN_BYTES + 1).read_to_string(&mut text))
-                .map_err(|e| evesnap::exit::wrap(plan::Error::Read(path.display().to_string(), e)))?;
+                .map_err(|e| {
+                    evesnap::exit::wrap(plan::Error::Read(path.display().to_string(), e))
+                })?;
         }
         None => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
-                return Err(coded(Exit::Usage, "no plan: give --plan FILE or the plan on stdin"));
+                return Err(coded(
+                    Exit::Usage,
+                    "no plan: give --plan FILE or the plan on stdin",
+                ));
             }
             stdin
                 .lock()
@@ -145,7 +150,10 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
         }
     }
     if text.len() as u64 > MAX_PLAN_BYTES {
-        return Err(coded(Exit::Usage, format!("the plan is larger than {MAX_PLAN_BYTES} bytes")));
+        return Err(coded(
+            Exit::Usage,
+            format!("the plan is larger than {MAX_PLAN_BYTES} bytes"),
+        ));
     }
     if text.trim().is_empty() {
         return Err(coded(Exit::Usage, "the plan is empty"));

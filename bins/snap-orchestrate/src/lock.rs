@@ -9,7 +9,9 @@ use evesnap::exit::{Exit, HasExit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("another snapshot operation on the VM behind agent {agent} is in progress (lock {path})")]
+    #[error(
+        "another snapshot operation on the VM behind agent {agent} is in progress (lock {path})"
+    )]
     Busy { agent: String, path: PathBuf },
     #[error("cannot open the lock file {0}")]
     Open(PathBuf, #[source] std::io::Error),
@@ -43,18 +45,32 @@ pub fn lock_vm(agent: &str) -> Result<VmLock, Error> {
         .map_err(|e| Error::Open(path.clone(), e))?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(flock) => Ok(VmLock { _flock: flock }),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Busy { agent: agent.to_string(), path }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Busy {
+            agent: agent.to_string(),
+            path,
+        }),
         Err((_, e)) => Err(Error::Open(path, e.into())),
     }
 }
 
 /// A file name for an address: readable, and unique per address.
 fn key(agent: &str) -> String {
-    let readable: String =
-        agent.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let readable: String = agent
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     // FNV-1a keeps two addresses that differ only in punctuation apart.
-    let hash = agent.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    let tail: String = readable.chars().rev().take(48).collect::<Vec<_>>().into_iter().rev().collect();
+    let hash = agent.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let tail: String = readable
+        .chars()
+        .rev()
+        .take(48)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     format!("{tail}-{hash:016x}")
 }
 

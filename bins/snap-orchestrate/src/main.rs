@@ -1,5 +1,9 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    evesnap::cli::main("snap-orchestrate", snap_orchestrate::command(), snap_orchestrate::run)
+    evesnap::cli::main(
+        "snap-orchestrate",
+        snap_orchestrate::command(),
+        snap_orchestrate::run,
+    )
 }

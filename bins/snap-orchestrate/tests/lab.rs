@@ -63,12 +63,20 @@ struct Snapshot {
 
 fn report(out: &Output) -> Report {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("not a report ({e}):\n{}\nstderr: {}", String::from_utf8_lossy(&out.stdout), stderr(out))
+        panic!(
+            "not a report ({e}):\n{}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
     })
 }
 
 fn step<'r>(report: &'r Report, tool: &str) -> &'r Value {
-    report.steps.iter().find(|s| s["tool"] == tool).unwrap_or_else(|| panic!("no {tool} step: {report:?}"))
+    report
+        .steps
+        .iter()
+        .find(|s| s["tool"] == tool)
+        .unwrap_or_else(|| panic!("no {tool} step: {report:?}"))
 }
 
 fn plan(lab: &Lab, extra: Value) -> Value {
@@ -94,11 +102,17 @@ fn new_id() -> String {
 }
 
 fn orchestrate(guard: &ThawGuard<'_>, plan: &Value, env: &[(&str, &str)]) -> Output {
-    spawn_orchestrate(guard, plan, env).wait_with_output().expect("wait")
+    spawn_orchestrate(guard, plan, env)
+        .wait_with_output()
+        .expect("wait")
 }
 
 /// Starts snap-orchestrate with `plan` on its stdin (closed after) and output captured.
-fn spawn_orchestrate(guard: &ThawGuard<'_>, plan: &Value, env: &[(&str, &str)]) -> std::process::Child {
+fn spawn_orchestrate(
+    guard: &ThawGuard<'_>,
+    plan: &Value,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let mut command = guard.command("snap-orchestrate");
     command.envs(env.iter().copied());
     spawn_with_stdin(command, &plan.to_string())
@@ -111,21 +125,41 @@ fn spawn_with_stdin(mut command: Command, input: &str) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn snap-orchestrate");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write plan");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write plan");
     child
 }
 
 fn run_with_stdin(command: Command, input: &str) -> Output {
-    spawn_with_stdin(command, input).wait_with_output().expect("wait")
+    spawn_with_stdin(command, input)
+        .wait_with_output()
+        .expect("wait")
 }
 
 /// Snapshots of the lab's datasets named `name`.
 fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
     let out = Command::new("zfs")
-        .args(["list", "-H", "-o", "name", "-t", "snapshot", "-r", &format!("{}/lab", lab.pool)])
+        .args([
+            "list",
+            "-H",
+            "-o",
+            "name",
+            "-t",
+            "snapshot",
+            "-r",
+            &format!("{}/lab", lab.pool),
+        ])
         .output()
         .expect("zfs list");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.ends_with(&format!("@{name}"))).map(String::from).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(&format!("@{name}")))
+        .map(String::from)
+        .collect()
 }
 
 /// Destroys every snapshot of the lab's datasets named `name` (test cleanup).
@@ -138,13 +172,19 @@ impl Drop for Cleanup<'_> {
                 let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
             }
             let parent = format!("{}/lab/vm0@{name}", self.0.pool);
-            let _ = Command::new("zfs").args(["destroy", &parent]).stderr(Stdio::null()).status();
+            let _ = Command::new("zfs")
+                .args(["destroy", &parent])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
 
 fn zfs_get(property: &str, name: &str) -> String {
-    let out = Command::new("zfs").args(["get", "-H", "-p", "-o", "value", property, name]).output().expect("zfs get");
+    let out = Command::new("zfs")
+        .args(["get", "-H", "-p", "-o", "value", property, name])
+        .output()
+        .expect("zfs get");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -173,23 +213,48 @@ fn create_with_hooks_then_rollback_restores_the_data() {
     assert_eq!(r.consistency.as_deref(), Some("application"));
     let snaps = r.snapshots.as_ref().expect("snapshots");
     assert_eq!(snaps.len(), 2);
-    assert!(snaps.iter().all(|s| s.createtxg == snaps[0].createtxg && !s.guid.is_empty() && s.creation > 0));
+    assert!(snaps
+        .iter()
+        .all(|s| s.createtxg == snaps[0].createtxg && !s.guid.is_empty() && s.creation > 0));
     assert!(r.freeze_window_ms.expect("window") > 0.0);
-    let tools: Vec<&str> = r.steps.iter().map(|s| s["tool"].as_str().unwrap_or("")).collect();
-    assert_eq!(tools, ["preflight", "guest_pre", "qga-freeze", "zsnap", "qga-thaw", "guest_post"]);
+    let tools: Vec<&str> = r
+        .steps
+        .iter()
+        .map(|s| s["tool"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            "preflight",
+            "guest_pre",
+            "qga-freeze",
+            "zsnap",
+            "qga-thaw",
+            "guest_post"
+        ]
+    );
     assert_eq!(step(&r, "qga-freeze")["frozen"], 2);
     assert_eq!(step(&r, "qga-thaw")["thawed"], 2);
     for s in snaps {
         assert_eq!(zfs_get("org.lfedge.evesnap:frozen", &s.name), "true");
-        assert_eq!(zfs_get("org.lfedge.evesnap:consistency", &s.name), "application");
+        assert_eq!(
+            zfs_get("org.lfedge.evesnap:consistency", &s.name),
+            "application"
+        );
         assert_eq!(zfs_get("org.lfedge.evesnap:id", &s.name), r.id);
     }
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
     let at_snapshot = guest_sh(&mut connect(lab), "md5sum /data0/app.bin");
 
     // The application writes on.
-    guest_sh(&mut connect(lab), "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 conv=notrunc 2>/dev/null; sync");
-    assert_ne!(guest_sh(&mut connect(lab), "md5sum /data0/app.bin"), at_snapshot);
+    guest_sh(
+        &mut connect(lab),
+        "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 conv=notrunc 2>/dev/null; sync",
+    );
+    assert_ne!(
+        guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
+        at_snapshot
+    );
 
     // Rollback while /data0 is mounted: refused, nothing changed.
     let mounted = plan(lab, json!({"action": "rollback", "rollback": {"to": name}}));
@@ -197,10 +262,23 @@ fn create_with_hooks_then_rollback_restores_the_data() {
     assert_eq!(code(&out), 7, "{}", stderr(&out));
     let r = report(&out);
     let error = r.error.as_ref().expect("error");
-    assert_eq!((error.step.as_str(), error.kind.as_str()), ("unmounted", "preflight-failed"));
-    assert!(error.description.contains("/data0"), "{}", error.description);
-    assert!(step(&r, "unmounted")["mounted"][0].as_str().unwrap_or("").contains("/data0"));
-    assert_ne!(guest_sh(&mut connect(lab), "md5sum /data0/app.bin"), at_snapshot);
+    assert_eq!(
+        (error.step.as_str(), error.kind.as_str()),
+        ("unmounted", "preflight-failed")
+    );
+    assert!(
+        error.description.contains("/data0"),
+        "{}",
+        error.description
+    );
+    assert!(step(&r, "unmounted")["mounted"][0]
+        .as_str()
+        .unwrap_or("")
+        .contains("/data0"));
+    assert_ne!(
+        guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
+        at_snapshot
+    );
 
     // With guest_pre unmounting and guest_post remounting: the data is the snapshot's.
     let released = plan(
@@ -219,7 +297,10 @@ fn create_with_hooks_then_rollback_restores_the_data() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
     assert_eq!(r.rolled_back.as_ref().map(Vec::len), Some(2));
-    assert_eq!(guest_sh(&mut connect(lab), "md5sum /data0/app.bin"), at_snapshot);
+    assert_eq!(
+        guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
+        at_snapshot
+    );
     assert_eq!(guest_sh(&mut connect(lab), "cat /data0/hook.log"), "pre\n");
 }
 
@@ -249,15 +330,25 @@ fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
     let r = report(&out);
     let error = r.error.as_ref().expect("error");
     assert_eq!(error.step, "guest_pre");
-    assert!(error.description.contains("exited with status 3"), "{}", error.description);
+    assert!(
+        error.description.contains("exited with status 3"),
+        "{}",
+        error.description
+    );
     let pre = step(&r, "guest_pre");
     assert_eq!(pre["commands"][1]["stderr"], "cannot quiesce\n");
-    assert!(r.steps.iter().all(|s| s["tool"] != "qga-freeze" && s["tool"] != "zsnap"));
+    assert!(r
+        .steps
+        .iter()
+        .all(|s| s["tool"] != "qga-freeze" && s["tool"] != "zsnap"));
     assert!(snapshots_named(lab, &name).is_empty());
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
     // The guest_post of the commands that ran, in reverse: both ran, so both undo steps,
     // the second's first.
-    assert_eq!(guest_sh(&mut connect(lab), "cat /tmp/app.state"), "resumed\n");
+    assert_eq!(
+        guest_sh(&mut connect(lab), "cat /tmp/app.state"),
+        "resumed\n"
+    );
 }
 
 /// A `zfs` on which `snapshot` first waits `delay` seconds, then runs the real one; it
@@ -276,19 +367,27 @@ fn slow_zfs(dir: &std::path::Path, delay: u32) -> (PathBuf, PathBuf) {
         ),
     )
     .expect("write shim");
-    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     (shim, marker)
 }
 
 fn which_zfs() -> PathBuf {
-    let out = Command::new("sh").args(["-c", "command -v zfs"]).output().expect("sh");
+    let out = Command::new("sh")
+        .args(["-c", "command -v zfs"])
+        .output()
+        .expect("sh");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn wait_for(path: &std::path::Path, within: Duration) {
     let deadline = Instant::now() + within;
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -302,7 +401,11 @@ fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let (shim, marker) = slow_zfs(guard.run_dir.path(), 4);
     let shim_path = shim.to_str().expect("utf-8 path");
-    let child = spawn_orchestrate(&guard, &plan(lab, json!({"snapshot": name})), &[("EVESNAP_ZFS", shim_path)]);
+    let child = spawn_orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": name})),
+        &[("EVESNAP_ZFS", shim_path)],
+    );
     // The orchestrator holds the agent's one connection now: the report tells what it did.
     wait_for(&marker, Duration::from_secs(60));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -314,11 +417,19 @@ fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
     let r = report(&out);
-    assert_eq!(step(&r, "qga-freeze")["frozen"], 2, "the snapshot step ran while frozen");
+    assert_eq!(
+        step(&r, "qga-freeze")["frozen"],
+        2,
+        "the snapshot step ran while frozen"
+    );
     assert_eq!(step(&r, "qga-thaw")["ok"], true);
     assert_eq!(r.error.as_ref().map(|e| e.step.as_str()), Some("snapshot"));
     // Taken after the early thaw, the snapshot cannot claim consistency: it is gone.
-    assert!(snapshots_named(lab, &name).is_empty(), "{:?}", snapshots_named(lab, &name));
+    assert!(
+        snapshots_named(lab, &name).is_empty(),
+        "{:?}",
+        snapshots_named(lab, &name)
+    );
 }
 
 #[test]
@@ -331,12 +442,19 @@ fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
     let _cleanup = Cleanup(lab, vec![first_name.clone(), second_name.clone()]);
     let (shim, marker) = slow_zfs(guard.run_dir.path(), 1);
     let shim_path = shim.to_str().expect("utf-8 path");
-    let first = spawn_orchestrate(&guard, &plan(lab, json!({"snapshot": first_name})), &[("EVESNAP_ZFS", shim_path)]);
+    let first = spawn_orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": first_name})),
+        &[("EVESNAP_ZFS", shim_path)],
+    );
     wait_for(&marker, Duration::from_secs(60));
     let started = Instant::now();
     let out = orchestrate(&guard, &plan(lab, json!({"snapshot": second_name})), &[]);
     assert_eq!(code(&out), 8, "{}", stderr(&out));
-    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
     assert!(stderr(&out).contains("in progress"), "{}", stderr(&out));
     let first = first.wait_with_output().expect("wait");
     assert_eq!(code(&first), 0, "{}", stderr(&first));
@@ -362,7 +480,11 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
         evesnap_tests::bin("qga-freeze").display(),
         lab.agent,
         evesnap_tests::bin("zsnap").display(),
-        datasets.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" "),
+        datasets
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" "),
         piped,
         evesnap_tests::bin("qga-thaw").display(),
     );
@@ -377,10 +499,18 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
     assert!(piped_doc.ok);
     // The thaw went through the freeze's connection, kept by the watchdog: no reconnect
     // (and no qemu-ga reconnect pause) inside the window.
-    let thaw = piped_doc.steps.iter().find(|s| s.tool == "qga-thaw").expect("thaw step");
+    let thaw = piped_doc
+        .steps
+        .iter()
+        .find(|s| s.tool == "qga-thaw")
+        .expect("thaw step");
     assert_eq!(thaw.fields["kept_connection"], true, "{thaw:?}");
 
-    let out = orchestrate(&guard, &plan(lab, json!({"snapshot": orchestrated, "type": "immediate"})), &[]);
+    let out = orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": orchestrated, "type": "immediate"})),
+        &[],
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
     // Frozen, but nothing quiesced the application: filesystem-consistent, no more.
@@ -412,9 +542,16 @@ fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
     let missing = guard.run_dir.path().join("no-such-agent.sock");
     let agent = format!("unix:{}", missing.display());
 
-    let out = orchestrate(&guard, &plan(lab, json!({"snapshot": name, "agent": agent})), &[]);
+    let out = orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": name, "agent": agent})),
+        &[],
+    );
     assert_eq!(code(&out), 3, "{}", stderr(&out));
-    assert_eq!(report(&out).error.as_ref().map(|e| e.kind.as_str()), Some("agent-unreachable"));
+    assert_eq!(
+        report(&out).error.as_ref().map(|e| e.kind.as_str()),
+        Some("agent-unreachable")
+    );
     assert!(snapshots_named(lab, &name).is_empty());
 
     let allowed = plan(
@@ -425,7 +562,11 @@ fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
     assert_eq!(r.consistency.as_deref(), Some("crash"));
-    assert!(stderr(&out).contains("crash-consistent"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("crash-consistent"),
+        "{}",
+        stderr(&out)
+    );
     for s in snapshots_named(lab, &name) {
         assert_eq!(zfs_get("org.lfedge.evesnap:frozen", &s), "false");
         assert_eq!(zfs_get("org.lfedge.evesnap:consistency", &s), "crash");
@@ -436,11 +577,21 @@ fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
 fn a_bad_plan_is_refused_with_the_field_named() {
     // Refused before anything is contacted: no lab needed.
     let bad = json!({"version": 1, "agent": "unix:/nonexistent", "datasets": ["p/a"], "freez": {}});
-    let out = run_with_stdin(Command::new(evesnap_tests::bin("snap-orchestrate")), &bad.to_string());
+    let out = run_with_stdin(
+        Command::new(evesnap_tests::bin("snap-orchestrate")),
+        &bad.to_string(),
+    );
     assert_eq!(code(&out), 2);
     assert!(out.stdout.is_empty());
-    assert!(stderr(&out).contains("unknown field `freez`"), "{}", stderr(&out));
-    let out = run_with_stdin(Command::new(evesnap_tests::bin("snap-orchestrate")), "{\"version\": 1,\n \"agent\": }");
+    assert!(
+        stderr(&out).contains("unknown field `freez`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_with_stdin(
+        Command::new(evesnap_tests::bin("snap-orchestrate")),
+        "{\"version\": 1,\n \"agent\": }",
+    );
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
 }
@@ -453,14 +604,29 @@ fn a_hung_zfs_snapshot_does_not_keep_the_guest_frozen() {
     let name = format!("t-hang-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let (shim, _marker) = slow_zfs(guard.run_dir.path(), 8);
-    let hanging = plan(lab, json!({"snapshot": name, "freeze": {"timeout_s": 3, "thaw_after_s": 60}}));
-    let out = orchestrate(&guard, &hanging, &[("EVESNAP_ZFS", shim.to_str().expect("utf-8 path"))]);
+    let hanging = plan(
+        lab,
+        json!({"snapshot": name, "freeze": {"timeout_s": 3, "thaw_after_s": 60}}),
+    );
+    let out = orchestrate(
+        &guard,
+        &hanging,
+        &[("EVESNAP_ZFS", shim.to_str().expect("utf-8 path"))],
+    );
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     let r = report(&out);
     assert_eq!(step(&r, "qga-thaw")["ok"], true);
     let error = r.error.as_ref().expect("error");
     assert_eq!(error.step, "snapshot");
-    assert!(error.description.contains("did not return within 3.0 s"), "{}", error.description);
+    assert!(
+        error.description.contains("did not return within 3.0 s"),
+        "{}",
+        error.description
+    );
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
-    assert!(snapshots_named(lab, &name).is_empty(), "{:?}", snapshots_named(lab, &name));
+    assert!(
+        snapshots_named(lab, &name).is_empty(),
+        "{:?}",
+        snapshots_named(lab, &name)
+    );
 }

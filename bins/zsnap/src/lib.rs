@@ -155,7 +155,13 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     // travels, and only the snapshot call is left for that window.
     let early = match (&zfs, &cli.action) {
         (Some(zfs), None) if !cli.take.dataset.is_empty() && cli.take.name.is_some() => {
-            Some(prepare(zfs, &cli.take, &cli.take.dataset, cli.take.name.clone().unwrap_or_default(), None))
+            Some(prepare(
+                zfs,
+                &cli.take,
+                &cli.take.dataset,
+                cli.take.name.clone().unwrap_or_default(),
+                None,
+            ))
         }
         _ => None,
     };
@@ -170,7 +176,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     let zfs = match (&zfs, locate_error) {
         (Some(zfs), _) => zfs,
         (None, error) => {
-            let error = error.map_or_else(|| anyhow::anyhow!("zfs was not located"), anyhow::Error::new);
+            let error = error.map_or_else(
+                || anyhow::anyhow!("zfs was not located"),
+                anyhow::Error::new,
+            );
             return failed(doc, timer, Map::new(), error);
         }
     };
@@ -186,9 +195,18 @@ fn properties(args: &TakeArgs, doc: Option<&Document>) -> anyhow::Result<Vec<(St
     let id = args
         .id
         .clone()
-        .or_else(|| doc?.extra.get("snapshot_id").and_then(Value::as_str).map(str::to_string))
+        .or_else(|| {
+            doc?.extra
+                .get("snapshot_id")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let metadata = Metadata { id, kind: args.kind.clone(), frozen: doc.is_some_and(meta::guest_frozen) };
+    let metadata = Metadata {
+        id,
+        kind: args.kind.clone(),
+        frozen: doc.is_some_and(meta::guest_frozen),
+    };
     let mut properties = Vec::new();
     for text in &args.property {
         let (k, v) = zfs::names::split_user_property(text)?;
@@ -275,7 +293,10 @@ fn run_take<'z>(
     let prepared = match early {
         // Checked before the document came: only what the document adds is set now.
         Some(Ok(mut prepared)) => match properties(&args, Some(&doc)).and_then(|props| {
-            props.iter().try_for_each(|(k, v)| prepared.set_property(k, v)).map_err(anyhow::Error::new)
+            props
+                .iter()
+                .try_for_each(|(k, v)| prepared.set_property(k, v))
+                .map_err(anyhow::Error::new)
         }) {
             Ok(()) => prepared,
             Err(e) => return failed(doc, timer, Map::new(), e),
@@ -300,10 +321,17 @@ fn run_take<'z>(
     let mut prepared = prepared;
     // A snapshot that ends after the upstream freeze's watchdog deadline may postdate the
     // watchdog's thaw: it must not claim `frozen`.
-    let claims_frozen = prepared.properties.iter().any(|(k, v)| k == meta::FROZEN && v == "true");
-    let deadline = claims_frozen.then(|| meta::watchdog_deadline_ms(&doc)).flatten();
+    let claims_frozen = prepared
+        .properties
+        .iter()
+        .any(|(k, v)| k == meta::FROZEN && v == "true");
+    let deadline = claims_frozen
+        .then(|| meta::watchdog_deadline_ms(&doc))
+        .flatten();
     if deadline.is_some_and(|d| meta::now_ms() >= d) {
-        evesnap::warn!("the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest");
+        evesnap::warn!(
+            "the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest"
+        );
         if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
             return failed(doc, timer, Map::new(), e.into());
         }
@@ -326,7 +354,12 @@ fn run_take<'z>(
     }
     match prepared.take_and_finish() {
         Ok(mut report) => {
-            if deadline.is_some_and(|d| meta::now_ms() >= d) && report.properties.get(meta::FROZEN).is_some_and(|v| v == "true") {
+            if deadline.is_some_and(|d| meta::now_ms() >= d)
+                && report
+                    .properties
+                    .get(meta::FROZEN)
+                    .is_some_and(|v| v == "true")
+            {
                 evesnap::warn!(
                     "the snapshot returned after the freeze's watchdog deadline, so it may postdate the \
                      watchdog's thaw: {} set to false",
@@ -342,7 +375,9 @@ fn run_take<'z>(
                         return failed(doc, timer, to_fields(&report), e);
                     }
                 }
-                report.properties.insert(meta::FROZEN.to_string(), "false".to_string());
+                report
+                    .properties
+                    .insert(meta::FROZEN.to_string(), "false".to_string());
             }
             evesnap::note!(
                 "took {} snapshot(s) @{name} in {:.1} ms ({})",

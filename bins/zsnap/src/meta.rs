@@ -58,8 +58,16 @@ pub fn guest_frozen(doc: &Document) -> bool {
 /// The deadline (ms since the epoch) of the auto-thaw watchdog the upstream freeze armed,
 /// if the document shows one: after it, the guest may be thawed whatever the document says.
 pub fn watchdog_deadline_ms(doc: &Document) -> Option<u64> {
-    let freeze = doc.steps.iter().rev().find(|s| s.tool == "qga-freeze" && s.ok)?;
-    freeze.fields.get("watchdog")?.get("deadline_unix_ms")?.as_u64()
+    let freeze = doc
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.tool == "qga-freeze" && s.ok)?;
+    freeze
+        .fields
+        .get("watchdog")?
+        .get("deadline_unix_ms")?
+        .as_u64()
 }
 
 /// Now, in ms since the epoch (the watchdog's clock).

@@ -196,7 +196,11 @@ fn an_upstream_failure_takes_no_snapshot() {
     // The command-line preflight may have read (it runs before the document arrives);
     // nothing was written.
     for sub in ["snapshot", "destroy", "set", "rollback"] {
-        assert!(shim.calls_of(sub).is_empty(), "zfs {sub} was called: {:?}", shim.calls());
+        assert!(
+            shim.calls_of(sub).is_empty(),
+            "zfs {sub} was called: {:?}",
+            shim.calls()
+        );
     }
     assert!(snapshots(&a).is_empty());
 }
