@@ -9,8 +9,8 @@ use evesnap::qga::{Address, Client};
 use evesnap::qmp::Qmp;
 
 use crate::lab::Lab;
-pub use crate::run::{code, doc_of, stderr};
 use crate::run::RunDir;
+pub use crate::run::{code, doc_of, stderr};
 
 pub fn address(lab: &Lab) -> Address {
     lab.agent.parse().expect("the lab's agent address")
@@ -58,7 +58,10 @@ pub struct ThawGuard<'a> {
 
 impl<'a> ThawGuard<'a> {
     pub fn new(lab: &'a Lab, name: &str) -> ThawGuard<'a> {
-        ThawGuard { lab, run_dir: RunDir::new(name) }
+        ThawGuard {
+            lab,
+            run_dir: RunDir::new(name),
+        }
     }
 
     /// A tool of this workspace with this guard's runtime folder.
@@ -82,9 +85,13 @@ impl Drop for ThawGuard<'_> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut thawed = false;
         while !thawed && Instant::now() < deadline {
-            if let Ok(mut client) = Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20)) {
+            if let Ok(mut client) =
+                Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20))
+            {
                 let _ = client.execute(guest_fsfreeze_thaw {});
-                thawed = client.fsfreeze_status().is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
+                thawed = client
+                    .fsfreeze_status()
+                    .is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
             }
         }
         // The run folder's drop then stops this test's watchdogs.

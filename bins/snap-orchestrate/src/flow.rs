@@ -92,7 +92,11 @@ pub fn execute(plan: &Plan, zfs: &Zfs) -> Outcome {
         Ok(mut signals) => execute_with(plan, zfs, &mut signals),
         Err(e) => {
             let report = Document::new();
-            fail(report, "preflight", anyhow::Error::new(e).context("cannot install signal handlers"))
+            fail(
+                report,
+                "preflight",
+                anyhow::Error::new(e).context("cannot install signal handlers"),
+            )
         }
     }
 }
@@ -105,16 +109,30 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Outcome {
     report.datasets = plan.datasets.clone();
     report.snapshot = Some(match plan.action {
         Action::Create => plan.snapshot_name(),
-        Action::Rollback => plan.rollback.as_ref().map(|r| r.to.clone()).unwrap_or_default(),
+        Action::Rollback => plan
+            .rollback
+            .as_ref()
+            .map(|r| r.to.clone())
+            .unwrap_or_default(),
     });
-    report.extra.insert("id".into(), json!(plan.id().to_string()));
-    report.extra.insert("type".into(), json!(plan.kind.as_str()));
+    report
+        .extra
+        .insert("id".into(), json!(plan.id().to_string()));
+    report
+        .extra
+        .insert("type".into(), json!(plan.kind.as_str()));
     report.extra.insert("action".into(), json!(plan.action));
     let lock = match crate::lock::lock_vm(&plan.agent) {
         Ok(lock) => lock,
         Err(e) => return fail(report, "preflight", evesnap::exit::wrap(e)),
     };
-    let mut run = Run { plan, zfs, report, events: &mut signals.0, timeout: Duration::from_secs_f64(plan.freeze.timeout_s) };
+    let mut run = Run {
+        plan,
+        zfs,
+        report,
+        events: &mut signals.0,
+        timeout: Duration::from_secs_f64(plan.freeze.timeout_s),
+    };
     let result = match plan.action {
         Action::Create => run.create(),
         Action::Rollback => run.rollback(),
@@ -134,11 +152,16 @@ fn fail(mut report: Document, step: &str, error: anyhow::Error) -> Outcome {
     let mut outcome = Outcome::failed(std::mem::take(&mut report), TOOL, error);
     if let (Some(doc), Some(error)) = (outcome.document.as_mut(), outcome.error.as_ref()) {
         if let Some(e) = doc.error.as_mut() {
-            let severity = if evesnap::cli::exit_of(error) == Exit::ThawFailed { "critical" } else { "error" };
+            let severity = if evesnap::cli::exit_of(error) == Exit::ThawFailed {
+                "critical"
+            } else {
+                "error"
+            };
             e.extra.insert("description".into(), json!(e.message));
             e.extra.insert("severity".into(), json!(severity));
             e.extra.insert("step".into(), json!(step));
-            e.extra.insert("timestamp".into(), json!(evesnap::time::now_rfc3339()));
+            e.extra
+                .insert("timestamp".into(), json!(evesnap::time::now_rfc3339()));
         }
     }
     outcome
@@ -161,7 +184,10 @@ impl Run<'_> {
     fn check_signal(&mut self, step: &'static str) -> Result<(), StepError> {
         if self.events.poll_signal() {
             let signal = self.events.interrupted.unwrap_or_default();
-            return Err((step, anyhow!("interrupted by signal {signal} before {step}")));
+            return Err((
+                step,
+                anyhow!("interrupted by signal {signal} before {step}"),
+            ));
         }
         Ok(())
     }
@@ -173,11 +199,12 @@ impl Run<'_> {
         needed: &[&'static str],
         required: bool,
     ) -> Result<Option<(Client, qga::GuestAgentInfo)>, StepError> {
-        let address: Address = self
-            .plan
-            .agent
-            .parse()
-            .map_err(|e| ("preflight", coded(Exit::Usage, format!("plan field `agent`: {e}"))))?;
+        let address: Address = self.plan.agent.parse().map_err(|e| {
+            (
+                "preflight",
+                coded(Exit::Usage, format!("plan field `agent`: {e}")),
+            )
+        })?;
         let attempt = (|| {
             let mut client = Client::connect(&address, Instant::now() + self.timeout)?;
             client.set_timeout(self.timeout);
@@ -194,13 +221,31 @@ impl Run<'_> {
                 );
                 return Ok(None);
             }
-            Err(e) => return Err(("preflight", anyhow::Error::new(e).context("the guest agent is required (freeze.required)"))),
+            Err(e) => {
+                return Err((
+                    "preflight",
+                    anyhow::Error::new(e).context("the guest agent is required (freeze.required)"),
+                ))
+            }
         };
         for &name in needed {
             match info.supported_commands.iter().find(|c| c.name == name) {
                 Some(c) if c.enabled => {}
-                Some(_) => return Err(("preflight", coded(Exit::Preflight, format!("the guest agent has {name} disabled")))),
-                None => return Err(("preflight", coded(Exit::Preflight, format!("the guest agent lacks {name}")))),
+                Some(_) => {
+                    return Err((
+                        "preflight",
+                        coded(
+                            Exit::Preflight,
+                            format!("the guest agent has {name} disabled"),
+                        ),
+                    ))
+                }
+                None => {
+                    return Err((
+                        "preflight",
+                        coded(Exit::Preflight, format!("the guest agent lacks {name}")),
+                    ))
+                }
             }
         }
         Ok(Some((client, info)))
@@ -234,7 +279,10 @@ impl Run<'_> {
             let message = run.describe();
             runs.push(run);
             if fatal_failure {
-                result = Err((label, coded(Exit::StepFailed, format!("{label} command {message}"))));
+                result = Err((
+                    label,
+                    coded(Exit::StepFailed, format!("{label} command {message}")),
+                ));
                 break;
             }
         }
@@ -246,8 +294,15 @@ impl Run<'_> {
     /// After a fatal `guest_pre` failure: the `guest_post` of the commands that ran, in
     /// reverse (`guest_post[i]` undoes `guest_pre[i]`).
     fn undo_pre(&mut self, client: &mut Client, ran: usize) {
-        let undo: Vec<GuestCommand> =
-            self.plan.guest_post.iter().take(ran).rev().cloned().map(|c| GuestCommand { fatal: false, ..c }).collect();
+        let undo: Vec<GuestCommand> = self
+            .plan
+            .guest_post
+            .iter()
+            .take(ran)
+            .rev()
+            .cloned()
+            .map(|c| GuestCommand { fatal: false, ..c })
+            .collect();
         if !undo.is_empty() {
             let _ = self.guest_commands(client, "guest_post", &undo);
         }
@@ -258,7 +313,11 @@ impl Run<'_> {
         // 1. Preflight: nothing in the guest or on disk changes before all of it passed.
         let timer = StepTimer::start("preflight");
         let mut needed = vec!["guest-fsfreeze-status", "guest-fsfreeze-thaw"];
-        needed.push(if plan.freeze.mountpoints.is_empty() { "guest-fsfreeze-freeze" } else { "guest-fsfreeze-freeze-list" });
+        needed.push(if plan.freeze.mountpoints.is_empty() {
+            "guest-fsfreeze-freeze"
+        } else {
+            "guest-fsfreeze-freeze-list"
+        });
         if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() {
             needed.extend(["guest-exec", "guest-exec-status"]);
         }
@@ -281,7 +340,10 @@ impl Run<'_> {
                 }
                 Err(e) => {
                     self.step(timer, false, Map::new());
-                    return Err(("preflight", anyhow::Error::new(e).context("guest-fsfreeze-status")));
+                    return Err((
+                        "preflight",
+                        anyhow::Error::new(e).context("guest-fsfreeze-status"),
+                    ));
                 }
             }
         }
@@ -290,15 +352,19 @@ impl Run<'_> {
             kind: plan.kind.as_str().to_ascii_uppercase(),
             frozen: agent.is_some(),
         };
-        let mut prepared =
-            match zsnap::preflight(self.zfs, &plan.datasets, &plan.snapshot_name(), &metadata.properties(), zsnap::DEFAULT_MIN_FREE)
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    self.step(timer, false, Map::new());
-                    return Err(("preflight", anyhow::Error::new(e)));
-                }
-            };
+        let mut prepared = match zsnap::preflight(
+            self.zfs,
+            &plan.datasets,
+            &plan.snapshot_name(),
+            &metadata.properties(),
+            zsnap::DEFAULT_MIN_FREE,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                self.step(timer, false, Map::new());
+                return Err(("preflight", anyhow::Error::new(e)));
+            }
+        };
         let agent_version = agent.as_ref().map(|(_, info)| info.version.clone());
         self.step(
             timer,
@@ -327,7 +393,11 @@ impl Run<'_> {
         // Application-consistent only when something quiesced the application: the plan's
         // own commands, all successful, or the caller.
         let quiesced = (pre_ok && !plan.guest_pre.is_empty()) || plan.application_quiesced;
-        let consistency = if quiesced { Consistency::Application } else { Consistency::Filesystem };
+        let consistency = if quiesced {
+            Consistency::Application
+        } else {
+            Consistency::Filesystem
+        };
         if let Err(e) = prepared.set_property(CONSISTENCY_PROPERTY, consistency.as_str()) {
             return Err(("preflight", anyhow::Error::new(e)));
         }
@@ -340,7 +410,8 @@ impl Run<'_> {
             mountpoints: plan.freeze.mountpoints.clone(),
             timeout: self.timeout,
             adopt_frozen: false,
-            thaw_after: (plan.freeze.thaw_after_s > 0.0).then(|| Duration::from_secs_f64(plan.freeze.thaw_after_s)),
+            thaw_after: (plan.freeze.thaw_after_s > 0.0)
+                .then(|| Duration::from_secs_f64(plan.freeze.thaw_after_s)),
             watchdog_program: None,
         };
         let frozen = match qga_freeze::freeze(&mut client, &options) {
@@ -350,7 +421,10 @@ impl Run<'_> {
                 self.step(timer, false, Map::new());
                 let exit = evesnap::exit::HasExit::exit(&e);
                 let _ = self.run_post(&mut client); // its step records its own result
-                return Err(("freeze", evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind()))));
+                return Err((
+                    "freeze",
+                    evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind())),
+                ));
             }
         };
         self.step(timer, true, fields(&frozen));
@@ -370,7 +444,9 @@ impl Run<'_> {
             .as_ref()
             .ok()
             .map(|thawed_at| thawed_at.saturating_sub(frozen.frozen_at_unix_us) as f64 / 1000.0);
-        self.report.extra.insert("freeze_window_ms".into(), json!(window_ms));
+        self.report
+            .extra
+            .insert("freeze_window_ms".into(), json!(window_ms));
 
         let snapshot = match taken {
             Ok(taken) => match prepared.finish(taken) {
@@ -381,8 +457,12 @@ impl Run<'_> {
         };
         let step = match &snapshot {
             Ok(report) => {
-                self.report.extra.insert("create_time".into(), json!(create_time(report)));
-                self.report.extra.insert("snapshots".into(), json!(report.snapshots));
+                self.report
+                    .extra
+                    .insert("create_time".into(), json!(create_time(report)));
+                self.report
+                    .extra
+                    .insert("snapshots".into(), json!(report.snapshots));
                 timer.finish(true, fields(report))
             }
             Err(e) => timer.finish(false, fields(json!({ "error": evesnap::cli::chain(e) }))),
@@ -390,7 +470,9 @@ impl Run<'_> {
         self.report.insert(snapshot_step_at, step);
         if let Err(e) = thaw {
             // The snapshot stays: it was taken while frozen. The guest is what matters now.
-            self.report.extra.insert("consistency".into(), json!(consistency.as_str()));
+            self.report
+                .extra
+                .insert("consistency".into(), json!(consistency.as_str()));
             return Err(("thaw", e));
         }
 
@@ -400,7 +482,9 @@ impl Run<'_> {
             Ok(s) => s,
             Err(e) => return Err(("snapshot", e)),
         };
-        self.report.extra.insert("consistency".into(), json!(consistency.as_str()));
+        self.report
+            .extra
+            .insert("consistency".into(), json!(consistency.as_str()));
         post?;
         self.check_signal("retention")?;
 
@@ -409,7 +493,11 @@ impl Run<'_> {
         evesnap::note!(
             "took {} snapshot(s) {}@{} ({}), freeze window {:.1} ms",
             snapshot.snapshots.len(),
-            if plan.datasets.len() == 1 { plan.datasets[0].as_str() } else { "<datasets>" },
+            if plan.datasets.len() == 1 {
+                plan.datasets[0].as_str()
+            } else {
+                "<datasets>"
+            },
             plan.snapshot_name(),
             consistency.as_str(),
             window_ms.unwrap_or_default()
@@ -428,9 +516,19 @@ impl Run<'_> {
         client: &mut Client,
         prepared: &zsnap::PreparedSnapshot<'_>,
         frozen: &FreezeReport,
-    ) -> (Result<zsnap::Taken, anyhow::Error>, Option<Result<u64, anyhow::Error>>) {
+    ) -> (
+        Result<zsnap::Taken, anyhow::Error>,
+        Option<Result<u64, anyhow::Error>>,
+    ) {
         let sender = self.events.sender();
-        let Run { events, report, timeout, zfs, plan, .. } = self;
+        let Run {
+            events,
+            report,
+            timeout,
+            zfs,
+            plan,
+            ..
+        } = self;
         std::thread::scope(|scope| {
             scope.spawn(move || {
                 let _ = sender.send(Event::Done(prepared.take()));
@@ -445,7 +543,10 @@ impl Run<'_> {
                 _ => *timeout,
             };
             let mut deadline = started + limit;
-            let mut why = format!("`zfs snapshot` did not return within {:.1} s", limit.as_secs_f64());
+            let mut why = format!(
+                "`zfs snapshot` did not return within {:.1} s",
+                limit.as_secs_f64()
+            );
             loop {
                 match events.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Some(Event::Done(result)) => return (result.map_err(anyhow::Error::new), None),
@@ -469,14 +570,22 @@ impl Run<'_> {
                             match events.wait() {
                                 Some(Event::Done(result)) => break result,
                                 Some(Event::Signal(_)) => {}
-                                None => break Ok(zsnap::Taken { created: Vec::new(), elapsed: Duration::ZERO, calls: 0 }),
+                                None => {
+                                    break Ok(zsnap::Taken {
+                                        created: Vec::new(),
+                                        elapsed: Duration::ZERO,
+                                        calls: 0,
+                                    })
+                                }
                             }
                         };
                         let mut destroyed = Vec::new();
                         for snapshot in late.iter().flat_map(|t| t.created.iter()) {
                             match zfs.destroy_snapshot(snapshot) {
                                 Ok(()) => destroyed.push(snapshot.clone()),
-                                Err(e) => evesnap::warn!("cannot destroy {snapshot}, taken after an early thaw: {e}"),
+                                Err(e) => evesnap::warn!(
+                                    "cannot destroy {snapshot}, taken after an early thaw: {e}"
+                                ),
                             }
                         }
                         let error = anyhow!(
@@ -504,7 +613,10 @@ impl Run<'_> {
     }
 
     /// No agent, and the plan allows it: the snapshot is taken unfrozen.
-    fn create_unfrozen(&mut self, mut prepared: zsnap::PreparedSnapshot<'_>) -> Result<(), StepError> {
+    fn create_unfrozen(
+        &mut self,
+        mut prepared: zsnap::PreparedSnapshot<'_>,
+    ) -> Result<(), StepError> {
         if !self.plan.guest_pre.is_empty() || !self.plan.guest_post.is_empty() {
             evesnap::warn!("the guest commands are skipped: there is no agent to run them");
         }
@@ -514,9 +626,15 @@ impl Run<'_> {
         let timer = StepTimer::start(zsnap::TOOL);
         match prepared.take_and_finish() {
             Ok(report) => {
-                self.report.extra.insert("create_time".into(), json!(create_time(&report)));
-                self.report.extra.insert("snapshots".into(), json!(report.snapshots));
-                self.report.extra.insert("consistency".into(), json!(Consistency::Crash.as_str()));
+                self.report
+                    .extra
+                    .insert("create_time".into(), json!(create_time(&report)));
+                self.report
+                    .extra
+                    .insert("snapshots".into(), json!(report.snapshots));
+                self.report
+                    .extra
+                    .insert("consistency".into(), json!(Consistency::Crash.as_str()));
                 self.step(timer, true, fields(&report));
             }
             Err(e) => {
@@ -528,7 +646,9 @@ impl Run<'_> {
     }
 
     fn retention(&mut self) -> Result<(), StepError> {
-        let Some(keep) = self.plan.max_snapshots else { return Ok(()) };
+        let Some(keep) = self.plan.max_snapshots else {
+            return Ok(());
+        };
         let timer = StepTimer::start("retention");
         match zsnap::prune(self.zfs, &self.plan.datasets, keep as usize, false, false) {
             Ok(report) => {
@@ -537,7 +657,11 @@ impl Run<'_> {
             }
             Err(e) => {
                 self.step(timer, false, Map::new());
-                Err(("retention", anyhow::Error::new(e).context("the snapshot was taken, but pruning old ones failed")))
+                Err((
+                    "retention",
+                    anyhow::Error::new(e)
+                        .context("the snapshot was taken, but pruning old ones failed"),
+                ))
             }
         }
     }
@@ -545,11 +669,19 @@ impl Run<'_> {
     fn rollback(&mut self) -> Result<(), StepError> {
         let plan = self.plan;
         let Some(rollback) = plan.rollback.as_ref() else {
-            return Err(("preflight", coded(Exit::Usage, "`rollback` is missing from the plan")));
+            return Err((
+                "preflight",
+                coded(Exit::Usage, "`rollback` is missing from the plan"),
+            ));
         };
         // 1. Preflight: zrollback's checks, then whether the VM is stopped.
         let timer = StepTimer::start("preflight");
-        let target = match zrollback::plan(self.zfs, &plan.datasets, &rollback.to, rollback.destroy_newer) {
+        let target = match zrollback::plan(
+            self.zfs,
+            &plan.datasets,
+            &rollback.to,
+            rollback.destroy_newer,
+        ) {
             Ok(t) => t,
             Err(e) => {
                 self.step(timer, false, Map::new());
@@ -617,7 +749,11 @@ impl Run<'_> {
                 }
             }
         }
-        self.step(timer, true, fields(json!({ "vm_stopped": vm_stopped, "plan": target, "devices": devices })));
+        self.step(
+            timer,
+            true,
+            fields(json!({ "vm_stopped": vm_stopped, "plan": target, "devices": devices })),
+        );
         self.check_signal("guest_pre")?;
 
         if let Some((client, _)) = agent.as_mut() {
@@ -635,15 +771,21 @@ impl Run<'_> {
                     .iter()
                     .filter_map(|d| {
                         let dev = devices.get(d.as_str()).map(String::as_str);
-                        let mounts =
-                            plan.disks.get(d).map(|disk| guest::mounts_on(&filesystems, disk, dev)).unwrap_or_default();
+                        let mounts = plan
+                            .disks
+                            .get(d)
+                            .map(|disk| guest::mounts_on(&filesystems, disk, dev))
+                            .unwrap_or_default();
                         (!mounts.is_empty()).then(|| format!("{d}: {}", mounts.join(", ")))
                     })
                     .collect::<Vec<_>>(),
                 Err(e) => {
                     self.step(timer, false, Map::new());
                     let _ = self.run_post(client); // its step records its own result
-                    return Err(("unmounted", anyhow::Error::new(e).context("guest-get-fsinfo")));
+                    return Err((
+                        "unmounted",
+                        anyhow::Error::new(e).context("guest-get-fsinfo"),
+                    ));
                 }
             };
             if !busy.is_empty() {
@@ -670,8 +812,12 @@ impl Run<'_> {
         let rolled = zrollback::execute(self.zfs, &target);
         let result = match rolled {
             Ok(report) => {
-                self.report.extra.insert("rolled_back".into(), json!(report.rolled_back));
-                self.report.extra.insert("destroyed".into(), json!(report.destroyed));
+                self.report
+                    .extra
+                    .insert("rolled_back".into(), json!(report.rolled_back));
+                self.report
+                    .extra
+                    .insert("destroyed".into(), json!(report.destroyed));
                 self.step(timer, true, fields(&report));
                 Ok(())
             }
@@ -693,12 +839,17 @@ impl Run<'_> {
         if plan_says {
             return Ok(true);
         }
-        let Some(qmp) = &self.plan.qmp else { return Ok(false) };
+        let Some(qmp) = &self.plan.qmp else {
+            return Ok(false);
+        };
         let status = evesnap::qmp::Qmp::connect(std::path::Path::new(qmp), self.timeout)
             .and_then(|mut q| q.status())
             .map_err(|e| anyhow::Error::new(e).context("plan field `qmp`"))?;
         // A paused VM resumes with its caches: only a VM that is not running at all counts.
-        Ok(matches!(status.state.as_str(), "shutdown" | "prelaunch" | "guest-panicked"))
+        Ok(matches!(
+            status.state.as_str(),
+            "shutdown" | "prelaunch" | "guest-panicked"
+        ))
     }
 }
 
@@ -711,7 +862,11 @@ fn thaw_step(
     frozen: &FreezeReport,
 ) -> Result<u64, anyhow::Error> {
     let timer = StepTimer::start(qga_thaw::TOOL);
-    let options = ThawOptions { timeout, expected: frozen.frozen, cancel_watchdog: true };
+    let options = ThawOptions {
+        timeout,
+        expected: frozen.frozen,
+        cancel_watchdog: true,
+    };
     match qga_thaw::thaw(client, &options) {
         Ok(thawed) => {
             report.push(timer.finish(true, fields(&thawed)));
@@ -726,7 +881,12 @@ fn thaw_step(
 
 /// `create_time` for the report: the snapshots' creation, RFC 3339.
 fn create_time(report: &zsnap::SnapshotReport) -> String {
-    let secs = report.snapshots.iter().map(|s| s.creation).min().unwrap_or(0);
+    let secs = report
+        .snapshots
+        .iter()
+        .map(|s| s.creation)
+        .min()
+        .unwrap_or(0);
     time::OffsetDateTime::from_unix_timestamp(secs as i64)
         .map(evesnap::time::rfc3339)
         .unwrap_or_else(|_| evesnap::time::now_rfc3339())

@@ -34,7 +34,11 @@ pub struct CommandRun {
 pub fn run_command(client: &mut Client, command: &GuestCommand) -> CommandRun {
     let started = Instant::now();
     let args: Vec<&str> = command.args.iter().map(String::as_str).collect();
-    let result = client.guest_exec(&command.path, &args, Duration::from_secs_f64(command.timeout_s));
+    let result = client.guest_exec(
+        &command.path,
+        &args,
+        Duration::from_secs_f64(command.timeout_s),
+    );
     let mut run = CommandRun {
         path: command.path.clone(),
         args: command.args.clone(),
@@ -106,7 +110,10 @@ fn guest_run(
         match client.guest_exec(program, args, timeout) {
             Ok(done) => return Ok((program.to_string(), done)),
             // Not there (or not runnable): the next one.
-            Err(e) => tried.push(format!("{program}: {}", evesnap::cli::chain(&anyhow::Error::new(e)))),
+            Err(e) => tried.push(format!(
+                "{program}: {}",
+                evesnap::cli::chain(&anyhow::Error::new(e))
+            )),
         }
     }
     Err(format!("cannot run it in the guest ({})", tried.join("; ")))
@@ -117,8 +124,13 @@ fn guest_run(
 /// `readlink -f` of a path whose last part does not exist prints the path and succeeds,
 /// and a mistyped path must not make every filesystem look unrelated). Argv only.
 pub fn resolve_dev(client: &mut Client, dev: &str, timeout: Duration) -> Result<String, String> {
-    let (program, done) = guest_run(client, &["/bin/readlink", "/usr/bin/readlink"], &["-f", dev], timeout)
-        .map_err(|e| format!("readlink: {e}"))?;
+    let (program, done) = guest_run(
+        client,
+        &["/bin/readlink", "/usr/bin/readlink"],
+        &["-f", dev],
+        timeout,
+    )
+    .map_err(|e| format!("readlink: {e}"))?;
     let out = String::from_utf8_lossy(&done.stdout);
     let path = out.trim();
     if !done.success() || !path.starts_with("/dev/") || path.contains(char::is_whitespace) {
@@ -126,11 +138,20 @@ pub fn resolve_dev(client: &mut Client, dev: &str, timeout: Duration) -> Result<
         return Err(format!(
             "`{program} -f {dev}` in the guest gave {path:?} (exit {:?}{}): not a device node",
             done.exitcode,
-            if err.trim().is_empty() { String::new() } else { format!(", {}", err.trim()) }
+            if err.trim().is_empty() {
+                String::new()
+            } else {
+                format!(", {}", err.trim())
+            }
         ));
     }
-    let (program, done) =
-        guest_run(client, &["/bin/test", "/usr/bin/test"], &["-b", path], timeout).map_err(|e| format!("test: {e}"))?;
+    let (program, done) = guest_run(
+        client,
+        &["/bin/test", "/usr/bin/test"],
+        &["-b", path],
+        timeout,
+    )
+    .map_err(|e| format!("test: {e}"))?;
     if !done.success() {
         return Err(format!(
             "{dev} resolves to {path}, which is not a block device in the guest (`{program} -b` exit {:?})",
@@ -143,12 +164,18 @@ pub fn resolve_dev(client: &mut Client, dev: &str, timeout: Duration) -> Result<
 /// Is the kernel device `name` (`zd0`, `vda1`, `zd16p2`) the device `base` (`zd0`, `vda`)
 /// or one of its partitions?
 fn same_device(name: &str, base: &str) -> bool {
-    let Some(rest) = name.strip_prefix(base) else { return false };
+    let Some(rest) = name.strip_prefix(base) else {
+        return false;
+    };
     if rest.is_empty() {
         return true;
     }
     // vda → vda1; zd0, nvme0n1 → zd0p1, nvme0n1p1 (a digit before the partition number).
-    let digits = if base.ends_with(|c: char| c.is_ascii_digit()) { rest.strip_prefix('p') } else { Some(rest) };
+    let digits = if base.ends_with(|c: char| c.is_ascii_digit()) {
+        rest.strip_prefix('p')
+    } else {
+        Some(rest)
+    };
     digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -181,7 +208,11 @@ fn same_disk(address: &qga::GuestDiskAddress, disk: &GuestDisk, dev: Option<&str
 /// or zram device) with an empty `disk` list: only its kernel name (`name`) can tie it to
 /// `disk`, and only through `dev`. Without `dev`, such a filesystem cannot be told apart,
 /// so it counts as on the disk.
-pub fn mounts_on(filesystems: &[qga::GuestFilesystemInfo], disk: &GuestDisk, dev: Option<&str>) -> Vec<String> {
+pub fn mounts_on(
+    filesystems: &[qga::GuestFilesystemInfo],
+    disk: &GuestDisk,
+    dev: Option<&str>,
+) -> Vec<String> {
     filesystems
         .iter()
         .filter(|fs| match dev {
@@ -189,7 +220,10 @@ pub fn mounts_on(filesystems: &[qga::GuestFilesystemInfo], disk: &GuestDisk, dev
             None if fs.disk.is_empty() => true,
             _ => {
                 dev.is_some_and(|dev| same_device(&fs.name, kernel_name(dev)))
-                    || fs.disk.iter().any(|address| same_disk(address, disk, dev) != Some(false))
+                    || fs
+                        .disk
+                        .iter()
+                        .any(|address| same_disk(address, disk, dev) != Some(false))
             }
         })
         .map(|fs| format!("{} ({})", fs.mountpoint, fs.name))
@@ -210,21 +244,40 @@ mod tests {
     #[test]
     fn matches_by_pci_when_the_agent_reports_no_serial() {
         let fs = fsinfo(LAB);
-        let disk0 = GuestDisk { serial: Some("disk0".into()), pci: Some("0000:00:07.0".into()), dev: None };
+        let disk0 = GuestDisk {
+            serial: Some("disk0".into()),
+            pci: Some("0000:00:07.0".into()),
+            dev: None,
+        };
         assert_eq!(mounts_on(&fs, &disk0, None), vec!["/data0 (vda)"]);
-        let elsewhere = GuestDisk { serial: None, pci: Some("0000:00:09.0".into()), dev: None };
+        let elsewhere = GuestDisk {
+            serial: None,
+            pci: Some("0000:00:09.0".into()),
+            dev: None,
+        };
         assert!(mounts_on(&fs, &elsewhere, None).is_empty());
     }
 
     #[test]
     fn serial_wins_and_unknown_counts_as_mounted() {
-        let with_serial = LAB.replace(r#""dev": "/dev/vda""#, r#""dev": "/dev/vda", "serial": "disk0""#);
+        let with_serial = LAB.replace(
+            r#""dev": "/dev/vda""#,
+            r#""dev": "/dev/vda", "serial": "disk0""#,
+        );
         let fs = fsinfo(&with_serial);
         // The serial says disk0 even though the PCI address given is another one.
-        let disk0 = GuestDisk { serial: Some("disk0".into()), pci: Some("0000:00:09.0".into()), dev: None };
+        let disk0 = GuestDisk {
+            serial: Some("disk0".into()),
+            pci: Some("0000:00:09.0".into()),
+            dev: None,
+        };
         assert_eq!(mounts_on(&fs, &disk0, None), vec!["/data0 (vda)"]);
         // Nothing to compare: both filesystems may be on it.
-        let unknown = GuestDisk { serial: Some("diskX".into()), pci: None, dev: None };
+        let unknown = GuestDisk {
+            serial: Some("diskX".into()),
+            pci: None,
+            dev: None,
+        };
         assert_eq!(mounts_on(&fsinfo(LAB), &unknown, None).len(), 2);
     }
 
@@ -235,9 +288,19 @@ mod tests {
     #[test]
     fn zvols_are_matched_by_their_resolved_device() {
         let fs = fsinfo(ZVOLS);
-        let thick = GuestDisk { serial: None, pci: None, dev: Some("/dev/zvol/persist/vault/volumes/6f1e.1".into()) };
-        assert_eq!(mounts_on(&fs, &thick, Some("/dev/zd0")), vec!["/mnt/6f1e0a52-3c8d-4b7a-9e21-5d4c3b2a1f00 (zd0)"]);
-        assert_eq!(mounts_on(&fs, &thick, Some("/dev/zd16")), vec!["/mnt/a3b9c7d1-2e4f-4a6b-8c0d-1e2f3a4b5c6d (zd16)"]);
+        let thick = GuestDisk {
+            serial: None,
+            pci: None,
+            dev: Some("/dev/zvol/persist/vault/volumes/6f1e.1".into()),
+        };
+        assert_eq!(
+            mounts_on(&fs, &thick, Some("/dev/zd0")),
+            vec!["/mnt/6f1e0a52-3c8d-4b7a-9e21-5d4c3b2a1f00 (zd0)"]
+        );
+        assert_eq!(
+            mounts_on(&fs, &thick, Some("/dev/zd16")),
+            vec!["/mnt/a3b9c7d1-2e4f-4a6b-8c0d-1e2f3a4b5c6d (zd16)"]
+        );
         // zd1 is not zd16's prefix-sibling; zd0p1 is zd0's partition.
         assert!(mounts_on(&fs, &thick, Some("/dev/zd1")).is_empty());
         let part = fsinfo(&ZVOLS.replace(r#""name": "zd0""#, r#""name": "zd0p1""#));
@@ -250,18 +313,35 @@ mod tests {
     #[test]
     fn filesystems_without_disk_address_count_unless_dev_tells() {
         let fs = fsinfo(ZVOLS);
-        let by_pci = GuestDisk { serial: Some("persist0".into()), pci: Some("0000:00:07.0".into()), dev: None };
+        let by_pci = GuestDisk {
+            serial: Some("persist0".into()),
+            pci: Some("0000:00:07.0".into()),
+            dev: None,
+        };
         assert_eq!(mounts_on(&fs, &by_pci, None).len(), fs.len());
-        let both = GuestDisk { dev: Some("/dev/zvol/p/v".into()), ..by_pci };
+        let both = GuestDisk {
+            dev: Some("/dev/zvol/p/v".into()),
+            ..by_pci
+        };
         assert_eq!(mounts_on(&fs, &both, Some("/dev/zd16")).len(), 1);
     }
 
     #[test]
     fn dev_matches_the_agents_device_node() {
         let fs = fsinfo(LAB);
-        let by_id = GuestDisk { serial: None, pci: None, dev: Some("/dev/disk/by-id/virtio-disk1".into()) };
-        assert_eq!(mounts_on(&fs, &by_id, Some("/dev/vdb")), vec!["/data1 (vdb)"]);
-        assert_eq!(mounts_on(&fs, &by_id, Some("/dev/vdb1")), vec!["/data1 (vdb)"]);
+        let by_id = GuestDisk {
+            serial: None,
+            pci: None,
+            dev: Some("/dev/disk/by-id/virtio-disk1".into()),
+        };
+        assert_eq!(
+            mounts_on(&fs, &by_id, Some("/dev/vdb")),
+            vec!["/data1 (vdb)"]
+        );
+        assert_eq!(
+            mounts_on(&fs, &by_id, Some("/dev/vdb1")),
+            vec!["/data1 (vdb)"]
+        );
         assert!(mounts_on(&fs, &by_id, Some("/dev/vdc")).is_empty());
     }
 

@@ -59,7 +59,9 @@ pub struct Plan {
     pub disks: BTreeMap<String, GuestDisk>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotType {
     AppUpdate,
@@ -76,7 +78,9 @@ impl SnapshotType {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     #[default]
@@ -100,7 +104,12 @@ pub struct FreezePlan {
 
 impl Default for FreezePlan {
     fn default() -> Self {
-        FreezePlan { mountpoints: Vec::new(), timeout_s: 10.0, thaw_after_s: 60.0, required: true }
+        FreezePlan {
+            mountpoints: Vec::new(),
+            timeout_s: 10.0,
+            thaw_after_s: 60.0,
+            required: true,
+        }
     }
 }
 
@@ -206,28 +215,44 @@ impl Plan {
                 return invalid(format!("`datasets` names `{d}` twice"));
             }
         }
-        for (what, t) in [("freeze.timeout_s", self.freeze.timeout_s), ("freeze.thaw_after_s", self.freeze.thaw_after_s)]
-        {
+        for (what, t) in [
+            ("freeze.timeout_s", self.freeze.timeout_s),
+            ("freeze.thaw_after_s", self.freeze.thaw_after_s),
+        ] {
             if !t.is_finite() || !(0.0..=MAX_SECONDS).contains(&t) {
-                return invalid(format!("`{what}` must be a number of seconds from 0 to {MAX_SECONDS}, not {t}"));
+                return invalid(format!(
+                    "`{what}` must be a number of seconds from 0 to {MAX_SECONDS}, not {t}"
+                ));
             }
         }
         if self.freeze.timeout_s == 0.0 {
             return invalid("`freeze.timeout_s` must be above 0".into());
         }
-        for (list, cmds) in [("guest_pre", &self.guest_pre), ("guest_post", &self.guest_post)] {
+        for (list, cmds) in [
+            ("guest_pre", &self.guest_pre),
+            ("guest_post", &self.guest_post),
+        ] {
             for (i, c) in cmds.iter().enumerate() {
                 if !c.path.starts_with('/') {
-                    return invalid(format!("`{list}[{i}].path` must be an absolute path in the guest, not `{}`", c.path));
+                    return invalid(format!(
+                        "`{list}[{i}].path` must be an absolute path in the guest, not `{}`",
+                        c.path
+                    ));
                 }
                 if !c.timeout_s.is_finite() || c.timeout_s <= 0.0 || c.timeout_s > MAX_SECONDS {
-                    return invalid(format!("`{list}[{i}].timeout_s` must be above 0 and at most {MAX_SECONDS} s"));
+                    return invalid(format!(
+                        "`{list}[{i}].timeout_s` must be above 0 and at most {MAX_SECONDS} s"
+                    ));
                 }
             }
         }
         match (self.action, &self.rollback) {
-            (Action::Rollback, None) => invalid("`action` is `rollback` but `rollback.to` is missing".into()),
-            (Action::Create, Some(_)) => invalid("`rollback` is given but `action` is `create`".into()),
+            (Action::Rollback, None) => {
+                invalid("`action` is `rollback` but `rollback.to` is missing".into())
+            }
+            (Action::Create, Some(_)) => {
+                invalid("`rollback` is given but `action` is `create`".into())
+            }
             _ => Ok(()),
         }?;
         for (d, disk) in &self.disks {
@@ -236,7 +261,9 @@ impl Plan {
             }
             if let Some(dev) = &disk.dev {
                 if !dev.starts_with('/') || dev.chars().any(char::is_whitespace) {
-                    return invalid(format!("`disks.{d}.dev` must be an absolute path in the guest, not `{dev}`"));
+                    return invalid(format!(
+                        "`disks.{d}.dev` must be an absolute path in the guest, not `{dev}`"
+                    ));
                 }
             }
         }
@@ -252,7 +279,9 @@ impl Plan {
 
     /// The snapshot name: the plan's, or `evesnap-<id>`.
     pub fn snapshot_name(&self) -> String {
-        self.snapshot.clone().unwrap_or_else(|| format!("evesnap-{}", self.id()))
+        self.snapshot
+            .clone()
+            .unwrap_or_else(|| format!("evesnap-{}", self.id()))
     }
 }
 
@@ -269,7 +298,11 @@ mod tests {
             std::fs::write(path, schema()).expect("write schema");
         }
         let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-        assert_eq!(checked_in, schema(), "plan.schema.json is stale: run scripts/mangen");
+        assert_eq!(
+            checked_in,
+            schema(),
+            "plan.schema.json is stale: run scripts/mangen"
+        );
     }
 
     #[test]
@@ -283,30 +316,60 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"freez":{}}"#).unwrap_err();
+        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"freez":{}}"#)
+            .unwrap_err();
         let cause = std::error::Error::source(&err).expect("cause").to_string();
         assert!(cause.contains("unknown field `freez`"), "{cause}");
-        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"freeze":{"timeout":1}}"#)
-            .unwrap_err();
-        assert!(std::error::Error::source(&err).expect("cause").to_string().contains("`timeout`"));
+        let err = Plan::from_json(
+            r#"{"version":1,"agent":"a","datasets":["p/a"],"freeze":{"timeout":1}}"#,
+        )
+        .unwrap_err();
+        assert!(std::error::Error::source(&err)
+            .expect("cause")
+            .to_string()
+            .contains("`timeout`"));
     }
 
     #[test]
     fn wrong_values_are_refused() {
         for (plan, needle) in [
             (r#"{"version":1,"agent":"a","datasets":[]}"#, "datasets"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a","p/a"]}"#, "twice"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a"],"action":"rollback"}"#, "rollback.to"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a"],"guest_pre":[{"path":"sync"}]}"#, "absolute"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a"],"max_snapshots":0}"#, "max_snapshots"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/b":{"serial":"x"}}}"#, "p/b"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"zd0"}}}"#, "disks.p/a.dev"),
-            (r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"-f /x"}}}"#, "absolute"),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a","p/a"]}"#,
+                "twice",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"action":"rollback"}"#,
+                "rollback.to",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"guest_pre":[{"path":"sync"}]}"#,
+                "absolute",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"max_snapshots":0}"#,
+                "max_snapshots",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/b":{"serial":"x"}}}"#,
+                "p/b",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"zd0"}}}"#,
+                "disks.p/a.dev",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"-f /x"}}}"#,
+                "absolute",
+            ),
         ] {
             let err = Plan::from_json(plan).unwrap_err().to_string();
             assert!(err.contains(needle), "{plan}: {err}");
         }
-        assert!(matches!(Plan::from_json(r#"{"version":2,"agent":"a","datasets":["p/a"]}"#), Err(Error::Version(2))));
+        assert!(matches!(
+            Plan::from_json(r#"{"version":2,"agent":"a","datasets":["p/a"]}"#),
+            Err(Error::Version(2))
+        ));
         // Regression: these were accepted, then panicked converting to a Duration/deadline.
         for plan in [
             r#"{"version":1,"agent":"a","datasets":["p/a"],"freeze":{"timeout_s":1e300}}"#,
@@ -314,9 +377,17 @@ mod tests {
             r#"{"version":1,"agent":"a","datasets":["p/a"],"guest_pre":[{"path":"/x","timeout_s":1e30}]}"#,
         ] {
             let err = Plan::from_json(plan).unwrap_err().to_string();
-            assert!(err.contains("timeout_s") || err.contains("thaw_after_s"), "{plan}: {err}");
+            assert!(
+                err.contains("timeout_s") || err.contains("thaw_after_s"),
+                "{plan}: {err}"
+            );
         }
-        let err = Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"type":"weekly"}"#).unwrap_err();
-        assert!(std::error::Error::source(&err).expect("cause").to_string().contains("weekly"));
+        let err =
+            Plan::from_json(r#"{"version":1,"agent":"a","datasets":["p/a"],"type":"weekly"}"#)
+                .unwrap_err();
+        assert!(std::error::Error::source(&err)
+            .expect("cause")
+            .to_string()
+            .contains("weekly"));
     }
 }

@@ -159,10 +159,23 @@ const KEEPER_LINE: usize = 128;
 
 fn send_with_fd(socket: &UnixStream, line: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
     let raw = fd.map(|f| [f.as_raw_fd()]);
-    let cmsgs: Vec<ControlMessage<'_>> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
-    let sent = socket::sendmsg::<()>(socket.as_raw_fd(), &[IoSlice::new(line.as_bytes())], &cmsgs, MsgFlags::empty(), None)?;
+    let cmsgs: Vec<ControlMessage<'_>> = raw
+        .as_ref()
+        .map(|r| ControlMessage::ScmRights(r))
+        .into_iter()
+        .collect();
+    let sent = socket::sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(line.as_bytes())],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )?;
     if sent != line.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short keeper message"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short keeper message",
+        ));
     }
     Ok(())
 }
@@ -173,7 +186,12 @@ fn receive_with_fd(socket: &UnixStream) -> io::Result<(String, Option<OwnedFd>)>
     let mut buf = [0u8; KEEPER_LINE];
     let mut space = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = socket::recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let msg = socket::recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
     let mut fd = None;
     for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
@@ -207,13 +225,25 @@ pub fn hand_over(watchdog: &Watchdog, connection: OwnedFd) -> Result<(), Error> 
         source: io::Error::new(io::ErrorKind::InvalidInput, e),
     })?;
     let path = keeper_path(&address);
-    let handover = |source| Error::Handover { path: path.clone(), source };
+    let handover = |source| Error::Handover {
+        path: path.clone(),
+        source,
+    };
     let socket = UnixStream::connect(&path).map_err(handover)?;
-    socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(handover)?;
-    send_with_fd(&socket, &format!("hold {}\n", watchdog.token), Some(connection.as_fd())).map_err(handover)?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(handover)?;
+    send_with_fd(
+        &socket,
+        &format!("hold {}\n", watchdog.token),
+        Some(connection.as_fd()),
+    )
+    .map_err(handover)?;
     let (reply, _) = receive_with_fd(&socket).map_err(handover)?;
     if reply != "ok" {
-        return Err(handover(io::Error::other(format!("the watchdog answered {reply:?}"))));
+        return Err(handover(io::Error::other(format!(
+            "the watchdog answered {reply:?}"
+        ))));
     }
     Ok(())
 }
@@ -224,13 +254,25 @@ pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
         return Ok(None);
     };
     let path = keeper_path(address);
-    let handover = |source| Error::Handover { path: path.clone(), source };
+    let handover = |source| Error::Handover {
+        path: path.clone(),
+        source,
+    };
     let socket = match UnixStream::connect(&path) {
         Ok(socket) => socket,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
         Err(e) => return Err(handover(e)),
     };
-    socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(handover)?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(handover)?;
     send_with_fd(&socket, &format!("take {}\n", watchdog.token), None).map_err(handover)?;
     let (reply, fd) = receive_with_fd(&socket).map_err(handover)?;
     Ok(if reply == "ok" { fd } else { None })
@@ -238,10 +280,14 @@ pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
 
 /// Serves one keeper request: `hold <token>` (with a descriptor) or `take <token>`.
 fn serve_keeper(listener: &UnixListener, token: &str, held: &mut Option<(OwnedFd, Instant)>) {
-    let Ok((socket, _)) = listener.accept() else { return };
+    let Ok((socket, _)) = listener.accept() else {
+        return;
+    };
     let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = socket.set_write_timeout(Some(Duration::from_secs(2)));
-    let Ok((line, fd)) = receive_with_fd(&socket) else { return };
+    let Ok((line, fd)) = receive_with_fd(&socket) else {
+        return;
+    };
     let reply = match (line.split_once(' '), fd) {
         (Some(("hold", t)), Some(fd)) if t == token => {
             *held = Some((fd, Instant::now()));
