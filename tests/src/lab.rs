@@ -200,3 +200,25 @@ pub fn openzfs_vm_lock() -> VmLock {
         _guard: guard,
     }
 }
+
+/// Snapshots of the lab's datasets named `name`.
+pub fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
+    let out = std::process::Command::new("zfs")
+        .args([
+            "list",
+            "-H",
+            "-o",
+            "name",
+            "-t",
+            "snapshot",
+            "-r",
+            &format!("{}/lab", lab.pool),
+        ])
+        .output()
+        .expect("zfs list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(&format!("@{name}")))
+        .map(String::from)
+        .collect()
+}

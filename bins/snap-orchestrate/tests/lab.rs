@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
-use evesnap_tests::lab::{test_lab, vm_lock, Lab};
+use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, Lab};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -138,28 +138,6 @@ fn run_with_stdin(command: Command, input: &str) -> Output {
     spawn_with_stdin(command, input)
         .wait_with_output()
         .expect("wait")
-}
-
-/// Snapshots of the lab's datasets named `name`.
-fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
-    let out = Command::new("zfs")
-        .args([
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "snapshot",
-            "-r",
-            &format!("{}/lab", lab.pool),
-        ])
-        .output()
-        .expect("zfs list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.ends_with(&format!("@{name}")))
-        .map(String::from)
-        .collect()
 }
 
 /// Destroys every snapshot of the lab's datasets named `name` (test cleanup).

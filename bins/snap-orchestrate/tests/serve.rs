@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::request::Reply;
 use evesnap_tests::guest::{connect, guest_background, guest_sh, guest_upload, status, ThawGuard};
-use evesnap_tests::lab::{test_lab, vm_lock, Lab};
+use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
 use serde_json::{json, Value};
 
@@ -457,27 +457,6 @@ fn guest_request(lab: &Lab, serve: &Serve, args: &str) -> (GuestRun, Value, Repl
         run.stderr.trim()
     );
     (run, record, reply)
-}
-
-fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
-    let out = Command::new("zfs")
-        .args([
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "snapshot",
-            "-r",
-            &format!("{}/lab", lab.pool),
-        ])
-        .output()
-        .expect("zfs list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.ends_with(&format!("@{name}")))
-        .map(String::from)
-        .collect()
 }
 
 /// Destroys the test's snapshots; remounts what a test unmounted.

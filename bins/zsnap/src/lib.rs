@@ -245,20 +245,12 @@ fn skip_after_upstream_failure(
 
 /// Records a failed step (with the error and, for a preflight, its problems) and fails.
 fn failed(
-    mut doc: Document,
+    doc: Document,
     timer: StepTimer,
-    mut fields: Map<String, Value>,
+    fields: Map<String, Value>,
     error: anyhow::Error,
 ) -> Outcome {
-    fields.insert("error".into(), Value::String(evesnap::cli::chain(&error)));
-    if let Some(zfs::Error::Preflight { problems }) = error.downcast_ref::<zfs::Error>() {
-        fields.insert(
-            "problems".into(),
-            serde_json::to_value(problems).unwrap_or(Value::Null),
-        );
-    }
-    doc.push(timer.finish(false, fields));
-    Outcome::failed(doc, TOOL, error)
+    zfs::failed_step(doc, TOOL, timer, fields, error)
 }
 
 fn to_fields(value: impl serde::Serialize) -> Map<String, Value> {
