@@ -222,3 +222,12 @@ pub fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// One property of a dataset or snapshot, exact (`zfs get -H -p`); empty if unreadable.
+pub fn zfs_get(property: &str, name: &str) -> String {
+    let out = std::process::Command::new("zfs")
+        .args(["get", "-H", "-p", "-o", "value", property, name])
+        .output()
+        .expect("zfs get");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

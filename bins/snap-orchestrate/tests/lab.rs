@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
-use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, Lab};
+use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -156,14 +156,6 @@ impl Drop for Cleanup<'_> {
                 .status();
         }
     }
-}
-
-fn zfs_get(property: &str, name: &str) -> String {
-    let out = Command::new("zfs")
-        .args(["get", "-H", "-p", "-o", "value", property, name])
-        .output()
-        .expect("zfs get");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::request::Reply;
 use evesnap_tests::guest::{connect, guest_background, guest_sh, guest_upload, status, ThawGuard};
-use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, Lab};
+use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
 use evesnap_tests::run::RunDir;
 use serde_json::{json, Value};
 
@@ -509,14 +509,6 @@ impl Drop for Quota {
             .args(["set", "quota=none", &self.0])
             .status();
     }
-}
-
-fn zfs_get(property: &str, name: &str) -> String {
-    let out = Command::new("zfs")
-        .args(["get", "-H", "-p", "-o", "value", property, name])
-        .output()
-        .expect("zfs get");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn dataset_of<'l>(lab: &'l Lab, serial: &str) -> &'l str {
