@@ -31,8 +31,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{json, Map, Value};
 
 pub use step::{
-    abort, default_watchdog_program, freeze, Aftermath, CleanupThaw, Error, FreezeOptions,
-    FreezeReport,
+    abort, default_watchdog_program, freeze, freeze_unverified, verify_frozen, Aftermath,
+    CleanupThaw, Error, FreezeOptions, FreezeReport,
 };
 
 /// The tool's name, as in the document's steps.

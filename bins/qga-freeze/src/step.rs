@@ -257,6 +257,15 @@ fn check_commands(info: &qga::GuestAgentInfo, needed: &[&'static str]) -> Result
 /// thaws (a freeze of nothing still ran the agent's hooks) and says in its
 /// [`Aftermath`] whether the guest may still be frozen.
 pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport, Error> {
+    let report = freeze_unverified(client, opts)?;
+    verify_frozen(client, &report, opts.timeout)?;
+    Ok(report)
+}
+
+/// [`freeze`] without its last check, for a caller that overlaps that round trip with
+/// work inside the freeze window: nothing may rely on the freeze before
+/// [`verify_frozen`] succeeded.
+pub fn freeze_unverified(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport, Error> {
     let timeout = opts.timeout;
     let info = client
         .execute_within(qga::guest_info {}, timeout)
@@ -346,17 +355,6 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
             aftermath,
         });
     }
-    match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
-        Ok(qga::GuestFsfreezeStatus::frozen) => {}
-        Ok(qga::GuestFsfreezeStatus::thawed) => {
-            let aftermath = boxed_cleanup(client, timeout, watchdog, false);
-            return Err(Error::NotFrozen { aftermath });
-        }
-        Err(source) => {
-            let aftermath = boxed_cleanup(client, timeout, watchdog, source.is_timeout());
-            return Err(Error::Verify { source, aftermath });
-        }
-    }
     Ok(FreezeReport {
         frozen: Some(frozen),
         mountpoints,
@@ -366,6 +364,30 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
         frozen_at_unix_us,
         watchdog,
     })
+}
+
+/// The guest must report `frozen` after a freeze (an adopted one was just checked);
+/// otherwise it is thawed and cleaned up as after any failed freeze.
+pub fn verify_frozen(
+    client: &mut Client,
+    report: &FreezeReport,
+    timeout: Duration,
+) -> Result<(), Error> {
+    if report.adopted {
+        return Ok(());
+    }
+    let watchdog = report.watchdog.clone();
+    match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
+        Ok(qga::GuestFsfreezeStatus::frozen) => Ok(()),
+        Ok(qga::GuestFsfreezeStatus::thawed) => {
+            let aftermath = boxed_cleanup(client, timeout, watchdog, false);
+            Err(Error::NotFrozen { aftermath })
+        }
+        Err(source) => {
+            let aftermath = boxed_cleanup(client, timeout, watchdog, source.is_timeout());
+            Err(Error::Verify { source, aftermath })
+        }
+    }
 }
 
 /// Undoes a successful freeze (e.g. interrupted before the document was delivered):

@@ -106,6 +106,33 @@ fn a_mountpoint_that_does_not_exist_freezes_nothing_and_is_thawed() {
 }
 
 #[test]
+fn a_freeze_the_guest_does_not_report_is_thawed_and_fails() {
+    let dir = RunDir::new("unverified");
+    let (_agent, sim, address) = sim(SimState {
+        thawed_by_another_client: true,
+        ..SimState::default()
+    });
+    let out = run(Path::new(FREEZE), &["--agent", &address], None, &dir);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(!doc_of(&out).ok);
+    assert!(
+        stderr(&out).contains("reports thawed right after the freeze"),
+        "{}",
+        stderr(&out)
+    );
+    let log = sim.state().log.clone();
+    let froze = log
+        .iter()
+        .position(|c| c == "guest-fsfreeze-freeze")
+        .expect("froze");
+    assert_eq!(
+        log[froze + 1..froze + 3],
+        ["guest-fsfreeze-status", "guest-fsfreeze-thaw"],
+        "checked, then thawed: {log:?}"
+    );
+}
+
+#[test]
 fn fewer_filesystems_than_mountpoints_is_an_error() {
     let dir = RunDir::new("partial");
     let (_agent, sim, address) = sim(SimState::default());

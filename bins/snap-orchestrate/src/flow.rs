@@ -414,7 +414,8 @@ impl Run<'_> {
                 .then(|| Duration::from_secs_f64(plan.freeze.thaw_after_s)),
             watchdog_program: None,
         };
-        let frozen = match qga_freeze::freeze(&mut client, &options) {
+        // Verified inside the window, while `zfs snapshot` runs (take_while_frozen).
+        let frozen = match qga_freeze::freeze_unverified(&mut client, &options) {
             Ok(report) => report,
             Err(e) => {
                 // The freeze step thawed what it may have frozen; its error says how it ended.
@@ -428,10 +429,18 @@ impl Run<'_> {
             }
         };
         self.step(timer, true, fields(&frozen));
+        let freeze_step_at = self.report.steps.len() - 1;
 
         // 4. Snapshot, on a worker so a signal can be answered by a thaw.
         let timer = StepTimer::start(zsnap::TOOL);
-        let (taken, early_thaw) = self.take_while_frozen(&mut client, &prepared, &frozen);
+        let WhileFrozen {
+            taken,
+            thawed: early_thaw,
+            unverified,
+        } = self.take_while_frozen(&mut client, &prepared, &frozen);
+        if unverified {
+            self.report.steps[freeze_step_at].ok = false;
+        }
         let snapshot_step_at = self.report.steps.len();
 
         // 5. Thaw: always, whatever happened above.
@@ -508,18 +517,15 @@ impl Run<'_> {
     /// The snapshot inside the freeze window, on a worker thread so that neither a hung
     /// zfs nor a signal keeps the guest frozen: the thaw follows as soon as `zfs snapshot`
     /// returns, or after the agent timeout (after [`SIGNAL_GRACE`] once a signal came) at
-    /// the latest. A snapshot that returns only after such an early thaw is destroyed (it
-    /// may postdate the thaw) and the early thaw's result returned.
-    #[allow(clippy::type_complexity)]
+    /// the latest. The freeze is verified while `zfs snapshot` runs, which keeps that round
+    /// trip out of the window. A snapshot that returns only after an early thaw (the
+    /// freeze did not verify, zfs hung, a signal) is destroyed: it may postdate the thaw.
     fn take_while_frozen(
         &mut self,
         client: &mut Client,
         prepared: &zsnap::PreparedSnapshot<'_>,
         frozen: &FreezeReport,
-    ) -> (
-        Result<zsnap::Taken, anyhow::Error>,
-        Option<Result<u64, anyhow::Error>>,
-    ) {
+    ) -> WhileFrozen {
         let sender = self.events.sender();
         let Run {
             events,
@@ -533,6 +539,24 @@ impl Run<'_> {
             scope.spawn(move || {
                 let _ = sender.send(Event::Done(prepared.take()));
             });
+            if let Err(e) = qga_freeze::verify_frozen(client, frozen, *timeout) {
+                // verify_frozen thawed already; its aftermath says whether that worked.
+                let thawed = match e.aftermath() {
+                    Some(a) if a.possibly_frozen => None,
+                    _ => Some(evesnap::time::now_unix_us()),
+                };
+                let destroyed = destroy_late(events, zfs);
+                let error = evesnap::exit::wrap(e).context(format!(
+                    "the freeze did not verify, so the snapshot taken meanwhile cannot be trusted and was \
+                     destroyed ({destroyed})"
+                ));
+                let chain = evesnap::cli::chain(&error);
+                return WhileFrozen {
+                    thawed: Some(thawed.ok_or_else(|| anyhow!("{chain}"))),
+                    taken: Err(error),
+                    unverified: true,
+                };
+            }
             // A zfs that hangs must not keep the guest frozen: the snapshot gets the same
             // time as an agent call, a signal shortens that to the grace. Never longer than
             // the watchdog's deadline: while this holds the agent's one connection, the
@@ -549,7 +573,13 @@ impl Run<'_> {
             );
             loop {
                 match events.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Some(Event::Done(result)) => return (result.map_err(anyhow::Error::new), None),
+                    Some(Event::Done(result)) => {
+                        return WhileFrozen {
+                            taken: result.map_err(anyhow::Error::new),
+                            thawed: None,
+                            unverified: false,
+                        }
+                    }
                     Some(Event::Signal(signal)) => {
                         let grace = Instant::now() + SIGNAL_GRACE;
                         if grace < deadline {
@@ -566,34 +596,16 @@ impl Run<'_> {
                             continue;
                         }
                         let thawed = thaw_step(report, client, *timeout, frozen);
-                        let late = loop {
-                            match events.wait() {
-                                Some(Event::Done(result)) => break result,
-                                Some(Event::Signal(_)) => {}
-                                None => {
-                                    break Ok(zsnap::Taken {
-                                        created: Vec::new(),
-                                        elapsed: Duration::ZERO,
-                                        calls: 0,
-                                    })
-                                }
-                            }
-                        };
-                        let mut destroyed = Vec::new();
-                        for snapshot in late.iter().flat_map(|t| t.created.iter()) {
-                            match zfs.destroy_snapshot(snapshot) {
-                                Ok(()) => destroyed.push(snapshot.clone()),
-                                Err(e) => evesnap::warn!(
-                                    "cannot destroy {snapshot}, taken after an early thaw: {e}"
-                                ),
-                            }
-                        }
+                        let destroyed = destroy_late(events, zfs);
                         let error = anyhow!(
                             "{why}: the guest was thawed without waiting for it, and what it created later was \
-                             destroyed, since it may postdate the thaw ({})",
-                            if destroyed.is_empty() { "nothing".to_string() } else { destroyed.join(", ") }
+                             destroyed, since it may postdate the thaw ({destroyed})"
                         );
-                        return (Err(error), Some(thawed));
+                        return WhileFrozen {
+                            taken: Err(error),
+                            thawed: Some(thawed),
+                            unverified: false,
+                        };
                     }
                 }
             }
@@ -876,6 +888,41 @@ fn thaw_step(
             report.push(timer.finish(false, Map::new()));
             Err(evesnap::exit::wrap(e))
         }
+    }
+}
+
+/// What [`Run::take_while_frozen`] ended with.
+struct WhileFrozen {
+    taken: Result<zsnap::Taken, anyhow::Error>,
+    /// Set when the guest was thawed before the snapshot was waited for: when that thaw
+    /// returned (µs since the epoch), or why it may not have worked.
+    thawed: Option<Result<u64, anyhow::Error>>,
+    /// The freeze did not verify (`taken` holds why).
+    unverified: bool,
+}
+
+/// After an early thaw: waits for the snapshot worker and destroys what it created, since
+/// it may postdate the thaw. Says what was destroyed.
+fn destroy_late(events: &mut Events<TakeResult>, zfs: &Zfs) -> String {
+    // No result (the worker is gone): it created nothing.
+    let created = loop {
+        match events.wait() {
+            Some(Event::Done(result)) => break result.map(|t| t.created).unwrap_or_default(),
+            Some(Event::Signal(_)) => {}
+            None => break Vec::new(),
+        }
+    };
+    let mut destroyed = Vec::new();
+    for snapshot in &created {
+        match zfs.destroy_snapshot(snapshot) {
+            Ok(()) => destroyed.push(snapshot.clone()),
+            Err(e) => evesnap::warn!("cannot destroy {snapshot}, taken after an early thaw: {e}"),
+        }
+    }
+    if destroyed.is_empty() {
+        "nothing".to_string()
+    } else {
+        destroyed.join(", ")
     }
 }
 

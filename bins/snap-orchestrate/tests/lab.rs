@@ -10,8 +10,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
+use evesnap::qga::testing::{FakeAgent, SimState};
 use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
 use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
+use evesnap_tests::run::RunDir;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -599,4 +601,59 @@ fn a_hung_zfs_snapshot_does_not_keep_the_guest_frozen() {
         "{:?}",
         snapshots_named(lab, &name)
     );
+}
+
+#[test]
+fn a_freeze_that_does_not_verify_is_thawed_and_its_snapshot_destroyed() {
+    // The agent answers the freeze, then reports thawed (another client thawed): the
+    // snapshot started meanwhile cannot claim the freeze. A simulated agent, the lab's pool.
+    let lab = test_lab();
+    let _vm = vm_lock(); // rollback tests must not see this test's snapshot come and go
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        thawed_by_another_client: true,
+        ..SimState::default()
+    });
+    let dir = RunDir::new("orch-unverified");
+    let name = format!("t-unverified-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let mut plan = plan(
+        lab,
+        json!({"snapshot": name, "agent": agent.address.to_string()}),
+    );
+    let fields = plan.as_object_mut().expect("object");
+    fields.remove("qmp");
+    fields.remove("disks");
+    let mut command = Command::new(evesnap_tests::bin("snap-orchestrate"));
+    command.env("EVESNAP_RUN_DIR", dir.path());
+    let out = run_with_stdin(command, &plan.to_string());
+
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let r = report(&out);
+    assert!(!r.ok);
+    assert_eq!(step(&r, "qga-freeze")["ok"], false);
+    assert_eq!(step(&r, "zsnap")["ok"], false);
+    assert_eq!(r.consistency, None, "no claim");
+    // Started before the check failed, it was taken, then destroyed.
+    let destroyed = format!("{}@{name}", lab.datasets[0]);
+    assert!(
+        stderr(&out).contains("the freeze did not verify") && stderr(&out).contains(&destroyed),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        snapshots_named(lab, &name).is_empty(),
+        "{:?}",
+        snapshots_named(lab, &name)
+    );
+    let log = sim.state().log.clone();
+    let froze = log
+        .iter()
+        .position(|c| c == "guest-fsfreeze-freeze")
+        .expect("froze");
+    assert_eq!(
+        log[froze + 1..froze + 3],
+        ["guest-fsfreeze-status", "guest-fsfreeze-thaw"],
+        "checked, then thawed: {log:?}"
+    );
+    assert_eq!(sim.state().frozen, 0);
 }

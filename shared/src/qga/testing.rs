@@ -230,6 +230,8 @@ pub struct SimState {
     pub delays: Vec<(String, Duration)>,
     /// Sent to every new connection before anything else (stale output).
     pub stale_output: Vec<u8>,
+    /// Another client thaws right after each freeze is answered.
+    pub thawed_by_another_client: bool,
     /// Every command it received, in order.
     pub log: Vec<String>,
 }
@@ -246,6 +248,7 @@ impl Default for SimState {
             failing: Vec::new(),
             delays: Vec::new(),
             stale_output: Vec::new(),
+            thawed_by_another_client: false,
             log: Vec::new(),
         }
     }
@@ -337,6 +340,15 @@ impl Sim {
         if let Some((_, desc)) = state.failing.iter().find(|(c, _)| c == name) {
             return Err(("GenericError", desc.clone()));
         }
+        let reply = Self::carry_out(state, request)?;
+        if name.starts_with("guest-fsfreeze-freeze") && state.thawed_by_another_client {
+            state.frozen = 0;
+        }
+        Ok(reply)
+    }
+
+    fn carry_out(state: &mut SimState, request: &Request) -> Result<Value, (&'static str, String)> {
+        let name = request.execute.as_str();
         Ok(match name {
             "guest-ping" => json!({}),
             "guest-sync" => request.arguments["id"].clone(),

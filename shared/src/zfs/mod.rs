@@ -20,7 +20,6 @@ pub mod names;
 pub mod parse;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -220,46 +219,23 @@ impl Zfs {
         &self.program
     }
 
-    /// Runs `zfs <args>`; stderr is read on its own thread so neither pipe can fill up and
-    /// block the child. A non-zero exit is a [`Failure`].
+    /// Runs `zfs <args>`, collecting stdout and stderr (both read as they come, so neither
+    /// pipe can fill up and block the child). A non-zero exit is a [`Failure`].
     pub fn run_raw(&self, args: &[String]) -> Result<Result<Output, Failure>, Error> {
         let start = Instant::now();
-        let mut child = Command::new(&self.program)
+        let output = Command::new(&self.program)
             .args(args)
             // Messages are matched by text: keep them untranslated.
             .env("LC_ALL", "C")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .output()
             .map_err(|source| Error::Spawn {
                 program: self.program.clone(),
                 source,
             })?;
-        let mut stderr_pipe = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(pipe) = stderr_pipe.as_mut() {
-                let _ = pipe.read_to_end(&mut buf);
-            }
-            buf
-        });
-        let mut stdout = Vec::new();
-        let read = child
-            .stdout
-            .take()
-            .map(|mut pipe| pipe.read_to_end(&mut stdout));
-        let status = child.wait();
-        let stderr = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
-        let spawn_err = |source| Error::Spawn {
-            program: self.program.clone(),
-            source,
-        };
-        if let Some(Err(e)) = read {
-            return Err(spawn_err(e));
-        }
-        let status = status.map_err(spawn_err)?;
-        let stdout = String::from_utf8_lossy(&stdout).into_owned();
+        let status = output.status;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if status.success() {
             return Ok(Ok(Output {
                 stdout,
