@@ -16,21 +16,33 @@ pub struct Outcome {
     pub document: Option<Document>,
     /// Printed on stderr; decides the exit code.
     pub error: Option<anyhow::Error>,
+    /// Work that must not delay the next tool in a pipeline: done after the document was
+    /// written and stdout closed. Its failure is a warning: the document already went out.
+    pub after_output: Option<AfterOutput>,
+}
+
+/// See [`Outcome::after_output`].
+pub struct AfterOutput(pub Box<dyn FnOnce() -> anyhow::Result<()>>);
+
+impl std::fmt::Debug for AfterOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterOutput(..)")
+    }
 }
 
 impl Outcome {
     pub fn success(document: Document) -> Self {
         Outcome {
             document: Some(document),
-            error: None,
+            ..Outcome::default()
         }
     }
 
     /// A failure without a document to pass on (bad input, bad usage).
     pub fn error(error: anyhow::Error) -> Self {
         Outcome {
-            document: None,
             error: Some(error),
+            ..Outcome::default()
         }
     }
 
@@ -40,6 +52,7 @@ impl Outcome {
         Outcome {
             document: Some(document),
             error: Some(error),
+            after_output: None,
         }
     }
 
@@ -128,7 +141,28 @@ pub fn finish(tool: &str, outcome: Outcome) -> ExitCode {
     if let Some(error) = &outcome.error {
         eprintln!("{tool}: error: {}", chain(error));
     }
-    outcome.exit().into()
+    let exit = outcome.exit();
+    if let Some(AfterOutput(work)) = outcome.after_output {
+        // The reader sees the end of the document now, not when this process exits.
+        close_stdout();
+        if let Err(e) = work() {
+            eprintln!("{tool}: warning: {}", chain(&e));
+        }
+    }
+    exit.into()
+}
+
+/// Points stdout at /dev/null, which closes the pipe to the next tool.
+fn close_stdout() {
+    use std::os::fd::AsRawFd;
+    match std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        Ok(null) => {
+            let _ = nix::unistd::dup2_stdout(&null);
+        }
+        Err(_) => {
+            let _ = nix::unistd::close(std::io::stdout().as_raw_fd());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -636,7 +636,7 @@ impl Run<'_> {
             .set_property(CONSISTENCY_PROPERTY, Consistency::Crash.as_str())
             .map_err(|e| ("preflight", anyhow::Error::new(e)))?;
         let timer = StepTimer::start(zsnap::TOOL);
-        match prepared.take_and_finish() {
+        match prepared.take().and_then(|taken| prepared.finish(taken)) {
             Ok(report) => {
                 self.report
                     .extra

@@ -9,6 +9,10 @@
 //! Step fields written to the job document (`tool: "zsnap"`):
 //! - take: `snapshots: [{name, guid, createtxg, creation}]`, `atomic`, `method`,
 //!   `snapshot_ms`, `calls`, `properties`; the document's `datasets` and `snapshot` are set.
+//!   With the recursive method (zfs without multi-name `zfs snapshot`) also
+//!   `destroy_after_output: [parent@name]`: the parent's own snapshot, destroyed after the
+//!   document was written and stdout closed, so a thaw downstream does not wait for it (a
+//!   failure there is a warning on stderr; the exit status stays).
 //! - `list`: `action: "list"`, `snapshots: [{name, guid, createtxg, creation, userrefs, used,
 //!   referenced, properties}]`.
 //! - `destroy`/`prune`: `action`, `destroyed`, `kept`, `failed`, `dry_run`.
@@ -344,7 +348,7 @@ fn run_take<'z>(
         doc.push(timer.finish(true, plan));
         return Outcome::success(doc);
     }
-    match prepared.take_and_finish() {
+    match prepared.take_for_output() {
         Ok(mut report) => {
             if deadline.is_some_and(|d| meta::now_ms() >= d)
                 && report
@@ -384,7 +388,21 @@ fn run_take<'z>(
             doc.datasets = prepared.datasets.clone();
             doc.snapshot = Some(name);
             doc.push(timer.finish(true, to_fields(&report)));
-            Outcome::success(doc)
+            let mut outcome = Outcome::success(doc);
+            if !report.destroy_after_output.is_empty() {
+                // The next tool (a thaw) must not wait for this.
+                let zfs = Zfs::with_path(zfs.program());
+                let extra = report.destroy_after_output;
+                outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
+                    take::destroy_after_output(&zfs, &extra).map_err(|e| {
+                        anyhow::Error::new(e).context(format!(
+                            "cannot destroy {}, made by the recursive snapshot",
+                            extra.join(", ")
+                        ))
+                    })
+                })));
+            }
+            outcome
         }
         Err(e) => failed(doc, timer, plan, e.into()),
     }

@@ -92,6 +92,11 @@ pub struct SnapshotReport {
     /// destroyed again; normally empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub left_behind: Vec<String>,
+    /// Snapshots made only as a side effect that are destroyed once this document was
+    /// written ([`PreparedSnapshot::finish_for_output`]): outside a pipeline's freeze
+    /// window. A failure there is a warning on stderr.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destroy_after_output: Vec<String>,
 }
 
 /// Checks that every dataset exists, that `name` is free on all of them and that there is
@@ -359,6 +364,21 @@ impl PreparedSnapshot<'_> {
                 left_behind.push(extra);
             }
         }
+        let mut report = self.report(taken)?;
+        report.left_behind = left_behind;
+        Ok(report)
+    }
+
+    /// [`finish`](Self::finish) for a tool in a pipeline, which may still be inside the
+    /// freeze window: what can wait (destroying a recursive parent's own snapshot) is left
+    /// in `destroy_after_output` for [`destroy_after_output`] once the document is out.
+    pub fn finish_for_output(&self, taken: Taken) -> Result<SnapshotReport, Error> {
+        let mut report = self.report(taken)?;
+        report.destroy_after_output = self.extra().into_iter().collect();
+        Ok(report)
+    }
+
+    fn report(&self, taken: Taken) -> Result<SnapshotReport, Error> {
         if !self.caps.snapshot_props && !self.properties.is_empty() {
             for snapshot in &self.snapshots {
                 self.zfs.set(snapshot, &self.properties)?;
@@ -381,15 +401,24 @@ impl PreparedSnapshot<'_> {
             snapshot_ms: evesnap::time::millis(taken.elapsed),
             calls: taken.calls,
             properties: self.properties.iter().cloned().collect(),
-            left_behind,
+            left_behind: Vec::new(),
+            destroy_after_output: Vec::new(),
         })
     }
 
-    /// [`take`](Self::take) then [`finish`](Self::finish).
-    pub fn take_and_finish(&self) -> Result<SnapshotReport, Error> {
+    /// [`take`](Self::take) then [`finish_for_output`](Self::finish_for_output).
+    pub fn take_for_output(&self) -> Result<SnapshotReport, Error> {
         let taken = self.take()?;
-        self.finish(taken)
+        self.finish_for_output(taken)
     }
+}
+
+/// Destroys what [`PreparedSnapshot::finish_for_output`] left for after the output.
+pub fn destroy_after_output(zfs: &Zfs, snapshots: &[String]) -> Result<(), Error> {
+    for snapshot in snapshots {
+        zfs.destroy_snapshot(snapshot)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

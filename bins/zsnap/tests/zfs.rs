@@ -28,6 +28,8 @@ struct TakeStep {
     snapshot_ms: f64,
     calls: usize,
     properties: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    destroy_after_output: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,7 +88,8 @@ fn multi_dataset_snapshot_is_one_call_with_metadata_and_a_second_run_fails_clean
     }
     assert_eq!(step.properties["org.lfedge.evesnap:frozen"], "true");
     assert!(step.snapshot_ms > 0.0);
-    // The recursive parent's own snapshot is gone again.
+    // The recursive parent's own snapshot is gone again (once the document was out).
+    assert_eq!(step.destroy_after_output, [format!("{vm}@s1")]);
     assert!(snapshots(&vm).is_empty(), "{:?}", snapshots(&vm));
     assert_eq!(out.doc["snapshot"], "s1");
     assert_eq!(out.doc["datasets"], serde_json::json!([a, b]));
@@ -451,4 +454,58 @@ fn the_library_prepares_first_and_takes_with_one_call() {
         matches!(err, evesnap::zfs::Error::Preflight { .. }),
         "{err:?}"
     );
+}
+
+#[test]
+fn the_recursive_parents_own_snapshot_is_destroyed_after_the_document_is_out() {
+    // In `qga-freeze | zsnap | qga-thaw` the thaw waits for zsnap's document: cleanup
+    // that can wait must come after it. A zfs whose destroy takes 2 s shows the order.
+    let tree = Tree::new("zsnap-after");
+    let vm = tree.create("vm");
+    let a = tree.create("vm/a");
+    let b = tree.create("vm/b");
+    let dir = std::env::temp_dir().join(format!("zsnap-after-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("shim folder");
+    let shim = dir.join("zfs");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = destroy ] && sleep 2\nexec '{}' \"$@\"\n",
+            support::real_zfs().display()
+        ),
+    )
+    .expect("write shim");
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+
+    let mut child = Command::new(zsnap())
+        .args(["-d", &a, "-d", &b, "-n", "s1"])
+        .env("EVESNAP_ZFS", &shim)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn zsnap");
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut stdout)
+        .expect("read the document");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the document ended while zsnap still destroys the parent's snapshot"
+    );
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(
+        doc["steps"][0]["destroy_after_output"],
+        serde_json::json!([format!("{vm}@s1")])
+    );
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(snapshots(&vm).is_empty(), "{:?}", snapshots(&vm));
+    assert_eq!(snapshots(&a), [format!("{a}@s1")]);
+    let _ = std::fs::remove_dir_all(&dir);
 }
