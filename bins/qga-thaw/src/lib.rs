@@ -175,7 +175,7 @@ pub fn connect_and_thaw(
     let deadline = started + connect_timeout;
     // The freeze's own connection, kept by its watchdog: no reconnect inside the window.
     match watchdog::take_over(address) {
-        Ok(Some(fd)) => match Client::from_fd(fd, address.clone(), deadline) {
+        Ok(Some(fd)) => match Client::from_kept_fd(fd, address.clone(), deadline) {
             Ok(mut client) => {
                 client.set_timeout(opts.timeout);
                 return thaw(&mut client, opts).map(|report| ThawReport {

@@ -178,7 +178,30 @@ impl Client {
         Ok(client)
     }
 
-    /// The connection itself, for handing it over (the next user re-synchronises it).
+    /// A connection handed over by its last owner after a successful command (every reply
+    /// read): used as it is when nothing arrived on it since, which saves a round trip
+    /// inside a freeze window; replies are matched by id in any case. Anything pending
+    /// (stale output, a hangup) gets the full handshake of [`from_fd`](Self::from_fd).
+    pub fn from_kept_fd(
+        fd: std::os::fd::OwnedFd,
+        address: Address,
+        deadline: Instant,
+    ) -> Result<Client, Error> {
+        let stream = Stream::from_fd(fd).map_err(|source| Error::Unreachable {
+            address: address.to_string(),
+            source,
+        })?;
+        let quiet = stream.is_quiet();
+        let mut client = Client::new(stream, address);
+        if quiet {
+            client.synced = true;
+        } else {
+            client.handshake(deadline, Instant::now())?;
+        }
+        Ok(client)
+    }
+
+    /// The connection itself, for handing it over (see [`from_kept_fd`](Self::from_kept_fd)).
     pub fn into_fd(self) -> std::os::fd::OwnedFd {
         self.stream.into_fd()
     }

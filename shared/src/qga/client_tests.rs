@@ -354,3 +354,56 @@ fn vsock_without_a_listener_is_unreachable_or_times_out() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_kept_connection_is_used_as_it_is_unless_something_arrived_on_it() {
+    use std::sync::{Arc, Mutex};
+    // The peer logs what it reads; after its first ping reply it sends a stray reply
+    // (another id) when `stray` is set, a moment later.
+    let run = |stray: bool| -> Vec<String> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let agent = {
+            let log = log.clone();
+            FakeAgent::start(move |peer| {
+                let mut pings = 0;
+                while let Some(req) = peer.next_request() {
+                    log.lock().expect("log").push(req.execute.clone());
+                    match req.execute.as_str() {
+                        "guest-sync-delimited" => peer.answer_sync(&req),
+                        _ => {
+                            peer.reply(&req, json!({}));
+                            pings += 1;
+                            if stray && pings == 1 {
+                                std::thread::sleep(Duration::from_millis(100));
+                                peer.send_raw(b"{\"return\": 5, \"id\": 9}\n");
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let mut client = Client::connect(&agent.address, soon(5.0)).expect("connects");
+        client.ping().expect("first ping");
+        std::thread::sleep(Duration::from_millis(300));
+        let fd = client.into_fd();
+        let mut kept = Client::from_kept_fd(fd, agent.address.clone(), soon(5.0)).expect("kept");
+        kept.ping().expect("ping on the kept connection");
+        let log = log.lock().expect("log").clone();
+        log
+    };
+    assert_eq!(
+        run(false),
+        ["guest-sync-delimited", "guest-ping", "guest-ping"],
+        "a quiet connection needs no new handshake"
+    );
+    assert_eq!(
+        run(true),
+        [
+            "guest-sync-delimited",
+            "guest-ping",
+            "guest-sync-delimited",
+            "guest-ping"
+        ],
+        "output since the handover: handshake first"
+    );
+}

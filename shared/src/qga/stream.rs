@@ -103,6 +103,13 @@ impl Stream {
         Ok(Stream { fd })
     }
 
+    /// Nothing to read and no hangup right now: a handed-over connection that is as its
+    /// last owner left it (every reply read).
+    pub(crate) fn is_quiet(&self) -> bool {
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
     /// The connected socket, for handing the connection to another process.
     pub(crate) fn into_fd(self) -> OwnedFd {
         self.fd
