@@ -67,6 +67,8 @@ struct Run<'a> {
     report: Document,
     events: &'a mut Events<TakeResult>,
     timeout: Duration,
+    /// The guest runs with expedited RCU for this freeze and must get its setting back.
+    expedited_rcu: bool,
 }
 
 /// SIGINT, SIGTERM and SIGHUP, caught for the life of the process (a long-running
@@ -132,6 +134,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Outcome {
         report,
         events: &mut signals.0,
         timeout: Duration::from_secs_f64(plan.freeze.timeout_s),
+        expedited_rcu: false,
     };
     let result = match plan.action {
         Action::Create => run.create(),
@@ -401,6 +404,17 @@ impl Run<'_> {
         if let Err(e) = prepared.set_property(CONSISTENCY_PROPERTY, consistency.as_str()) {
             return Err(("preflight", anyhow::Error::new(e)));
         }
+        if plan.freeze.expedite_rcu {
+            match guest::expedite_rcu(&mut client, self.timeout) {
+                Ok(()) => self.expedited_rcu = true,
+                Err(e) => {
+                    evesnap::warn!("expedited RCU not set in the guest, freezing without it: {e}");
+                    self.report
+                        .extra
+                        .insert("expedited_rcu".into(), json!({"set": false, "error": e}));
+                }
+            }
+        }
         if let Err(e) = self.check_signal("freeze") {
             let _ = self.run_post(&mut client); // its step records its own result
             return Err(e);
@@ -482,6 +496,13 @@ impl Run<'_> {
             self.report
                 .extra
                 .insert("consistency".into(), json!(consistency.as_str()));
+            if self.expedited_rcu {
+                // No agent to undo it with: the guest's own fallback restores it.
+                self.report.extra.insert(
+                    "expedited_rcu".into(),
+                    json!({"set": true, "restored": false}),
+                );
+            }
             return Err(("thaw", e));
         }
 
@@ -616,7 +637,21 @@ impl Run<'_> {
         thaw_step(&mut self.report, client, self.timeout, frozen)
     }
 
+    /// After the thaw (or a failed freeze): the guest's RCU setting back, then guest_post.
     fn run_post(&mut self, client: &mut Client) -> Result<(), StepError> {
+        if std::mem::take(&mut self.expedited_rcu) {
+            let restored = guest::restore_rcu(client, self.timeout);
+            if let Err(e) = &restored {
+                evesnap::warn!(
+                    "cannot restore the guest's RCU setting ({e}); the guest restores it by itself within {} s",
+                    guest::RCU_RESTORE_AFTER_S
+                );
+            }
+            self.report.extra.insert(
+                "expedited_rcu".into(),
+                json!({"set": true, "restored": restored.is_ok()}),
+            );
+        }
         if self.plan.guest_post.is_empty() {
             return Ok(());
         }

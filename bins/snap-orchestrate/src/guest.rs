@@ -119,6 +119,58 @@ fn guest_run(
     Err(format!("cannot run it in the guest ({})", tried.join("; ")))
 }
 
+/// Seconds after which the guest puts its RCU setting back by itself, should the run that
+/// changed it never get to restore it (killed, agent gone).
+pub const RCU_RESTORE_AFTER_S: u32 = 10;
+
+/// Sets `/sys/kernel/rcu_expedited` to 1. The marker file keeps the setting from before
+/// (the baseline; one left by an earlier run that never restored it stays the baseline)
+/// and this run's token, so the guest's own fallback restore (after `$1` seconds) acts
+/// only if this run did not, and never undoes a later run's setting. Argv only: the script
+/// is fixed; the delay and the token are its arguments.
+const EXPEDITE_RCU: &str = r#"f=/sys/kernel/rcu_expedited; m=/run/evesnap-rcu-expedited; t=$2
+if [ -e "$m" ]; then read b old < "$m" || exit 1; else b=$(cat "$f") || exit 1; fi
+echo "$b $t" > "$m" || exit 1
+echo 1 > "$f" || exit 1
+(sleep "$1"; read b2 t2 < "$m" && [ "$t2" = "$t" ] && echo "$b2" > "$f" && rm -f "$m") </dev/null >/dev/null 2>&1 &"#;
+
+/// Puts the baseline from the marker file back and removes it.
+const RESTORE_RCU: &str = r#"f=/sys/kernel/rcu_expedited; m=/run/evesnap-rcu-expedited
+[ -e "$m" ] || exit 0
+read b t < "$m" && echo "$b" > "$f" && rm -f "$m""#;
+
+/// See `freeze.expedite_rcu` in the plan.
+pub fn expedite_rcu(client: &mut Client, timeout: Duration) -> Result<(), String> {
+    let delay = RCU_RESTORE_AFTER_S.to_string();
+    let token = format!("{}-{}", std::process::id(), evesnap::time::now_unix_us());
+    run_script(client, EXPEDITE_RCU, &[&delay, &token], timeout)
+}
+
+/// Undoes [`expedite_rcu`].
+pub fn restore_rcu(client: &mut Client, timeout: Duration) -> Result<(), String> {
+    run_script(client, RESTORE_RCU, &[], timeout)
+}
+
+fn run_script(
+    client: &mut Client,
+    script: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut argv = vec!["-c", script, "sh"];
+    argv.extend_from_slice(args);
+    let (_, done) = guest_run(client, &["/bin/sh"], &argv, timeout)?;
+    if done.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the guest's sh exited {:?}: {}",
+            done.exitcode,
+            String::from_utf8_lossy(&done.stderr).trim()
+        ))
+    }
+}
+
 /// Resolves the plan's `disks.*.dev` in the guest to the block device it names, e.g.
 /// `/dev/zvol/persist/vault/volumes/v.1` → `/dev/zd16`: `readlink -f`, then `test -b` (a
 /// `readlink -f` of a path whose last part does not exist prints the path and succeeds,

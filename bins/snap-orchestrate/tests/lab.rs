@@ -37,6 +37,7 @@ struct Report {
     snapshots: Option<Vec<Snapshot>>,
     consistency: Option<String>,
     freeze_window_ms: Option<f64>,
+    expedited_rcu: Option<Value>,
     rolled_back: Option<Vec<Value>>,
     destroyed: Option<Vec<String>>,
 }
@@ -656,4 +657,84 @@ fn a_freeze_that_does_not_verify_is_thawed_and_its_snapshot_destroyed() {
         "checked, then thawed: {log:?}"
     );
     assert_eq!(sim.state().frozen, 0);
+}
+
+/// The guest's `/sys/kernel/rcu_expedited`, and whether the run's marker file is there.
+fn rcu_state(lab: &Lab) -> (String, bool) {
+    let out = guest_sh(
+        &mut connect(lab),
+        "cat /sys/kernel/rcu_expedited; [ -e /run/evesnap-rcu-expedited ] && echo marker; true",
+    );
+    let mut lines = out.lines();
+    let value = lines.next().unwrap_or_default().to_string();
+    (value, lines.next() == Some("marker"))
+}
+
+#[test]
+fn expedite_rcu_holds_for_the_freeze_and_the_guest_gets_its_setting_back() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let guard = ThawGuard::new(lab, "orch-rcu");
+    let name = format!("t-rcu-{}", std::process::id());
+    let killed = format!("t-rcu-kill-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone(), killed.clone()]);
+    assert_eq!(
+        rcu_state(lab),
+        ("0".to_string(), false),
+        "the lab guest's default"
+    );
+
+    let freeze = json!({"timeout_s": 20, "thaw_after_s": 60, "expedite_rcu": true});
+    let out = orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": name, "freeze": freeze})),
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        report(&out).expedited_rcu,
+        Some(json!({"set": true, "restored": true}))
+    );
+    assert_eq!(
+        rcu_state(lab),
+        ("0".to_string(), false),
+        "restored after the thaw"
+    );
+
+    // Killed inside the window (a slow zfs keeps it there): the watchdog thaws after 3 s;
+    // the setting is still expedited then, and the guest restores it by itself within its
+    // fallback delay (10 s after it was set). The orphaned zfs finishes after 8 s, before
+    // the cleanup destroys what it made.
+    let (shim, marker) = slow_zfs(guard.run_dir.path(), 8);
+    let shim_path = shim.to_str().expect("utf-8 path");
+    let freeze = json!({"timeout_s": 20, "thaw_after_s": 3, "expedite_rcu": true});
+    let mut child = spawn_orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": killed, "freeze": freeze})),
+        &[("EVESNAP_ZFS", shim_path)],
+    );
+    wait_for(&marker, Duration::from_secs(60));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(lab) != GuestFsfreezeStatus::thawed {
+        assert!(Instant::now() < deadline, "the watchdog did not thaw");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        rcu_state(lab),
+        ("1".to_string(), true),
+        "expedited during the freeze, nobody restored it yet"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rcu_state(lab) != ("0".to_string(), false) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not restore its RCU setting: {:?}",
+            rcu_state(lab)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The orphaned zfs is done by now (8 s): what it made goes with the cleanup.
+    std::thread::sleep(Duration::from_secs(1));
 }
