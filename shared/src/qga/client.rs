@@ -169,11 +169,7 @@ impl Client {
         address: Address,
         deadline: Instant,
     ) -> Result<Client, Error> {
-        let stream = Stream::from_fd(fd).map_err(|source| Error::Unreachable {
-            address: address.to_string(),
-            source,
-        })?;
-        let mut client = Client::new(stream, address);
+        let mut client = Client::adopt(fd, address)?;
         client.handshake(deadline, Instant::now())?;
         Ok(client)
     }
@@ -187,18 +183,21 @@ impl Client {
         address: Address,
         deadline: Instant,
     ) -> Result<Client, Error> {
-        let stream = Stream::from_fd(fd).map_err(|source| Error::Unreachable {
-            address: address.to_string(),
-            source,
-        })?;
-        let quiet = stream.is_quiet();
-        let mut client = Client::new(stream, address);
-        if quiet {
+        let mut client = Client::adopt(fd, address)?;
+        if client.stream.is_quiet() {
             client.synced = true;
         } else {
             client.handshake(deadline, Instant::now())?;
         }
         Ok(client)
+    }
+
+    fn adopt(fd: std::os::fd::OwnedFd, address: Address) -> Result<Client, Error> {
+        let stream = Stream::from_fd(fd).map_err(|source| Error::Unreachable {
+            address: address.to_string(),
+            source,
+        })?;
+        Ok(Client::new(stream, address))
     }
 
     /// The connection itself, for handing it over (see [`from_kept_fd`](Self::from_kept_fd)).

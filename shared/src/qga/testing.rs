@@ -286,6 +286,16 @@ impl Sim {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The first `n` commands the agent received after its first freeze (fewer if it got
+    /// fewer; none without a freeze).
+    pub fn after_freeze(&self, n: usize) -> Vec<String> {
+        let log = self.state().log.clone();
+        log.iter()
+            .position(|c| c.starts_with("guest-fsfreeze-freeze"))
+            .map(|froze| log.into_iter().skip(froze + 1).take(n).collect())
+            .unwrap_or_default()
+    }
+
     fn serve(&self, peer: &mut Peer) {
         let stale = self.state().stale_output.clone();
         peer.send_raw(&stale);
