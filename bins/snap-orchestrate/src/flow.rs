@@ -566,14 +566,17 @@ impl Run<'_> {
                     Some(a) if a.possibly_frozen => None,
                     _ => Some(evesnap::time::now_unix_us()),
                 };
+                let exit = evesnap::exit::HasExit::exit(&e);
                 let destroyed = destroy_late(events, zfs);
                 let error = evesnap::exit::wrap(e).context(format!(
                     "the freeze did not verify, so the snapshot taken meanwhile cannot be trusted and was \
                      destroyed ({destroyed})"
                 ));
+                // The guest may still be frozen: that is the run's outcome, with the code
+                // the freeze step gives it.
                 let chain = evesnap::cli::chain(&error);
                 return WhileFrozen {
-                    thawed: Some(thawed.ok_or_else(|| anyhow!("{chain}"))),
+                    thawed: Some(thawed.ok_or_else(|| coded(exit, chain))),
                     taken: Err(error),
                     unverified: true,
                 };

@@ -653,6 +653,25 @@ fn a_freeze_that_does_not_verify_is_thawed_and_its_snapshot_destroyed() {
         sim.state().log
     );
     assert_eq!(sim.state().frozen, 0);
+
+    // The same, and the thaw after the failed check is refused: the guest may be frozen,
+    // which is what the run reports (exit 6), still without a snapshot.
+    sim.state().failing = vec![("guest-fsfreeze-thaw".into(), "thaw refused".into())];
+    let again = format!("{name}-b");
+    let _cleanup_again = Cleanup(lab, vec![again.clone()]);
+    plan["snapshot"] = json!(again);
+    // No watchdog: it would keep retrying a thaw the fake refuses, long after this test.
+    plan["freeze"]["thaw_after_s"] = json!(0);
+    let mut command = Command::new(evesnap_tests::bin("snap-orchestrate"));
+    command.env("EVESNAP_RUN_DIR", dir.path());
+    let out = run_with_stdin(command, &plan.to_string());
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("THE GUEST MAY BE FROZEN"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(snapshots_named(lab, &again).is_empty());
 }
 
 /// The guest's `/sys/kernel/rcu_expedited`, and whether the run's marker file is there.
