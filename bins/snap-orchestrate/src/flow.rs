@@ -510,7 +510,7 @@ impl Run<'_> {
         let post = self.run_post(&mut client);
         let snapshot = match snapshot {
             Ok(s) => s,
-            Err(e) => return Err(("snapshot", e)),
+            Err(e) => return Err((if unverified { "freeze" } else { "snapshot" }, e)),
         };
         self.report
             .extra

@@ -633,6 +633,7 @@ fn a_freeze_that_does_not_verify_is_thawed_and_its_snapshot_destroyed() {
     assert!(!r.ok);
     assert_eq!(step(&r, "qga-freeze")["ok"], false);
     assert_eq!(step(&r, "zsnap")["ok"], false);
+    assert_eq!(r.error.as_ref().map(|e| e.step.as_str()), Some("freeze"));
     assert_eq!(r.consistency, None, "no claim");
     // Started before the check failed, it was taken, then destroyed.
     let destroyed = format!("{}@{name}", lab.datasets[0]);
