@@ -5,8 +5,10 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::document::Document;
-use crate::exit::{Exit, HasExit};
+use serde_json::{Map, Value};
+
+use crate::document::{Document, StepTimer};
+use crate::exit::{chain, exit_of, Exit};
 
 /// What a tool's `run` hands back to [`main`].
 #[derive(Debug, Default)]
@@ -56,52 +58,47 @@ impl Outcome {
         }
     }
 
+    /// A failed step of `tool`: the step is recorded with `partial` (what it did before it
+    /// failed), the error and, for a failed zfs preflight, its problems; the document still
+    /// goes downstream.
+    pub fn failed_step(
+        mut document: Document,
+        tool: &str,
+        timer: StepTimer,
+        partial: Map<String, Value>,
+        error: anyhow::Error,
+    ) -> Self {
+        let problems = match crate::exit::find::<crate::zfs::Error>(&error) {
+            Some(crate::zfs::Error::Preflight { problems }) => problems
+                .iter()
+                .filter_map(|p| serde_json::to_value(p).ok())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let failed = crate::steps::Failed {
+            error: chain(&error),
+            problems,
+        };
+        let mut fields = partial;
+        fields.extend(crate::document::fields_of(&failed));
+        document.push(timer.finish(false, fields));
+        Outcome::failed(document, tool, error)
+    }
+
+    /// `tool` did nothing because an upstream step failed (`message` says which).
+    pub fn skipped(mut document: Document, tool: &str, timer: StepTimer, message: String) -> Self {
+        let skipped = crate::steps::Skipped {
+            skipped: true,
+            reason: message.clone(),
+        };
+        document.push(timer.finish_with(false, &skipped));
+        let error = crate::exit::coded(Exit::UpstreamFailed, message);
+        Outcome::failed(document, tool, error)
+    }
+
     pub fn exit(&self) -> Exit {
         self.error.as_ref().map_or(Exit::Success, exit_of)
     }
-}
-
-/// The exit code of an error chain: the first error in it that knows its code.
-pub fn exit_of(error: &anyhow::Error) -> Exit {
-    for cause in error.chain() {
-        let known = [
-            cause
-                .downcast_ref::<crate::exit::WithExit>()
-                .map(HasExit::exit),
-            cause
-                .downcast_ref::<crate::exit::Coded>()
-                .map(HasExit::exit),
-            cause
-                .downcast_ref::<crate::document::Error>()
-                .map(HasExit::exit),
-            cause.downcast_ref::<crate::zfs::Error>().map(HasExit::exit),
-            cause.downcast_ref::<crate::qga::Error>().map(HasExit::exit),
-            cause
-                .downcast_ref::<crate::qga::watchdog::Error>()
-                .map(HasExit::exit),
-            cause.downcast_ref::<crate::qmp::Error>().map(HasExit::exit),
-            cause.downcast_ref::<clap::Error>().map(|e| {
-                if e.use_stderr() {
-                    Exit::Usage
-                } else {
-                    Exit::Success
-                }
-            }),
-        ];
-        if let Some(exit) = known.into_iter().flatten().next() {
-            return exit;
-        }
-    }
-    Exit::StepFailed
-}
-
-/// `cause: cause: cause`, each layer once.
-pub fn chain(error: &anyhow::Error) -> String {
-    error
-        .chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// Runs a tool: `fn main() -> ExitCode { evesnap::cli::main("zsnap", zsnap::command(), zsnap::run) }`.
@@ -168,14 +165,6 @@ fn close_stdout() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn coded_errors_keep_their_code_under_context() {
-        let err = crate::exit::coded(Exit::ThawFailed, "thaw refused").context("qga-thaw step");
-        assert_eq!(exit_of(&err), Exit::ThawFailed);
-        assert_eq!(chain(&err), "qga-thaw step: thaw refused");
-        assert_eq!(exit_of(&anyhow::anyhow!("plain")), Exit::StepFailed);
-    }
 
     #[test]
     fn failed_outcome_records_the_error_in_the_document() {

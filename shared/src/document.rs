@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::exit::{Exit, HasExit};
+use crate::steps::StepRecord;
 
 /// The document format version this library reads and writes.
 pub const VERSION: u32 = 1;
@@ -58,7 +59,9 @@ pub struct Document {
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One step: `tool`, `ok`, `started_at`, `duration_ms`, and the step's own fields (its
+/// [`StepRecord`], or `{error, problems}` when it failed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Step {
     pub tool: String,
     pub ok: bool,
@@ -77,6 +80,26 @@ pub struct DocError {
     /// Further fields, e.g. the orchestrator's eve-api `snap_err` fields; kept as they came.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+impl Step {
+    /// This step's typed record, when it is a `T::TOOL` step whose fields parse as one.
+    pub fn record<T: StepRecord>(&self) -> Option<T> {
+        if self.tool != T::TOOL {
+            return None;
+        }
+        serde_json::from_value(Value::Object(self.fields.clone())).ok()
+    }
+}
+
+/// A record's fields as a step's field map.
+pub fn fields_of(record: &impl Serialize) -> Map<String, Value> {
+    match serde_json::to_value(record) {
+        Ok(Value::Object(map)) => map,
+        // Records are structs; anything else is a programming error worth seeing.
+        Ok(other) => Map::from_iter([("value".to_string(), other)]),
+        Err(e) => Map::from_iter([("error".to_string(), Value::String(e.to_string()))]),
+    }
 }
 
 impl Default for Document {
@@ -166,6 +189,22 @@ impl Document {
     pub fn failed_step(&self) -> Option<&Step> {
         self.steps.iter().find(|s| !s.ok)
     }
+
+    /// The last successful `T` step, and its index.
+    pub fn last_ok<T: StepRecord>(&self) -> Option<(usize, T)> {
+        self.steps
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, s)| s.tool == T::TOOL && s.ok)
+            .and_then(|(i, s)| s.record().map(|r| (i, r)))
+    }
+
+    /// A document from a typed value of the same shape (a report), at the process edge.
+    pub fn from_typed(value: &impl Serialize) -> Result<Self, Error> {
+        let value = serde_json::to_value(value).map_err(Error::Shape)?;
+        serde_json::from_value(value).map_err(Error::Shape)
+    }
 }
 
 /// Measures one step; [`StepTimer::finish`] turns it into a [`Step`].
@@ -187,6 +226,11 @@ impl StepTimer {
 
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// The step with a typed record as its fields.
+    pub fn finish_with(self, ok: bool, record: &impl Serialize) -> Step {
+        self.finish(ok, fields_of(record))
     }
 
     pub fn finish(self, ok: bool, fields: Map<String, Value>) -> Step {

@@ -100,56 +100,20 @@ impl From<Exit> for std::process::ExitCode {
     }
 }
 
-/// Implemented by every error type of the library so that the one place that
-/// prints errors can map any error chain to an exit code.
+/// Implemented by every error type that knows which exit code it means.
 pub trait HasExit {
     fn exit(&self) -> Exit;
 }
 
-/// An error that carries its own exit code, for conditions a tool detects
-/// itself rather than a library layer (e.g. "the upstream step failed").
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Coded {
-    pub exit: Exit,
-    pub message: String,
-}
-
-/// Builds an error that carries its own exit code.
-pub fn coded(exit: Exit, message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Coded {
-        exit,
-        message: message.into(),
-    })
-}
-
-impl HasExit for Coded {
-    fn exit(&self) -> Exit {
-        self.exit
-    }
-}
-
-/// A tool's own error together with its exit code, so that the code survives the trip
-/// through `anyhow::Error` to [`crate::cli`]. Displays as the wrapped error and hands on
-/// its causes, so the chain reads the same.
+/// An error together with its exit code: the one way a code travels through
+/// `anyhow::Error` to the edge ([`exit_of`]). Build it with [`wrap`] (an error that knows
+/// its code) or [`coded`] (a condition a tool detects itself). It displays as the wrapped
+/// error and hands on that error's causes, so the chain reads as if it were not there;
+/// [`find`] reaches the wrapped error itself.
 #[derive(Debug)]
 pub struct WithExit {
     exit: Exit,
     error: Box<dyn std::error::Error + Send + Sync + 'static>,
-}
-
-impl WithExit {
-    pub fn new<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> WithExit {
-        WithExit {
-            exit: error.exit(),
-            error: Box::new(error),
-        }
-    }
-
-    /// The wrapped error.
-    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        &*self.error
-    }
 }
 
 impl fmt::Display for WithExit {
@@ -164,15 +128,75 @@ impl std::error::Error for WithExit {
     }
 }
 
-impl HasExit for WithExit {
-    fn exit(&self) -> Exit {
-        self.exit
-    }
-}
+/// A message that is its own error (for [`coded`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Message(String);
 
 /// Wraps an error that knows its exit code into `anyhow::Error`, keeping the code.
 pub fn wrap<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> anyhow::Error {
-    anyhow::Error::new(WithExit::new(error))
+    anyhow::Error::new(WithExit {
+        exit: error.exit(),
+        error: Box::new(error),
+    })
+}
+
+/// An error with a message and an exit code, for conditions a tool detects itself.
+pub fn coded(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(WithExit {
+        exit,
+        error: Box::new(Message(message.into())),
+    })
+}
+
+/// The exit code of an error chain: the outermost code given with [`wrap`] or [`coded`];
+/// a clap error is a usage error; anything else is a failed step.
+pub fn exit_of(error: &anyhow::Error) -> Exit {
+    for cause in error.chain() {
+        if let Some(with) = cause.downcast_ref::<WithExit>() {
+            return with.exit;
+        }
+        if let Some(e) = cause.downcast_ref::<clap::Error>() {
+            return if e.use_stderr() {
+                Exit::Usage
+            } else {
+                Exit::Success
+            };
+        }
+    }
+    Exit::StepFailed
+}
+
+/// The first error of type `E` in the chain, also where it was wrapped with its code.
+pub fn find<E: std::error::Error + 'static>(error: &anyhow::Error) -> Option<&E> {
+    error.chain().find_map(|cause| {
+        cause.downcast_ref::<E>().or_else(|| {
+            cause
+                .downcast_ref::<WithExit>()
+                .and_then(|w| w.error.downcast_ref::<E>())
+        })
+    })
+}
+
+/// [`chain`] of an error that is not (yet) an `anyhow::Error`.
+pub fn chain_of(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// `cause: cause: cause`, each layer once.
+pub fn chain(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 #[cfg(test)]
@@ -187,5 +211,19 @@ mod tests {
             assert!(seen.insert(exit.code()), "duplicate code {exit}");
         }
         assert_eq!(Exit::Usage.code(), 2, "clap's own usage code");
+    }
+
+    #[test]
+    fn codes_survive_context_and_the_wrapped_error_is_found() {
+        let err = coded(Exit::ThawFailed, "thaw refused").context("qga-thaw step");
+        assert_eq!(exit_of(&err), Exit::ThawFailed);
+        assert_eq!(chain(&err), "qga-thaw step: thaw refused");
+        assert_eq!(exit_of(&anyhow::anyhow!("plain")), Exit::StepFailed);
+        let err = wrap(crate::document::Error::UpstreamDied).context("reading");
+        assert_eq!(exit_of(&err), Exit::UpstreamFailed);
+        assert!(matches!(
+            find::<crate::document::Error>(&err),
+            Some(crate::document::Error::UpstreamDied)
+        ));
     }
 }

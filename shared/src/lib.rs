@@ -10,22 +10,9 @@ pub mod exit;
 pub mod log;
 pub mod qga;
 pub mod qmp;
+pub mod report;
 pub mod request;
+pub mod runtime;
+pub mod steps;
 pub mod time;
 pub mod zfs;
-
-/// Where the tools keep runtime state (watchdogs, locks): `EVESNAP_RUN_DIR`, else
-/// `/run/evesnap` for root and `$XDG_RUNTIME_DIR/evesnap` (or `/tmp/evesnap-<uid>`) otherwise.
-pub fn runtime_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os("EVESNAP_RUN_DIR") {
-        return dir.into();
-    }
-    let uid = nix::unistd::geteuid();
-    if uid.is_root() {
-        return "/run/evesnap".into();
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => std::path::PathBuf::from(dir).join("evesnap"),
-        None => std::env::temp_dir().join(format!("evesnap-{uid}")),
-    }
-}

@@ -52,6 +52,7 @@
 //! `error.code` is the host's exit code for the failure (see [`crate::exit`]); `kind` is
 //! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7).
 
+use crate::report::Consistency;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -77,7 +78,7 @@ pub const MAX_ID_LEN: usize = 64;
 pub const MAX_FIELD_LEN: usize = 4096;
 
 /// What the guest asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
     Create,
@@ -96,7 +97,7 @@ impl Op {
 }
 
 /// One request, as sent on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub version: u32,
@@ -113,7 +114,7 @@ pub struct Request {
 }
 
 /// The disk a request is about, as the guest sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskRef {
     /// What the user named: a device or a mountpoint.
@@ -257,7 +258,7 @@ pub fn salvage_id(line: &[u8]) -> Option<String> {
 }
 
 /// One snapshot in a reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotEntry {
     /// The disk's label (serial, else `pci:<address>`).
@@ -271,11 +272,11 @@ pub struct SnapshotEntry {
     pub creation: u64,
     /// What the snapshot can claim (`application`, `filesystem`, `crash`), when recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consistency: Option<String>,
+    pub consistency: Option<Consistency>,
 }
 
 /// A failure, as the guest is told.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyError {
     /// `bad-request`, `unknown-disk`, or the host's exit-code name (`preflight-failed`,
@@ -294,7 +295,7 @@ pub struct ReplyError {
 }
 
 /// One reply, as sent on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reply {
     pub version: u32,
@@ -314,7 +315,7 @@ pub struct Reply {
     pub snapshots: Option<Vec<SnapshotEntry>>,
     /// `create`: `application`, `filesystem` or `crash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consistency: Option<String>,
+    pub consistency: Option<Consistency>,
     /// `create`: from the freeze returning to the thaw returning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window_ms: Option<f64>,

@@ -501,12 +501,7 @@ pub fn guest_sh(lab: &Lab, script: &str) -> Result<String, String> {
     let mut client = connect(lab, Duration::from_secs(30)).map_err(|e| e.to_string())?;
     let r = client
         .guest_exec("/bin/sh", &["-c", script], Duration::from_secs(30))
-        .map_err(|e| {
-            format!(
-                "guest-exec: {}",
-                evesnap::cli::chain(&anyhow::Error::new(e))
-            )
-        })?;
+        .map_err(|e| format!("guest-exec: {}", evesnap::exit::chain_of(&e)))?;
     if !r.success() {
         return Err(format!(
             "guest `{script}` failed ({:?}/{:?}): {}",

@@ -142,7 +142,7 @@ fn print_line(value: &Value) {
 
 /// This tool's own failure, printed on stdout in the reply's shape.
 fn local_failure(id: Option<&str>, error: anyhow::Error) -> Outcome {
-    let exit = evesnap::cli::exit_of(&error);
+    let exit = evesnap::exit::exit_of(&error);
     let kind = match exit {
         Exit::AgentUnreachable => "host-unreachable",
         Exit::AgentTimeout => "host-timeout",
@@ -154,7 +154,7 @@ fn local_failure(id: Option<&str>, error: anyhow::Error) -> Outcome {
         "version": request::VERSION,
         "id": id,
         "ok": false,
-        "error": {"kind": kind, "code": exit.code(), "message": evesnap::cli::chain(&error)},
+        "error": {"kind": kind, "code": exit.code(), "message": evesnap::exit::chain(&error)},
     }));
     Outcome::error(error)
 }

@@ -31,8 +31,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{json, Map, Value};
 
 pub use step::{
-    abort, default_watchdog_program, freeze, freeze_unverified, verify_frozen, Aftermath,
-    CleanupThaw, Error, FreezeOptions, FreezeReport,
+    abort, check, default_watchdog_program, freeze, freeze_checked, freeze_unverified,
+    verify_frozen, Aftermath, CleanupThaw, Error, FreezeOptions, FreezeReport,
 };
 
 /// The tool's name, as in the document's steps.
@@ -233,7 +233,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(client) => client,
         Err(e) => {
             doc.push(timer.finish(false, failed_fields(None)));
-            return Outcome::failed(doc, TOOL, anyhow::Error::new(e));
+            return Outcome::failed(doc, TOOL, evesnap::exit::wrap(e));
         }
     };
     client.set_timeout(args.timeout);
@@ -281,7 +281,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 if let Err(e) = evesnap::qga::watchdog::hand_over(w, client.into_fd()) {
                     evesnap::note!(
                         "the agent connection is closed instead of kept: {}",
-                        evesnap::cli::chain(&anyhow::Error::new(e))
+                        evesnap::exit::chain_of(&e)
                     );
                 }
             }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use evesnap::exit::{Exit, HasExit};
 use evesnap::qga::commands as qga;
 use evesnap::qga::watchdog::{self, Watchdog};
-use evesnap::qga::{Client, Error as QgaError};
+use evesnap::qga::{Client, Error as QgaError, ThawError};
 use serde::{Deserialize, Serialize};
 
 /// What to freeze and how.
@@ -38,25 +38,7 @@ impl Default for FreezeOptions {
     }
 }
 
-/// A successful freeze; serialises into the `qga-freeze` step's fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FreezeReport {
-    /// Filesystems the freeze froze; `null` when an existing freeze was adopted.
-    pub frozen: Option<i64>,
-    /// The mountpoints asked for; `null`: all of the guest's.
-    pub mountpoints: Option<Vec<String>>,
-    /// An existing freeze was adopted (`--adopt-frozen`).
-    pub adopted: bool,
-    /// The guest agent's version (`guest-info`).
-    pub agent_version: String,
-    /// Round trip of the freeze command alone (the agent runs its hooks inside it).
-    pub freeze_ms: f64,
-    /// When the freeze command returned (µs since the epoch): the freeze window starts here.
-    pub frozen_at_unix_us: u64,
-    /// The auto-thaw watchdog, if armed.
-    pub watchdog: Option<Watchdog>,
-}
+pub use evesnap::steps::FreezeReport;
 
 /// What a cleanup thaw after a failed or aborted freeze did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,10 +109,8 @@ impl fmt::Display for Aftermath {
 pub enum Error {
     #[error("the check before freezing failed")]
     Preflight(#[source] QgaError),
-    #[error("the guest agent lacks {0}")]
-    Missing(&'static str),
-    #[error("the guest agent has {0} disabled")]
-    Disabled(&'static str),
+    #[error(transparent)]
+    Unavailable(#[from] evesnap::qga::Unavailable),
     #[error("the guest is already frozen (--adopt-frozen takes over that freeze)")]
     AlreadyFrozen,
     #[error("cannot arm the auto-thaw watchdog")]
@@ -201,7 +181,7 @@ impl HasExit for Error {
                 | QgaError::Agent { .. } => Exit::Preflight,
                 e => e.exit(),
             },
-            Error::Missing(_) | Error::Disabled(_) | Error::AlreadyFrozen => Exit::Preflight,
+            Error::Unavailable(_) | Error::AlreadyFrozen => Exit::Preflight,
             Error::Watchdog(_) => Exit::StepFailed,
             // A freeze or verification that got no reply: the agent's silence is the news.
             Error::Freeze { source, .. } | Error::Verify { source, .. } if source.is_timeout() => {
@@ -237,17 +217,6 @@ pub fn default_watchdog_program() -> PathBuf {
     PathBuf::from(NAME)
 }
 
-fn check_commands(info: &qga::GuestAgentInfo, needed: &[&'static str]) -> Result<(), Error> {
-    for &name in needed {
-        match info.supported_commands.iter().find(|c| c.name == name) {
-            None => return Err(Error::Missing(name)),
-            Some(c) if !c.enabled => return Err(Error::Disabled(name)),
-            Some(_) => {}
-        }
-    }
-    Ok(())
-}
-
 /// Freezes the guest's filesystems and verifies the freeze.
 ///
 /// Before: `guest-info` (freeze commands present and enabled), `guest-fsfreeze-status`
@@ -266,26 +235,53 @@ pub fn freeze(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport,
 /// work inside the freeze window: nothing may rely on the freeze before
 /// [`verify_frozen`] succeeded.
 pub fn freeze_unverified(client: &mut Client, opts: &FreezeOptions) -> Result<FreezeReport, Error> {
-    let timeout = opts.timeout;
     let info = client
-        .execute_within(qga::guest_info {}, timeout)
+        .execute_within(qga::guest_info {}, opts.timeout)
         .map_err(Error::Preflight)?;
+    let status = check(client, opts, &info, &[])?;
+    freeze_checked(client, opts, &info.version, Some(status))
+}
+
+/// The check before a freeze: the agent (its `guest-info`, asked by the caller) has the
+/// freeze commands and `also_needed` enabled; the guest's freeze state now.
+pub fn check(
+    client: &mut Client,
+    opts: &FreezeOptions,
+    info: &qga::GuestAgentInfo,
+    also_needed: &[&'static str],
+) -> Result<qga::GuestFsfreezeStatus, Error> {
     let freeze_command = if opts.mountpoints.is_empty() {
         "guest-fsfreeze-freeze"
     } else {
         "guest-fsfreeze-freeze-list"
     };
-    check_commands(
-        &info,
-        &[
-            freeze_command,
-            "guest-fsfreeze-status",
-            "guest-fsfreeze-thaw",
-        ],
-    )?;
-    let status = client
-        .execute_within(qga::guest_fsfreeze_status {}, timeout)
-        .map_err(Error::Preflight)?;
+    let mut needed = vec![
+        freeze_command,
+        "guest-fsfreeze-status",
+        "guest-fsfreeze-thaw",
+    ];
+    needed.extend_from_slice(also_needed);
+    evesnap::qga::check_commands(info, &needed)?;
+    client
+        .execute_within(qga::guest_fsfreeze_status {}, opts.timeout)
+        .map_err(Error::Preflight)
+}
+
+/// Arms the watchdog and freezes, after [`check`]: `status` is what it found, or `None` to
+/// ask again (something ran in the guest since).
+pub fn freeze_checked(
+    client: &mut Client,
+    opts: &FreezeOptions,
+    agent_version: &str,
+    status: Option<qga::GuestFsfreezeStatus>,
+) -> Result<FreezeReport, Error> {
+    let timeout = opts.timeout;
+    let status = match status {
+        Some(status) => status,
+        None => client
+            .execute_within(qga::guest_fsfreeze_status {}, timeout)
+            .map_err(Error::Preflight)?,
+    };
     let mountpoints = (!opts.mountpoints.is_empty()).then(|| opts.mountpoints.clone());
 
     let arm = |client: &Client| -> Result<Option<Watchdog>, Error> {
@@ -309,7 +305,7 @@ pub fn freeze_unverified(client: &mut Client, opts: &FreezeOptions) -> Result<Fr
             frozen: None,
             mountpoints,
             adopted: true,
-            agent_version: info.version,
+            agent_version: agent_version.to_string(),
             freeze_ms: 0.0,
             frozen_at_unix_us: evesnap::time::now_unix_us(),
             watchdog: arm(client)?,
@@ -359,7 +355,7 @@ pub fn freeze_unverified(client: &mut Client, opts: &FreezeOptions) -> Result<Fr
         frozen: Some(frozen),
         mountpoints,
         adopted: false,
-        agent_version: info.version,
+        agent_version: agent_version.to_string(),
         freeze_ms,
         frozen_at_unix_us,
         watchdog,
@@ -414,46 +410,27 @@ fn cleanup(
     watchdog: Option<Watchdog>,
     unsynced: bool,
 ) -> Aftermath {
-    let thaw = if unsynced {
-        client.execute_unsynced(qga::guest_fsfreeze_thaw {}, timeout)
-    } else {
-        client.execute_within(qga::guest_fsfreeze_thaw {}, timeout)
-    };
-    let possibly_frozen = |thaw| Aftermath {
-        possibly_frozen: true,
-        thaw: Some(thaw),
-        watchdog: watchdog.clone(),
-    };
-    let count = match thaw {
-        Ok(count) => count,
-        Err(e) if e.is_timeout() => return possibly_frozen(CleanupThaw::Queued),
+    let count = match evesnap::qga::thaw_and_verify(client, timeout, unsynced) {
+        Ok(thawed) => thawed.count,
         Err(e) => {
-            return possibly_frozen(CleanupThaw::Failed {
-                message: evesnap::cli::chain(&anyhow::Error::new(e)),
-            })
+            let thaw = match e {
+                ThawError::Queued(_) => CleanupThaw::Queued,
+                e => CleanupThaw::Failed {
+                    message: evesnap::exit::chain_of(&e),
+                },
+            };
+            return Aftermath {
+                possibly_frozen: true,
+                thaw: Some(thaw),
+                watchdog,
+            };
         }
     };
-    match client.execute_within(qga::guest_fsfreeze_status {}, timeout) {
-        Ok(qga::GuestFsfreezeStatus::thawed) => {}
-        Ok(qga::GuestFsfreezeStatus::frozen) => {
-            return possibly_frozen(CleanupThaw::Failed {
-                message: "the guest still reports frozen".into(),
-            })
-        }
-        Err(e) => {
-            return possibly_frozen(CleanupThaw::Failed {
-                message: format!(
-                    "unverified: {}",
-                    evesnap::cli::chain(&anyhow::Error::new(e))
-                ),
-            })
-        }
-    }
     if let Some(w) = &watchdog {
         if let Err(e) = watchdog::cancel_this(w) {
             evesnap::warn!(
                 "the guest is thawed but its watchdog stays armed: {}",
-                evesnap::cli::chain(&anyhow::Error::new(e))
+                evesnap::exit::chain_of(&e)
             );
         }
     }

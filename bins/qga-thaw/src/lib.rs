@@ -18,13 +18,11 @@ use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
-use evesnap::document::{self, Document, StepTimer};
+use evesnap::document::{self, fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
-use evesnap::qga::commands as qga;
-use evesnap::qga::watchdog::{self, Watchdog};
-use evesnap::qga::{Address, Client, Error as QgaError};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use evesnap::qga::watchdog;
+use evesnap::qga::{Address, Client, ThawError, Thawed};
+use evesnap::steps::FreezeReport;
 
 /// The tool's name, as in the document's steps.
 pub const TOOL: &str = "qga-thaw";
@@ -51,37 +49,12 @@ impl Default for ThawOptions {
     }
 }
 
-/// A verified thaw; serialises into the `qga-thaw` step's fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ThawReport {
-    /// Filesystems thawed (0: nothing was frozen).
-    pub thawed: i64,
-    /// What the freeze froze, if known.
-    pub expected: Option<i64>,
-    /// Round trip of the thaw command alone (the agent runs its hooks inside it).
-    pub thaw_ms: f64,
-    /// When the thaw command returned (µs since the epoch): the freeze window ends here.
-    pub thawed_at_unix_us: u64,
-    /// The thaw went through the freeze's own connection, kept by its watchdog.
-    #[serde(default)]
-    pub kept_connection: bool,
-    /// The watchdog this thaw cancelled, if one was armed.
-    pub watchdog_cancelled: Option<Watchdog>,
-}
+pub use evesnap::steps::ThawReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach the guest agent to thaw: the guest may still be frozen")]
-    Connect(#[source] QgaError),
-    #[error("the thaw failed: the guest may still be frozen")]
-    Thaw(#[source] QgaError),
-    #[error("a thaw was queued but not answered: the guest may still be frozen until the agent reads again")]
-    Queued(#[source] QgaError),
-    #[error("cannot verify the thaw: the guest may still be frozen")]
-    Verify(#[source] QgaError),
-    #[error("the guest still reports frozen after the thaw")]
-    StillFrozen,
+    #[error(transparent)]
+    Thaw(#[from] ThawError),
     #[error(
         "the thaw thawed {thawed} filesystems but the freeze froze {expected}: some were thawed early \
          (by the watchdog?), so the snapshot may not be consistent"
@@ -106,41 +79,18 @@ impl HasExit for Error {
 ///
 /// The watchdog stays armed when the thaw cannot be verified: it may still succeed.
 pub fn thaw(client: &mut Client, opts: &ThawOptions) -> Result<ThawReport, Error> {
-    let started = Instant::now();
-    let thawed = if client.is_synced() {
-        client.execute_within(qga::guest_fsfreeze_thaw {}, opts.timeout)
-    } else {
-        // The agent stopped answering earlier: queue the thaw behind what is pending.
-        client.execute_unsynced(qga::guest_fsfreeze_thaw {}, opts.timeout)
-    };
-    let thaw_ms = evesnap::time::millis(started.elapsed());
-    let thawed_at_unix_us = evesnap::time::now_unix_us();
-    let thawed = match thawed {
-        Ok(n) => n,
-        Err(e) if e.is_timeout() => return Err(Error::Queued(e)),
-        Err(e) => return Err(Error::Thaw(e)),
-    };
-    verify(client, opts, thawed, thaw_ms, thawed_at_unix_us)
+    // An agent that stopped answering earlier gets the thaw queued behind what is pending.
+    let thawed = evesnap::qga::thaw_and_verify(client, opts.timeout, !client.is_synced())?;
+    finish(client, opts, thawed)
 }
 
-/// Verifies a thaw that answered `thawed`, cancels the watchdog, checks the count.
-fn verify(
-    client: &mut Client,
-    opts: &ThawOptions,
-    thawed: i64,
-    thaw_ms: f64,
-    thawed_at_unix_us: u64,
-) -> Result<ThawReport, Error> {
-    match client.execute_within(qga::guest_fsfreeze_status {}, opts.timeout) {
-        Ok(qga::GuestFsfreezeStatus::thawed) => {}
-        Ok(qga::GuestFsfreezeStatus::frozen) => return Err(Error::StillFrozen),
-        Err(e) => return Err(Error::Verify(e)),
-    }
+/// After a verified thaw: cancels the watchdog, checks the count.
+fn finish(client: &Client, opts: &ThawOptions, thawed: Thawed) -> Result<ThawReport, Error> {
     let watchdog_cancelled = if opts.cancel_watchdog {
         watchdog::cancel(client.address()).unwrap_or_else(|e| {
             evesnap::warn!(
                 "the guest is thawed, but its watchdog could not be cancelled (it will find the guest thawed): {}",
-                evesnap::cli::chain(&anyhow::Error::new(e))
+                evesnap::exit::chain_of(&e)
             );
             None
         })
@@ -148,16 +98,16 @@ fn verify(
         None
     };
     let report = ThawReport {
-        thawed,
+        thawed: thawed.count,
         expected: opts.expected,
-        thaw_ms,
-        thawed_at_unix_us,
+        thaw_ms: thawed.thaw_ms,
+        thawed_at_unix_us: thawed.at_unix_us,
         kept_connection: false,
         watchdog_cancelled,
     };
     match opts.expected {
-        Some(expected) if thawed < expected => Err(Error::EarlyThaw {
-            thawed,
+        Some(expected) if thawed.count < expected => Err(Error::EarlyThaw {
+            thawed: thawed.count,
             expected,
             report: Box::new(report),
         }),
@@ -186,31 +136,22 @@ pub fn connect_and_thaw(
             Err(e) => evesnap::note!("the kept agent connection failed ({e}); connecting anew"),
         },
         Ok(None) => {}
-        Err(e) => evesnap::note!(
-            "no kept agent connection: {}",
-            evesnap::cli::chain(&anyhow::Error::new(e))
-        ),
+        Err(e) => evesnap::note!("no kept agent connection: {}", evesnap::exit::chain_of(&e)),
     }
-    let mut client = Client::open(address, deadline).map_err(Error::Connect)?;
+    let mut client = Client::open(address, deadline).map_err(ThawError::Connect)?;
     client.set_timeout(opts.timeout);
     if let Err(e) = client.sync(deadline) {
         if !e.is_timeout() {
-            return Err(Error::Connect(e));
+            return Err(ThawError::Connect(e).into());
         }
         // Silent agent (paused VM, busy socket): queue a thaw anyway, it runs later.
-        let started = Instant::now();
-        let queued =
-            client.execute_unsynced(qga::guest_fsfreeze_thaw {}, Duration::from_millis(500));
-        return match queued {
-            Ok(n) => verify(
-                &mut client,
-                opts,
-                n,
-                evesnap::time::millis(started.elapsed()),
-                evesnap::time::now_unix_us(),
-            ),
-            Err(_) => Err(Error::Queued(e)),
-        };
+        let thawed =
+            evesnap::qga::thaw_within(&mut client, Duration::from_millis(500), opts.timeout, true)
+                .map_err(|queued| match queued {
+                    ThawError::Queued(_) | ThawError::Thaw(_) => ThawError::Queued(e),
+                    other => other,
+                })?;
+        return finish(&client, opts, thawed);
     }
     thaw(&mut client, opts)
 }
@@ -264,25 +205,27 @@ pub fn command() -> clap::Command {
     Args::command().after_help(Exit::table())
 }
 
-fn fields(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    }
+/// The step of a thaw that did not happen or did not verify.
+#[derive(Debug, serde::Serialize)]
+struct NotThawed<'a> {
+    thawed: Option<i64>,
+    expected: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    possibly_frozen: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    early_thaw: Option<bool>,
 }
 
 /// What the upstream `qga-freeze` step froze, when it froze through this agent.
 fn expected_count(doc: &Document, address: &Address) -> Option<i64> {
-    let freeze = doc
-        .steps
-        .iter()
-        .rev()
-        .find(|s| s.tool == "qga-freeze" && s.ok)?;
+    let (_, freeze) = doc.last_ok::<FreezeReport>()?;
     let upstream_agent = doc.agent.as_deref().and_then(|a| a.parse::<Address>().ok());
     if matches!(upstream_agent, Some(a) if a != *address) {
         return None;
     }
-    freeze.fields.get("frozen")?.as_i64()
+    freeze.frozen
 }
 
 pub fn run(matches: &clap::ArgMatches) -> Outcome {
@@ -302,7 +245,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     let Some(agent) = agent else {
         return match (input_error, upstream) {
             (Some(e), _) => Outcome::error(
-                anyhow::Error::new(e).context("no --agent, and no document to read it from"),
+                evesnap::exit::wrap(e).context("no --agent, and no document to read it from"),
             ),
             (None, Some(doc)) => Outcome::failed(
                 doc,
@@ -322,10 +265,14 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     let address: Address = match agent.parse() {
         Ok(address) => address,
         Err(e) => {
-            doc.push(timer.finish(
-                false,
-                fields(json!({"thawed": null, "reason": "bad agent address"})),
-            ));
+            let step = NotThawed {
+                thawed: None,
+                expected: None,
+                possibly_frozen: None,
+                reason: Some("bad agent address"),
+                early_thaw: None,
+            };
+            doc.push(timer.finish_with(false, &step));
             return Outcome::failed(doc, TOOL, coded(Exit::Usage, e.to_string()));
         }
     };
@@ -356,25 +303,24 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                         w.pid.unwrap_or(0)
                     ))
             );
-            doc.push(timer.finish(
-                true,
-                fields(serde_json::to_value(&report).unwrap_or(Value::Null)),
-            ));
+            doc.push(timer.finish_with(true, &report));
             None
         }
         Err(e) => {
-            let mut step = match &e {
+            let step = match &e {
                 Error::EarlyThaw { report, .. } => {
-                    fields(serde_json::to_value(report).unwrap_or(Value::Null))
+                    let mut fields = fields_of(report);
+                    fields.insert("early_thaw".into(), true.into());
+                    fields
                 }
-                _ => fields(
-                    json!({"thawed": null, "expected": opts.expected, "possibly_frozen": true}),
-                ),
+                Error::Thaw(_) => fields_of(&NotThawed {
+                    thawed: None,
+                    expected: opts.expected,
+                    possibly_frozen: Some(true),
+                    reason: None,
+                    early_thaw: Some(false),
+                }),
             };
-            step.insert(
-                "early_thaw".into(),
-                json!(matches!(e, Error::EarlyThaw { .. })),
-            );
             doc.push(timer.finish(false, step));
             Some(e)
         }
@@ -385,24 +331,24 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             if let Some(input) = input {
                 evesnap::warn!(
                     "also, the input was bad: {}",
-                    evesnap::cli::chain(&anyhow::Error::new(input))
+                    evesnap::exit::chain_of(&input)
                 );
             }
             Outcome::failed(doc, TOOL, evesnap::exit::wrap(e))
         }
         (thaw_error, Some(input), _) => {
             if let Some(e) = thaw_error {
-                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::exit::wrap(e)));
+                evesnap::warn!("{}", evesnap::exit::chain(&evesnap::exit::wrap(e)));
             }
             Outcome::failed(
                 doc,
                 TOOL,
-                anyhow::Error::new(input).context("thawed, but the upstream document is bad"),
+                evesnap::exit::wrap(input).context("thawed, but the upstream document is bad"),
             )
         }
         (thaw_error, None, Some(reason)) => {
             if let Some(e) = thaw_error {
-                evesnap::warn!("{}", evesnap::cli::chain(&evesnap::exit::wrap(e)));
+                evesnap::warn!("{}", evesnap::exit::chain(&evesnap::exit::wrap(e)));
             }
             Outcome::failed(
                 doc,
@@ -434,7 +380,9 @@ mod tests {
     #[test]
     fn expected_count_comes_from_the_freeze_step_of_the_same_agent() {
         let text = r#"{"version":1,"ok":true,"agent":"unix:/a.sock","steps":[
-            {"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":3}]}"#;
+            {"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":3,
+             "mountpoints":null,"adopted":false,"agent_version":"7.2","freeze_ms":1.0,
+             "frozen_at_unix_us":1,"watchdog":null}]}"#;
         let doc = Document::from_json(text).expect("doc");
         assert_eq!(
             expected_count(&doc, &"unix:/a.sock".parse().expect("a")),
@@ -448,13 +396,13 @@ mod tests {
 
     #[test]
     fn thaw_failures_exit_thaw_failed() {
-        assert_eq!(Error::StillFrozen.exit(), Exit::ThawFailed);
-        let timeout = QgaError::Timeout {
+        assert_eq!(Error::Thaw(ThawError::StillFrozen).exit(), Exit::ThawFailed);
+        let timeout = evesnap::qga::Error::Timeout {
             address: "unix:/a".into(),
             command: "x".into(),
             after: Duration::from_secs(1),
         };
-        let err = evesnap::exit::wrap(Error::Queued(timeout));
-        assert_eq!(evesnap::cli::exit_of(&err), Exit::ThawFailed);
+        let err = evesnap::exit::wrap(Error::Thaw(ThawError::Queued(timeout)));
+        assert_eq!(evesnap::exit::exit_of(&err), Exit::ThawFailed);
     }
 }

@@ -5,30 +5,10 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands as qga;
 use evesnap::qga::Client;
-use serde::Serialize;
 
 use crate::plan::{GuestCommand, GuestDisk};
 
-/// The outcome of one guest command, as reported.
-#[derive(Debug, Clone, Serialize)]
-pub struct CommandRun {
-    pub path: String,
-    pub args: Vec<String>,
-    pub ok: bool,
-    pub fatal: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exitcode: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i64>,
-    pub stdout: String,
-    pub stderr: String,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub output_truncated: bool,
-    /// Why it did not succeed (agent error, timeout, exit status).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub duration_ms: f64,
-}
+pub use evesnap::steps::CommandRun;
 
 /// Runs one command in the guest and waits for it up to its timeout.
 pub fn run_command(client: &mut Client, command: &GuestCommand) -> CommandRun {
@@ -68,22 +48,10 @@ pub fn run_command(client: &mut Client, command: &GuestCommand) -> CommandRun {
                 });
             }
         }
-        Err(e) => run.error = Some(evesnap::cli::chain(&anyhow::Error::new(e))),
+        Err(e) => run.error = Some(evesnap::exit::chain_of(&e)),
     }
     run.duration_ms = evesnap::time::millis(started.elapsed());
     run
-}
-
-impl CommandRun {
-    /// `path arg…: why`, for error messages.
-    pub fn describe(&self) -> String {
-        let mut argv = self.path.clone();
-        for a in &self.args {
-            argv.push(' ');
-            argv.push_str(a);
-        }
-        format!("`{argv}` {}", self.error.as_deref().unwrap_or("succeeded"))
-    }
 }
 
 /// A PCI address written `domain:bus:slot.function` in hex (`0000:00:07.0`).
@@ -110,10 +78,7 @@ fn guest_run(
         match client.guest_exec(program, args, timeout) {
             Ok(done) => return Ok((program.to_string(), done)),
             // Not there (or not runnable): the next one.
-            Err(e) => tried.push(format!(
-                "{program}: {}",
-                evesnap::cli::chain(&anyhow::Error::new(e))
-            )),
+            Err(e) => tried.push(format!("{program}: {}", evesnap::exit::chain_of(&e))),
         }
     }
     Err(format!("cannot run it in the guest ({})", tried.join("; ")))

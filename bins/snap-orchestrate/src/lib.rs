@@ -26,6 +26,7 @@ pub mod guest;
 mod interrupt;
 pub mod lock;
 pub mod plan;
+pub mod schema;
 pub mod serve;
 
 use std::io::{IsTerminal, Read};
@@ -56,7 +57,7 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
         which zvols need, else by serial, else by PCI address; a filesystem the agent cannot place \
         counts as mounted).\n\n\
         One orchestration per VM runs at a time (a lock keyed by the agent address).\n\n\
-        The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema.\n\n\
+        The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema (--print-schema report|request|reply: of the report, and of the VM wire).\n\n\
         `snap-orchestrate serve` is the host end of VM-initiated snapshots (eve-guest-agent in the guest).",
     after_help = Exit::table(),
     args_conflicts_with_subcommands = true
@@ -70,9 +71,16 @@ struct Cli {
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     zfs: Option<PathBuf>,
-    /// Print the plan's JSON Schema and exit.
-    #[arg(long, exclusive = true)]
-    print_schema: bool,
+    /// Print a JSON Schema and exit: of the plan (the default), the report, or the VM wire's
+    /// request or reply.
+    #[arg(
+        long,
+        exclusive = true,
+        value_name = "WHICH",
+        num_args = 0..=1,
+        default_missing_value = "plan"
+    )]
+    print_schema: Option<schema::Kind>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,8 +117,8 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     if let Some(Sub::Serve(args)) = &cli.command {
         return serve::run(args);
     }
-    if cli.print_schema {
-        print!("{}", plan::schema());
+    if let Some(kind) = cli.print_schema {
+        print!("{}", kind.text());
         return Outcome::default();
     }
     let plan = match read_plan(cli.plan.as_ref()) {
@@ -119,9 +127,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     let zfs = match Zfs::locate(cli.zfs.as_deref()) {
         Ok(zfs) => zfs,
-        Err(e) => return Outcome::error(anyhow::Error::new(e)),
+        Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
     };
-    flow::execute(&plan, &zfs)
+    flow::execute(&plan, &zfs).into_outcome()
 }
 
 fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
-use evesnap::document::{Document, StepTimer};
-use evesnap::exit::{coded, Exit};
+use evesnap::document::{fields_of, Document, StepTimer};
+use evesnap::exit::{coded, Exit, HasExit};
 use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -44,18 +44,7 @@ pub struct RollbackPlan {
     pub targets: Vec<Target>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RolledBack {
-    pub dataset: String,
-    pub to: String,
-}
-
-/// What [`execute`] did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RollbackReport {
-    pub rolled_back: Vec<RolledBack>,
-    pub destroyed: Vec<String>,
-}
+pub use evesnap::steps::{RollbackReport, RolledBack};
 
 /// [`execute`] failed part way; `report` says what had been done.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +53,12 @@ pub struct ExecuteError {
     pub report: RollbackReport,
     #[source]
     pub source: Error,
+}
+
+impl HasExit for ExecuteError {
+    fn exit(&self) -> Exit {
+        self.source.exit()
+    }
 }
 
 /// Checks every dataset and plans the rollback to `@name`. With `destroy_newer`, newer
@@ -257,11 +252,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             .map(|e| e.tool.clone())
             .unwrap_or_else(|| "an upstream step".into());
         let message = format!("{culprit} failed upstream: {TOOL} did nothing");
-        let mut fields = Map::new();
-        fields.insert("skipped".into(), Value::Bool(true));
-        fields.insert("reason".into(), Value::String(message.clone()));
-        doc.push(timer.finish(false, fields));
-        return Outcome::failed(doc, TOOL, coded(Exit::UpstreamFailed, message));
+        return Outcome::skipped(doc, TOOL, timer, message);
     }
     let datasets = if cli.dataset.is_empty() {
         doc.datasets.clone()
@@ -292,11 +283,11 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     let zfs = match Zfs::locate(cli.zfs.as_deref()) {
         Ok(z) => z,
-        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+        Err(e) => return failed(doc, timer, Map::new(), evesnap::exit::wrap(e)),
     };
     let plan = match plan(&zfs, &datasets, &name, cli.destroy_newer) {
         Ok(p) => p,
-        Err(e) => return failed(doc, timer, Map::new(), e.into()),
+        Err(e) => return failed(doc, timer, Map::new(), evesnap::exit::wrap(e)),
     };
     let mut fields = Map::new();
     fields.insert("dry_run".into(), Value::Bool(cli.dry_run));
@@ -317,15 +308,15 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 report.rolled_back.len(),
                 report.destroyed.len()
             );
-            fields.extend(to_fields(&report));
+            fields.extend(fields_of(&report));
             doc.datasets = datasets;
             doc.snapshot = Some(name);
             doc.push(timer.finish(true, fields));
             Outcome::success(doc)
         }
         Err(e) => {
-            fields.extend(to_fields(&e.report));
-            failed(doc, timer, fields, anyhow::Error::new(*e))
+            fields.extend(fields_of(&e.report));
+            failed(doc, timer, fields, evesnap::exit::wrap(*e))
         }
     }
 }
@@ -337,14 +328,7 @@ fn failed(
     fields: Map<String, Value>,
     error: anyhow::Error,
 ) -> Outcome {
-    zfs::failed_step(doc, TOOL, timer, fields, error)
-}
-
-fn to_fields(value: impl Serialize) -> Map<String, Value> {
-    match serde_json::to_value(value) {
-        Ok(Value::Object(map)) => map,
-        _ => Map::new(),
-    }
+    Outcome::failed_step(doc, TOOL, timer, fields, error)
 }
 
 #[cfg(test)]
@@ -382,8 +366,8 @@ mod tests {
             destroyed: vec!["p/a@b".into()],
             ..Default::default()
         };
-        let err = anyhow::Error::new(ExecuteError { report, source });
-        assert_eq!(evesnap::cli::exit_of(&err), Exit::StepFailed);
+        let err = evesnap::exit::wrap(ExecuteError { report, source });
+        assert_eq!(evesnap::exit::exit_of(&err), Exit::StepFailed);
         assert!(err.to_string().contains("destroying 1 snapshot(s)"));
     }
 }

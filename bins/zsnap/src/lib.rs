@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use evesnap::cli::Outcome;
-use evesnap::document::{Document, StepTimer};
+use evesnap::document::{fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
 use evesnap::zfs::{self, Zfs};
 use serde_json::{Map, Value};
@@ -171,11 +171,11 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     let doc = match evesnap::document::read_stdin() {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
-        Err(e) => return Outcome::error(e.into()),
+        Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
     };
     let timer = StepTimer::start(TOOL);
-    if let Some(outcome) = skip_after_upstream_failure(&doc, TOOL) {
-        return outcome(doc, timer);
+    if let Some(reason) = doc.upstream_failure() {
+        return Outcome::skipped(doc, TOOL, timer, format!("{reason}: {TOOL} did nothing"));
     }
     let zfs = match (&zfs, locate_error) {
         (Some(zfs), _) => zfs,
@@ -213,7 +213,7 @@ fn properties(args: &TakeArgs, doc: Option<&Document>) -> anyhow::Result<Vec<(St
     };
     let mut properties = Vec::new();
     for text in &args.property {
-        let (k, v) = zfs::names::split_user_property(text)?;
+        let (k, v) = zfs::names::split_user_property(text).map_err(evesnap::exit::wrap)?;
         properties.push((k.to_string(), v.to_string()));
     }
     properties.extend(metadata.properties());
@@ -228,23 +228,7 @@ fn prepare<'z>(
     doc: Option<&Document>,
 ) -> anyhow::Result<PreparedSnapshot<'z>> {
     let properties = properties(args, doc)?;
-    Ok(preflight(zfs, datasets, &name, &properties, args.min_free)?)
-}
-
-/// When an upstream step failed: a skipped step and the upstream-failed exit code.
-fn skip_after_upstream_failure(
-    doc: &Document,
-    tool: &'static str,
-) -> Option<impl FnOnce(Document, StepTimer) -> Outcome> {
-    let reason = doc.upstream_failure()?;
-    Some(move |mut doc: Document, timer: StepTimer| {
-        let message = format!("{reason}: {tool} did nothing");
-        let mut fields = Map::new();
-        fields.insert("skipped".into(), Value::Bool(true));
-        fields.insert("reason".into(), Value::String(message.clone()));
-        doc.push(timer.finish(false, fields));
-        Outcome::failed(doc, tool, coded(Exit::UpstreamFailed, message))
-    })
+    preflight(zfs, datasets, &name, &properties, args.min_free).map_err(evesnap::exit::wrap)
 }
 
 /// Records a failed step (with the error and, for a preflight, its problems) and fails.
@@ -254,14 +238,7 @@ fn failed(
     fields: Map<String, Value>,
     error: anyhow::Error,
 ) -> Outcome {
-    zfs::failed_step(doc, TOOL, timer, fields, error)
-}
-
-fn to_fields(value: impl serde::Serialize) -> Map<String, Value> {
-    match serde_json::to_value(value) {
-        Ok(Value::Object(map)) => map,
-        _ => Map::new(),
-    }
+    Outcome::failed_step(doc, TOOL, timer, fields, error)
 }
 
 fn datasets_or_document(given: Vec<String>, doc: &Document) -> anyhow::Result<Vec<String>> {
@@ -292,7 +269,7 @@ fn run_take<'z>(
             props
                 .iter()
                 .try_for_each(|(k, v)| prepared.set_property(k, v))
-                .map_err(anyhow::Error::new)
+                .map_err(evesnap::exit::wrap)
         }) {
             Ok(()) => prepared,
             Err(e) => return failed(doc, timer, Map::new(), e),
@@ -329,7 +306,7 @@ fn run_take<'z>(
             "the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest"
         );
         if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
-            return failed(doc, timer, Map::new(), e.into());
+            return failed(doc, timer, Map::new(), evesnap::exit::wrap(e));
         }
     }
     let name = prepared.name.clone();
@@ -364,11 +341,11 @@ fn run_take<'z>(
                 let unfrozen = [(meta::FROZEN.to_string(), "false".to_string())];
                 for snapshot in &prepared.snapshots {
                     if let Err(e) = zfs.set(snapshot, &unfrozen) {
-                        let e = anyhow::Error::new(e).context(format!(
+                        let e = evesnap::exit::wrap(e).context(format!(
                             "{snapshot} was taken after the watchdog deadline and still claims {}=true",
                             meta::FROZEN
                         ));
-                        return failed(doc, timer, to_fields(&report), e);
+                        return failed(doc, timer, fields_of(&report), e);
                     }
                 }
                 report
@@ -387,7 +364,7 @@ fn run_take<'z>(
             );
             doc.datasets = prepared.datasets.clone();
             doc.snapshot = Some(name);
-            doc.push(timer.finish(true, to_fields(&report)));
+            doc.push(timer.finish_with(true, &report));
             let mut outcome = Outcome::success(doc);
             if !report.destroy_after_output.is_empty() {
                 // The next tool (a thaw) must not wait for this.
@@ -395,7 +372,7 @@ fn run_take<'z>(
                 let extra = report.destroy_after_output;
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
                     take::destroy_after_output(&zfs, &extra).map_err(|e| {
-                        anyhow::Error::new(e).context(format!(
+                        evesnap::exit::wrap(e).context(format!(
                             "cannot destroy {}, made by the recursive snapshot",
                             extra.join(", ")
                         ))
@@ -404,7 +381,7 @@ fn run_take<'z>(
             }
             outcome
         }
-        Err(e) => failed(doc, timer, plan, e.into()),
+        Err(e) => failed(doc, timer, plan, evesnap::exit::wrap(e)),
     }
 }
 
@@ -420,7 +397,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
         } => (
             "list",
             datasets_or_document(dataset, &doc).and_then(|d| {
-                let snaps = list(zfs, &d, evesnap_only)?;
+                let snaps = list(zfs, &d, evesnap_only).map_err(evesnap::exit::wrap)?;
                 let mut fields = Map::new();
                 fields.insert("snapshots".into(), serde_json::to_value(snaps)?);
                 Ok(fields)
@@ -435,7 +412,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
         } => (
             "destroy",
             destroy_targets(snapshots, dataset, name, &doc).and_then(|targets| {
-                let report = destroy(zfs, &targets, defer, dry_run)?;
+                let report = destroy(zfs, &targets, defer, dry_run).map_err(evesnap::exit::wrap)?;
                 report_fields(report)
             }),
         ),
@@ -447,7 +424,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
         } => (
             "prune",
             datasets_or_document(dataset, &doc).and_then(|d| {
-                let report = prune(zfs, &d, keep, all, dry_run)?;
+                let report = prune(zfs, &d, keep, all, dry_run).map_err(evesnap::exit::wrap)?;
                 let mut fields = report_fields(report)?;
                 fields.insert("keep".into(), keep.into());
                 Ok(fields)
@@ -479,7 +456,7 @@ fn report_fields(report: DestroyReport) -> anyhow::Result<Map<String, Value>> {
             ),
         ));
     }
-    Ok(to_fields(&report))
+    Ok(fields_of(&report))
 }
 
 fn destroy_targets(

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
-use serde::Serialize;
 
 use crate::meta;
 
@@ -29,41 +28,21 @@ pub fn list(
     Ok(out)
 }
 
-/// What [`destroy`] and [`prune`] did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct DestroyReport {
-    /// Destroyed (or, with `defer`, marked for destruction when the last hold goes).
-    pub destroyed: Vec<String>,
-    /// Left alone, with the reason.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub kept: Vec<Kept>,
-    /// `zfs destroy` failed on these (after the checks passed: a race, or zfs-fuse being
-    /// busy); the rest went on.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub failed: Vec<Kept>,
-    pub dry_run: bool,
-}
+pub use evesnap::steps::{DestroyReport, Kept};
 
-impl DestroyReport {
-    fn record(&mut self, snapshot: &str, done: Result<(), Error>) {
-        match done {
-            Ok(()) => self.destroyed.push(snapshot.to_string()),
-            Err(e) => {
-                let reason = evesnap::cli::chain(&anyhow::Error::new(e));
-                evesnap::warn!("cannot destroy {snapshot}: {reason}");
-                self.failed.push(Kept {
-                    snapshot: snapshot.to_string(),
-                    reason,
-                });
-            }
+/// Records one `zfs destroy`'s outcome in `report`.
+fn record(report: &mut DestroyReport, snapshot: &str, done: Result<(), Error>) {
+    match done {
+        Ok(()) => report.destroyed.push(snapshot.to_string()),
+        Err(e) => {
+            let reason = evesnap::exit::chain(&evesnap::exit::wrap(e));
+            evesnap::warn!("cannot destroy {snapshot}: {reason}");
+            report.failed.push(Kept {
+                snapshot: snapshot.to_string(),
+                reason,
+            });
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Kept {
-    pub snapshot: String,
-    pub reason: String,
 }
 
 /// Problems that forbid destroying one snapshot: holds (unless `defer`) and clones.
@@ -138,7 +117,7 @@ pub fn destroy(
         } else {
             zfs.destroy_snapshot(s)
         };
-        report.record(s, done);
+        record(&mut report, s, done);
     }
     Ok(report)
 }
@@ -212,7 +191,7 @@ pub fn prune(
             } else {
                 zfs.destroy_snapshot(&m.name)
             };
-            report.record(&m.name, done);
+            record(&mut report, &m.name, done);
         }
     }
     Ok(report)

@@ -8,6 +8,7 @@
 //! | `org.lfedge.evesnap:version`  | the version of the tool that took it                     |
 
 use evesnap::document::Document;
+use evesnap::steps::{FreezeReport, StepRecord, ThawReport};
 
 pub const PREFIX: &str = "org.lfedge.evesnap:";
 pub const ID: &str = "org.lfedge.evesnap:id";
@@ -40,34 +41,28 @@ impl Metadata {
     }
 }
 
-/// Whether the upstream document shows the guest frozen now: a `qga-freeze` step with
-/// `ok: true` and `frozen > 0`, and no `qga-thaw` step after it.
+/// Whether the upstream document shows the guest frozen now: a successful `qga-freeze`
+/// step that froze something, and no `qga-thaw` step after it.
 pub fn guest_frozen(doc: &Document) -> bool {
-    let Some(freeze) = doc.steps.iter().rposition(|s| s.tool == "qga-freeze") else {
+    let Some(at) = doc.steps.iter().rposition(|s| s.tool == FreezeReport::TOOL) else {
         return false;
     };
-    let step = &doc.steps[freeze];
-    let frozen = step
-        .fields
-        .get("frozen")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(0);
-    step.ok && frozen > 0 && !doc.steps[freeze + 1..].iter().any(|s| s.tool == "qga-thaw")
+    let step = &doc.steps[at];
+    let froze = step
+        .record::<FreezeReport>()
+        .is_some_and(|f| f.frozen.unwrap_or(0) > 0);
+    step.ok
+        && froze
+        && !doc.steps[at + 1..]
+            .iter()
+            .any(|s| s.tool == ThawReport::TOOL)
 }
 
 /// The deadline (ms since the epoch) of the auto-thaw watchdog the upstream freeze armed,
 /// if the document shows one: after it, the guest may be thawed whatever the document says.
 pub fn watchdog_deadline_ms(doc: &Document) -> Option<u64> {
-    let freeze = doc
-        .steps
-        .iter()
-        .rev()
-        .find(|s| s.tool == "qga-freeze" && s.ok)?;
-    freeze
-        .fields
-        .get("watchdog")?
-        .get("deadline_unix_ms")?
-        .as_u64()
+    let (_, freeze) = doc.last_ok::<FreezeReport>()?;
+    Some(freeze.watchdog?.deadline_unix_ms)
 }
 
 /// Now, in ms since the epoch (the watchdog's clock).
@@ -86,30 +81,53 @@ mod tests {
             .expect("doc")
     }
 
-    const FREEZE: &str =
-        r#"{"tool":"qga-freeze","ok":true,"started_at":"t","duration_ms":1,"frozen":2}"#;
+    /// A `qga-freeze` step as qga-freeze writes it.
+    fn freeze(ok: bool, frozen: i64, deadline_unix_ms: Option<u64>) -> String {
+        let watchdog = deadline_unix_ms.map(|ms| evesnap::qga::watchdog::Watchdog {
+            pid: Some(1),
+            token: "t".into(),
+            agent: "unix:/a".into(),
+            deadline: "2026-11-29T00:00:00Z".into(),
+            deadline_unix_ms: ms,
+            state_file: "/s".into(),
+            log_file: "/l".into(),
+        });
+        let record = FreezeReport {
+            frozen: Some(frozen),
+            mountpoints: None,
+            adopted: false,
+            agent_version: "7.2".into(),
+            freeze_ms: 1.0,
+            frozen_at_unix_us: 1,
+            watchdog,
+        };
+        let step = evesnap::document::StepTimer::start(FreezeReport::TOOL).finish_with(ok, &record);
+        serde_json::to_string(&step).expect("step")
+    }
+
     const THAW: &str =
         r#"{"tool":"qga-thaw","ok":true,"started_at":"t","duration_ms":1,"thawed":2}"#;
 
     #[test]
     fn frozen_from_the_document() {
-        assert!(guest_frozen(&doc(FREEZE)));
+        let frozen = freeze(true, 2, None);
+        assert!(guest_frozen(&doc(&frozen)));
         assert!(!guest_frozen(&doc("")));
-        assert!(!guest_frozen(&doc(&format!("{FREEZE},{THAW}"))));
-        assert!(guest_frozen(&doc(&format!("{FREEZE},{THAW},{FREEZE}"))));
-        let none = r#"{"tool":"qga-freeze","ok":true,"started_at":"t","duration_ms":1,"frozen":0}"#;
-        assert!(!guest_frozen(&doc(none)));
-        let failed =
-            r#"{"tool":"qga-freeze","ok":false,"started_at":"t","duration_ms":1,"frozen":2}"#;
-        assert!(!guest_frozen(&doc(failed)));
+        assert!(!guest_frozen(&doc(&format!("{frozen},{THAW}"))));
+        assert!(guest_frozen(&doc(&format!("{frozen},{THAW},{frozen}"))));
+        assert!(!guest_frozen(&doc(&freeze(true, 0, None))));
+        assert!(!guest_frozen(&doc(&freeze(false, 2, None))));
+        // A step that is not what qga-freeze writes proves nothing.
+        let partial =
+            r#"{"tool":"qga-freeze","ok":true,"started_at":"t","duration_ms":1,"frozen":2}"#;
+        assert!(!guest_frozen(&doc(partial)));
     }
 
     #[test]
     fn the_watchdog_deadline_comes_from_the_freeze_step() {
-        let with = r#"{"tool":"qga-freeze","ok":true,"started_at":"t","duration_ms":1,"frozen":2,
-            "watchdog":{"deadline_unix_ms":1795635060123}}"#;
-        assert_eq!(watchdog_deadline_ms(&doc(with)), Some(1_795_635_060_123));
-        assert_eq!(watchdog_deadline_ms(&doc(FREEZE)), None);
+        let with = freeze(true, 2, Some(1_795_635_060_123));
+        assert_eq!(watchdog_deadline_ms(&doc(&with)), Some(1_795_635_060_123));
+        assert_eq!(watchdog_deadline_ms(&doc(&freeze(true, 2, None))), None);
         assert!(now_ms() > 1_700_000_000_000);
     }
 

@@ -7,33 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use evesnap::zfs::{self, names, Capabilities, Error, Problem, Zfs};
-use serde::Serialize;
 
-/// How the set of snapshots is taken.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Method {
-    /// One dataset, one call.
-    Single,
-    /// `zfs snapshot a@n b@n ...`: one call, one transaction group (OpenZFS).
-    Multi,
-    /// `zfs snapshot -r parent@n`: one call, atomic, where the datasets are exactly `parent`'s
-    /// descendants (a zfs without multi-name snapshots, e.g. zfs-fuse). When `parent` is not
-    /// one of the datasets, its own snapshot (`extra`) is destroyed by
-    /// [`PreparedSnapshot::finish`], after the freeze window.
-    Recursive {
-        parent: String,
-        extra: Option<String>,
-    },
-    /// One call per dataset, not atomic; a failure destroys what this run created.
-    OneByOne,
-}
-
-impl Method {
-    pub fn atomic(&self) -> bool {
-        !matches!(self, Method::OneByOne)
-    }
-}
+pub use evesnap::steps::Method;
 
 /// Everything checked and decided; nothing created yet.
 #[derive(Debug)]
@@ -64,40 +39,7 @@ pub struct Taken {
     pub calls: usize,
 }
 
-/// One snapshot in the step's `snapshots` list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SnapshotEntry {
-    pub name: String,
-    /// A string: 64-bit guids do not survive JSON readers that use doubles.
-    pub guid: String,
-    pub createtxg: u64,
-    /// Seconds since the epoch.
-    pub creation: u64,
-}
-
-/// The `zsnap` step's own fields.
-#[derive(Debug, Clone, Serialize)]
-pub struct SnapshotReport {
-    pub snapshots: Vec<SnapshotEntry>,
-    /// All snapshots belong to one transaction group.
-    pub atomic: bool,
-    pub method: Method,
-    /// Milliseconds spent in the `zfs snapshot` call(s): the part inside a freeze window.
-    pub snapshot_ms: f64,
-    /// `zfs` calls inside that window.
-    pub calls: usize,
-    /// The user properties set on every snapshot.
-    pub properties: BTreeMap<String, String>,
-    /// Snapshots made only as a side effect (a recursive parent's own) that could not be
-    /// destroyed again; normally empty.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub left_behind: Vec<String>,
-    /// Snapshots made only as a side effect that are destroyed once this document was
-    /// written ([`PreparedSnapshot::finish_for_output`]): outside a pipeline's freeze
-    /// window. A failure there is a warning on stderr.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub destroy_after_output: Vec<String>,
-}
+pub use evesnap::steps::{SnapshotEntry, SnapshotReport};
 
 /// Checks that every dataset exists, that `name` is free on all of them and that there is
 /// room, and decides how to take the set. Creates nothing. `min_free` is the space each

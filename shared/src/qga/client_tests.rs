@@ -260,7 +260,7 @@ fn refusals_are_typed() {
         "{err:?}"
     );
     assert_eq!(
-        crate::cli::chain(&anyhow::Error::new(err)),
+        crate::exit::chain_of(&err),
         "the guest agent refused guest-fsfreeze-freeze: failed to freeze /data0: Device or resource busy (GenericError)"
     );
 }

@@ -35,6 +35,7 @@ mod client_tests;
 mod stream;
 #[doc(hidden)]
 pub mod testing;
+mod thaw;
 pub mod watchdog;
 
 use std::time::Duration;
@@ -43,8 +44,39 @@ pub use address::{Address, ParseAddressError};
 pub use client::{Client, ExecResult, DEFAULT_MAX_REPLY, DEFAULT_TIMEOUT};
 /// The agent's typed commands and reply types.
 pub use qapi::qga as commands;
+pub use thaw::{thaw_and_verify, thaw_within, verify_thawed, ThawError, Thawed};
 
 use crate::exit::{Exit, HasExit};
+
+/// A command this run needs that the agent's `guest-info` does not offer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the guest agent lacks {0}")]
+    Missing(&'static str),
+    #[error("the guest agent has {0} disabled")]
+    Disabled(&'static str),
+}
+
+impl HasExit for Unavailable {
+    fn exit(&self) -> Exit {
+        Exit::Preflight
+    }
+}
+
+/// Checks that every command in `needed` is present and enabled in `info`.
+pub fn check_commands(
+    info: &commands::GuestAgentInfo,
+    needed: &[&'static str],
+) -> Result<(), Unavailable> {
+    for &name in needed {
+        match info.supported_commands.iter().find(|c| c.name == name) {
+            None => return Err(Unavailable::Missing(name)),
+            Some(c) if !c.enabled => return Err(Unavailable::Disabled(name)),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
 
 /// What the agent said when it refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -204,9 +236,9 @@ mod tests {
             after: Duration::from_millis(1500),
         };
         let err = crate::exit::wrap(inner).context("outer");
-        assert_eq!(crate::cli::exit_of(&err), Exit::AgentTimeout);
+        assert_eq!(crate::exit::exit_of(&err), Exit::AgentTimeout);
         assert_eq!(
-            crate::cli::chain(&err),
+            crate::exit::chain(&err),
             "outer: the guest agent at unix:/a did not answer guest-ping within 1.5s"
         );
     }

@@ -4,7 +4,7 @@
 //! A freeze arms it *before* sending the freeze, so no death of the freezing process
 //! (or of the whole pipeline) can leave the guest frozen past the deadline. A thaw
 //! cancels it. One watchdog is armed per agent address; its state file in the runtime
-//! folder ([`crate::runtime_dir`]) names it:
+//! folder ([`crate::runtime::dir`]) names it:
 //!
 //! ```json
 //! {"pid": 4242, "token": "9f…", "agent": "unix:/run/vm0/qga.sock",
@@ -43,7 +43,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use super::{commands, Address, Client};
+use super::{Address, Client};
 use crate::exit::{Exit, HasExit};
 
 /// Hidden flags of a program that can be a watchdog (see the module documentation).
@@ -116,7 +116,7 @@ pub enum Error {
     #[error("the watchdog could not thaw the guest within {}s after its deadline", FIRE_RETRY_WINDOW.as_secs())]
     GaveUp {
         #[source]
-        source: super::Error,
+        source: super::ThawError,
     },
 }
 
@@ -129,29 +129,25 @@ impl HasExit for Error {
     }
 }
 
-/// FNV-1a: a stable hash, so every build names the same address the same way.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn stem(address: &Address) -> String {
-    format!("watchdog-{:016x}", fnv1a(&address.to_string()))
+    format!(
+        "watchdog-{:016x}",
+        crate::runtime::fnv1a(&address.to_string())
+    )
 }
 
 /// The state file of the watchdog for `address`.
 pub fn state_path(address: &Address) -> PathBuf {
-    crate::runtime_dir().join(format!("{}.json", stem(address)))
+    crate::runtime::dir().join(format!("{}.json", stem(address)))
 }
 
 fn log_path(address: &Address) -> PathBuf {
-    crate::runtime_dir().join(format!("{}.log", stem(address)))
+    crate::runtime::dir().join(format!("{}.log", stem(address)))
 }
 
 /// The keeper socket of the watchdog for `address`.
 pub fn keeper_path(address: &Address) -> PathBuf {
-    crate::runtime_dir().join(format!("{}.sock", stem(address)))
+    crate::runtime::dir().join(format!("{}.sock", stem(address)))
 }
 
 /// Longest keeper request or reply line.
@@ -326,7 +322,7 @@ fn rfc3339_ms(unix_ms: u64) -> String {
 }
 
 fn ensure_runtime_dir() -> Result<PathBuf, Error> {
-    let dir = crate::runtime_dir();
+    let dir = crate::runtime::dir();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -415,7 +411,7 @@ fn start(watchdog: &Watchdog, program: &Path) -> Result<u32, Error> {
         .arg(format!("--{TOKEN_FLAG}={}", watchdog.token))
         .arg(format!("--{DEADLINE_FLAG}={}", watchdog.deadline_unix_ms))
         .arg(format!("--agent={}", watchdog.agent))
-        .env("EVESNAP_RUN_DIR", crate::runtime_dir())
+        .env("EVESNAP_RUN_DIR", crate::runtime::dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -616,7 +612,7 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
             Err(e) if Instant::now() < give_up => {
                 crate::warn!(
                     "watchdog: thaw attempt failed, retrying: {}",
-                    crate::cli::chain(&anyhow::Error::new(e))
+                    crate::exit::chain_of(&e)
                 );
                 std::thread::sleep(Duration::from_secs(2));
             }
@@ -625,27 +621,19 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
     }
 }
 
-fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<Ending, super::Error> {
-    let deadline = Instant::now() + Duration::from_secs(15);
+fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<Ending, super::ThawError> {
+    let timeout = Duration::from_secs(15);
+    let deadline = Instant::now() + timeout;
     let mut client = match held {
-        Some(fd) => Client::from_fd(fd, address.clone(), deadline)?,
-        None => Client::connect(address, deadline)?,
-    };
-    client.set_timeout(Duration::from_secs(15));
-    if client.fsfreeze_status()? == commands::GuestFsfreezeStatus::thawed {
+        Some(fd) => Client::from_fd(fd, address.clone(), deadline),
+        None => Client::connect(address, deadline),
+    }
+    .map_err(super::ThawError::Connect)?;
+    client.set_timeout(timeout);
+    if super::verify_thawed(&mut client, timeout).is_ok() {
         return Ok(Ending::NotFrozen);
     }
-    let thawed = client.execute(commands::guest_fsfreeze_thaw {})?;
-    match client.fsfreeze_status()? {
-        commands::GuestFsfreezeStatus::thawed => Ok(Ending::Thawed(thawed)),
-        commands::GuestFsfreezeStatus::frozen => Err(super::Error::Agent {
-            command: "guest-fsfreeze-thaw".into(),
-            source: super::AgentError {
-                class: "evesnap".into(),
-                desc: "the guest is still frozen after the thaw".into(),
-            },
-        }),
-    }
+    super::thaw_and_verify(&mut client, timeout, false).map(|t| Ending::Thawed(t.count))
 }
 
 #[cfg(test)]
@@ -656,7 +644,10 @@ mod tests {
     fn names_are_stable_and_distinct() {
         let a: Address = "unix:/run/a.sock".parse().expect("address");
         let b: Address = "vsock:3:4444".parse().expect("address");
-        assert_eq!(fnv1a("unix:/run/a.sock"), fnv1a(&a.to_string()));
+        assert_eq!(
+            crate::runtime::fnv1a("unix:/run/a.sock"),
+            crate::runtime::fnv1a(&a.to_string())
+        );
         assert_ne!(state_path(&a), state_path(&b));
         assert!(state_path(&a).to_string_lossy().ends_with(".json"));
         assert_eq!(rfc3339_ms(1_795_635_060_123), "2026-11-25T19:31:00.123Z");

@@ -606,27 +606,6 @@ pub fn pool_of(name: &str) -> &str {
     &name[..end]
 }
 
-/// Records a failed step of a zfs tool in the document (the error and, for a failed
-/// preflight, its problems) and fails with it: the document still goes downstream.
-pub fn failed_step(
-    mut doc: crate::document::Document,
-    tool: &str,
-    timer: crate::document::StepTimer,
-    mut fields: serde_json::Map<String, serde_json::Value>,
-    error: anyhow::Error,
-) -> crate::cli::Outcome {
-    use serde_json::Value;
-    fields.insert("error".into(), Value::String(crate::cli::chain(&error)));
-    if let Some(Error::Preflight { problems }) = error.downcast_ref::<Error>() {
-        fields.insert(
-            "problems".into(),
-            serde_json::to_value(problems).unwrap_or(Value::Null),
-        );
-    }
-    doc.push(timer.finish(false, fields));
-    crate::cli::Outcome::failed(doc, tool, error)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,440 @@
+//! `action: create`: preflight → guest_pre → freeze → snapshot → thaw (always) →
+//! guest_post → retention.
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use evesnap::document::StepTimer;
+use evesnap::exit::{chain, coded, Exit, HasExit};
+use evesnap::qga::commands as qga;
+use evesnap::qga::Client;
+use evesnap::report::ExpeditedRcu;
+use evesnap::steps::{FreezeReport, Method, SnapshotEntry, SnapshotReport};
+use evesnap::zfs::Zfs;
+use qga_freeze::FreezeOptions;
+use serde::Serialize;
+
+use super::{thaw_step, Consistency, Run, StepError, CONSISTENCY_PROPERTY, SIGNAL_GRACE};
+use crate::guest;
+use crate::interrupt::{Event, Events};
+
+/// The create preflight's record.
+#[derive(Debug, Serialize)]
+struct Preflight<'a> {
+    agent_version: Option<String>,
+    agent: bool,
+    method: &'a Method,
+    snapshots: &'a [String],
+}
+
+/// A failed snapshot step: why.
+#[derive(Debug, Serialize)]
+struct SnapshotFailed {
+    error: String,
+}
+
+impl Run<'_> {
+    pub(super) fn create(&mut self) -> Result<(), StepError> {
+        let plan = self.plan;
+        // 1. Preflight: nothing in the guest or on disk changes before all of it passed.
+        let timer = StepTimer::start("preflight");
+        let options = FreezeOptions {
+            mountpoints: plan.freeze.mountpoints.clone(),
+            timeout: self.timeout,
+            adopt_frozen: false,
+            thaw_after: (plan.freeze.thaw_after_s > 0.0)
+                .then(|| Duration::from_secs_f64(plan.freeze.thaw_after_s)),
+            watchdog_program: None,
+        };
+        let mut exec = Vec::new();
+        if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() {
+            exec.extend(["guest-exec", "guest-exec-status"]);
+        }
+        let agent = match self.connect_agent(&[], plan.freeze.required) {
+            Ok(agent) => agent,
+            Err(e) => {
+                self.failed(timer);
+                return Err(e);
+            }
+        };
+        let mut agent = match agent {
+            Some((mut client, info)) => {
+                match qga_freeze::check(&mut client, &options, &info, &exec) {
+                    Ok(qga::GuestFsfreezeStatus::thawed) => Some((client, info)),
+                    Ok(qga::GuestFsfreezeStatus::frozen) => {
+                        self.failed(timer);
+                        return Err((
+                            "preflight",
+                            coded(Exit::Preflight, "the guest is already frozen (another tool's freeze?): refusing to snapshot"),
+                        ));
+                    }
+                    Err(e) => {
+                        self.failed(timer);
+                        return Err(("preflight", evesnap::exit::wrap(e)));
+                    }
+                }
+            }
+            None => None,
+        };
+        let metadata = zsnap::Metadata {
+            id: plan.id().to_string(),
+            kind: plan.kind.as_str().to_ascii_uppercase(),
+            frozen: agent.is_some(),
+        };
+        let mut prepared = match zsnap::preflight(
+            self.zfs,
+            &plan.datasets,
+            &plan.snapshot_name(),
+            &metadata.properties(),
+            zsnap::DEFAULT_MIN_FREE,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                self.failed(timer);
+                return Err(("preflight", evesnap::exit::wrap(e)));
+            }
+        };
+        self.done(
+            timer,
+            &Preflight {
+                agent_version: agent.as_ref().map(|(_, info)| info.version.clone()),
+                agent: agent.is_some(),
+                method: &prepared.method,
+                snapshots: &prepared.snapshots,
+            },
+        );
+        self.check_signal("guest_pre")?;
+
+        let Some((mut client, info)) = agent.take() else {
+            return self.create_unfrozen(prepared);
+        };
+
+        // 2. Application hooks.
+        let (ran, pre_ok, pre) = self.guest_commands(&mut client, "guest_pre", &plan.guest_pre);
+        if let Err(e) = pre {
+            self.undo_pre(&mut client, ran);
+            return Err(e);
+        }
+
+        // 3. Freeze. The freeze step arms the watchdog before freezing.
+        // Application-consistent only when something quiesced the application: the plan's
+        // own commands, all successful, or the caller.
+        let quiesced = (pre_ok && !plan.guest_pre.is_empty()) || plan.application_quiesced;
+        let consistency = if quiesced {
+            Consistency::Application
+        } else {
+            Consistency::Filesystem
+        };
+        if let Err(e) = prepared.set_property(CONSISTENCY_PROPERTY, consistency.as_str()) {
+            return Err(("preflight", evesnap::exit::wrap(e)));
+        }
+        if plan.freeze.expedite_rcu {
+            match guest::expedite_rcu(&mut client, self.timeout) {
+                Ok(()) => self.expedited_rcu = true,
+                Err(e) => {
+                    evesnap::warn!("expedited RCU not set in the guest, freezing without it: {e}");
+                    self.report.expedited_rcu = Some(ExpeditedRcu {
+                        set: false,
+                        restored: None,
+                        error: Some(e),
+                    });
+                }
+            }
+        }
+        if let Err(e) = self.check_signal("freeze") {
+            let _ = self.run_post(&mut client); // its step records its own result
+            return Err(e);
+        }
+        let timer = StepTimer::start(qga_freeze::TOOL);
+        // The state the preflight saw holds unless something ran in the guest since.
+        let ran_in_guest = !plan.guest_pre.is_empty() || plan.freeze.expedite_rcu;
+        let status = (!ran_in_guest).then_some(qga::GuestFsfreezeStatus::thawed);
+        // Verified inside the window, while `zfs snapshot` runs (take_while_frozen).
+        let frozen = match qga_freeze::freeze_checked(&mut client, &options, &info.version, status)
+        {
+            Ok(report) => report,
+            Err(e) => {
+                // The freeze step thawed what it may have frozen; its error says how it ended.
+                self.failed(timer);
+                let exit = e.exit();
+                let _ = self.run_post(&mut client); // its step records its own result
+                return Err((
+                    "freeze",
+                    evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind())),
+                ));
+            }
+        };
+        self.done(timer, &frozen);
+        let freeze_step_at = self.report.steps.len() - 1;
+
+        // 4. Snapshot, on a worker so a signal can be answered by a thaw.
+        let timer = StepTimer::start(zsnap::TOOL);
+        let WhileFrozen {
+            taken,
+            thawed: early_thaw,
+            unverified,
+        } = self.take_while_frozen(&mut client, &prepared, &frozen);
+        if unverified {
+            self.report.steps[freeze_step_at].ok = false;
+            self.report.ok = false;
+        }
+        let snapshot_step_at = self.report.steps.len();
+
+        // 5. Thaw: always, whatever happened above.
+        let thaw = match early_thaw {
+            Some(thawed) => thawed,
+            None => thaw_step(&mut self.report, &mut client, self.timeout, &frozen),
+        };
+        // From the freeze command's return to the thaw command's return, on one clock.
+        self.report.freeze_window_ms = thaw
+            .as_ref()
+            .ok()
+            .map(|thawed_at| thawed_at.saturating_sub(frozen.frozen_at_unix_us) as f64 / 1000.0);
+
+        let snapshot = taken.and_then(|taken| prepared.finish(taken).map_err(evesnap::exit::wrap));
+        let step = match &snapshot {
+            Ok(report) => {
+                self.record_snapshots(report);
+                timer.finish_with(true, report)
+            }
+            Err(e) => timer.finish_with(false, &SnapshotFailed { error: chain(e) }),
+        };
+        self.report.insert(snapshot_step_at, step);
+        if let Err(e) = thaw {
+            // The snapshot stays: it was taken while frozen. The guest is what matters now.
+            self.report.consistency = Some(consistency);
+            if self.expedited_rcu {
+                // No agent to undo it with: the guest's own fallback restores it.
+                self.report.expedited_rcu = Some(ExpeditedRcu {
+                    set: true,
+                    restored: Some(false),
+                    error: None,
+                });
+            }
+            return Err(("thaw", e));
+        }
+
+        // 6. Post commands, also after a failed snapshot: the application must resume.
+        let post = self.run_post(&mut client);
+        let snapshot = match snapshot {
+            Ok(s) => s,
+            Err(e) => return Err((if unverified { "freeze" } else { "snapshot" }, e)),
+        };
+        self.report.consistency = Some(consistency);
+        post?;
+        self.check_signal("retention")?;
+
+        // 7. Retention.
+        self.retention()?;
+        evesnap::note!(
+            "took {} snapshot(s) {}@{} ({}), freeze window {:.1} ms",
+            snapshot.snapshots.len(),
+            if plan.datasets.len() == 1 {
+                plan.datasets[0].as_str()
+            } else {
+                "<datasets>"
+            },
+            plan.snapshot_name(),
+            consistency.as_str(),
+            self.report.freeze_window_ms.unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// The report's `snapshots` and `create_time`.
+    fn record_snapshots(&mut self, report: &SnapshotReport) {
+        self.report.create_time = Some(create_time(&report.snapshots));
+        self.report.snapshots = Some(report.snapshots.clone());
+    }
+
+    /// The snapshot inside the freeze window, on a worker thread so that neither a hung
+    /// zfs nor a signal keeps the guest frozen: the thaw follows as soon as `zfs snapshot`
+    /// returns, or after the agent timeout (after [`SIGNAL_GRACE`] once a signal came) at
+    /// the latest. The freeze is verified while `zfs snapshot` runs, which keeps that round
+    /// trip out of the window. A snapshot that returns only after an early thaw (the
+    /// freeze did not verify, zfs hung, a signal) is destroyed: it may postdate the thaw.
+    fn take_while_frozen(
+        &mut self,
+        client: &mut Client,
+        prepared: &zsnap::PreparedSnapshot<'_>,
+        frozen: &FreezeReport,
+    ) -> WhileFrozen {
+        let sender = self.events.sender();
+        let Run {
+            events,
+            report,
+            timeout,
+            zfs,
+            plan,
+            ..
+        } = self;
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let _ = sender.send(Event::Done(prepared.take()));
+            });
+            if let Err(e) = qga_freeze::verify_frozen(client, frozen, *timeout) {
+                // verify_frozen thawed already; its aftermath says whether that worked.
+                let thawed = match e.aftermath() {
+                    Some(a) if a.possibly_frozen => None,
+                    _ => Some(evesnap::time::now_unix_us()),
+                };
+                let exit = e.exit();
+                let destroyed = destroy_late(events, zfs);
+                let error = evesnap::exit::wrap(e).context(format!(
+                    "the freeze did not verify, so the snapshot taken meanwhile cannot be trusted and was \
+                     destroyed ({destroyed})"
+                ));
+                // The guest may still be frozen: that is the run's outcome, with the code
+                // the freeze step gives it.
+                let chain = chain(&error);
+                return WhileFrozen {
+                    thawed: Some(thawed.ok_or_else(|| coded(exit, chain))),
+                    taken: Err(error),
+                    unverified: true,
+                };
+            }
+            // A zfs that hangs must not keep the guest frozen: the snapshot gets the same
+            // time as an agent call, a signal shortens that to the grace. Never longer than
+            // the watchdog's deadline: while this holds the agent's one connection, the
+            // watchdog cannot get through to thaw.
+            let started = Instant::now();
+            let limit = match plan.freeze.thaw_after_s {
+                t if t > 0.0 => (*timeout).min(Duration::from_secs_f64(t)),
+                _ => *timeout,
+            };
+            let mut deadline = started + limit;
+            let mut why = format!(
+                "`zfs snapshot` did not return within {:.1} s",
+                limit.as_secs_f64()
+            );
+            loop {
+                match events.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Some(Event::Done(result)) => {
+                        return WhileFrozen {
+                            taken: result.map_err(evesnap::exit::wrap),
+                            thawed: None,
+                            unverified: false,
+                        }
+                    }
+                    Some(Event::Signal(signal)) => {
+                        let grace = Instant::now() + SIGNAL_GRACE;
+                        if grace < deadline {
+                            deadline = grace;
+                            why = format!(
+                                "interrupted by signal {signal} while `zfs snapshot` ran, which did not return \
+                                 within {} s",
+                                SIGNAL_GRACE.as_secs()
+                            );
+                        }
+                    }
+                    None => {
+                        if Instant::now() < deadline {
+                            continue;
+                        }
+                        let thawed = thaw_step(report, client, *timeout, frozen);
+                        let destroyed = destroy_late(events, zfs);
+                        let error = anyhow!(
+                            "{why}: the guest was thawed without waiting for it, and what it created later was \
+                             destroyed, since it may postdate the thaw ({destroyed})"
+                        );
+                        return WhileFrozen {
+                            taken: Err(error),
+                            thawed: Some(thawed),
+                            unverified: false,
+                        };
+                    }
+                }
+            }
+        })
+    }
+
+    /// No agent, and the plan allows it: the snapshot is taken unfrozen.
+    fn create_unfrozen(
+        &mut self,
+        mut prepared: zsnap::PreparedSnapshot<'_>,
+    ) -> Result<(), StepError> {
+        if !self.plan.guest_pre.is_empty() || !self.plan.guest_post.is_empty() {
+            evesnap::warn!("the guest commands are skipped: there is no agent to run them");
+        }
+        prepared
+            .set_property(CONSISTENCY_PROPERTY, Consistency::Crash.as_str())
+            .map_err(|e| ("preflight", evesnap::exit::wrap(e)))?;
+        let timer = StepTimer::start(zsnap::TOOL);
+        match prepared.take().and_then(|taken| prepared.finish(taken)) {
+            Ok(report) => {
+                self.record_snapshots(&report);
+                self.report.consistency = Some(Consistency::Crash);
+                self.done(timer, &report);
+            }
+            Err(e) => {
+                self.failed(timer);
+                return Err(("snapshot", evesnap::exit::wrap(e)));
+            }
+        }
+        self.retention()
+    }
+
+    fn retention(&mut self) -> Result<(), StepError> {
+        let Some(keep) = self.plan.max_snapshots else {
+            return Ok(());
+        };
+        let timer = StepTimer::start("retention");
+        match zsnap::prune(self.zfs, &self.plan.datasets, keep as usize, false, false) {
+            Ok(report) => {
+                self.done(timer, &report);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed(timer);
+                Err((
+                    "retention",
+                    evesnap::exit::wrap(e)
+                        .context("the snapshot was taken, but pruning old ones failed"),
+                ))
+            }
+        }
+    }
+}
+
+/// What [`Run::take_while_frozen`] ended with.
+struct WhileFrozen {
+    taken: Result<zsnap::Taken, anyhow::Error>,
+    /// Set when the guest was thawed before the snapshot was waited for: when that thaw
+    /// returned (µs since the epoch), or why it may not have worked.
+    thawed: Option<Result<u64, anyhow::Error>>,
+    /// The freeze did not verify (`taken` holds why).
+    unverified: bool,
+}
+
+/// After an early thaw: waits for the snapshot worker and destroys what it created, since
+/// it may postdate the thaw. Says what was destroyed.
+fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) -> String {
+    // No result (the worker is gone): it created nothing.
+    let created = loop {
+        match events.wait() {
+            Some(Event::Done(result)) => break result.map(|t| t.created).unwrap_or_default(),
+            Some(Event::Signal(_)) => {}
+            None => break Vec::new(),
+        }
+    };
+    let mut destroyed = Vec::new();
+    for snapshot in &created {
+        match zfs.destroy_snapshot(snapshot) {
+            Ok(()) => destroyed.push(snapshot.clone()),
+            Err(e) => evesnap::warn!("cannot destroy {snapshot}, taken after an early thaw: {e}"),
+        }
+    }
+    if destroyed.is_empty() {
+        "nothing".to_string()
+    } else {
+        destroyed.join(", ")
+    }
+}
+
+/// `create_time` for the report: the snapshots' creation, RFC 3339.
+fn create_time(snapshots: &[SnapshotEntry]) -> String {
+    let secs = snapshots.iter().map(|s| s.creation).min().unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map(evesnap::time::rfc3339)
+        .unwrap_or_else(|_| evesnap::time::now_rfc3339())
+}

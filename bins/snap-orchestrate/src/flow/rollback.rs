@@ -1,0 +1,215 @@
+//! `action: rollback`: preflight (zrollback's checks, the VM's state) → guest_pre → no
+//! guest filesystem on the volumes → rollback → guest_post.
+
+use std::collections::BTreeMap;
+
+use evesnap::document::StepTimer;
+use evesnap::exit::{coded, Exit};
+use serde::Serialize;
+
+use super::{Run, StepError};
+use crate::guest;
+
+/// The rollback preflight's record.
+#[derive(Debug, Serialize)]
+struct Preflight<'a> {
+    vm_stopped: bool,
+    plan: &'a zrollback::RollbackPlan,
+    /// `disks.*.dev` as resolved in the guest.
+    devices: &'a BTreeMap<&'a str, String>,
+}
+
+/// The `unmounted` step's record: guest filesystems found on the volumes.
+#[derive(Debug, Serialize)]
+struct Unmounted {
+    mounted: Vec<String>,
+}
+
+/// A failed step's partial record: the devices resolved so far.
+#[derive(Debug, Serialize)]
+struct Devices<'a> {
+    devices: &'a BTreeMap<&'a str, String>,
+}
+
+impl Run<'_> {
+    pub(super) fn rollback(&mut self) -> Result<(), StepError> {
+        let plan = self.plan;
+        let Some(rollback) = plan.rollback.as_ref() else {
+            return Err((
+                "preflight",
+                coded(Exit::Usage, "`rollback` is missing from the plan"),
+            ));
+        };
+        // 1. Preflight: zrollback's checks, then whether the VM is stopped.
+        let timer = StepTimer::start("preflight");
+        let target = match zrollback::plan(
+            self.zfs,
+            &plan.datasets,
+            &rollback.to,
+            rollback.destroy_newer,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                self.failed(timer);
+                return Err(("preflight", evesnap::exit::wrap(e)));
+            }
+        };
+        let vm_stopped = match self.vm_stopped(rollback.vm_stopped) {
+            Ok(stopped) => stopped,
+            Err(e) => {
+                self.failed(timer);
+                return Err(("preflight", e));
+            }
+        };
+        let mut agent = None;
+        if !vm_stopped {
+            let mut needed = vec!["guest-get-fsinfo"];
+            let resolves = plan.disks.values().any(|d| d.dev.is_some());
+            if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() || resolves {
+                needed.extend(["guest-exec", "guest-exec-status"]);
+            }
+            // Without an agent nothing can show the volumes are unused: it is required here.
+            match self.connect_agent(&needed, true) {
+                Ok(a) => agent = a,
+                Err(e) => {
+                    self.failed(timer);
+                    return Err(e);
+                }
+            }
+            if let Some(missing) = plan.datasets.iter().find(|d| !plan.disks.contains_key(*d)) {
+                self.failed(timer);
+                return Err((
+                    "preflight",
+                    coded(
+                        Exit::Usage,
+                        format!(
+                            "the VM is running and the plan's `disks` does not say how the guest sees {missing}: \
+                             cannot check that it is unmounted"
+                        ),
+                    ),
+                ));
+            }
+        }
+        // `disks.*.dev` resolved in the guest, before anything changes there.
+        let mut devices: BTreeMap<&str, String> = BTreeMap::new();
+        if let Some((client, _)) = agent.as_mut() {
+            for (dataset, disk) in &plan.disks {
+                let Some(dev) = &disk.dev else { continue };
+                match guest::resolve_dev(client, dev, self.timeout) {
+                    Ok(node) => {
+                        devices.insert(dataset, node);
+                    }
+                    Err(why) => {
+                        self.report
+                            .push(timer.finish_with(false, &Devices { devices: &devices }));
+                        return Err((
+                            "preflight",
+                            coded(
+                                Exit::Preflight,
+                                format!(
+                                    "cannot tell whether {dataset} is mounted in the guest: `disks.{dataset}.dev` \
+                                     does not resolve there: {why}"
+                                ),
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        self.done(
+            timer,
+            &Preflight {
+                vm_stopped,
+                plan: &target,
+                devices: &devices,
+            },
+        );
+        self.check_signal("guest_pre")?;
+
+        if let Some((client, _)) = agent.as_mut() {
+            // 2. Release the volumes in the guest.
+            let (ran, _, pre) = self.guest_commands(client, "guest_pre", &plan.guest_pre);
+            if let Err(e) = pre {
+                self.undo_pre(client, ran);
+                return Err(e);
+            }
+            // 3. Nothing may be mounted on them any more.
+            let timer = StepTimer::start("unmounted");
+            let busy = match client.fsinfo() {
+                Ok(filesystems) => plan
+                    .datasets
+                    .iter()
+                    .filter_map(|d| {
+                        let dev = devices.get(d.as_str()).map(String::as_str);
+                        let mounts = plan
+                            .disks
+                            .get(d)
+                            .map(|disk| guest::mounts_on(&filesystems, disk, dev))
+                            .unwrap_or_default();
+                        (!mounts.is_empty()).then(|| format!("{d}: {}", mounts.join(", ")))
+                    })
+                    .collect::<Vec<_>>(),
+                Err(e) => {
+                    self.failed(timer);
+                    let _ = self.run_post(client); // its step records its own result
+                    return Err((
+                        "unmounted",
+                        evesnap::exit::wrap(e).context("guest-get-fsinfo"),
+                    ));
+                }
+            };
+            if !busy.is_empty() {
+                let message = format!(
+                    "refusing to roll back under a running guest that has the volume mounted ({}); \
+                     unmount it in guest_pre or stop the VM",
+                    busy.join("; ")
+                );
+                self.report
+                    .push(timer.finish_with(false, &Unmounted { mounted: busy }));
+                let _ = self.run_post(client); // its step records its own result
+                return Err(("unmounted", coded(Exit::Preflight, message)));
+            }
+            self.done(timer, &Unmounted { mounted: vec![] });
+        }
+        self.check_signal("rollback")?;
+
+        // 4. Roll back.
+        let timer = StepTimer::start(zrollback::TOOL);
+        let result = match zrollback::execute(self.zfs, &target) {
+            Ok(report) => {
+                self.report.rolled_back = Some(report.rolled_back.clone());
+                self.report.destroyed = Some(report.destroyed.clone());
+                self.done(timer, &report);
+                Ok(())
+            }
+            Err(e) => {
+                self.report.push(timer.finish_with(false, &e.report));
+                Err(("rollback", evesnap::exit::wrap(e.source)))
+            }
+        };
+        // 5. Bring the guest back, whether or not the rollback worked.
+        let post = match agent.as_mut() {
+            Some((client, _)) => self.run_post(client),
+            None => Ok(()),
+        };
+        result.and(post)
+    }
+
+    /// Whether the VM is stopped: the plan says so, or QMP reports it shut down.
+    fn vm_stopped(&self, plan_says: bool) -> Result<bool, anyhow::Error> {
+        if plan_says {
+            return Ok(true);
+        }
+        let Some(qmp) = &self.plan.qmp else {
+            return Ok(false);
+        };
+        let status = evesnap::qmp::Qmp::connect(std::path::Path::new(qmp), self.timeout)
+            .and_then(|mut q| q.status())
+            .map_err(|e| evesnap::exit::wrap(e).context("plan field `qmp`"))?;
+        // A paused VM resumes with its caches: only a VM that is not running at all counts.
+        Ok(matches!(
+            status.state.as_str(),
+            "shutdown" | "prelaunch" | "guest-panicked"
+        ))
+    }
+}

@@ -1,0 +1,286 @@
+//! One request: identify the disk, then list, or build a plan and run the orchestrator's
+//! own flow, and turn its typed report into the guest's reply.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use evesnap::exit::{chain, chain_of, exit_of, Exit};
+use evesnap::qga::commands::GuestFilesystemInfo;
+use evesnap::qga::{Address, Client};
+use evesnap::report::{Action, Report, SnapshotType};
+use evesnap::request::{self, Op, Reply, ReplyError, Request, SnapshotEntry};
+use evesnap::zfs::{self, Zfs};
+use serde_json::Value;
+
+use super::identify::{identify, refuse, Identified};
+use super::redact::Redactor;
+use super::volumes::{label, Volumes};
+use crate::flow::{self, Finished, Signals};
+use crate::plan::{FreezePlan, GuestDisk, Plan, RollbackPlan};
+
+/// What one served request produced, for the host's records on stdout.
+#[derive(Debug)]
+pub struct Served {
+    pub request: Option<Request>,
+    pub reply: Reply,
+    pub report: Option<Report>,
+}
+
+/// The listener's state.
+pub struct Server {
+    pub(super) volumes: Volumes,
+    pub(super) agent_text: String,
+    pub(super) agent: Address,
+    pub(super) zfs: Zfs,
+    pub(super) timeout: Duration,
+    pub(super) thaw_after: f64,
+    pub(super) redactor: Redactor,
+    pub(super) signals: Signals,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("agent", &self.agent_text)
+            .field("volumes", &self.volumes)
+            .finish()
+    }
+}
+
+impl Server {
+    fn bad_request(id: Option<String>, message: String) -> Served {
+        Served {
+            request: None,
+            reply: Reply::failure(id, None, refuse("bad-request", Exit::Usage, message)),
+            report: None,
+        }
+    }
+
+    /// Serves one line read from the channel.
+    pub fn handle_line(&mut self, line: &[u8]) -> Served {
+        let request = match Request::from_line(line) {
+            Ok(request) => request,
+            Err(e) => return Server::bad_request(request::salvage_id(line), e.0),
+        };
+        let (reply, report) = self.handle(&request);
+        Served {
+            request: Some(request),
+            reply,
+            report,
+        }
+    }
+
+    fn fsinfo(&self) -> Result<Vec<GuestFilesystemInfo>, evesnap::qga::Error> {
+        let mut client = Client::connect(&self.agent, Instant::now() + self.timeout)?;
+        client.set_timeout(self.timeout);
+        client.fsinfo()
+    }
+
+    fn handle(&mut self, request: &Request) -> (Reply, Option<Report>) {
+        let fail =
+            |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
+        let fsinfo = match self.fsinfo() {
+            Ok(fsinfo) => Some(fsinfo),
+            // Listing needs no agent: the guest's own description has to do.
+            Err(e) if request.op == Op::List => {
+                evesnap::warn!("guest-get-fsinfo failed ({}); identifying the disk by its serial and PCI address", e);
+                None
+            }
+            Err(e) => {
+                let error = evesnap::exit::wrap(e);
+                let exit = exit_of(&error);
+                let message = self.redactor.text(&chain(
+                    &error.context("cannot ask the guest agent which disk that is"),
+                ));
+                return (fail(refuse(exit.kind(), exit, message)), None);
+            }
+        };
+        let identified = match identify(&self.volumes, &request.disk, fsinfo.as_deref()) {
+            Ok(identified) => identified,
+            Err(error) => return (fail(error), None),
+        };
+        let labels: Vec<String> = identified
+            .datasets
+            .iter()
+            .filter_map(|d| self.volumes.get(d))
+            .map(label)
+            .collect();
+        let (mut reply, report) = match request.op {
+            Op::List => (self.list(request, &identified), None),
+            Op::Create | Op::Rollback => self.run_flow(request, &identified),
+        };
+        reply.disks = labels;
+        (reply, report)
+    }
+
+    fn list(&self, request: &Request, identified: &Identified) -> Reply {
+        let mut entries = Vec::new();
+        for dataset in &identified.datasets {
+            match self.zfs.snapshots(dataset, &[flow::CONSISTENCY_PROPERTY]) {
+                Ok(list) => {
+                    let disk = self.volumes.get(dataset).map(label).unwrap_or_default();
+                    entries.extend(list.into_iter().map(|s| {
+                        SnapshotEntry {
+                            disk: disk.clone(),
+                            name: s.short_name().to_string(),
+                            guid: s.guid.clone(),
+                            createtxg: s.createtxg,
+                            creation: s.creation,
+                            consistency: s
+                                .properties
+                                .get(flow::CONSISTENCY_PROPERTY)
+                                .and_then(|c| c.parse().ok()),
+                        }
+                    }));
+                }
+                Err(e) => {
+                    let error = evesnap::exit::wrap(e);
+                    let exit = exit_of(&error);
+                    let message = self.redactor.text(&chain(&error));
+                    return Reply::failure(
+                        Some(request.id.clone()),
+                        Some(request.op),
+                        refuse(exit.kind(), exit, message),
+                    );
+                }
+            }
+        }
+        let mut reply = Reply::success(request);
+        reply.snapshots = Some(entries);
+        reply
+    }
+
+    /// The plan for a guest's request: the orchestrator's flow, on the identified volumes.
+    fn plan(&self, request: &Request, identified: &Identified) -> Result<Plan, crate::plan::Error> {
+        let disks: BTreeMap<String, GuestDisk> = identified
+            .datasets
+            .iter()
+            .filter_map(|d| self.volumes.get_key_value(d))
+            .map(|(d, disk)| (d.clone(), disk.clone()))
+            .collect();
+        let mut plan = Plan {
+            version: crate::plan::VERSION,
+            id: Some(uuid::Uuid::new_v4()),
+            kind: SnapshotType::Immediate,
+            action: Action::Create,
+            agent: self.agent_text.clone(),
+            qmp: None,
+            datasets: identified.datasets.clone(),
+            snapshot: None,
+            freeze: FreezePlan {
+                mountpoints: identified.mountpoints.clone(),
+                timeout_s: self.timeout.as_secs_f64(),
+                thaw_after_s: self.thaw_after,
+                required: true,
+                expedite_rcu: false,
+            },
+            guest_pre: Vec::new(),
+            guest_post: Vec::new(),
+            max_snapshots: None,
+            application_quiesced: false,
+            rollback: None,
+            disks,
+        };
+        match request.op {
+            Op::Create => {
+                plan.snapshot = Some(request.name.clone().unwrap_or_else(|| {
+                    format!(
+                        "guest-{}",
+                        evesnap::time::eve_timestamp(time::OffsetDateTime::now_utc())
+                    )
+                }));
+                // The user asked from inside the guest, with the application quiesced.
+                plan.application_quiesced = true;
+            }
+            Op::Rollback => {
+                plan.action = Action::Rollback;
+                plan.rollback = Some(RollbackPlan {
+                    to: request.to.clone().unwrap_or_default(),
+                    destroy_newer: false,
+                    vm_stopped: false,
+                });
+            }
+            Op::List => {}
+        }
+        plan.check()?;
+        Ok(plan)
+    }
+
+    fn run_flow(&mut self, request: &Request, identified: &Identified) -> (Reply, Option<Report>) {
+        let fail =
+            |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
+        let plan = match self.plan(request, identified) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let message = self.redactor.text(&chain_of(&e));
+                return (fail(refuse("bad-request", Exit::Usage, message)), None);
+            }
+        };
+        evesnap::note!(
+            "request {}: {} on {} (plan {})",
+            request.id,
+            request.op.as_str(),
+            identified.datasets.join(", "),
+            plan.id()
+        );
+        let Finished { report, error } = flow::execute_with(&plan, &self.zfs, &mut self.signals);
+        if let Some(error) = &error {
+            let exit = exit_of(error);
+            let mut reply = fail(ReplyError {
+                kind: exit.kind().into(),
+                code: exit.code(),
+                message: self.redactor.text(&chain(error)),
+                step: report.error.as_ref().map(|e| e.step.clone()),
+                problems: problems_of(error)
+                    .into_iter()
+                    .map(|p| self.redactor.value(p))
+                    .collect(),
+            });
+            reply.consistency = report.consistency;
+            return (reply, Some(report));
+        }
+        let mut reply = Reply::success(request);
+        reply.snapshot = Some(report.snapshot.clone());
+        match request.op {
+            Op::Create => {
+                let taken = report.snapshots.as_deref().unwrap_or_default();
+                reply.snapshots = Some(
+                    taken
+                        .iter()
+                        .map(|s| SnapshotEntry {
+                            disk: self.volumes.get(s.dataset()).map(label).unwrap_or_default(),
+                            name: s.short_name().to_string(),
+                            guid: s.guid.clone(),
+                            createtxg: s.createtxg,
+                            creation: s.creation,
+                            consistency: report.consistency,
+                        })
+                        .collect(),
+                );
+                reply.consistency = report.consistency;
+                reply.freeze_window_ms = report.freeze_window_ms;
+            }
+            Op::Rollback => {
+                let destroyed = report.destroyed.as_deref().unwrap_or_default();
+                reply.destroyed = Some(destroyed.iter().map(|s| self.redactor.text(s)).collect());
+            }
+            Op::List => {}
+        }
+        (reply, Some(report))
+    }
+
+    pub(super) fn stop_requested(&mut self) -> bool {
+        self.signals.caught().is_some()
+    }
+}
+
+/// The preflight findings of a failed flow, if it failed in a preflight.
+fn problems_of(error: &anyhow::Error) -> Vec<Value> {
+    match evesnap::exit::find::<zfs::Error>(error) {
+        Some(zfs::Error::Preflight { problems }) => problems
+            .iter()
+            .filter_map(|p| serde_json::to_value(p).ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,308 @@
+//! `snap-orchestrate serve`: the host end of VM-initiated snapshots.
+//!
+//! QEMU serves the VM's virtio-serial port `org.lfedge.eve.snapshot.0` as a Unix socket
+//! (`-chardev socket,server=on`); this listener connects to it as the one client, keeps the
+//! connection, and reconnects when QEMU restarts. It reads JSON-line requests from
+//! `eve-guest-agent` in the guest (protocol in [`evesnap::request`]) and serves them one at
+//! a time:
+//!
+//! 1. The request is parsed strictly (unknown fields, wrong types, names against ZFS
+//!    rules, at most [`MAX_REQUEST_LINE`] bytes); anything else gets a `bad-request`
+//!    reply and the listener reads on.
+//! 2. The disk is identified against **this VM's volumes map** only (`--volumes`: dataset →
+//!    `{serial, pci}`, the shape of the plan's `disks`): a mounted disk through the guest
+//!    agent's `guest-get-fsinfo` (serial where reported, else PCI address; the guest's own
+//!    claims must agree), an unmounted one by the serial and PCI address the guest read
+//!    from sysfs. Exactly one entry must match, else `unknown-disk`. The guest never names
+//!    a dataset: the worst it can do is ask for its own volumes.
+//! 3. `create` and `rollback` build a [`Plan`](crate::plan::Plan) and run the orchestrator's own flow
+//!    ([`flow::execute_with`](crate::flow::execute_with)): preflight with the space check, freeze (the disk's
+//!    filesystems through qemu-ga), one snapshot, thaw; or zrollback's checks, "not mounted
+//!    in the guest", rollback (newer snapshots are never destroyed for a guest). `list`
+//!    reads the snapshots.
+//! 4. The reply goes back with the request's id; host dataset and pool names in it are
+//!    replaced by the disk's guest-visible label. One JSON line per request (request,
+//!    reply, the flow's full report) goes to stdout for the host's records.
+
+//!
+//! The jobs live apart: [`volumes`] (the map), [`identify`] (which volume a request is
+//! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
+//! and this file (the session on the channel and the reconnect loop).
+
+mod handle;
+mod identify;
+mod redact;
+mod volumes;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use evesnap::cli::Outcome;
+use evesnap::exit::{coded, Exit};
+use evesnap::qga::Address;
+use evesnap::request::{Op, Reply, MAX_REQUEST_LINE};
+use evesnap::zfs::{self, Zfs};
+use serde_json::json;
+
+use crate::flow::Signals;
+pub use handle::{Served, Server};
+pub use identify::{identify, Identified};
+pub use redact::Redactor;
+pub use volumes::{check_volumes, label, load_volumes, Volumes};
+
+/// How often a blocked read looks at the signals.
+const READ_TICK: Duration = Duration::from_millis(250);
+/// A guest that does not read its replies cannot block the listener longer than this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between connection attempts while QEMU's socket is missing or refuses.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The host end of the VM's request port: QEMU's `-chardev socket,path=PATH,server=on`
+    /// behind `virtserialport,name=org.lfedge.eve.snapshot.0`.
+    #[arg(long, value_name = "SOCKET")]
+    pub channel: PathBuf,
+    /// The VM's guest agent: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
+    #[arg(long, value_name = "ADDRESS")]
+    pub agent: String,
+    /// JSON map of this VM's volumes: `{"<dataset>": {"serial": "disk0", "pci":
+    /// "0000:00:07.0"}, ...}` (the plan's `disks`). Only these can be named by the guest.
+    #[arg(long, value_name = "FILE")]
+    pub volumes: PathBuf,
+    /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
+    #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
+    pub zfs: Option<PathBuf>,
+    /// Deadline of each guest agent call, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub timeout: f64,
+    /// The auto-thaw watchdog's deadline for a freeze, in seconds (0 = off).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub thaw_after: f64,
+}
+
+/// How a session on one connection ended.
+enum End {
+    Stop,
+    Closed,
+    Broken(std::io::Error),
+}
+
+fn record(served: &Served, line: &[u8]) {
+    let request = match &served.request {
+        Some(r) => json!(r),
+        None => {
+            let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+            json!({"unparsed": text, "bytes": line.len()})
+        }
+    };
+    let entry = json!({
+        "at": evesnap::time::now_rfc3339(),
+        "request": request,
+        "reply": served.reply,
+        "report": served.report,
+    });
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{entry}").and_then(|()| stdout.flush());
+    match &served.reply.error {
+        None => evesnap::note!(
+            "request {}: {} done",
+            served.reply.id.as_deref().unwrap_or("-"),
+            served.reply.op.map_or("?", Op::as_str)
+        ),
+        Some(e) => evesnap::note!(
+            "request {}: refused ({}): {}",
+            served.reply.id.as_deref().unwrap_or("-"),
+            e.kind,
+            e.message
+        ),
+    }
+}
+
+fn oversized() -> Served {
+    let message = format!("request line longer than {MAX_REQUEST_LINE} bytes: dropped");
+    Served {
+        request: None,
+        reply: Reply::failure(
+            None,
+            None,
+            identify::refuse("bad-request", Exit::Usage, message),
+        ),
+        report: None,
+    }
+}
+
+fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    // The leading newline ends any half line an interrupted write left in the pipe.
+    let mut bytes = b"\n".to_vec();
+    bytes.extend(reply.to_line());
+    stream.write_all(&bytes)?;
+    stream.flush()
+}
+
+impl Server {
+    fn session(&mut self, mut stream: UnixStream) -> End {
+        if let Err(e) = stream
+            .set_read_timeout(Some(READ_TICK))
+            .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
+        {
+            return End::Broken(e);
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        let mut discarding = false;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if self.stop_requested() {
+                return End::Stop;
+            }
+            let n = match stream.read(&mut chunk) {
+                Ok(0) => return End::Closed,
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return End::Broken(e),
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                if std::mem::take(&mut discarding) {
+                    continue; // the end of an oversized line, answered already
+                }
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                let served = if line.len() > MAX_REQUEST_LINE {
+                    oversized()
+                } else {
+                    self.handle_line(line)
+                };
+                record(&served, line);
+                if let Err(e) = send(&mut stream, &served.reply) {
+                    return End::Broken(e);
+                }
+                if self.stop_requested() {
+                    return End::Stop;
+                }
+            }
+            if buf.len() > MAX_REQUEST_LINE && !discarding {
+                let served = oversized();
+                record(&served, &buf);
+                buf.clear();
+                discarding = true;
+                if let Err(e) = send(&mut stream, &served.reply) {
+                    return End::Broken(e);
+                }
+            } else if discarding {
+                buf.clear();
+            }
+        }
+    }
+}
+
+/// One listener per channel on this host: a second would connect and never be served.
+fn lock_channel(channel: &std::path::Path) -> Result<evesnap::runtime::Lock, anyhow::Error> {
+    let name = format!(
+        "serve-{}",
+        evesnap::runtime::file_key(&channel.to_string_lossy())
+    );
+    evesnap::runtime::lock(&name, || {
+        format!("another listener on {}", channel.display())
+    })
+    .map_err(evesnap::exit::wrap)
+}
+
+/// Runs the listener until SIGINT, SIGTERM or SIGHUP.
+pub fn run(args: &ServeArgs) -> Outcome {
+    match serve(args) {
+        Ok(()) => Outcome::default(),
+        Err(e) => Outcome::error(e),
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
+    let agent: Address = args
+        .agent
+        .parse()
+        .map_err(|e| coded(Exit::Usage, format!("--agent {}: {e}", args.agent)))?;
+    for (what, value) in [
+        ("--timeout", args.timeout),
+        ("--thaw-after", args.thaw_after),
+    ] {
+        if !value.is_finite() || value < 0.0 || (what == "--timeout" && value == 0.0) {
+            return Err(coded(
+                Exit::Usage,
+                format!("{what} must be a positive number of seconds"),
+            ));
+        }
+    }
+    let volumes = load_volumes(&args.volumes)?;
+    let zfs = Zfs::locate(args.zfs.as_deref()).map_err(evesnap::exit::wrap)?;
+    let _lock = lock_channel(&args.channel)?;
+    let signals = Signals::install()
+        .map_err(|e| anyhow::Error::new(e).context("cannot install signal handlers"))?;
+    let mut server = Server {
+        redactor: Redactor::new(&volumes),
+        volumes,
+        agent_text: args.agent.clone(),
+        agent,
+        zfs,
+        timeout: Duration::from_secs_f64(args.timeout),
+        thaw_after: args.thaw_after,
+        signals,
+    };
+    evesnap::note!(
+        "serving {} for {} volume(s): {}",
+        args.channel.display(),
+        server.volumes.len(),
+        server
+            .volumes
+            .iter()
+            .map(|(d, disk)| format!("{} = {d}", label(disk)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut waiting = false;
+    loop {
+        if server.stop_requested() {
+            evesnap::note!("stopping on a signal");
+            return Ok(());
+        }
+        match UnixStream::connect(&args.channel) {
+            Ok(stream) => {
+                evesnap::note!("connected to {}", args.channel.display());
+                waiting = false;
+                match server.session(stream) {
+                    End::Stop => {
+                        evesnap::note!("stopping on a signal");
+                        return Ok(());
+                    }
+                    End::Closed => {
+                        evesnap::note!("the channel closed (QEMU stopped?); reconnecting")
+                    }
+                    End::Broken(e) => evesnap::warn!("the channel failed ({e}); reconnecting"),
+                }
+            }
+            Err(e) => {
+                if !waiting {
+                    evesnap::note!("waiting for {} ({e})", args.channel.display());
+                    waiting = true;
+                }
+                let until = Instant::now() + RECONNECT_PAUSE;
+                while Instant::now() < until && !server.stop_requested() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Host dataset and pool names never reach the guest: they are replaced by the disk's label.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use evesnap::zfs;
+use serde_json::Value;
+
+use super::volumes::{label, Volumes};
+
+/// Replaces host dataset and pool names by the guest's labels in text shown to the guest.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    datasets: BTreeMap<String, String>,
+    pools: BTreeSet<String>,
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_.:-/@#".contains(c)
+}
+
+impl Redactor {
+    pub fn new(volumes: &Volumes) -> Redactor {
+        Redactor {
+            datasets: volumes
+                .iter()
+                .map(|(d, disk)| (d.clone(), label(disk)))
+                .collect(),
+            pools: volumes
+                .keys()
+                .map(|d| zfs::pool_of(d).to_string())
+                .collect(),
+        }
+    }
+
+    fn token(&self, token: &str) -> String {
+        // "pool/ds:" at the end of a phrase: the colon or dot is punctuation.
+        let core = token.trim_end_matches([':', '.']);
+        let tail = &token[core.len()..];
+        let (base, rest) = match core.find(['@', '#']) {
+            Some(at) => core.split_at(at),
+            None => (core, ""),
+        };
+        if let Some(label) = self.datasets.get(base) {
+            return format!("{label}{rest}{tail}");
+        }
+        let pool = base.split('/').next().unwrap_or("");
+        // Any other name in a pool of this VM's volumes (a parent, the pool itself).
+        if self.pools.contains(pool) {
+            return format!("(host dataset){rest}{tail}");
+        }
+        token.to_string()
+    }
+
+    pub fn text(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut token = String::new();
+        for c in text.chars() {
+            if is_name_char(c) {
+                token.push(c);
+            } else {
+                out.push_str(&self.token(&token));
+                token.clear();
+                out.push(c);
+            }
+        }
+        out.push_str(&self.token(&token));
+        out
+    }
+
+    pub fn value(&self, value: Value) -> Value {
+        match value {
+            Value::String(s) => Value::String(self.text(&s)),
+            Value::Array(items) => Value::Array(items.into_iter().map(|v| self.value(v)).collect()),
+            Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, self.value(v))).collect())
+            }
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn volumes() -> Volumes {
+        serde_json::from_str(
+            r#"{"pool/vm0/disk0": {"serial": "disk0", "pci": "0000:00:07.0"},
+                "pool/vm0/disk1": {"serial": "disk1", "pci": "0000:00:08.0"}}"#,
+        )
+        .expect("volumes")
+    }
+
+    #[test]
+    fn host_names_are_replaced_by_labels() {
+        let r = Redactor::new(&volumes());
+        assert_eq!(
+            r.text("preflight failed, nothing was changed: pool/vm0/disk0: 5 bytes missing"),
+            "preflight failed, nothing was changed: disk0: 5 bytes missing"
+        );
+        assert_eq!(
+            r.text("cannot open 'pool/vm0/disk1@s1': dataset does not exist"),
+            "cannot open 'disk1@s1': dataset does not exist"
+        );
+        assert_eq!(
+            r.text("pool/vm0@x and pool/other, pool: full."),
+            "(host dataset)@x and (host dataset), (host dataset): full."
+        );
+        assert_eq!(r.text("pooling disk0 nothing"), "pooling disk0 nothing");
+        let v = r.value(json!({"problem": "no-room", "dataset": "pool/vm0/disk0", "needed": 5}));
+        assert_eq!(
+            v,
+            json!({"problem": "no-room", "dataset": "disk0", "needed": 5})
+        );
+    }
+}

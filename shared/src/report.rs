@@ -1,0 +1,228 @@
+//! The orchestrator's report: a job document whose own fields are typed.
+//!
+//! `snap-orchestrate` prints it, `snap-orchestrate serve` records it and builds the guest's
+//! reply from it, EVE forwards its `error` as eve-api's `snap_err`. Its JSON Schema is
+//! generated from these types (`snap-orchestrate --print-schema report`, checked in as
+//! `bins/snap-orchestrate/report.schema.json`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::document::{Step, VERSION};
+use crate::exit::Exit;
+use crate::steps::{RolledBack, SnapshotEntry};
+
+/// What a snapshot can claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// Application hooks ran (or the caller quiesced it) and the filesystems were frozen.
+    Application,
+    /// Frozen, without (successful) application hooks.
+    Filesystem,
+    /// Not frozen: as if the power had been cut.
+    Crash,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Application => "application",
+            Consistency::Filesystem => "filesystem",
+            Consistency::Crash => "crash",
+        }
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    /// As recorded in the snapshot's `org.lfedge.evesnap:consistency` property.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "application" => Ok(Consistency::Application),
+            "filesystem" => Ok(Consistency::Filesystem),
+            "crash" => Ok(Consistency::Crash),
+            other => Err(format!("unknown consistency {other:?}")),
+        }
+    }
+}
+
+/// eve-api's `SnapshotDesc.type`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotType {
+    AppUpdate,
+    #[default]
+    Immediate,
+}
+
+impl SnapshotType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotType::AppUpdate => "app_update",
+            SnapshotType::Immediate => "immediate",
+        }
+    }
+}
+
+/// What the run does.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Create,
+    Rollback,
+}
+
+/// How bad a failure is: `critical` when the guest may still be frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Error,
+    Critical,
+}
+
+/// The first failure, with eve-api's `snap_err` fields (`description`, `severity`,
+/// `timestamp`) beside the job document's (`tool`, `kind`, `message`) and the failed `step`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportError {
+    pub tool: String,
+    /// The exit code's name ([`Exit::kind`]).
+    pub kind: String,
+    pub message: String,
+    pub description: String,
+    pub severity: Severity,
+    /// The step that failed: `preflight`, `guest_pre`, `freeze`, `snapshot`, `thaw`,
+    /// `guest_post`, `retention`, `unmounted`, `rollback`.
+    pub step: String,
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+}
+
+/// Whether the guest ran with expedited RCU for the freeze (`freeze.expedite_rcu`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExpeditedRcu {
+    pub set: bool,
+    /// Its previous setting was put back (else the guest does it by itself within 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<bool>,
+    /// Why it was not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The orchestrator's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// The job document's version ([`VERSION`]).
+    pub version: u32,
+    /// Every step succeeded.
+    pub ok: bool,
+    /// One entry per step, in order (see the crate documentation of `snap-orchestrate`).
+    pub steps: Vec<Step>,
+    pub error: Option<ReportError>,
+    /// The plan's guest agent address.
+    pub agent: String,
+    /// The plan's datasets.
+    pub datasets: Vec<String>,
+    /// The snapshot's name (create) or the one rolled back to.
+    pub snapshot: String,
+    /// The snapshot id (eve-api `SnapshotDesc.id`).
+    pub id: uuid::Uuid,
+    #[serde(rename = "type")]
+    pub kind: SnapshotType,
+    pub action: Action,
+    /// Create: the snapshots' creation, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<String>,
+    /// Create: the snapshots taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotEntry>>,
+    /// Create: what the snapshot can claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+    /// Create: from the freeze command's return to the thaw command's return, one clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expedited_rcu: Option<ExpeditedRcu>,
+    /// Rollback: each dataset and the snapshot it went back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<Vec<RolledBack>>,
+    /// Rollback: newer snapshots destroyed on the way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed: Option<Vec<String>>,
+}
+
+impl Report {
+    /// An empty report for a run of `action` on `datasets`.
+    pub fn new(
+        id: uuid::Uuid,
+        kind: SnapshotType,
+        action: Action,
+        agent: &str,
+        datasets: &[String],
+        snapshot: &str,
+    ) -> Report {
+        Report {
+            version: VERSION,
+            ok: true,
+            steps: Vec::new(),
+            error: None,
+            agent: agent.to_string(),
+            datasets: datasets.to_vec(),
+            snapshot: snapshot.to_string(),
+            id,
+            kind,
+            action,
+            create_time: None,
+            snapshots: None,
+            consistency: None,
+            freeze_window_ms: None,
+            expedited_rcu: None,
+            rolled_back: None,
+            destroyed: None,
+        }
+    }
+
+    /// Appends a step.
+    pub fn push(&mut self, step: Step) {
+        self.ok &= step.ok;
+        self.steps.push(step);
+    }
+
+    /// Inserts a step at `index`, for a step measured earlier but finished later (the
+    /// snapshot, whose read-back waits until after the thaw), so steps stay in start order.
+    pub fn insert(&mut self, index: usize, step: Step) {
+        self.ok &= step.ok;
+        self.steps.insert(index.min(self.steps.len()), step);
+    }
+
+    /// Records the run's failure in `step` (the first one counts).
+    pub fn fail(&mut self, tool: &str, step: &str, exit: Exit, message: String) {
+        self.ok = false;
+        if self.error.is_some() {
+            return;
+        }
+        self.error = Some(ReportError {
+            tool: tool.to_string(),
+            kind: exit.kind().to_string(),
+            description: message.clone(),
+            message,
+            severity: if exit == Exit::ThawFailed {
+                Severity::Critical
+            } else {
+                Severity::Error
+            },
+            step: step.to_string(),
+            timestamp: crate::time::now_rfc3339(),
+        });
+    }
+}

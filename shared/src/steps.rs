@@ -1,0 +1,248 @@
+//! What each step records: the typed fields of a step in the job document.
+//!
+//! The small tools and the orchestrator write the same records, and whoever reads a step
+//! back (zsnap reading the upstream freeze, qga-thaw the count it froze, tests) reads it
+//! through [`Step::record`](crate::document::Step::record) into these types, never by key
+//! name. Each record says which step (`tool`) it belongs to.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::qga::watchdog::Watchdog;
+
+/// The typed fields of one kind of step.
+pub trait StepRecord: Serialize + DeserializeOwned {
+    /// The step's `tool` in the document.
+    const TOOL: &'static str;
+}
+
+/// A successful freeze: the `qga-freeze` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeReport {
+    /// Filesystems the freeze froze; `null` when an existing freeze was adopted.
+    pub frozen: Option<i64>,
+    /// The mountpoints asked for; `null`: all of the guest's.
+    pub mountpoints: Option<Vec<String>>,
+    /// An existing freeze was adopted (`--adopt-frozen`).
+    pub adopted: bool,
+    /// The guest agent's version (`guest-info`).
+    pub agent_version: String,
+    /// Round trip of the freeze command alone (the agent runs its hooks inside it).
+    pub freeze_ms: f64,
+    /// When the freeze command returned (µs since the epoch): the freeze window starts here.
+    pub frozen_at_unix_us: u64,
+    /// The auto-thaw watchdog, if armed.
+    pub watchdog: Option<Watchdog>,
+}
+
+impl StepRecord for FreezeReport {
+    const TOOL: &'static str = "qga-freeze";
+}
+
+/// A verified thaw: the `qga-thaw` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThawReport {
+    /// Filesystems thawed (0: nothing was frozen).
+    pub thawed: i64,
+    /// What the freeze froze, if known.
+    pub expected: Option<i64>,
+    /// Round trip of the thaw command alone (the agent runs its hooks inside it).
+    pub thaw_ms: f64,
+    /// When the thaw command returned (µs since the epoch): the freeze window ends here.
+    pub thawed_at_unix_us: u64,
+    /// The thaw went through the freeze's own connection, kept by its watchdog.
+    #[serde(default)]
+    pub kept_connection: bool,
+    /// The watchdog this thaw cancelled, if one was armed.
+    pub watchdog_cancelled: Option<Watchdog>,
+}
+
+impl StepRecord for ThawReport {
+    const TOOL: &'static str = "qga-thaw";
+}
+
+/// How a set of snapshots is taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Method {
+    /// One dataset, one call.
+    Single,
+    /// `zfs snapshot a@n b@n ...`: one call, one transaction group (OpenZFS).
+    Multi,
+    /// `zfs snapshot -r parent@n`: one call, atomic, where the datasets are exactly `parent`'s
+    /// descendants (a zfs without multi-name snapshots, e.g. zfs-fuse). When `parent` is not
+    /// one of the datasets, its own snapshot (`extra`) is destroyed after the freeze window.
+    Recursive {
+        parent: String,
+        extra: Option<String>,
+    },
+    /// One call per dataset, not atomic; a failure destroys what this run created.
+    OneByOne,
+}
+
+impl Method {
+    pub fn atomic(&self) -> bool {
+        !matches!(self, Method::OneByOne)
+    }
+}
+
+/// One snapshot taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotEntry {
+    /// `dataset@name`.
+    pub name: String,
+    /// A string: 64-bit guids do not survive JSON readers that use doubles.
+    pub guid: String,
+    pub createtxg: u64,
+    /// Seconds since the epoch.
+    pub creation: u64,
+}
+
+impl SnapshotEntry {
+    /// The dataset part of `name`.
+    pub fn dataset(&self) -> &str {
+        self.name.split_once('@').map_or(&self.name, |(d, _)| d)
+    }
+
+    /// The part after `@`.
+    pub fn short_name(&self) -> &str {
+        self.name.split_once('@').map_or("", |(_, s)| s)
+    }
+}
+
+/// A snapshot set taken: the `zsnap` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotReport {
+    pub snapshots: Vec<SnapshotEntry>,
+    /// All snapshots belong to one transaction group.
+    pub atomic: bool,
+    pub method: Method,
+    /// Milliseconds spent in the `zfs snapshot` call(s): the part inside a freeze window.
+    pub snapshot_ms: f64,
+    /// `zfs` calls inside that window.
+    pub calls: usize,
+    /// The user properties set on every snapshot.
+    pub properties: BTreeMap<String, String>,
+    /// Snapshots made only as a side effect (a recursive parent's own) that could not be
+    /// destroyed again; normally empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<String>,
+    /// Snapshots made only as a side effect that are destroyed once the document was
+    /// written: outside a pipeline's freeze window. A failure there is a warning on stderr.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destroy_after_output: Vec<String>,
+}
+
+impl StepRecord for SnapshotReport {
+    const TOOL: &'static str = "zsnap";
+}
+
+/// One dataset rolled back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolledBack {
+    pub dataset: String,
+    /// `dataset@name`.
+    pub to: String,
+}
+
+/// A rollback done: the `zrollback` step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackReport {
+    pub rolled_back: Vec<RolledBack>,
+    pub destroyed: Vec<String>,
+}
+
+impl StepRecord for RollbackReport {
+    const TOOL: &'static str = "zrollback";
+}
+
+/// Snapshots destroyed (`zsnap destroy`, `zsnap prune`, the orchestrator's retention).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyReport {
+    /// Destroyed (or, with `defer`, marked for destruction when the last hold goes).
+    pub destroyed: Vec<String>,
+    /// Left alone, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<Kept>,
+    /// `zfs destroy` failed on these (after the checks passed: a race, or zfs-fuse being
+    /// busy); the rest went on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<Kept>,
+    pub dry_run: bool,
+}
+
+/// A snapshot left alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kept {
+    pub snapshot: String,
+    pub reason: String,
+}
+
+/// The outcome of one guest command (`guest-exec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRun {
+    pub path: String,
+    pub args: Vec<String>,
+    pub ok: bool,
+    pub fatal: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exitcode: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i64>,
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_truncated: bool,
+    /// Why it did not succeed (agent error, timeout, exit status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: f64,
+}
+
+impl CommandRun {
+    /// `` `path arg…` why``, for error messages.
+    pub fn describe(&self) -> String {
+        let mut argv = self.path.clone();
+        for a in &self.args {
+            argv.push(' ');
+            argv.push_str(a);
+        }
+        format!("`{argv}` {}", self.error.as_deref().unwrap_or("succeeded"))
+    }
+}
+
+/// A list of guest commands run: the `guest_pre` and `guest_post` steps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestCommands {
+    pub commands: Vec<CommandRun>,
+}
+
+/// A step that did nothing because an upstream step failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Skipped {
+    pub skipped: bool,
+    pub reason: String,
+}
+
+/// A step that failed, with why (the document's `error` says it too; a step keeps its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failed {
+    pub error: String,
+    /// A preflight's findings (`zfs::Problem`s), when that is why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<serde_json::Value>,
+}
