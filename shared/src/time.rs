@@ -35,6 +35,46 @@ pub fn now_unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// The longest duration a tool accepts (a year): every duration becomes a deadline
+/// (`Instant + Duration`), which a larger value would overflow.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// A number of seconds from 0 to [`MAX_SECONDS`] as a duration.
+pub fn seconds(value: f64) -> Result<Duration, String> {
+    if !value.is_finite() || !(0.0..=MAX_SECONDS).contains(&value) {
+        return Err(format!(
+            "{value} is not a number of seconds from 0 to {MAX_SECONDS}"
+        ));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// [`seconds`] above 0: a timeout.
+pub fn timeout(value: f64) -> Result<Duration, String> {
+    match seconds(value)? {
+        d if d.is_zero() => Err("a timeout must be above 0 seconds".into()),
+        d => Ok(d),
+    }
+}
+
+/// A command-line number of seconds (`--thaw-after 0` included), for clap.
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    seconds(value)
+}
+
+/// A command-line timeout (above 0 seconds), for clap.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    timeout(value)
+}
+
 /// A duration in milliseconds with microsecond resolution, for reports.
 pub fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
@@ -51,5 +91,15 @@ mod tests {
         assert_eq!(rfc3339(at), "2026-11-25T19:30:00.123Z");
         assert_eq!(eve_timestamp(at), "20261125-193000123");
         assert_eq!(millis(Duration::from_micros(2_345)), 2.345);
+    }
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_seconds(" 0 "), Ok(Duration::ZERO));
+        assert!(parse_timeout("0").is_err());
+        for bad in ["-1", "x", "nan", "inf", "1e30"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
     }
 }

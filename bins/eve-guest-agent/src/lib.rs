@@ -126,13 +126,7 @@ fn new_id() -> String {
 }
 
 fn seconds(what: &str, value: f64) -> Result<Duration, anyhow::Error> {
-    if !value.is_finite() || value <= 0.0 {
-        return Err(coded(
-            Exit::Usage,
-            format!("{what} must be a positive number of seconds"),
-        ));
-    }
-    Ok(Duration::from_secs_f64(value))
+    evesnap::time::timeout(value).map_err(|why| coded(Exit::Usage, format!("{what}: {why}")))
 }
 
 fn print_line(value: &Value) {

@@ -72,14 +72,14 @@ pub struct Args {
     #[arg(long = "mountpoint", value_name = "PATH")]
     pub mountpoints: Vec<String>,
     /// Seconds each agent call may take
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = evesnap::time::parse_timeout)]
     pub timeout: Duration,
     /// Seconds to wait for the agent to answer at all (guest booting, agent restarting,
     /// another client on the socket) [default: --timeout]
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", value_parser = evesnap::time::parse_timeout)]
     pub connect_timeout: Option<Duration>,
     /// Seconds after which the watchdog thaws the guest unless qga-thaw ran; 0: no watchdog
-    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = evesnap::time::parse_seconds)]
     pub thaw_after: Duration,
     /// Take over a guest that is already frozen instead of failing
     #[arg(long)]
@@ -91,23 +91,6 @@ pub struct Args {
     pub watchdog_token: Option<String>,
     #[arg(long = evesnap::qga::watchdog::DEADLINE_FLAG, hide = true)]
     pub watchdog_deadline_ms: Option<u64>,
-}
-
-fn parse_secs(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{text:?} is not a duration (≥ 0 seconds)"))
-}
-
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let d = parse_secs(text)?;
-    if d.is_zero() {
-        return Err("must be above 0".into());
-    }
-    Ok(d)
 }
 
 pub fn command() -> clap::Command {
@@ -323,15 +306,6 @@ mod tests {
             !help.contains("--watchdog-token"),
             "hidden flags stay hidden"
         );
-    }
-
-    #[test]
-    fn seconds_parse() {
-        assert_eq!(parse_secs("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_secs("0"), Ok(Duration::ZERO));
-        assert!(parse_secs("-1").is_err());
-        assert!(parse_secs("NaN").is_err());
-        assert!(parse_timeout("0").is_err());
     }
 
     #[test]

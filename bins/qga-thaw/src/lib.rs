@@ -180,25 +180,14 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     pub agent: Option<String>,
     /// Seconds each agent call may take
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = evesnap::time::parse_timeout)]
     pub timeout: Duration,
     /// Seconds to wait for the agent to answer at all [default: --timeout]
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", value_parser = evesnap::time::parse_timeout)]
     pub connect_timeout: Option<Duration>,
     /// Leave the auto-thaw watchdog armed
     #[arg(long)]
     pub keep_watchdog: bool,
-}
-
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    match Duration::try_from_secs_f64(secs) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(format!("{text:?} is not a duration above 0 seconds")),
-    }
 }
 
 pub fn command() -> clap::Command {

@@ -12,10 +12,6 @@ pub use evesnap::report::{Action, SnapshotType};
 /// The plan format version this tool reads.
 pub const VERSION: u32 = 1;
 
-/// The longest time a plan may give (a year): every duration becomes a deadline
-/// (`Instant + Duration`), which a larger value would overflow.
-pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
@@ -196,10 +192,8 @@ impl Plan {
             ("freeze.timeout_s", self.freeze.timeout_s),
             ("freeze.thaw_after_s", self.freeze.thaw_after_s),
         ] {
-            if !t.is_finite() || !(0.0..=MAX_SECONDS).contains(&t) {
-                return invalid(format!(
-                    "`{what}` must be a number of seconds from 0 to {MAX_SECONDS}, not {t}"
-                ));
+            if let Err(why) = evesnap::time::seconds(t) {
+                return invalid(format!("`{what}`: {why}"));
             }
         }
         if self.freeze.timeout_s == 0.0 {
@@ -216,10 +210,8 @@ impl Plan {
                         c.path
                     ));
                 }
-                if !c.timeout_s.is_finite() || c.timeout_s <= 0.0 || c.timeout_s > MAX_SECONDS {
-                    return invalid(format!(
-                        "`{list}[{i}].timeout_s` must be above 0 and at most {MAX_SECONDS} s"
-                    ));
+                if let Err(why) = evesnap::time::timeout(c.timeout_s) {
+                    return invalid(format!("`{list}[{i}].timeout_s`: {why}"));
                 }
             }
         }

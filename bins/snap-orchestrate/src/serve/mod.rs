@@ -235,17 +235,10 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
         .agent
         .parse()
         .map_err(|e| coded(Exit::Usage, format!("--agent {}: {e}", args.agent)))?;
-    for (what, value) in [
-        ("--timeout", args.timeout),
-        ("--thaw-after", args.thaw_after),
-    ] {
-        if !value.is_finite() || value < 0.0 || (what == "--timeout" && value == 0.0) {
-            return Err(coded(
-                Exit::Usage,
-                format!("{what} must be a positive number of seconds"),
-            ));
-        }
-    }
+    let timeout = evesnap::time::timeout(args.timeout)
+        .map_err(|why| coded(Exit::Usage, format!("--timeout: {why}")))?;
+    evesnap::time::seconds(args.thaw_after)
+        .map_err(|why| coded(Exit::Usage, format!("--thaw-after: {why}")))?;
     let volumes = load_volumes(&args.volumes)?;
     let zfs = Zfs::locate(args.zfs.as_deref()).map_err(evesnap::exit::wrap)?;
     let _lock = lock_channel(&args.channel)?;
@@ -257,7 +250,7 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
         agent_text: args.agent.clone(),
         agent,
         zfs,
-        timeout: Duration::from_secs_f64(args.timeout),
+        timeout,
         thaw_after: args.thaw_after,
         signals,
     };
