@@ -16,6 +16,7 @@
 //! `origin` of every dataset in the pool (zfs-fuse has no `clones` property).
 
 mod change;
+mod classify;
 mod error;
 pub mod names;
 pub mod parse;
@@ -26,7 +27,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use error::{classify, Error, Failure, Problem};
+pub use classify::classify;
+pub use error::{Error, Failure, Problem};
 pub use query::{SnapshotInfo, Space};
 
 /// The environment variable naming the `zfs` program.
