@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::exit::{Exit, HasExit};
 
@@ -33,9 +34,18 @@ impl fmt::Display for Failure {
             Some(code) => write!(f, "`{}` exited with status {code}", self.command_line())?,
             None => write!(f, "`{}` was killed by a signal", self.command_line())?,
         }
+        write!(f, "{}", Said(&self.stderr, " saying: "))
+    }
+}
+
+/// `<lead><the first lines of stderr>`, or nothing when it is empty.
+struct Said<'a>(&'a str, &'a str);
+
+impl fmt::Display for Said<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The first lines say what went wrong; usage texts that follow are noise.
         let lines: Vec<&str> = self
-            .stderr
+            .0
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
@@ -47,12 +57,35 @@ impl fmt::Display for Failure {
                 .copied()
                 .collect::<Vec<_>>()
                 .join(" / ");
-            write!(f, " saying: {shown}")?;
+            write!(f, "{}{shown}", self.1)?;
             if lines.len() > 3 {
                 write!(f, " (+{} lines)", lines.len() - 3)?;
             }
         }
         Ok(())
+    }
+}
+
+/// How a call that was cut short (by its deadline or a cancel) reads in a message.
+struct CutShort<'a> {
+    command_line: &'a str,
+    /// From the call's start to its end; `None` when it was never started.
+    after: Option<Duration>,
+    why: &'a str,
+}
+
+impl fmt::Display for CutShort<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.after {
+            Some(after) => write!(
+                f,
+                "`{}` {} {:.1} s and was killed",
+                self.command_line,
+                self.why,
+                after.as_secs_f64()
+            ),
+            None => write!(f, "`{}` was not run: {}", self.command_line, self.why),
+        }
     }
 }
 
@@ -188,6 +221,31 @@ pub enum Error {
     },
     #[error("zfs failed")]
     Failed(#[source] Box<Failure>),
+    /// The call's deadline passed: it was killed, with its process group. What it was doing
+    /// in the kernel may still have taken effect. `after` is the time it had; zero when the
+    /// deadline had passed before it could start (then it was not run).
+    #[error("{}{}", CutShort {
+        command_line,
+        after: (!after.is_zero()).then_some(*after),
+        why: if after.is_zero() { "its deadline had passed" } else { "did not finish within" },
+    }, Said(stderr, "; it had said: "))]
+    TimedOut {
+        command_line: String,
+        after: Duration,
+        /// What it had said on stderr by then.
+        stderr: String,
+    },
+    /// The call's cancel token was cancelled: it was killed, with its process group (`after`
+    /// its start), or not started (`None`).
+    #[error("{}", CutShort {
+        command_line,
+        after: *after,
+        why: if after.is_some() { "was cancelled after" } else { "it was cancelled" },
+    })]
+    Cancelled {
+        command_line: String,
+        after: Option<Duration>,
+    },
     #[error("this zfs cannot {0}")]
     Unsupported(String),
     #[error("unexpected output from `{command}`: {detail}")]
@@ -211,6 +269,10 @@ impl HasExit for Error {
         match self {
             Error::InvalidName { .. } | Error::InvalidProperty { .. } => Exit::Usage,
             Error::Preflight { .. } => Exit::Preflight,
+            // 1, not 4 (`AgentTimeout` is about the guest agent, which a hung zfs says
+            // nothing about) nor 7 (a killed call may have changed something): the step
+            // failed; the caller decides what a cancel means for its run.
+            Error::TimedOut { .. } | Error::Cancelled { .. } => Exit::StepFailed,
             _ => Exit::StepFailed,
         }
     }
