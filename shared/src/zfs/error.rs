@@ -66,6 +66,8 @@ impl fmt::Display for Said<'_> {
     }
 }
 
+impl std::error::Error for Failure {}
+
 /// How a call that was cut short (by its deadline or a cancel) reads in a message.
 struct CutShort<'a> {
     command_line: &'a str,
@@ -88,8 +90,6 @@ impl fmt::Display for CutShort<'_> {
         }
     }
 }
-
-impl std::error::Error for Failure {}
 
 /// A check before any change found a problem (see [`Error::Preflight`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
