@@ -391,7 +391,7 @@ fn run_take<'z>(
             let mut outcome = Outcome::success(doc);
             if !report.destroy_after_output.is_empty() {
                 // The next tool (a thaw) must not wait for this.
-                let zfs = Zfs::with_path(zfs.program());
+                let zfs = zfs.clone();
                 let extra = report.destroy_after_output;
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
                     take::destroy_after_output(&zfs, &extra).map_err(|e| {

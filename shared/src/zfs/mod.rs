@@ -169,6 +169,17 @@ impl Zfs {
         }
     }
 
+    /// A view for undoing what a call cut short did: the per-call timeout only, without
+    /// this one's deadline or cancel token, which ended that call and would end the calls
+    /// that tidy up after it as well.
+    pub fn for_cleanup(&self) -> Zfs {
+        Zfs {
+            deadline: None,
+            cancel: None,
+            ..self.clone()
+        }
+    }
+
     pub fn program(&self) -> &Path {
         &self.program.path
     }
