@@ -42,6 +42,9 @@ pub use query::{SnapshotInfo, Space};
 /// The environment variable naming the `zfs` program.
 pub const ENV: &str = "EVESNAP_ZFS";
 
+/// The environment variable of the tools' `--zfs-timeout` (seconds per call).
+pub const TIMEOUT_ENV: &str = "EVESNAP_ZFS_TIMEOUT";
+
 /// How long one `zfs` call may take by default. Far above what a healthy pool needs: the
 /// slowest calls (`snapshot`, `rollback`, `destroy`) wait for a transaction group to sync,
 /// 0.1–0.3 s in the OpenZFS lab and 15 ms on zfs-fuse here, up to the txg timeout (5 s) and
