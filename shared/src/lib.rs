@@ -4,6 +4,7 @@
 //! Each tool crate in `bins/` is a library (`command()` + `run()`) and a thin `main`; the
 //! orchestrator calls the same library functions the small binaries call.
 
+pub mod cancel;
 pub mod cli;
 pub mod document;
 pub mod exit;

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
@@ -215,6 +216,17 @@ struct Cli {
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     zfs: Option<PathBuf>,
+    /// Seconds each zfs call may take; one that takes longer is killed, with whatever it
+    /// started, and the step fails.
+    #[arg(
+        long,
+        env = zfs::TIMEOUT_ENV,
+        hide_env_values = true,
+        value_name = "SECS",
+        default_value_t = zfs::DEFAULT_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    zfs_timeout: u64,
     /// A dataset to roll back (repeatable; default: the document's `datasets`).
     #[arg(long, short = 'd', value_name = "DATASET")]
     dataset: Vec<String>,
@@ -282,7 +294,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         );
     };
     let zfs = match Zfs::locate(cli.zfs.as_deref()) {
-        Ok(z) => z,
+        Ok(z) => z.with_timeout(Duration::from_secs(cli.zfs_timeout)),
         Err(e) => return failed(doc, timer, Map::new(), evesnap::exit::wrap(e)),
     };
     let plan = match plan(&zfs, &datasets, &name, cli.destroy_newer) {

@@ -201,3 +201,24 @@ fn an_upstream_failure_rolls_nothing_back() {
     assert_eq!(out.step()["skipped"], true);
     assert!(shim.calls().is_empty());
 }
+
+#[test]
+fn a_hung_zfs_is_killed_at_the_zfs_timeout() {
+    let fake = support::hanging_zfs("zrollback");
+    let start = std::time::Instant::now();
+    let out = run(
+        zrollback(),
+        &["--zfs-timeout", "1", "-d", "p/a", "--to", "s"],
+        None,
+        &fake,
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    assert!(
+        out.stderr
+            .contains("did not finish within 1.0 s and was killed"),
+        "{}",
+        out.stderr
+    );
+    let _ = std::fs::remove_dir_all(fake.parent().expect("its folder"));
+}

@@ -23,6 +23,7 @@ pub mod meta;
 mod take;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use evesnap::cli::Outcome;
@@ -58,6 +59,18 @@ struct Cli {
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, global = true, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     zfs: Option<PathBuf>,
+    /// Seconds each zfs call may take; one that takes longer is killed, with whatever it
+    /// started, and the step fails.
+    #[arg(
+        long,
+        global = true,
+        env = zfs::TIMEOUT_ENV,
+        hide_env_values = true,
+        value_name = "SECS",
+        default_value_t = zfs::DEFAULT_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    zfs_timeout: u64,
     #[command(flatten)]
     take: TakeArgs,
     #[command(subcommand)]
@@ -150,7 +163,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(cli) => cli,
         Err(e) => return Outcome::error(e.into()),
     };
-    let (zfs, locate_error) = match Zfs::locate(cli.zfs.as_deref()) {
+    let located = Zfs::locate(cli.zfs.as_deref())
+        .map(|zfs| zfs.with_timeout(Duration::from_secs(cli.zfs_timeout)));
+    let (zfs, locate_error) = match located {
         Ok(zfs) => (Some(zfs), None),
         Err(e) => (None, Some(e)),
     };
@@ -368,7 +383,7 @@ fn run_take<'z>(
             let mut outcome = Outcome::success(doc);
             if !report.destroy_after_output.is_empty() {
                 // The next tool (a thaw) must not wait for this.
-                let zfs = Zfs::with_path(zfs.program());
+                let zfs = zfs.clone();
                 let extra = report.destroy_after_output;
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
                     take::destroy_after_output(&zfs, &extra).map_err(|e| {

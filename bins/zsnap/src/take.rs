@@ -232,55 +232,76 @@ impl PreparedSnapshot<'_> {
 
     /// Creates the snapshots: the one part meant for a freeze window. One `zfs` call unless
     /// the method is [`Method::OneByOne`]; on a failure there, what this call created is
-    /// destroyed again and the error says so.
+    /// destroyed again and the error says so. So is what a `zfs snapshot` cut short (killed
+    /// at its deadline, cancelled) created before it died.
     pub fn take(&self) -> Result<Taken, Error> {
         let start = Instant::now();
         let props = self.inline_props();
-        match &self.method {
+        let (names, recursive, mut created) = match &self.method {
             Method::Single | Method::Multi => {
-                self.zfs.snapshot(&self.snapshots, props, false)?;
-                Ok(Taken {
-                    created: self.snapshots.clone(),
-                    elapsed: start.elapsed(),
-                    calls: 1,
-                })
+                (self.snapshots.clone(), false, self.snapshots.clone())
             }
             Method::Recursive { parent, .. } => {
-                self.zfs
-                    .snapshot(&[format!("{parent}@{}", self.name)], props, true)?;
                 let mut created = self.snapshots.clone();
                 created.extend(self.extra());
-                Ok(Taken {
-                    created,
-                    elapsed: start.elapsed(),
-                    calls: 1,
-                })
+                (vec![format!("{parent}@{}", self.name)], true, created)
             }
             Method::OneByOne => {
                 let mut created: Vec<String> = Vec::new();
                 for snapshot in &self.snapshots {
-                    if let Err(e) = self
-                        .zfs
-                        .snapshot(std::slice::from_ref(snapshot), props, false)
-                    {
+                    let one = std::slice::from_ref(snapshot);
+                    if let Err(e) = self.zfs.snapshot(one, props, false) {
+                        created.extend(self.created_anyway(&e, one));
                         return Err(self.undo(created, e, "taking the snapshots one by one"));
                     }
                     created.push(snapshot.clone());
                 }
-                Ok(Taken {
+                return Ok(Taken {
                     created,
                     elapsed: start.elapsed(),
                     calls: self.snapshots.len(),
-                })
+                });
             }
+        };
+        if let Err(e) = self.zfs.snapshot(&names, props, recursive) {
+            created = self.created_anyway(&e, &created);
+            return Err(if created.is_empty() {
+                e
+            } else {
+                self.undo(created, e, "taking the snapshots")
+            });
         }
+        Ok(Taken {
+            created,
+            elapsed: start.elapsed(),
+            calls: 1,
+        })
+    }
+
+    /// Which of `attempted` a failed `zfs snapshot` created all the same: none, unless the
+    /// call was cut short, since a killed `zfs` dies only once its kernel call returns.
+    fn created_anyway(&self, error: &Error, attempted: &[String]) -> Vec<String> {
+        if !matches!(error, Error::TimedOut { .. } | Error::Cancelled { .. }) {
+            return Vec::new();
+        }
+        self.zfs
+            .for_cleanup()
+            .existing(attempted)
+            .unwrap_or_else(|e| {
+                evesnap::warn!(
+                    "cannot tell whether the cut short `zfs snapshot` created {}: {e}",
+                    attempted.join(", ")
+                );
+                Vec::new()
+            })
     }
 
     fn undo(&self, created: Vec<String>, error: Error, what: &str) -> Error {
+        let zfs = self.zfs.for_cleanup();
         let mut undone = Vec::new();
         let mut left = Vec::new();
         for snapshot in created.iter().rev() {
-            match self.zfs.destroy_snapshot(snapshot) {
+            match zfs.destroy_snapshot(snapshot) {
                 Ok(()) => undone.push(snapshot.clone()),
                 Err(e) => {
                     evesnap::warn!("cannot destroy {snapshot} after a failed snapshot: {e}");
@@ -364,26 +385,5 @@ pub fn destroy_after_output(zfs: &Zfs, snapshots: &[String]) -> Result<(), Error
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parents() {
-        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(common_parent(&v(&["p/a/x", "p/a/y"])), "p/a");
-        assert_eq!(common_parent(&v(&["p/a/x", "p/a/x/z"])), "p/a/x");
-        assert_eq!(common_parent(&v(&["p/a", "p/ab"])), "p");
-        assert_eq!(common_parent(&v(&["p/a/x", "p/b"])), "p");
-    }
-
-    #[test]
-    fn atomicity() {
-        assert!(Method::Multi.atomic());
-        assert!(Method::Recursive {
-            parent: "p".into(),
-            extra: None
-        }
-        .atomic());
-        assert!(!Method::OneByOne.atomic());
-    }
-}
+#[path = "take_tests.rs"]
+mod tests;

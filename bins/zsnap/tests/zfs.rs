@@ -509,3 +509,27 @@ fn the_recursive_parents_own_snapshot_is_destroyed_after_the_document_is_out() {
     assert_eq!(snapshots(&a), [format!("{a}@s1")]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_hung_zfs_is_killed_at_the_zfs_timeout() {
+    let fake = support::hanging_zfs("zsnap");
+    let start = std::time::Instant::now();
+    let out = run(
+        zsnap(),
+        &["--zfs-timeout", "1", "-d", "p/a", "-n", "s"],
+        None,
+        &fake,
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    assert!(
+        out.stderr.contains(&format!(
+            "`{} snapshot` did not finish within 1.0 s and was killed",
+            fake.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.step()["ok"], false);
+    let _ = std::fs::remove_dir_all(fake.parent().expect("its folder"));
+}

@@ -193,6 +193,18 @@ impl Drop for Tree {
     }
 }
 
+/// A `zfs` that never answers: a shell waiting for a `sleep 1000` it started.
+pub fn hanging_zfs(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("evesnap-hung-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fake zfs dir");
+    let path = dir.join("zfs");
+    std::fs::write(&path, "#!/bin/sh\nsleep 1000 &\nwait\n").expect("write fake zfs");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod fake zfs");
+    path
+}
+
 /// A `zfs` that records each call's argv (one line, fields separated by 0x1f) and then
 /// runs the real one; `fail_on` makes `zfs snapshot` fail with zfs' "out of space" text
 /// when an argument contains it (before running anything).
