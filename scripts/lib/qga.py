@@ -1,7 +1,7 @@
 """A minimal QEMU guest agent client for the lab scripts (the Rust tools have the real one).
 
-Every connection starts as the real agent needs (LAB.md §2): byte 0xFF, then
-guest-sync-delimited with a random id; replies up to ours are skipped.
+Every connection starts as the real agent needs (docs/lab.md#the-agent-on-the-wire): byte
+0xFF, then guest-sync-delimited with a random id; replies up to ours are skipped.
 """
 
 import base64

@@ -205,7 +205,8 @@ fn rollback_of_an_unmounted_zvol_restores_its_ext4() {
         &mut agent,
         &["sh", "-c", &format!("echo after > {file} && sync")],
     );
-    // A mounted ext4 keeps showing its cached data after a rollback (LAB.md §5): unmount first.
+    // A mounted ext4 keeps showing its cached data after a rollback
+    // (docs/lab.md#rolling-back-a-mounted-zvol): unmount first.
     guest(&mut agent, &["umount", mountpoint]);
     let (rolled, rollback_took) = timed(|| guest_status(&mut agent, &["zfs", "rollback", &snap]));
     let dev = guest(

@@ -111,7 +111,8 @@ mod tests {
         }
     }
 
-    // Verbatim texts: zfs-fuse 0.7.0 on this machine, OpenZFS 2.3.2 in the lab VM (LAB.md §3, §5).
+    // Verbatim texts: zfs-fuse 0.7.0 on this machine, OpenZFS 2.3.2 in the lab VM
+    // (docs/lab.md#zfs-fuse-messages, docs/lab.md#openzfs-messages).
     #[test]
     fn zfs_fuse_texts() {
         let e = classify(fail("cannot open 'P/x': dataset does not exist\n"), "?");
