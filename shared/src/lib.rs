@@ -14,6 +14,7 @@ pub mod qmp;
 pub mod report;
 pub mod request;
 pub mod runtime;
+pub mod signals;
 pub mod steps;
 pub mod time;
 pub mod zfs;

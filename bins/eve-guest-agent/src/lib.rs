@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, Subcommand};
 use evesnap::cli::Outcome;
-use evesnap::exit::{coded, Exit, HasExit};
-use evesnap::request::{self, Op, Request};
+use evesnap::exit::{coded, Exit};
+use evesnap::request::{self, Op, Reply, Request};
 use serde_json::{json, Value};
 
 const EXIT_STATUS: &str = "Exit status:
@@ -153,10 +153,6 @@ fn local_failure(id: Option<&str>, error: anyhow::Error) -> Outcome {
     Outcome::error(error)
 }
 
-fn with_exit<E: HasExit + std::error::Error + Send + Sync + 'static>(e: E) -> anyhow::Error {
-    evesnap::exit::wrap(e)
-}
-
 fn snapshot(args: &SnapshotArgs) -> Outcome {
     let (op, target) = match (&args.create, &args.list, &args.rollback) {
         (Some(t), None, None) => (Op::Create, t),
@@ -178,7 +174,7 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
     };
     let disk = match disk::describe(target) {
         Ok(disk) => disk,
-        Err(e) => return local_failure(None, with_exit(e)),
+        Err(e) => return local_failure(None, evesnap::exit::wrap(e)),
     };
     let request = Request {
         version: request::VERSION,
@@ -209,23 +205,23 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
     })();
     let reply = match exchange {
         Ok(reply) => reply,
-        Err(e) => return local_failure(Some(&request.id), with_exit(e)),
+        Err(e) => return local_failure(Some(&request.id), evesnap::exit::wrap(e)),
     };
     print_line(&reply);
-    if reply.get("ok").and_then(Value::as_bool) == Some(true) {
-        evesnap::note!("done in {:.1} s", started.elapsed().as_secs_f64());
-        return Outcome::default();
-    }
-    let message = reply
-        .pointer("/error/message")
-        .and_then(Value::as_str)
-        .unwrap_or("no reason given")
-        .to_string();
-    let kind = reply
-        .pointer("/error/kind")
-        .and_then(Value::as_str)
-        .unwrap_or("?")
-        .to_string();
+    let (kind, message) = match serde_json::from_value::<Reply>(reply) {
+        Ok(reply) if reply.ok => {
+            evesnap::note!("done in {:.1} s", started.elapsed().as_secs_f64());
+            return Outcome::default();
+        }
+        Ok(Reply {
+            error: Some(error), ..
+        }) => (error.kind, error.message),
+        Ok(_) => ("?".to_string(), "no reason given".to_string()),
+        Err(e) => (
+            "?".to_string(),
+            format!("the host's reply is not a reply: {e}"),
+        ),
+    };
     Outcome::error(coded(
         Exit::StepFailed,
         format!("the host refused the request ({kind}): {message}"),

@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
-use evesnap::document::{self, Document, StepTimer};
+use evesnap::document::{self, fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
+use evesnap::qga::watchdog::Watchdog;
 use evesnap::qga::{Address, Client};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use serde_json::{json, Map, Value};
+use evesnap::signals::Events;
+use nix::sys::signal::Signal;
+use serde::Serialize;
 
 pub use step::{
     abort, check, default_watchdog_program, freeze, freeze_checked, freeze_unverified,
@@ -97,41 +98,36 @@ pub fn command() -> clap::Command {
     Args::command().after_help(Exit::table())
 }
 
-/// Signals that make the tool thaw before exiting, read from a signalfd.
-struct Signals {
-    fd: Option<SignalFd>,
+/// The first signal caught so far, if any, as its name.
+fn caught(signals: &mut Events<()>) -> Option<String> {
+    signals.poll_signal().then(|| {
+        let number = signals.interrupted.unwrap_or_default();
+        Signal::try_from(number).map_or_else(|_| format!("signal {number}"), |s| s.to_string())
+    })
 }
 
-impl Signals {
-    /// Blocks SIGINT, SIGTERM and SIGHUP (they wait until [`Signals::pending`] asks).
-    fn block() -> Signals {
-        let mut set = SigSet::empty();
-        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            set.add(signal);
-        }
-        if let Err(e) = set.thread_block() {
-            evesnap::warn!("cannot defer signals during the freeze: {e}");
-            return Signals { fd: None };
-        }
-        Signals {
-            fd: SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok(),
-        }
-    }
-
-    fn pending(&self) -> Option<String> {
-        let info = self.fd.as_ref()?.read_signal().ok()??;
-        Some(
-            Signal::try_from(info.ssi_signo as i32)
-                .map_or_else(|_| format!("signal {}", info.ssi_signo), |s| s.to_string()),
-        )
-    }
+/// The step of a freeze that was not tried.
+#[derive(Debug, Serialize)]
+struct NotTried<'a> {
+    skipped: bool,
+    reason: &'a str,
+    frozen: i64,
+    mountpoints: Option<&'a [String]>,
+    watchdog: Option<Watchdog>,
 }
 
-fn fields(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    }
+/// The step of a freeze that failed, and the state it left.
+#[derive(Debug, Serialize)]
+struct FreezeFailed<'a> {
+    frozen: i64,
+    mountpoints: Option<&'a [String]>,
+    possibly_frozen: bool,
+    cleanup_thaw: Option<CleanupThaw>,
+    watchdog: Option<Watchdog>,
+}
+
+fn some_mountpoints(mountpoints: &[String]) -> Option<&[String]> {
+    (!mountpoints.is_empty()).then_some(mountpoints)
 }
 
 pub fn run(matches: &clap::ArgMatches) -> Outcome {
@@ -149,8 +145,14 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     }
     let timer = StepTimer::start(TOOL);
     let skipped = |timer: StepTimer, reason: &str, args: &Args| {
-        let mountpoints = (!args.mountpoints.is_empty()).then(|| args.mountpoints.clone());
-        timer.finish(false, fields(json!({"skipped": true, "reason": reason, "frozen": 0, "mountpoints": mountpoints, "watchdog": null})))
+        let step = NotTried {
+            skipped: true,
+            reason,
+            frozen: 0,
+            mountpoints: some_mountpoints(&args.mountpoints),
+            watchdog: None,
+        };
+        timer.finish_with(false, &step)
     };
     let mut doc = match document::read_stdin() {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
@@ -158,9 +160,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             let mut doc = Document::new();
             doc.agent = args.agent.clone();
             doc.push(skipped(timer, "no upstream document", &args));
-            return Outcome::failed(doc, TOOL, e.into());
+            return Outcome::failed(doc, TOOL, evesnap::exit::wrap(e));
         }
-        Err(e) => return Outcome::error(e.into()),
+        Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
     };
     if let Some(reason) = doc.upstream_failure() {
         doc.push(skipped(timer, &reason, &args));
@@ -201,14 +203,13 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         watchdog_program: None,
     };
     let failed_fields = |aftermath: Option<&Aftermath>| {
-        let mountpoints = (!opts.mountpoints.is_empty()).then(|| opts.mountpoints.clone());
-        fields(json!({
-            "frozen": 0,
-            "mountpoints": mountpoints,
-            "possibly_frozen": aftermath.is_some_and(|a| a.possibly_frozen),
-            "cleanup_thaw": aftermath.and_then(|a| a.thaw.clone()),
-            "watchdog": aftermath.and_then(|a| a.watchdog.clone()),
-        }))
+        fields_of(&FreezeFailed {
+            frozen: 0,
+            mountpoints: some_mountpoints(&opts.mountpoints),
+            possibly_frozen: aftermath.is_some_and(|a| a.possibly_frozen),
+            cleanup_thaw: aftermath.and_then(|a| a.thaw.clone()),
+            watchdog: aftermath.and_then(|a| a.watchdog.clone()),
+        })
     };
 
     let connect_deadline = Instant::now() + args.connect_timeout.unwrap_or(args.timeout);
@@ -221,8 +222,16 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     client.set_timeout(args.timeout);
 
-    let signals = Signals::block();
-    let result = match signals.pending() {
+    // From here on a signal does not end the process: it is answered by a thaw.
+    let mut signals = match Events::<()>::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            doc.push(timer.finish(false, failed_fields(None)));
+            let e = anyhow::Error::new(e).context("cannot install signal handlers");
+            return Outcome::failed(doc, TOOL, e);
+        }
+    };
+    let result = match caught(&mut signals) {
         Some(signal) => Err(coded(
             Exit::StepFailed,
             format!("interrupted by {signal} before the freeze"),
@@ -236,7 +245,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             return Outcome::failed(doc, TOOL, e);
         }
     };
-    let result = result.and_then(|report| match signals.pending() {
+    let result = result.and_then(|report| match caught(&mut signals) {
         None => Ok(report),
         Some(signal) => Err(Error::Interrupted {
             signal,
@@ -268,8 +277,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                     );
                 }
             }
-            let value = serde_json::to_value(&report).unwrap_or(Value::Null);
-            doc.push(timer.finish(true, fields(value)));
+            doc.push(timer.finish_with(true, &report));
             Outcome::success(doc)
         }
         Err(e) => {

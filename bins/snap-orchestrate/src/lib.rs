@@ -23,7 +23,6 @@
 
 pub mod flow;
 pub mod guest;
-mod interrupt;
 pub mod lock;
 pub mod plan;
 pub mod schema;

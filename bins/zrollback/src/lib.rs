@@ -254,7 +254,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     let mut doc = match evesnap::document::read_stdin() {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
-        Err(e) => return Outcome::error(e.into()),
+        Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
     };
     let timer = StepTimer::start(TOOL);
     if !doc.ok || doc.failed_step().is_some() {

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{thaw_step, Consistency, Run, StepError, CONSISTENCY_PROPERTY, SIGNAL_GRACE};
 use crate::guest;
-use crate::interrupt::{Event, Events};
+use evesnap::signals::{Event, Events};
 
 /// The create preflight's record.
 #[derive(Debug, Serialize)]

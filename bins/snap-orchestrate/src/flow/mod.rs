@@ -31,8 +31,8 @@ use evesnap::zfs::Zfs;
 use qga_thaw::ThawOptions;
 
 use crate::guest;
-use crate::interrupt::Events;
 use crate::plan::{GuestCommand, Plan};
+use evesnap::signals::Events;
 
 pub use evesnap::report::Consistency;
 

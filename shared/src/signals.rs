@@ -1,20 +1,21 @@
-//! SIGINT, SIGTERM and SIGHUP become events the flow reads at its own pace, so a signal
-//! never cuts a step in half: the flow thaws, runs what must run, reports, and exits. A
-//! second signal is just another event: nothing skips the thaw.
+//! SIGINT, SIGTERM and SIGHUP become events a tool reads at its own pace, so a signal
+//! never cuts a step in half: the tool thaws, runs what must run, reports, and exits. A
+//! second signal is just another event: nothing skips the thaw. The one signal mechanism
+//! of every tool (qga-freeze, snap-orchestrate and its listener).
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-/// Something the flow waits for: a signal, or a step running on a worker thread.
+/// Something a tool waits for: a signal, or a step running on a worker thread.
 #[derive(Debug)]
 pub enum Event<T> {
     Signal(i32),
     Done(T),
 }
 
-/// The flow's event queue; signals arrive in it from installation on.
+/// A tool's event queue; signals arrive in it from installation on.
 #[derive(Debug)]
 pub struct Events<T> {
     tx: Sender<Event<T>>,
@@ -31,7 +32,7 @@ impl<T: Send + 'static> Events<T> {
         let forward = tx.clone();
         std::thread::Builder::new().name("signals".into()).spawn(move || {
             for signal in signals.forever() {
-                evesnap::warn!("caught signal {signal}: finishing safely (the guest is thawed before exit)");
+                crate::warn!("caught signal {signal}: finishing safely (the guest is thawed before exit)");
                 if forward.send(Event::Signal(signal)).is_err() {
                     break;
                 }
