@@ -71,26 +71,12 @@ pub fn plan(
     name: &str,
     destroy_newer: bool,
 ) -> Result<RollbackPlan, Error> {
-    let mut seen = BTreeSet::new();
-    let datasets: Vec<&String> = datasets
-        .iter()
-        .filter(|d| seen.insert(d.as_str()))
-        .collect();
-    if datasets.is_empty() {
-        return Err(Error::InvalidName {
-            name: String::new(),
-            reason: "no dataset given".into(),
-        });
-    }
-    for d in &datasets {
-        names::check_dataset(d)?;
-    }
-    names::check_snapshot_name(name)?;
+    let datasets = names::check_set(datasets, name)?;
 
     let mut problems = Vec::new();
     let mut targets = Vec::new();
     let mut pending: Vec<(Target, Vec<SnapshotInfo>)> = Vec::new();
-    for d in datasets {
+    for d in &datasets {
         let snaps = match zfs.snapshots(d, &[]) {
             Ok(s) => s,
             Err(Error::DoesNotExist { .. }) => {

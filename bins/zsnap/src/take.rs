@@ -51,22 +51,7 @@ pub fn preflight<'z>(
     properties: &[(String, String)],
     min_free: u64,
 ) -> Result<PreparedSnapshot<'z>, Error> {
-    let mut seen = BTreeSet::new();
-    let datasets: Vec<String> = datasets
-        .iter()
-        .filter(|d| seen.insert(d.as_str()))
-        .cloned()
-        .collect();
-    if datasets.is_empty() {
-        return Err(Error::InvalidName {
-            name: String::new(),
-            reason: "no dataset given".into(),
-        });
-    }
-    for d in &datasets {
-        names::check_dataset(d)?;
-    }
-    names::check_snapshot_name(name)?;
+    let datasets = names::check_set(datasets, name)?;
     for (k, v) in properties {
         names::check_user_property(k, v)?;
     }

@@ -72,6 +72,25 @@ pub fn check_snapshot_name(short: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A set of datasets and the snapshot name they share: the datasets without repeats (in
+/// their order), at least one, every name valid.
+pub fn check_set(datasets: &[String], name: &str) -> Result<Vec<String>, Error> {
+    let mut seen = std::collections::BTreeSet::new();
+    let datasets: Vec<String> = datasets
+        .iter()
+        .filter(|d| seen.insert(d.as_str()))
+        .cloned()
+        .collect();
+    if datasets.is_empty() {
+        return Err(invalid("", "no dataset given"));
+    }
+    for d in &datasets {
+        check_dataset(d)?;
+    }
+    check_snapshot_name(name)?;
+    Ok(datasets)
+}
+
 /// A full snapshot name `dataset@name`; returns its two halves.
 pub fn split_snapshot(full: &str) -> Result<(&str, &str), Error> {
     let Some((dataset, short)) = full.split_once('@') else {

@@ -198,14 +198,7 @@ pub fn identify(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn volumes() -> Volumes {
-        serde_json::from_str(
-            r#"{"pool/vm0/disk0": {"serial": "disk0", "pci": "0000:00:07.0"},
-                "pool/vm0/disk1": {"serial": "disk1", "pci": "0000:00:08.0"}}"#,
-        )
-        .expect("volumes")
-    }
+    use crate::serve::volumes::tests::volumes;
 
     // Verbatim from qemu-ga 7.2 in the lab guest (no udev: no serial).
     const LAB: &str = r#"[{"name": "vdb", "total-bytes": 52685824, "mountpoint": "/data1", "disk": [{"bus-type": "virtio", "bus": 0, "unit": 0, "pci-controller": {"bus": 0, "slot": 8, "domain": 0, "function": 0}, "dev": "/dev/vdb", "target": 0}], "used-bytes": 14336, "type": "ext4"}, {"name": "vda", "total-bytes": 52685824, "mountpoint": "/data0", "disk": [{"bus-type": "virtio", "bus": 0, "unit": 0, "pci-controller": {"bus": 0, "slot": 7, "domain": 0, "function": 0}, "dev": "/dev/vda", "target": 0}], "used-bytes": 14336, "type": "ext4"}]"#;

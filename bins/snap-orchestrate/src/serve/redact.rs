@@ -82,15 +82,8 @@ impl Redactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::volumes::tests::volumes;
     use serde_json::json;
-
-    fn volumes() -> Volumes {
-        serde_json::from_str(
-            r#"{"pool/vm0/disk0": {"serial": "disk0", "pci": "0000:00:07.0"},
-                "pool/vm0/disk1": {"serial": "disk1", "pci": "0000:00:08.0"}}"#,
-        )
-        .expect("volumes")
-    }
 
     #[test]
     fn host_names_are_replaced_by_labels() {

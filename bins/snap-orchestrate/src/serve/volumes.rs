@@ -95,10 +95,11 @@ pub fn label(disk: &GuestDisk) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn volumes() -> Volumes {
+    /// The lab VM's two disks, as a map: the fixture of every serve test.
+    pub(in crate::serve) fn volumes() -> Volumes {
         serde_json::from_str(
             r#"{"pool/vm0/disk0": {"serial": "disk0", "pci": "0000:00:07.0"},
                 "pool/vm0/disk1": {"serial": "disk1", "pci": "0000:00:08.0"}}"#,
