@@ -66,7 +66,9 @@ fn an_upstream_failure_still_thaws_and_exits_upstream_failed() {
     let (_agent, sim, address) = frozen_sim();
     let upstream = format!(
         r#"{{"version":1,"ok":false,"agent":"{address}","steps":[
-        {{"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":2}},
+        {{"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":2,
+          "mountpoints":null,"adopted":false,"agent_version":"7.2.0","freeze_ms":1.0,
+          "frozen_at_unix_us":1,"watchdog":null}},
         {{"tool":"zsnap","ok":false,"started_at":"x","duration_ms":1}}],
         "error":{{"tool":"zsnap","kind":"step-failed","message":"out of space"}}}}"#
     );

@@ -42,7 +42,9 @@ struct Entry {
 }
 
 const FROZEN_DOC: &str = r#"{"version":1,"ok":true,"steps":[
-  {"tool":"qga-freeze","ok":true,"started_at":"2026-11-25T19:30:00.000Z","duration_ms":3.0,"frozen":2}],
+  {"tool":"qga-freeze","ok":true,"started_at":"2026-11-25T19:30:00.000Z","duration_ms":3.0,"frozen":2,
+   "mountpoints":null,"adopted":false,"agent_version":"7.2.0","freeze_ms":2.5,
+   "frozen_at_unix_us":1795635000000000,"watchdog":null}],
   "error":null,"agent":"unix:/nowhere","snapshot_id":"6f1c4a7e-0000-4000-8000-000000000001"}"#;
 
 #[test]
