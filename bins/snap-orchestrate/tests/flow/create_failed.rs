@@ -170,6 +170,17 @@ fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_and_its_late_snapshot_destroyed(
     );
     assert!(zfs.snapshots().is_empty());
     assert_eq!(run.report.consistency, None);
+    // Steps in the order they started, as in every other run.
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", false),
+            ("qga-thaw", true)
+        ]
+    );
 }
 
 #[test]
