@@ -29,11 +29,16 @@ fn unique(what: &str) -> PathBuf {
     ))
 }
 
-/// The runtime folder (the VM locks; no watchdog is armed with `thaw_after_s: 0`), one per
-/// test process: set once, before any test runs the flow.
-fn run_dir() {
-    static SET: OnceLock<()> = OnceLock::new();
-    SET.get_or_init(|| std::env::set_var("EVESNAP_RUN_DIR", unique("run")));
+/// The runtime folder (the VM locks; no watchdog is armed with `thaw_after_s: 0`), set
+/// once, before any test runs the flow. Each run removes its lock file afterwards.
+fn run_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("evesnap-flow-tests-{}", nix::unistd::geteuid()));
+        std::env::set_var("EVESNAP_RUN_DIR", &dir);
+        dir
+    })
 }
 
 /// The Python behind `python3` (a version manager's shim on `PATH` costs ~0.3 s a call).
@@ -192,8 +197,13 @@ fn merge(into: &mut Value, from: Value) {
 
 /// Runs the plan's flow with the fake zfs.
 pub fn run(plan: &Plan, zfs: &FakeZfs) -> Finished {
-    run_dir();
-    snap_orchestrate::flow::execute(plan, &zfs.zfs())
+    let lock = run_dir()
+        .join("locks")
+        .join(format!("{}.lock", evesnap::runtime::file_key(&plan.agent)));
+    let finished = snap_orchestrate::flow::execute(plan, &zfs.zfs());
+    // Keyed by this test's own agent address: nobody else's.
+    let _ = std::fs::remove_file(lock);
+    finished
 }
 
 /// Takes the plan's VM lock, as a run in progress holds it.
