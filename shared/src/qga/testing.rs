@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
 
 use serde_json::{json, Value};
 
@@ -211,6 +213,28 @@ impl Drop for FakeAgent {
     }
 }
 
+/// A program the simulated guest can run through `guest-exec`.
+#[derive(Debug, Clone, Default)]
+pub struct Program {
+    pub exitcode: i64,
+    pub stdout: String,
+    pub stderr: String,
+    /// How long it runs before it exits.
+    pub runs_for: Duration,
+    /// What it changes in the guest as it exits (e.g. unmounts a filesystem).
+    pub effect: Option<fn(&mut SimState)>,
+}
+
+impl Program {
+    /// A program that exits at once with `exitcode`.
+    pub fn exits(exitcode: i64) -> Program {
+        Program {
+            exitcode,
+            ..Program::default()
+        }
+    }
+}
+
 /// The simulated guest behind [`FakeAgent::simulated`].
 #[derive(Debug, Clone)]
 pub struct SimState {
@@ -232,7 +256,14 @@ pub struct SimState {
     pub stale_output: Vec<u8>,
     /// Another client thaws right after each freeze is answered.
     pub thawed_by_another_client: bool,
-    /// Every command it received, in order.
+    /// What `guest-exec` can run, by path; any other path fails to start.
+    pub programs: Vec<(String, Program)>,
+    /// Started by `guest-exec` and not yet reported exited: pid, program, start.
+    pub running: Vec<(i64, Program, Instant)>,
+    /// The answer to `guest-get-fsinfo`.
+    pub fsinfo: Value,
+    /// Every command it received, in order; `guest-exec` with the argv it ran
+    /// (`guest-exec /bin/app quiesce`).
     pub log: Vec<String>,
 }
 
@@ -249,6 +280,9 @@ impl Default for SimState {
             delays: Vec::new(),
             stale_output: Vec::new(),
             thawed_by_another_client: false,
+            programs: Vec::new(),
+            running: Vec::new(),
+            fsinfo: json!([]),
             log: Vec::new(),
         }
     }
@@ -303,7 +337,7 @@ impl Sim {
             let name = request.execute.as_str();
             let (reply, delay) = {
                 let mut state = self.state();
-                state.log.push(request.execute.clone());
+                state.log.push(Self::describe(&request));
                 if state.silent.iter().any(|c| c == name) {
                     continue;
                 }
@@ -326,6 +360,19 @@ impl Sim {
                 Err((class, desc)) => peer.fail(&request, class, &desc),
             }
         }
+    }
+
+    /// The log's entry for a request.
+    fn describe(request: &Request) -> String {
+        if request.execute != "guest-exec" {
+            return request.execute.clone();
+        }
+        let args = &request.arguments;
+        std::iter::once(&args["path"])
+            .chain(args["arg"].as_array().into_iter().flatten())
+            .fold(request.execute.clone(), |line, a| {
+                format!("{line} {}", a.as_str().unwrap_or_default())
+            })
     }
 
     fn answer(state: &mut SimState, request: &Request) -> Result<Value, (&'static str, String)> {
@@ -396,6 +443,42 @@ impl Sim {
                 state.frozen = 0;
                 json!(n)
             }
+            "guest-exec" => {
+                let path = request.arguments["path"].as_str().unwrap_or_default();
+                let Some((_, program)) = state.programs.iter().find(|(p, _)| p == path) else {
+                    // Shaped like qemu-ga's failed spawn (glib's message inside its own).
+                    let desc = format!(
+                        "Guest agent command failed, error was 'Failed to execute child process \u{201c}{path}\u{201d} (No such file or directory)'"
+                    );
+                    return Err(("GenericError", desc));
+                };
+                // Unique: one log entry per request.
+                let pid = state.log.len() as i64;
+                state.running.push((pid, program.clone(), Instant::now()));
+                json!({ "pid": pid })
+            }
+            "guest-exec-status" => {
+                let pid = request.arguments["pid"].as_i64();
+                let Some(at) = state.running.iter().position(|(p, _, _)| Some(*p) == pid) else {
+                    return Err(("GenericError", "Invalid parameter 'pid'".into()));
+                };
+                if state.running[at].2.elapsed() < state.running[at].1.runs_for {
+                    return Ok(json!({ "exited": false }));
+                }
+                let (_, program, _) = state.running.remove(at);
+                if let Some(effect) = program.effect {
+                    effect(state);
+                }
+                let mut status = json!({ "exited": true, "exitcode": program.exitcode });
+                // Like qemu-ga: output only when there is some, base64.
+                for (key, text) in [("out-data", &program.stdout), ("err-data", &program.stderr)] {
+                    if !text.is_empty() {
+                        status[key] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+                    }
+                }
+                status
+            }
+            "guest-get-fsinfo" => state.fsinfo.clone(),
             _ => return Err(("GenericError", "not simulated".into())),
         })
     }

@@ -1,0 +1,241 @@
+//! `action: create`: the runs that take their snapshot, one per branch of
+//! `flow/create.rs` that ends well (consistency, zfs flavour, expedited RCU, retention).
+
+use std::time::Duration;
+
+use evesnap::exit::Exit;
+use evesnap::qga::testing::{FakeAgent, Program, SimState};
+use evesnap::report::{Consistency, ExpeditedRcu};
+use serde_json::json;
+
+use crate::support::*;
+
+#[test]
+fn guest_pre_freeze_one_atomic_snapshot_thaw_guest_post_is_application_consistent() {
+    let (agent, sim) = with_app();
+    let zfs = FakeZfs::new(&pool(&[DS0, DS1]));
+    let plan = plan(
+        &agent.address.to_string(),
+        &[DS0, DS1],
+        quiesce_and_resume(),
+    );
+    let run = run(&plan, &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", true),
+            ("qga-thaw", true),
+            ("guest_post", true)
+        ]
+    );
+    assert!(run.report.ok && run.report.error.is_none());
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+    assert!(run.report.freeze_window_ms.is_some() && run.report.create_time.is_some());
+    // The application is quiesced around the freeze window, in order.
+    assert!(at(&sim, "guest-exec /usr/bin/app-ctl quiesce") < at(&sim, "guest-fsfreeze-freeze"));
+    assert!(at(&sim, "guest-fsfreeze-freeze") < at(&sim, "guest-fsfreeze-thaw"));
+    assert!(at(&sim, "guest-fsfreeze-thaw") < at(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    assert_eq!(sim.state().frozen, 0);
+    // One multi-name `zfs snapshot`, the metadata set in the same call.
+    let taken = zfs.calls_of("snapshot");
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0][taken[0].len() - 2..], [snap(DS0), snap(DS1)]);
+    assert!(taken[0].contains(&format!("{CONSISTENCY}=application")));
+    let state = zfs.state();
+    let reported = run.report.snapshots.as_ref().expect("snapshots");
+    assert_eq!(reported.len(), 2);
+    for (entry, dataset) in reported.iter().zip([DS0, DS1]) {
+        let real = &state["snapshots"][snap(dataset)];
+        assert_eq!(entry.name, snap(dataset));
+        assert_eq!(entry.guid, real["guid"].as_str().expect("guid"));
+        assert_eq!(entry.createtxg, real["createtxg"]);
+        assert_eq!(real["props"]["org.lfedge.evesnap:frozen"], "true");
+        assert_eq!(real["props"][CONSISTENCY], "application");
+    }
+}
+
+#[test]
+fn without_guest_pre_the_snapshot_is_filesystem_consistent() {
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let run = run(&plan(&agent.address.to_string(), &[DS0], json!({})), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    let tools: Vec<&str> = steps(&run).into_iter().map(|(tool, _)| tool).collect();
+    assert_eq!(
+        tools,
+        ["preflight", "guest_pre", "qga-freeze", "zsnap", "qga-thaw"]
+    );
+    assert_eq!(run.report.consistency, Some(Consistency::Filesystem));
+    assert_eq!(
+        zfs.state()["snapshots"][snap(DS0)]["props"][CONSISTENCY],
+        "filesystem"
+    );
+    assert!(!got(&sim, "guest-exec"));
+}
+
+#[test]
+fn a_non_fatal_guest_pre_failure_makes_it_filesystem_consistent_only() {
+    // The quiescing command outlasts its timeout; it is not fatal, so the run goes on.
+    let slow = Program {
+        runs_for: Duration::from_secs(5),
+        ..Program::default()
+    };
+    let (agent, _sim) = FakeAgent::simulated(SimState {
+        programs: vec![("/usr/bin/slow-quiesce".into(), slow)],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra =
+        json!({"guest_pre": [{"path": "/usr/bin/slow-quiesce", "timeout_s": 0.2, "fatal": false}]});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    let pre = &run.report.steps[1];
+    assert_eq!(pre.tool, "guest_pre");
+    assert_eq!(pre.fields["commands"][0]["ok"], false, "{pre:?}");
+    assert_eq!(run.report.consistency, Some(Consistency::Filesystem));
+}
+
+#[test]
+fn on_zfs_fuse_the_set_is_one_recursive_snapshot_and_retention_reads_it_back() {
+    // zfs-fuse (the lab's) has no multi-name snapshot and no `list -p`.
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = pool(&[DS0, DS1]);
+    state["flavour"] = json!("zfs-fuse");
+    for dataset in [DS0, DS1] {
+        add_snapshot(
+            &mut state,
+            &format!("{dataset}@old"),
+            10,
+            json!({"org.lfedge.evesnap:id": "0"}),
+        );
+    }
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"max_snapshots": 1});
+    let run = run(&plan(&agent.address.to_string(), &[DS0, DS1], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    let parent = snap("tank/vm0");
+    let taken = zfs.calls_of("snapshot");
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0][1], "-r");
+    assert_eq!(taken[0].last(), Some(&parent));
+    // The parent's own snapshot goes at once; the older set goes by retention.
+    let destroyed: Vec<String> = zfs
+        .calls_of("destroy")
+        .into_iter()
+        .map(|c| c[1].clone())
+        .collect();
+    assert_eq!(
+        destroyed,
+        [parent, format!("{DS0}@old"), format!("{DS1}@old")]
+    );
+    assert_eq!(zfs.snapshots(), [snap(DS0), snap(DS1)]);
+    let state = zfs.state();
+    let txg = |d: &str| state["snapshots"][snap(d)]["createtxg"].clone();
+    assert_eq!(txg(DS0), txg(DS1), "atomic: one transaction group");
+    assert_eq!(run.report.snapshots.as_ref().map(Vec::len), Some(2));
+}
+
+#[test]
+fn without_an_agent_the_plan_may_allow_a_crash_consistent_snapshot() {
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"required": false, "timeout_s": 0.3}});
+    let run = run(&plan(&no_agent(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(steps(&run), [("preflight", true), ("zsnap", true)]);
+    assert_eq!(run.report.consistency, Some(Consistency::Crash));
+    assert_eq!(run.report.freeze_window_ms, None);
+    let props = &zfs.state()["snapshots"][snap(DS0)]["props"];
+    assert_eq!(props[CONSISTENCY], "crash");
+    assert_eq!(props["org.lfedge.evesnap:frozen"], "false");
+}
+
+#[test]
+fn expedited_rcu_is_set_before_the_freeze_and_restored_after_the_thaw() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: vec![("/bin/sh".into(), Program::exits(0))],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"expedite_rcu": true}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(
+        run.report.expedited_rcu,
+        Some(ExpeditedRcu {
+            set: true,
+            restored: Some(true),
+            error: None
+        })
+    );
+    assert!(at(&sim, "guest-exec /bin/sh") < at(&sim, "guest-fsfreeze-freeze"));
+    assert!(last_at(&sim, "guest-exec /bin/sh") > at(&sim, "guest-fsfreeze-thaw"));
+}
+
+#[test]
+fn without_a_shell_in_the_guest_the_freeze_goes_on_without_expedited_rcu() {
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"expedite_rcu": true}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    let rcu = run.report.expedited_rcu.as_ref().expect("expedited_rcu");
+    assert!(!rcu.set && rcu.restored.is_none(), "{rcu:?}");
+    assert!(
+        rcu.error.as_deref().is_some_and(|e| e.contains("/bin/sh")),
+        "{rcu:?}"
+    );
+    // Tried once, before the freeze; nothing to restore after the thaw.
+    assert_eq!(last_at(&sim, "guest-exec"), at(&sim, "guest-exec /bin/sh"));
+    assert!(at(&sim, "guest-exec") < at(&sim, "guest-fsfreeze-freeze"));
+}
+
+#[test]
+fn retention_destroys_the_oldest_sets_but_never_a_held_or_foreign_one() {
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = pool(&[DS0]);
+    let ours = |id: &str| json!({"org.lfedge.evesnap:id": id});
+    add_snapshot(&mut state, &format!("{DS0}@old1"), 10, ours("1"));
+    add_snapshot(&mut state, &format!("{DS0}@manual"), 15, json!({}));
+    add_snapshot(&mut state, &format!("{DS0}@old2"), 20, ours("2"));
+    add_snapshot(&mut state, &format!("{DS0}@old3"), 30, ours("3"));
+    state["snapshots"][format!("{DS0}@old1")]["userrefs"] = json!(1);
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"max_snapshots": 2});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    let retention = run.report.steps.last().expect("steps");
+    assert_eq!((retention.tool.as_str(), retention.ok), ("retention", true));
+    // Four sets of ours, two too many: old1 is held and stays, old2 goes, and old3 is
+    // not destroyed in old1's place.
+    assert_eq!(
+        retention.fields["destroyed"],
+        json!([format!("{DS0}@old2")])
+    );
+    assert_eq!(
+        retention.fields["kept"][0]["snapshot"],
+        format!("{DS0}@old1")
+    );
+    let mut left = zfs.snapshots();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            format!("{DS0}@manual"),
+            format!("{DS0}@old1"),
+            format!("{DS0}@old3"),
+            snap(DS0)
+        ]
+    );
+}

@@ -1,0 +1,230 @@
+//! `action: create` failing once the guest was touched: whatever fails, the guest is
+//! thawed and gets its `guest_post`, and no snapshot claims a freeze it did not have.
+
+use evesnap::exit::Exit;
+use evesnap::qga::testing::{FakeAgent, Program, SimState};
+use evesnap::report::{Consistency, Severity};
+use serde_json::json;
+
+use crate::support::*;
+
+#[test]
+fn a_fatal_guest_pre_failure_undoes_what_ran_and_never_freezes() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: vec![
+            (APP_CTL.into(), Program::exits(0)),
+            ("/usr/bin/flush".into(), Program::exits(3)),
+        ],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    // guest_post[i] undoes guest_pre[i]: both ran, so both are undone, last first.
+    let extra = json!({
+        "guest_pre": [{"path": APP_CTL, "args": ["quiesce"]}, {"path": "/usr/bin/flush"}],
+        "guest_post": [{"path": APP_CTL, "args": ["resume"]}, {"path": APP_CTL, "args": ["unflush"]}]});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("guest_pre"));
+    let execs: Vec<String> = sim
+        .state()
+        .log
+        .iter()
+        .filter(|c| c.starts_with("guest-exec "))
+        .cloned()
+        .collect();
+    assert_eq!(
+        execs,
+        [
+            "guest-exec /usr/bin/app-ctl quiesce",
+            "guest-exec /usr/bin/flush",
+            "guest-exec /usr/bin/app-ctl unflush",
+            "guest-exec /usr/bin/app-ctl resume"
+        ]
+    );
+    assert!(!got(&sim, "guest-fsfreeze-freeze"));
+    assert!(zfs.calls_of("snapshot").is_empty());
+}
+
+#[test]
+fn a_freeze_the_agent_refuses_takes_no_snapshot_and_guest_post_runs() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: app_ctl(),
+        failing: vec![(
+            "guest-fsfreeze-freeze".into(),
+            "failed to freeze /data0: Operation not supported".into(),
+        )],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let run = run(
+        &plan(&agent.address.to_string(), &[DS0], quiesce_and_resume()),
+        &zfs,
+    );
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("freeze"));
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", false),
+            ("guest_post", true)
+        ]
+    );
+    assert!(at(&sim, "guest-fsfreeze-thaw") < at(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    assert_eq!(sim.state().frozen, 0);
+    assert!(zfs.calls_of("snapshot").is_empty());
+    assert_eq!(run.report.consistency, None);
+}
+
+#[test]
+fn a_freeze_that_does_not_verify_destroys_the_snapshot_taken_meanwhile() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        thawed_by_another_client: true,
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let run = run(&plan(&agent.address.to_string(), &[DS0], json!({})), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("freeze"));
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", false),
+            ("zsnap", false)
+        ]
+    );
+    assert_eq!(run.report.consistency, None);
+    assert_eq!(
+        sim.after_freeze(2),
+        ["guest-fsfreeze-status", "guest-fsfreeze-thaw"]
+    );
+    // Taken while the check ran, then destroyed: it cannot claim the freeze.
+    assert_eq!(zfs.calls_of("snapshot").len(), 1);
+    assert_eq!(
+        zfs.calls_of("destroy"),
+        [vec!["destroy".to_string(), snap(DS0)]]
+    );
+    assert!(zfs.snapshots().is_empty());
+}
+
+#[test]
+fn a_failed_zfs_snapshot_is_thawed_and_guest_post_runs() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    state["faults"]["snapshot"] = json!({"stderr": format!(
+        "cannot create snapshot '{}': out of space\nno snapshots were created\n", snap(DS0))});
+    let zfs = FakeZfs::new(&state);
+    let run = run(
+        &plan(&agent.address.to_string(), &[DS0], quiesce_and_resume()),
+        &zfs,
+    );
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("snapshot"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(error.message.contains("out of space"), "{error:?}");
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", false),
+            ("qga-thaw", true),
+            ("guest_post", true)
+        ]
+    );
+    assert!(at(&sim, "guest-fsfreeze-thaw") < at(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    assert_eq!(sim.state().frozen, 0);
+    assert!(zfs.snapshots().is_empty());
+    assert_eq!(run.report.consistency, None);
+}
+
+#[test]
+fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_and_its_late_snapshot_destroyed() {
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let mut state = pool(&[DS0]);
+    state["faults"]["snapshot"] = json!({"sleep": 1.5});
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"freeze": {"timeout_s": 0.5}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("snapshot"));
+    let window = run.report.freeze_window_ms.expect("thawed");
+    assert!(
+        (400.0..1400.0).contains(&window),
+        "thawed after {window} ms"
+    );
+    assert_eq!(sim.state().frozen, 0);
+    // It finished after the thaw: destroyed, it may postdate the thaw.
+    assert_eq!(
+        zfs.calls_of("destroy"),
+        [vec!["destroy".to_string(), snap(DS0)]]
+    );
+    assert!(zfs.snapshots().is_empty());
+    assert_eq!(run.report.consistency, None);
+    // Steps in the order they started, as in every other run.
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", false),
+            ("qga-thaw", true)
+        ]
+    );
+}
+
+#[test]
+fn a_refused_thaw_is_critical_and_the_snapshot_stays() {
+    let (agent, sim) = with_app();
+    sim.state().failing = vec![(
+        "guest-fsfreeze-thaw".into(),
+        "failed to thaw /data0: Device or resource busy".into(),
+    )];
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let run = run(
+        &plan(&agent.address.to_string(), &[DS0], quiesce_and_resume()),
+        &zfs,
+    );
+
+    assert_eq!(exit(&run), Exit::ThawFailed, "{:?}", run.error);
+    let error = run.report.error.as_ref().expect("error");
+    assert_eq!(
+        (error.step.as_str(), error.kind.as_str(), error.severity),
+        ("thaw", "thaw-failed", Severity::Critical)
+    );
+    assert!(sim.state().frozen > 0, "the fake guest stays frozen");
+    // Taken while frozen, it stays and says what it is.
+    assert_eq!(zfs.snapshots(), [snap(DS0)]);
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+    assert_eq!(steps(&run).last(), Some(&("qga-thaw", false)));
+}
+
+#[test]
+fn a_failing_guest_post_fails_the_run_but_keeps_the_snapshot() {
+    let (agent, _sim) = FakeAgent::simulated(SimState {
+        programs: vec![
+            (APP_CTL.into(), Program::exits(0)),
+            ("/usr/bin/resume".into(), Program::exits(1)),
+        ],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"guest_pre": [{"path": APP_CTL, "args": ["quiesce"]}],
+                       "guest_post": [{"path": "/usr/bin/resume"}]});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("guest_post"));
+    assert_eq!(zfs.snapshots(), [snap(DS0)]);
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+}
