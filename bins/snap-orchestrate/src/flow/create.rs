@@ -167,8 +167,10 @@ impl Run<'_> {
         self.done(timer, &frozen);
         let freeze_step_at = self.report.steps.len() - 1;
 
-        // 4. Snapshot, on a worker so a signal can be answered by a thaw.
+        // 4. Snapshot, on a worker so a signal can be answered by a thaw. Its step goes
+        // here, before the thaw's, whenever the thaw is recorded (an early one included).
         let timer = StepTimer::start(zsnap::TOOL);
+        let snapshot_step_at = self.report.steps.len();
         let WhileFrozen {
             taken,
             thawed: early_thaw,
@@ -178,7 +180,6 @@ impl Run<'_> {
             self.report.steps[freeze_step_at].ok = false;
             self.report.ok = false;
         }
-        let snapshot_step_at = self.report.steps.len();
 
         // 5. Thaw: always, whatever happened above.
         let thaw = match early_thaw {
