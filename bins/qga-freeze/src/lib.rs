@@ -17,6 +17,8 @@
 //! The orchestrator calls [`freeze`] (and [`abort`]) on a [`evesnap::qga::Client`] it
 //! connected itself, exactly as this binary does.
 
+mod aftermath;
+mod error;
 mod step;
 
 use std::time::{Duration, Instant};
@@ -31,9 +33,11 @@ use evesnap::signals::Events;
 use nix::sys::signal::Signal;
 use serde::Serialize;
 
+pub use aftermath::{abort, Aftermath, CleanupThaw};
+pub use error::Error;
 pub use step::{
-    abort, check, default_watchdog_program, freeze, freeze_checked, freeze_unverified,
-    verify_frozen, Aftermath, CleanupThaw, Error, FreezeOptions, FreezeReport,
+    check, default_watchdog_program, freeze, freeze_checked, freeze_unverified, verify_frozen,
+    FreezeOptions, FreezeReport,
 };
 
 /// The tool's name, as in the document's steps.

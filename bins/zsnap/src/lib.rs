@@ -18,19 +18,21 @@
 //! - `destroy`/`prune`: `action`, `destroyed`, `kept`, `failed`, `dry_run`.
 //! - on failure: `error` (the message) and, for a failed preflight, `problems`.
 
+mod cli;
 mod manage;
 pub mod meta;
 mod take;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches};
 use evesnap::cli::Outcome;
 use evesnap::document::{fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
 use evesnap::zfs::{self, Zfs};
 use serde_json::{Map, Value};
+
+use crate::cli::{Action, Cli, TakeArgs};
 
 pub use manage::{destroy, list, prune, DestroyReport, Kept};
 pub use meta::Metadata;
@@ -42,113 +44,6 @@ pub const TOOL: &str = "zsnap";
 
 /// Space every dataset must keep free beyond what the snapshot needs, by default (1 MiB).
 pub const DEFAULT_MIN_FREE: u64 = 1 << 20;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "zsnap",
-    version,
-    about = "Take an application-consistent ZFS snapshot of a VM's datasets",
-    long_about = "Takes one snapshot, under one name, of every dataset given (or of the job document's \
-        `datasets`), after checking that they exist, that the name is free and that there is room. \
-        The set is atomic where ZFS allows it (`zfs snapshot a@n b@n` on OpenZFS, `zfs snapshot -r` \
-        on zfs-fuse when the datasets are exactly one parent's children), else taken one by one \
-        (`atomic: false`). Reads the job document on stdin, writes it on stdout.",
-    args_conflicts_with_subcommands = true
-)]
-struct Cli {
-    /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
-    #[arg(long, global = true, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
-    zfs: Option<PathBuf>,
-    /// Seconds each zfs call may take; one that takes longer is killed, with whatever it
-    /// started, and the step fails.
-    #[arg(
-        long,
-        global = true,
-        env = zfs::TIMEOUT_ENV,
-        hide_env_values = true,
-        value_name = "SECS",
-        default_value_t = zfs::DEFAULT_TIMEOUT.as_secs(),
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
-    zfs_timeout: u64,
-    #[command(flatten)]
-    take: TakeArgs,
-    #[command(subcommand)]
-    action: Option<Action>,
-}
-
-#[derive(Debug, Args)]
-struct TakeArgs {
-    /// A dataset to snapshot (repeatable; default: the document's `datasets`).
-    #[arg(long, short = 'd', value_name = "DATASET")]
-    dataset: Vec<String>,
-    /// The snapshot name (after `@`; default: the document's `snapshot`, else the UTC time
-    /// as EVE names them, YYYYMMDD-HHMMSSmmm).
-    #[arg(long, short = 'n', value_name = "NAME")]
-    name: Option<String>,
-    /// An extra user property `module:key=value` for every snapshot (repeatable).
-    #[arg(long, short = 'o', value_name = "KEY=VALUE")]
-    property: Vec<String>,
-    /// The snapshot id stored as org.lfedge.evesnap:id (default: the document's
-    /// `snapshot_id`, else a new UUID).
-    #[arg(long, value_name = "ID")]
-    id: Option<String>,
-    /// The snapshot type stored as org.lfedge.evesnap:type.
-    #[arg(long = "type", value_name = "TYPE", default_value = "IMMEDIATE", value_parser = ["IMMEDIATE", "APP_UPDATE"])]
-    kind: String,
-    /// Bytes each dataset and pool must keep free beyond what the snapshot needs.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_FREE)]
-    min_free: u64,
-    /// Run the preflight and print the plan; create nothing.
-    #[arg(long)]
-    dry_run: bool,
-}
-
-#[derive(Debug, Subcommand)]
-enum Action {
-    /// List the snapshots of the datasets, oldest first, with evesnap's metadata.
-    List {
-        /// A dataset (repeatable; default: the document's `datasets`).
-        #[arg(long, short = 'd', value_name = "DATASET")]
-        dataset: Vec<String>,
-        /// Only snapshots taken by evesnap (with org.lfedge.evesnap:id).
-        #[arg(long)]
-        evesnap_only: bool,
-    },
-    /// Destroy snapshots, all or none: refuses held snapshots and snapshots with clones.
-    Destroy {
-        /// Full snapshot names (dataset@name); or use --dataset and --name.
-        #[arg(value_name = "SNAPSHOT")]
-        snapshots: Vec<String>,
-        /// A dataset (repeatable; default: the document's `datasets`).
-        #[arg(long, short = 'd', value_name = "DATASET")]
-        dataset: Vec<String>,
-        /// The snapshot name after `@` (default: the document's `snapshot`).
-        #[arg(long, short = 'n', value_name = "NAME")]
-        name: Option<String>,
-        /// Destroy held snapshots once their last hold is released (`zfs destroy -d`).
-        #[arg(long)]
-        defer: bool,
-        /// Check and print what would be destroyed; destroy nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Keep the N newest snapshot sets and destroy older ones (never a held one).
-    Prune {
-        /// How many snapshot sets to keep (EVE's max_snapshots).
-        #[arg(long, value_name = "N")]
-        keep: usize,
-        /// A dataset (repeatable; default: the document's `datasets`).
-        #[arg(long, short = 'd', value_name = "DATASET")]
-        dataset: Vec<String>,
-        /// Count and prune every snapshot, not only evesnap's.
-        #[arg(long)]
-        all: bool,
-        /// Print what would be destroyed; destroy nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
-}
 
 /// The command line of `zsnap`.
 pub fn command() -> clap::Command {

@@ -30,20 +30,22 @@
 //! prints its pid and exits, so the watchdog is nobody's child and outlives everyone.
 //! `qga-freeze` is such a program ([`main`] does the work).
 
+mod body;
+mod keeper;
+
 use std::fs;
-use std::io::{self, IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::io;
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use super::{Address, Client};
+pub use body::{main, run, Ending};
+pub use keeper::{hand_over, take_over};
+
+use super::Address;
 use crate::exit::{Exit, HasExit};
 
 /// Hidden flags of a program that can be a watchdog (see the module documentation).
@@ -148,156 +150,6 @@ fn log_path(address: &Address) -> PathBuf {
 /// The keeper socket of the watchdog for `address`.
 pub fn keeper_path(address: &Address) -> PathBuf {
     crate::runtime::dir().join(format!("{}.sock", stem(address)))
-}
-
-/// Longest keeper request or reply line.
-const KEEPER_LINE: usize = 128;
-
-fn send_with_fd(socket: &UnixStream, line: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    let raw = fd.map(|f| [f.as_raw_fd()]);
-    let cmsgs: Vec<ControlMessage<'_>> = raw
-        .as_ref()
-        .map(|r| ControlMessage::ScmRights(r))
-        .into_iter()
-        .collect();
-    let sent = socket::sendmsg::<()>(
-        socket.as_raw_fd(),
-        &[IoSlice::new(line.as_bytes())],
-        &cmsgs,
-        MsgFlags::empty(),
-        None,
-    )?;
-    if sent != line.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "short keeper message",
-        ));
-    }
-    Ok(())
-}
-
-/// One line and at most one descriptor. A stream socket delivers the descriptor with the
-/// first byte of the message it was sent with, which is all there is here.
-fn receive_with_fd(socket: &UnixStream) -> io::Result<(String, Option<OwnedFd>)> {
-    let mut buf = [0u8; KEEPER_LINE];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = socket::recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fd = None;
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for raw in fds {
-                let owned = own_received(raw);
-                if fd.is_none() {
-                    fd = Some(owned);
-                }
-            }
-        }
-    }
-    let n = msg.bytes;
-    let line = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
-    Ok((line, fd))
-}
-
-/// Takes ownership of a descriptor received with SCM_RIGHTS.
-#[allow(unsafe_code)]
-fn own_received(raw: RawFd) -> OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: recvmsg just installed `raw` in this process's table for this message; no
-    // other owner exists, and it is owned exactly once here.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
-
-/// Hands the agent connection of a successful freeze to the watchdog `watchdog`, which
-/// keeps it open for the thaw (see the module documentation).
-pub fn hand_over(watchdog: &Watchdog, connection: OwnedFd) -> Result<(), Error> {
-    let address: Address = watchdog.agent.parse().map_err(|e| Error::Handover {
-        path: PathBuf::new(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, e),
-    })?;
-    let path = keeper_path(&address);
-    let handover = |source| Error::Handover {
-        path: path.clone(),
-        source,
-    };
-    let socket = UnixStream::connect(&path).map_err(handover)?;
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(handover)?;
-    send_with_fd(
-        &socket,
-        &format!("hold {}\n", watchdog.token),
-        Some(connection.as_fd()),
-    )
-    .map_err(handover)?;
-    let (reply, _) = receive_with_fd(&socket).map_err(handover)?;
-    if reply != "ok" {
-        return Err(handover(io::Error::other(format!(
-            "the watchdog answered {reply:?}"
-        ))));
-    }
-    Ok(())
-}
-
-/// Takes the agent connection the watchdog for `address` keeps, if it keeps one.
-pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
-    let Some(watchdog) = current(address)? else {
-        return Ok(None);
-    };
-    let path = keeper_path(address);
-    let handover = |source| Error::Handover {
-        path: path.clone(),
-        source,
-    };
-    let socket = match UnixStream::connect(&path) {
-        Ok(socket) => socket,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(handover(e)),
-    };
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(handover)?;
-    send_with_fd(&socket, &format!("take {}\n", watchdog.token), None).map_err(handover)?;
-    let (reply, fd) = receive_with_fd(&socket).map_err(handover)?;
-    Ok(if reply == "ok" { fd } else { None })
-}
-
-/// Serves one keeper request: `hold <token>` (with a descriptor) or `take <token>`.
-fn serve_keeper(listener: &UnixListener, token: &str, held: &mut Option<(OwnedFd, Instant)>) {
-    let Ok((socket, _)) = listener.accept() else {
-        return;
-    };
-    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = socket.set_write_timeout(Some(Duration::from_secs(2)));
-    let Ok((line, fd)) = receive_with_fd(&socket) else {
-        return;
-    };
-    let reply = match (line.split_once(' '), fd) {
-        (Some(("hold", t)), Some(fd)) if t == token => {
-            *held = Some((fd, Instant::now()));
-            send_with_fd(&socket, "ok\n", None)
-        }
-        (Some(("take", t)), None) if t == token => match held.take() {
-            Some((fd, _)) => send_with_fd(&socket, "ok\n", Some(fd.as_fd())),
-            None => send_with_fd(&socket, "none\n", None),
-        },
-        _ => send_with_fd(&socket, "refused\n", None),
-    };
-    if let Err(e) = reply {
-        crate::warn!("watchdog keeper: {e}");
-    }
 }
 
 fn random_token() -> String {
@@ -490,150 +342,6 @@ fn remove_state(path: &Path) -> Result<(), Error> {
             source,
         }),
     }
-}
-
-/// How a watchdog ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    /// Cancelled (or replaced) before it had to act.
-    Cancelled,
-    /// At the deadline the guest was not frozen.
-    NotFrozen,
-    /// It thawed this many filesystems.
-    Thawed(i64),
-}
-
-/// The body of a watchdog-capable program when called with the watchdog flags.
-/// With `detach`, starts the real watchdog and prints its pid; without, is the watchdog.
-pub fn main(
-    address: &Address,
-    token: &str,
-    deadline_unix_ms: u64,
-    detach: bool,
-) -> Result<(), anyhow::Error> {
-    if detach {
-        let exe = std::env::current_exe()?;
-        let child = Command::new(exe)
-            .arg(format!("--{TOKEN_FLAG}={token}"))
-            .arg(format!("--{DEADLINE_FLAG}={deadline_unix_ms}"))
-            .arg(format!("--agent={address}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()?;
-        let mut stdout = io::stdout().lock();
-        writeln!(stdout, "{}", child.id())?;
-        stdout.flush()?;
-        // Not waited for: it is reparented when this process exits, right now.
-        return Ok(());
-    }
-    // The freezing tool defers these signals while it freezes, and a blocked mask is
-    // inherited: let a cancel's SIGTERM through.
-    let mut term = nix::sys::signal::SigSet::empty();
-    term.add(nix::sys::signal::Signal::SIGTERM);
-    let _ = term.thread_unblock();
-    // Its own session: no terminal's hangup or interrupt reaches it. Fails only for a
-    // group leader, which a freshly spawned child is not.
-    if let Err(e) = nix::unistd::setsid() {
-        crate::warn!("setsid: {e}");
-    }
-    let deadline = UNIX_EPOCH + Duration::from_millis(deadline_unix_ms);
-    crate::note!(
-        "watchdog {} armed for {address}, thaws at {}",
-        std::process::id(),
-        rfc3339_ms(deadline_unix_ms)
-    );
-    match run(address, token, deadline)? {
-        Ending::Cancelled => crate::note!("watchdog {}: cancelled", std::process::id()),
-        Ending::NotFrozen => crate::note!(
-            "watchdog {}: deadline reached; the guest was not frozen",
-            std::process::id()
-        ),
-        Ending::Thawed(n) => crate::warn!(
-            "watchdog {}: deadline reached; thawed {n} filesystems",
-            std::process::id()
-        ),
-    }
-    Ok(())
-}
-
-/// Waits for the deadline while armed, then thaws if the guest is frozen.
-pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Ending, Error> {
-    let keeper = keeper_path(address);
-    let _ = fs::remove_file(&keeper);
-    let listener = UnixListener::bind(&keeper)
-        .map_err(|e| crate::warn!("watchdog: no keeper socket {}: {e}", keeper.display()))
-        .ok();
-    let mut held: Option<(OwnedFd, Instant)> = None;
-    loop {
-        if !is_current(address, token) {
-            let _ = fs::remove_file(&keeper);
-            return Ok(Ending::Cancelled);
-        }
-        let Ok(left) = deadline.duration_since(SystemTime::now()) else {
-            break;
-        };
-        if left.is_zero() {
-            break;
-        }
-        let mut wait = left.min(Duration::from_millis(500));
-        if let Some((_, since)) = &held {
-            match KEEP_FOR.checked_sub(since.elapsed()) {
-                // Kept long enough: let other clients in.
-                None => held = None,
-                Some(keep) => wait = wait.min(keep),
-            }
-        }
-        match &listener {
-            Some(listener) => {
-                let millis = wait.as_millis().clamp(1, 500) as u16;
-                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                if let Ok(n) = nix::poll::poll(&mut fds, PollTimeout::from(millis)) {
-                    if n > 0 {
-                        serve_keeper(listener, token, &mut held);
-                    }
-                }
-            }
-            None => std::thread::sleep(wait),
-        }
-    }
-    let _ = fs::remove_file(&keeper);
-    let give_up = Instant::now() + FIRE_RETRY_WINDOW;
-    loop {
-        if !is_current(address, token) {
-            return Ok(Ending::Cancelled);
-        }
-        match thaw_once(address, held.take().map(|(fd, _)| fd)) {
-            Ok(ending) => {
-                if is_current(address, token) {
-                    let _ = remove_state(&state_path(address));
-                }
-                return Ok(ending);
-            }
-            Err(e) if Instant::now() < give_up => {
-                crate::warn!(
-                    "watchdog: thaw attempt failed, retrying: {}",
-                    crate::exit::chain_of(&e)
-                );
-                std::thread::sleep(Duration::from_secs(2));
-            }
-            Err(source) => return Err(Error::GaveUp { source }),
-        }
-    }
-}
-
-fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<Ending, super::ThawError> {
-    let timeout = Duration::from_secs(15);
-    let deadline = Instant::now() + timeout;
-    let mut client = match held {
-        Some(fd) => Client::from_fd(fd, address.clone(), deadline),
-        None => Client::connect(address, deadline),
-    }
-    .map_err(super::ThawError::Connect)?;
-    client.set_timeout(timeout);
-    if super::verify_thawed(&mut client, timeout).is_ok() {
-        return Ok(Ending::NotFrozen);
-    }
-    super::thaw_and_verify(&mut client, timeout, false).map(|t| Ending::Thawed(t.count))
 }
 
 #[cfg(test)]
