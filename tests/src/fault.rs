@@ -34,6 +34,7 @@ use evesnap::qmp::Qmp;
 use serde_json::{json, Value};
 
 use crate::lab::Lab;
+use crate::zfs::{list_snapshots, real_zfs, zfs, zfs_get};
 
 /// The watchdog deadline every trial configures.
 pub const THAW_AFTER: Duration = Duration::from_secs(5);
@@ -444,23 +445,6 @@ esac
     }
 }
 
-/// The real `zfs`.
-pub fn real_zfs() -> PathBuf {
-    let out = Command::new("sh")
-        .args(["-c", "command -v zfs || echo /usr/sbin/zfs"])
-        .output()
-        .expect("sh");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn zfs(args: &[&str]) -> std::process::Output {
-    Command::new(real_zfs())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run zfs")
-}
-
 fn wait_for(path: &Path, within: Duration) -> Option<Instant> {
     let deadline = Instant::now() + within;
     while !path.exists() {
@@ -771,31 +755,22 @@ impl<'a> Trial<'a> {
     }
 
     /// The snapshots (full names) of this trial's names that exist now.
-    fn snapshots(&self) -> Vec<String> {
-        let out = zfs(&[
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "snapshot",
-            "-r",
-            &format!("{}/lab", self.lab.pool),
-        ]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
+    fn snapshots(&mut self) -> Vec<String> {
+        let listed = match list_snapshots(&format!("{}/lab", self.lab.pool), true) {
+            Ok(listed) => listed,
+            Err(e) => {
+                self.fail(format!("cannot list the snapshots: {e}"));
+                return Vec::new();
+            }
+        };
+        listed
+            .into_iter()
             .filter(|l| {
                 self.names
                     .iter()
                     .any(|n| l.ends_with(&format!("@{n}")) && !l.contains("/vm0@"))
             })
-            .map(String::from)
             .collect()
-    }
-
-    fn prop(name: &str, property: &str) -> String {
-        let out = zfs(&["get", "-H", "-o", "value", property, name]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// Whether the ext4 image inside `snapshot` is clean (frozen when taken), through a
@@ -888,8 +863,8 @@ impl<'a> Trial<'a> {
         let snapshots = self.snapshots();
         let mut claims = Vec::new();
         for s in &snapshots {
-            let frozen = Self::prop(s, "org.lfedge.evesnap:frozen");
-            let consistency = Self::prop(s, "org.lfedge.evesnap:consistency");
+            let frozen = zfs_get("org.lfedge.evesnap:frozen", s);
+            let consistency = zfs_get("org.lfedge.evesnap:consistency", s);
             let claims_frozen =
                 frozen == "true" || matches!(consistency.as_str(), "application" | "filesystem");
             if consistency != "-" {
@@ -1431,7 +1406,7 @@ impl<'a> Trial<'a> {
         let (code, stdout, stderr) = self.finish(child);
         let report = self.check_report(code, &stdout, &stderr);
         self.check(
-            Self::prop(&held, "name") == held,
+            zfs_get("name", &held) == held,
             "retention destroyed a held snapshot",
         );
         self.check_claims(report.as_ref());
@@ -1450,7 +1425,7 @@ impl<'a> Trial<'a> {
             format!("a rollback over a held newer snapshot exits {code}, not 7"),
         );
         self.check(
-            Self::prop(&newer_full, "name") == newer_full,
+            zfs_get("name", &newer_full) == newer_full,
             "the held newer snapshot was destroyed",
         );
         let now = guest_sh(self.lab, MD5)

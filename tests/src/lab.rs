@@ -201,33 +201,23 @@ pub fn openzfs_vm_lock() -> VmLock {
     }
 }
 
-/// Snapshots of the lab's datasets named `name`.
+/// Snapshots of the lab's datasets named `name`; panics when `zfs list` fails.
 pub fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
-    let out = std::process::Command::new("zfs")
-        .args([
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "snapshot",
-            "-r",
-            &format!("{}/lab", lab.pool),
-        ])
-        .output()
-        .expect("zfs list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.ends_with(&format!("@{name}")))
-        .map(String::from)
+    let suffix = format!("@{name}");
+    crate::zfs::all_snapshots(&format!("{}/lab", lab.pool))
+        .into_iter()
+        .filter(|s| s.ends_with(&suffix))
         .collect()
 }
 
-/// One property of a dataset or snapshot, exact (`zfs get -H -p`); empty if unreadable.
-pub fn zfs_get(property: &str, name: &str) -> String {
-    let out = std::process::Command::new("zfs")
-        .args(["get", "-H", "-p", "-o", "value", property, name])
-        .output()
-        .expect("zfs get");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+/// Destroys every snapshot of the lab's datasets named `name` (test cleanup: quietly, and
+/// never a panic, as it runs in `Drop`).
+pub fn destroy_snapshots_named(lab: &Lab, name: &str) {
+    let suffix = format!("@{name}");
+    let listed = crate::zfs::list_snapshots(&format!("{}/lab", lab.pool), true);
+    for snapshot in listed.unwrap_or_default() {
+        if snapshot.ends_with(&suffix) {
+            let _ = crate::zfs::zfs(&["destroy", &snapshot]);
+        }
+    }
 }

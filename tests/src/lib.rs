@@ -4,6 +4,7 @@ pub mod fault;
 pub mod guest;
 pub mod lab;
 pub mod run;
+pub mod zfs;
 
 use std::path::PathBuf;
 

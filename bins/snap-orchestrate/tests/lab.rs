@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::testing::{FakeAgent, SimState};
 use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
-use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
+use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
+use evesnap_tests::zfs::{real_zfs, zfs_get};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -149,14 +150,7 @@ struct Cleanup<'a>(&'a Lab, Vec<String>);
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         for name in &self.1 {
-            for snapshot in snapshots_named(self.0, name) {
-                let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
-            }
-            let parent = format!("{}/lab/vm0@{name}", self.0.pool);
-            let _ = Command::new("zfs")
-                .args(["destroy", &parent])
-                .stderr(Stdio::null())
-                .status();
+            destroy_snapshots_named(self.0, name);
         }
     }
 }
@@ -328,7 +322,7 @@ fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
 /// touches `marker` when a snapshot starts (not for the bare `zfs snapshot` that probes
 /// the usage text).
 fn slow_zfs(dir: &std::path::Path, delay: u32) -> (PathBuf, PathBuf) {
-    let real = which_zfs();
+    let real = real_zfs();
     let marker = dir.join("snapshot-started");
     let shim = dir.join("zfs");
     std::fs::write(
@@ -343,14 +337,6 @@ fn slow_zfs(dir: &std::path::Path, delay: u32) -> (PathBuf, PathBuf) {
     std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     (shim, marker)
-}
-
-fn which_zfs() -> PathBuf {
-    let out = Command::new("sh")
-        .args(["-c", "command -v zfs"])
-        .output()
-        .expect("sh");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn wait_for(path: &std::path::Path, within: Duration) {

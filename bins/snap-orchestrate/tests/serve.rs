@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::request::Reply;
 use evesnap_tests::guest::{connect, guest_background, guest_sh, guest_upload, status, ThawGuard};
-use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
+use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
+use evesnap_tests::zfs::zfs_get;
 use serde_json::{json, Value};
 
 /// A running listener; stopped by SIGTERM (by its pid) on drop.
@@ -465,9 +466,7 @@ struct Cleanup<'a>(&'a Lab, Vec<String>);
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         for name in &self.1 {
-            for snapshot in snapshots_named(self.0, name) {
-                let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
-            }
+            destroy_snapshots_named(self.0, name);
         }
         if let Ok(mut client) = evesnap::qga::Client::connect(
             &evesnap_tests::guest::address(self.0),
