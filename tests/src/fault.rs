@@ -28,12 +28,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
-use evesnap::qga::{Address, Client};
-use evesnap::qmp::Qmp;
 use serde_json::{json, Value};
 
+use crate::guest::{resume_and_thaw, set_paused, try_connect, try_guest_sh, wait_thawed};
 use crate::lab::Lab;
+use crate::run::stop_watchdogs;
 use crate::zfs::{list_snapshots, real_zfs, zfs, zfs_get};
 
 /// The watchdog deadline every trial configures.
@@ -469,69 +468,6 @@ fn md5_pair(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The guest's view, through short-lived connections (the agent serves one at a time).
-fn agent(lab: &Lab) -> Address {
-    lab.agent.parse().expect("the lab's agent address")
-}
-
-fn connect(lab: &Lab, within: Duration) -> Result<Client, evesnap::qga::Error> {
-    let mut client = Client::connect(&agent(lab), Instant::now() + within)?;
-    client.set_timeout(Duration::from_secs(10));
-    Ok(client)
-}
-
-/// Runs a shell line in the guest; its stdout, or why it failed.
-pub fn guest_sh(lab: &Lab, script: &str) -> Result<String, String> {
-    let mut client = connect(lab, Duration::from_secs(30)).map_err(|e| e.to_string())?;
-    let r = client
-        .guest_exec("/bin/sh", &["-c", script], Duration::from_secs(30))
-        .map_err(|e| {
-            format!(
-                "guest-exec: {}",
-                evesnap::cli::chain(&anyhow::Error::new(e))
-            )
-        })?;
-    if !r.success() {
-        return Err(format!(
-            "guest `{script}` failed ({:?}/{:?}): {}",
-            r.exitcode,
-            r.signal,
-            String::from_utf8_lossy(&r.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&r.stdout).into_owned())
-}
-
-fn status(lab: &Lab) -> Option<GuestFsfreezeStatus> {
-    connect(lab, Duration::from_secs(3))
-        .ok()?
-        .fsfreeze_status()
-        .ok()
-}
-
-/// Polls until the guest reports thawed; the moment it first did.
-fn wait_thawed(lab: &Lab, until: Instant) -> Option<Instant> {
-    loop {
-        if status(lab) == Some(GuestFsfreezeStatus::thawed) {
-            return Some(Instant::now());
-        }
-        if Instant::now() > until {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn qmp(lab: &Lab, command: &str) -> Result<(), String> {
-    let mut q = Qmp::connect(&lab.qmp, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    match command {
-        "stop" => q.stop(),
-        _ => q.cont(),
-    }
-    .map(drop)
-    .map_err(|e| e.to_string())
-}
-
 /// The files a trial writes before the snapshot, and their md5s.
 /// The application's hooks: `guest_pre` marks it quiesced, `guest_post` running again.
 const QUIESCE: &str = "echo quiesced > /run/app.state; sync";
@@ -612,6 +548,13 @@ impl<'a> Trial<'a> {
         if !ok {
             self.fail(what);
         }
+    }
+
+    /// Runs a shell line in the guest on a connection of its own; its stdout, or why not.
+    fn sh(&self, script: &str) -> Result<String, String> {
+        let mut client =
+            try_connect(self.lab, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        try_guest_sh(&mut client, script)
     }
 
     fn plan(&self, name: &str, extra: Value) -> Value {
@@ -826,10 +769,7 @@ impl<'a> Trial<'a> {
     /// its `guest_pre` quiesced runs again (`guest_post` ran), the volumes a rollback's
     /// `guest_pre` unmounted are mounted again. A SIGKILL leaves that to the operator.
     fn check_resumed(&mut self, code: i32) {
-        let state = guest_sh(
-            self.lab,
-            "cat /run/app.state; grep -c ' /data[01] ' /proc/mounts || true",
-        );
+        let state = self.sh("cat /run/app.state; grep -c ' /data[01] ' /proc/mounts || true");
         match state {
             Ok(text) => {
                 let mut lines = text.lines();
@@ -927,7 +867,7 @@ impl<'a> Trial<'a> {
 
     /// Writes the trial's data in the guest and remembers its md5s.
     fn write_data(&mut self) -> bool {
-        match guest_sh(self.lab, DATA) {
+        match self.sh(DATA) {
             Ok(out) => {
                 self.data = md5_pair(&out);
                 true
@@ -942,8 +882,7 @@ impl<'a> Trial<'a> {
     /// Invariant 4: overwrite, roll back to `name` (whose snapshot holds the trial's
     /// data), and compare.
     fn check_rollback(&mut self, name: &str) {
-        if let Err(e) = guest_sh(
-            self.lab,
+        if let Err(e) = self.sh(
             "dd if=/dev/urandom of=/data0/fault.bin bs=64k count=4 conv=notrunc 2>/dev/null; \
              dd if=/dev/urandom of=/data1/fault.bin bs=64k count=4 conv=notrunc 2>/dev/null; sync",
         ) {
@@ -961,7 +900,7 @@ impl<'a> Trial<'a> {
             ));
             return;
         }
-        match guest_sh(self.lab, MD5) {
+        match self.sh(MD5) {
             Ok(out) => {
                 let now = md5_pair(&out);
                 self.check(
@@ -1199,7 +1138,7 @@ impl<'a> Trial<'a> {
     /// while frozen, so it must be started before).
     /// qemu-ga's pid in the guest.
     fn agent_pid(&mut self) -> Option<String> {
-        guest_sh(self.lab, "pidof qemu-ga")
+        self.sh("pidof qemu-ga")
             .ok()
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
@@ -1212,7 +1151,7 @@ impl<'a> Trial<'a> {
             after.as_micros(),
             signal.name()
         );
-        match guest_sh(self.lab, &script) {
+        match self.sh(&script) {
             Ok(_) => true,
             Err(e) => {
                 self.fail(format!("cannot start the agent killer: {e}"));
@@ -1240,7 +1179,7 @@ impl<'a> Trial<'a> {
         self.check_resumed(code);
         self.check_claims(report.as_ref());
         // The respawned agent must serve the next trial.
-        if connect(self.lab, Duration::from_secs(30)).is_err() {
+        if try_connect(self.lab, Duration::from_secs(30)).is_err() {
             self.fail("the agent did not come back");
         }
         // The fault must have happened: SIGKILL restarts qemu-ga (init respawns it, in
@@ -1273,12 +1212,12 @@ impl<'a> Trial<'a> {
             &self.shim.marker("snapshot-started"),
             Duration::from_secs(60),
         );
-        if let Err(e) = qmp(self.lab, "stop") {
+        if let Err(e) = set_paused(self.lab, true) {
             self.fail(format!("QMP stop: {e}"));
         }
         std::thread::sleep(paused);
         let resumed = Instant::now();
-        if let Err(e) = qmp(self.lab, "cont") {
+        if let Err(e) = set_paused(self.lab, false) {
             self.fail(format!("QMP cont: {e}"));
         }
         let (code, stdout, stderr) = self.finish(child);
@@ -1410,9 +1349,7 @@ impl<'a> Trial<'a> {
             "retention destroyed a held snapshot",
         );
         self.check_claims(report.as_ref());
-        let new_data = guest_sh(self.lab, DATA)
-            .map(|o| md5_pair(&o))
-            .unwrap_or_default();
+        let new_data = self.sh(DATA).map(|o| md5_pair(&o)).unwrap_or_default();
         // Rolling back to the older one would destroy the newer: hold the newer.
         let newer_full = format!("{}@{newer}", self.lab.datasets[0]);
         let _ = zfs(&["hold", "evesnap-fault", &newer_full]);
@@ -1428,9 +1365,7 @@ impl<'a> Trial<'a> {
             zfs_get("name", &newer_full) == newer_full,
             "the held newer snapshot was destroyed",
         );
-        let now = guest_sh(self.lab, MD5)
-            .map(|o| md5_pair(&o))
-            .unwrap_or_default();
+        let now = self.sh(MD5).map(|o| md5_pair(&o)).unwrap_or_default();
         self.check(now == new_data, "a refused rollback changed the data");
         let _ = zfs(&["release", "evesnap-fault", &newer_full]);
         let _ = zfs(&["release", "evesnap-fault", &held]);
@@ -1527,7 +1462,7 @@ impl<'a> Trial<'a> {
             return;
         }
         let before = self.data.clone();
-        let after = match guest_sh(self.lab, DATA) {
+        let after = match self.sh(DATA) {
             Ok(o) => md5_pair(&o),
             Err(e) => return self.fail(e),
         };
@@ -1561,11 +1496,11 @@ impl<'a> Trial<'a> {
         }
         self.check_resumed(code);
         // Whatever the kill left: mounted again, each volume old or new, never a mix.
-        if let Err(e) = guest_sh(self.lab, MOUNTS) {
+        if let Err(e) = self.sh(MOUNTS) {
             self.fail(format!("cannot remount: {e}"));
             return;
         }
-        match guest_sh(self.lab, MD5) {
+        match self.sh(MD5) {
             Ok(o) => {
                 let now = md5_pair(&o);
                 self.check(now.len() == before.len(), format!("files missing: {now:?}"));
@@ -1595,7 +1530,7 @@ impl<'a> Trial<'a> {
             code == 0,
             format!("the second rollback exits {code}: {}", stderr.trim()),
         );
-        match guest_sh(self.lab, MD5) {
+        match self.sh(MD5) {
             Ok(o) => {
                 let now = md5_pair(&o);
                 self.check(
@@ -1617,36 +1552,11 @@ impl<'a> Trial<'a> {
             );
         }
         self.shim.wait_idle(Duration::from_secs(30));
-        let _ = qmp(self.lab, "cont");
-        let mut thawed = false;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !thawed && Instant::now() < deadline {
-            if let Ok(mut c) = connect(self.lab, Duration::from_secs(15)) {
-                let _ = c.execute(guest_fsfreeze_thaw {});
-                thawed = c
-                    .fsfreeze_status()
-                    .is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
-            }
-        }
-        if !thawed {
+        if !resume_and_thaw(self.lab) {
             self.fail("cleanup could not thaw the guest");
         }
-        if let Ok(entries) = std::fs::read_dir(&self.run_dir) {
-            for entry in entries.flatten() {
-                let text = std::fs::read(entry.path()).unwrap_or_default();
-                if let Ok(w) = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text) {
-                    if let Some(pid) = w.pid {
-                        if is_watchdog(pid, &w.token) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid as i32),
-                                nix::sys::signal::Signal::SIGTERM,
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        if let Err(e) = guest_sh(self.lab, MOUNTS) {
+        stop_watchdogs(&self.run_dir);
+        if let Err(e) = self.sh(MOUNTS) {
             self.fail(format!("cleanup could not remount: {e}"));
         }
         for clone in std::mem::take(&mut self.clones) {
@@ -1679,12 +1589,6 @@ fn destroy_clone(clone: &str) -> bool {
         std::thread::sleep(Duration::from_millis(100 + 50 * attempt));
     }
     false
-}
-
-fn is_watchdog(pid: u32, token: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(token))
-        .unwrap_or(false)
 }
 
 /// Runs one trial of `fault` (the caller holds the VM lock).

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use evesnap::document::Document;
 use evesnap::exit::{Exit, HasExit};
 use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
-use evesnap::qga::{Address, Client};
+use evesnap::qga::Address;
 use evesnap::qmp::Qmp;
 use evesnap_tests::guest::{
     address, code, connect, doc_of, guest_background, guest_sh, guest_upload, status, stderr,
-    ThawGuard,
+    try_connect, ThawGuard,
 };
 use evesnap_tests::lab::{test_lab, vm_lock, Lab};
 
@@ -457,9 +457,7 @@ struct SecondAgent<'a>(&'a Lab);
 
 impl Drop for SecondAgent<'_> {
     fn drop(&mut self) {
-        if let Ok(mut client) =
-            Client::connect(&address(self.0), Instant::now() + Duration::from_secs(30))
-        {
+        if let Ok(mut client) = try_connect(self.0, Duration::from_secs(30)) {
             // By its pid file; it may ignore SIGTERM while idle, so SIGKILL follows (the
             // ThawGuard, dropped after this, thaws every mount through the main agent).
             let script = "p=$(cat /run/ev-qga2.pid 2>/dev/null) || exit 0; kill $p; sleep 1; \

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::request::Reply;
-use evesnap_tests::guest::{connect, guest_background, guest_sh, guest_upload, status, ThawGuard};
+use evesnap_tests::guest::{
+    connect, guest_background, guest_sh, guest_upload, status, try_connect, ThawGuard,
+};
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
 use evesnap_tests::zfs::zfs_get;
@@ -468,10 +470,7 @@ impl Drop for Cleanup<'_> {
         for name in &self.1 {
             destroy_snapshots_named(self.0, name);
         }
-        if let Ok(mut client) = evesnap::qga::Client::connect(
-            &evesnap_tests::guest::address(self.0),
-            Instant::now() + Duration::from_secs(30),
-        ) {
+        if let Ok(mut client) = try_connect(self.0, Duration::from_secs(30)) {
             let _ = client.guest_exec(
                 "/bin/sh",
                 &[
