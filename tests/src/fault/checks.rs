@@ -86,6 +86,11 @@ impl Trial<'_> {
         }
     }
 
+    /// Invariant 1 where nothing was left to the watchdog: thawed at once (within 2 s).
+    pub(super) fn check_thawed_at_once(&mut self) {
+        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+    }
+
     /// Invariant 5: a tool that ran to its end brought the guest back: the application
     /// its `guest_pre` quiesced runs again (`guest_post` ran), the volumes a rollback's
     /// `guest_pre` unmounted are mounted again. A SIGKILL leaves that to the operator.
@@ -250,8 +255,7 @@ impl Trial<'_> {
         }
         let plan = self.rollback_plan(name, true);
         let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
-        self.check_report(code, &stdout, &stderr);
+        let (code, _, stderr) = self.finish_checked(child);
         if code != 0 {
             self.fail(format!(
                 "the rollback to {name} failed ({code}): {}",

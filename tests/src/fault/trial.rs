@@ -231,6 +231,20 @@ impl<'a> Trial<'a> {
         child
     }
 
+    /// Starts `snap-orchestrate` on a plan for the trial's own snapshot, `extra` merged in.
+    pub(super) fn start(&mut self, extra: Value) -> Child {
+        let plan = self.plan(&self.name.clone(), extra);
+        self.spawn_orchestrator(&plan)
+    }
+
+    /// Waits for an orchestrator and checks its report (invariant 3); exit code, report
+    /// (if it printed one) and stderr.
+    pub(super) fn finish_checked(&mut self, child: Child) -> (i32, Option<Value>, String) {
+        let (code, stdout, stderr) = self.finish(child);
+        let report = self.check_report(code, &stdout, &stderr);
+        (code, report, stderr)
+    }
+
     /// Waits for a child (killing it after [`HANG`]); exit code and stdout/stderr.
     pub(super) fn finish(&mut self, child: Child) -> (i32, String, String) {
         let pid = child.id();

@@ -44,14 +44,12 @@ impl Trial<'_> {
             return;
         }
         self.shim.set("snapshot.before", "2");
-        let plan = self.plan(&self.name.clone(), json!({}));
-        let child = self.spawn_orchestrator(&plan);
+        let child = self.start(json!({}));
         let seen = wait_for(
             &self.shim.marker("snapshot-started"),
             Duration::from_secs(60),
         );
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let (code, report, _) = self.finish_checked(child);
         let reference = seen.unwrap_or(self.started);
         self.check_thawed(reference, reference + THAW_AFTER + SLACK);
         self.check_resumed(code);
@@ -84,8 +82,7 @@ impl Trial<'_> {
 
     pub(in crate::fault) fn vm_paused(&mut self, paused: Duration) {
         self.shim.set("snapshot.before", "0.5");
-        let plan = self.plan(&self.name.clone(), json!({}));
-        let child = self.spawn_orchestrator(&plan);
+        let child = self.start(json!({}));
         let seen = wait_for(
             &self.shim.marker("snapshot-started"),
             Duration::from_secs(60),
@@ -98,8 +95,7 @@ impl Trial<'_> {
         if let Err(e) = set_paused(self.lab, false) {
             self.fail(format!("QMP cont: {e}"));
         }
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let (code, report, _) = self.finish_checked(child);
         let reference = seen.unwrap_or(self.started);
         // A paused guest cannot thaw: the deadline runs on from the resume.
         let deadline = (reference + THAW_AFTER).max(resumed) + SLACK;
@@ -146,10 +142,8 @@ impl Trial<'_> {
             }
             Err(e) => self.fail(format!("cannot connect to the agent socket: {e}")),
         }
-        let plan = self.plan(&self.name.clone(), json!({}));
-        let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let child = self.start(json!({}));
+        let (code, report, stderr) = self.finish_checked(child);
         self.check(
             code == 0,
             format!(
@@ -157,7 +151,7 @@ impl Trial<'_> {
                 stderr.trim()
             ),
         );
-        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+        self.check_thawed_at_once();
         self.check_resumed(code);
         self.check_claims(report.as_ref());
         if verify && code == 0 {

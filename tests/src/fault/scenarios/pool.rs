@@ -1,7 +1,7 @@
 //! `zfs` and the pool fail: a snapshot that fails, hangs, outlasts the watchdog or is
 //! slow, the pool full at the snapshot, no room at the preflight.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -19,10 +19,8 @@ impl Trial<'_> {
                 format!("cannot create snapshot '{name}': I/O error\n")
             },
         );
-        let plan = self.plan(&self.name.clone(), json!({}));
-        let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let child = self.start(json!({}));
+        let (code, report, _) = self.finish_checked(child);
         self.check(
             code == 1,
             format!("a failing zfs snapshot exits {code}, not 1"),
@@ -37,7 +35,7 @@ impl Trial<'_> {
                 self.check(d.contains("out of space"), format!("description: {d}"));
             }
         }
-        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+        self.check_thawed_at_once();
         self.check_resumed(code);
         self.check_claims(report.as_ref());
         let left = self.snapshots();
@@ -48,14 +46,12 @@ impl Trial<'_> {
         self.shim
             .set("snapshot.before", &format!("{:.3}", delay.as_secs_f64()));
         let freeze = json!({"timeout_s": timeout_s, "thaw_after_s": THAW_AFTER.as_secs_f64()});
-        let plan = self.plan(&self.name.clone(), json!({ "freeze": freeze }));
-        let child = self.spawn_orchestrator(&plan);
+        let child = self.start(json!({ "freeze": freeze }));
         let seen = wait_for(
             &self.shim.marker("snapshot-started"),
             Duration::from_secs(60),
         );
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let (code, report, _) = self.finish_checked(child);
         let reference = seen.unwrap_or(self.started);
         self.check_thawed(reference, reference + THAW_AFTER + SLACK);
         self.check_resumed(code);
@@ -85,10 +81,8 @@ impl Trial<'_> {
 
     pub(in crate::fault) fn no_room(&mut self) {
         self.shim.set("noroom", "");
-        let plan = self.plan(&self.name.clone(), json!({}));
-        let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let child = self.start(json!({}));
+        let (code, report, _) = self.finish_checked(child);
         self.check(code == 7, format!("no room exits {code}, not 7"));
         if let Some(r) = &report {
             let froze = r["steps"].as_array().is_some_and(|s| {
@@ -100,7 +94,7 @@ impl Trial<'_> {
                 "the guest was touched although the preflight failed",
             );
         }
-        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+        self.check_thawed_at_once();
         self.check_resumed(code);
         let left = self.snapshots();
         self.check(left.is_empty(), format!("left behind: {left:?}"));

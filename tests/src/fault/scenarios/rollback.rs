@@ -1,7 +1,7 @@
 //! Holds and rollbacks: a held snapshot against retention and a destroying rollback, a
 //! rollback interrupted half way.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -25,8 +25,7 @@ impl Trial<'_> {
         self.names.push(newer.clone());
         let plan = self.plan(&newer, json!({"max_snapshots": 1}));
         let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let (_, report, _) = self.finish_checked(child);
         self.check(
             zfs_get("name", &held) == held,
             "retention destroyed a held snapshot",
@@ -38,8 +37,7 @@ impl Trial<'_> {
         let _ = zfs(&["hold", "evesnap-fault", &newer_full]);
         let plan = self.rollback_plan(&older, true);
         let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
-        self.check_report(code, &stdout, &stderr);
+        let (code, _, _) = self.finish_checked(child);
         self.check(
             code == 7,
             format!("a rollback over a held newer snapshot exits {code}, not 7"),
@@ -52,7 +50,7 @@ impl Trial<'_> {
         self.check(now == new_data, "a refused rollback changed the data");
         let _ = zfs(&["release", "evesnap-fault", &newer_full]);
         let _ = zfs(&["release", "evesnap-fault", &held]);
-        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+        self.check_thawed_at_once();
         self.check_rollback(&older);
     }
 
@@ -82,8 +80,7 @@ impl Trial<'_> {
             std::thread::sleep(Duration::from_millis(300));
             self.kill(pid, signal);
         }
-        let (code, stdout, stderr) = self.finish(child);
-        self.check_report(code, &stdout, &stderr);
+        let (code, _, stderr) = self.finish_checked(child);
         self.shim.wait_idle(Duration::from_secs(30));
         if signal.is_none() {
             self.check(
@@ -117,15 +114,14 @@ impl Trial<'_> {
             }
             Err(e) => self.fail(e),
         }
-        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+        self.check_thawed_at_once();
         // A second rollback finishes the job.
         let _ = std::fs::remove_file(self.shim.marker("rollback.before"));
         self.data = before;
         let plan = self.rollback_plan(&target, true);
         let child = self.spawn_orchestrator(&plan);
-        let (code, stdout, stderr) = self.finish(child);
+        let (code, _, stderr) = self.finish_checked(child);
         self.out.exits.pop();
-        self.check_report(code, &stdout, &stderr);
         self.check(
             code == 0,
             format!("the second rollback exits {code}: {}", stderr.trim()),

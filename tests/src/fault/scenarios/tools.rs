@@ -26,8 +26,7 @@ impl Trial<'_> {
             Phase::Snapshot => self.shim.set("snapshot.after", "1.5"),
             Phase::Thaw => {}
         }
-        let plan = self.plan(&self.name.clone(), extra);
-        let child = self.spawn_orchestrator(&plan);
+        let child = self.start(extra);
         let pid = child.id();
         let marker = match phase {
             Phase::BeforeFreeze => self.shim.marker("calls"),
@@ -47,8 +46,7 @@ impl Trial<'_> {
         std::thread::sleep(wait);
         let killed_at = Instant::now();
         self.kill(pid, signal);
-        let (code, stdout, stderr) = self.finish(child);
-        let report = self.check_report(code, &stdout, &stderr);
+        let (code, report, _) = self.finish_checked(child);
         self.shim.wait_idle(Duration::from_secs(30));
         // The freeze is no later than the snapshot marker (or the kill, before it).
         let reference = seen.unwrap_or(killed_at).min(killed_at);
@@ -195,17 +193,15 @@ impl Trial<'_> {
         let other = self.plan(&second, json!({}));
         let a = self.spawn_orchestrator(&first);
         let b = self.spawn_orchestrator(&other);
-        let (ca, oa, ea) = self.finish(a);
-        let (cb, ob, eb) = self.finish(b);
-        self.check_report(ca, &oa, &ea);
-        self.check_report(cb, &ob, &eb);
+        let (ca, _, _) = self.finish_checked(a);
+        let (cb, _, _) = self.finish_checked(b);
         let mut codes = [ca, cb];
         codes.sort();
         self.check(
             codes == [0, 8],
             format!("two at once exit {codes:?}, not [0, 8]"),
         );
-        self.check_thawed(Instant::now(), Instant::now() + Duration::from_secs(2));
+        self.check_thawed_at_once();
         self.check_resumed(0);
         self.check_claims(None);
         let count = self.snapshots().len();
