@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::trial::{md5_pair, wait_for, MD5};
-use super::{Trial, THAW_AFTER, WINDOW_SLACK};
+use super::{Trial, SLACK, THAW_AFTER, WINDOW_SLACK};
 use crate::guest::wait_thawed;
 use crate::zfs::{list_snapshots, zfs, zfs_get};
 
@@ -84,6 +84,12 @@ impl Trial<'_> {
             }
             None => self.fail("THE GUEST STAYED FROZEN"),
         }
+    }
+
+    /// Invariant 1 where the watchdog may have to thaw: by `thaw_after` (plus [`SLACK`])
+    /// after `reference`, the freeze or the fault.
+    pub(super) fn check_thawed_by_deadline(&mut self, reference: Instant) {
+        self.check_thawed(reference, reference + THAW_AFTER + SLACK);
     }
 
     /// Invariant 1 where nothing was left to the watchdog: thawed at once (within 2 s).

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::trial::wait_for;
 use crate::zfs::real_zfs;
 
 /// The `zfs` shim of one trial: a script in `dir` in front of the real `zfs`.
@@ -72,6 +73,11 @@ esac
 
     pub fn marker(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Waits (up to a minute) until a `zfs snapshot` starts; when it was seen.
+    pub fn snapshot_started(&self) -> Option<Instant> {
+        wait_for(&self.marker("snapshot-started"), Duration::from_secs(60))
     }
 
     /// Waits until no shim call runs any more (an orphaned `zfs` after a SIGKILL).

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::fault::trial::wait_for;
 use crate::fault::{Rng, Sig, Trial, SLACK, THAW_AFTER};
 use crate::guest::{set_paused, try_connect};
 
@@ -45,13 +44,10 @@ impl Trial<'_> {
         }
         self.shim.set("snapshot.before", "2");
         let child = self.start(json!({}));
-        let seen = wait_for(
-            &self.shim.marker("snapshot-started"),
-            Duration::from_secs(60),
-        );
+        let seen = self.shim.snapshot_started();
         let (code, report, _) = self.finish_checked(child);
         let reference = seen.unwrap_or(self.started);
-        self.check_thawed(reference, reference + THAW_AFTER + SLACK);
+        self.check_thawed_by_deadline(reference);
         self.check_resumed(code);
         self.check_claims(report.as_ref());
         // The respawned agent must serve the next trial.
@@ -83,10 +79,7 @@ impl Trial<'_> {
     pub(in crate::fault) fn vm_paused(&mut self, paused: Duration) {
         self.shim.set("snapshot.before", "0.5");
         let child = self.start(json!({}));
-        let seen = wait_for(
-            &self.shim.marker("snapshot-started"),
-            Duration::from_secs(60),
-        );
+        let seen = self.shim.snapshot_started();
         if let Err(e) = set_paused(self.lab, true) {
             self.fail(format!("QMP stop: {e}"));
         }

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::fault::trial::wait_for;
-use crate::fault::{Trial, SLACK, THAW_AFTER};
+use crate::fault::{Trial, THAW_AFTER};
 
 impl Trial<'_> {
     pub(in crate::fault) fn zfs_fails(&mut self, out_of_space: bool) {
@@ -47,13 +46,10 @@ impl Trial<'_> {
             .set("snapshot.before", &format!("{:.3}", delay.as_secs_f64()));
         let freeze = json!({"timeout_s": timeout_s, "thaw_after_s": THAW_AFTER.as_secs_f64()});
         let child = self.start(json!({ "freeze": freeze }));
-        let seen = wait_for(
-            &self.shim.marker("snapshot-started"),
-            Duration::from_secs(60),
-        );
+        let seen = self.shim.snapshot_started();
         let (code, report, _) = self.finish_checked(child);
         let reference = seen.unwrap_or(self.started);
-        self.check_thawed(reference, reference + THAW_AFTER + SLACK);
+        self.check_thawed_by_deadline(reference);
         self.check_resumed(code);
         self.check_claims(report.as_ref());
         if delay + Duration::from_secs(1) < THAW_AFTER {

@@ -63,7 +63,7 @@ impl Trial<'_> {
                 }
             }
         } else {
-            self.check_thawed(reference, reference + THAW_AFTER + SLACK);
+            self.check_thawed_by_deadline(reference);
         }
         self.check_resumed(code);
         self.check_claims(report.as_ref());
@@ -116,10 +116,7 @@ impl Trial<'_> {
         let mut seen = None;
         let mut killed_at = Instant::now();
         if kill.is_none() {
-            seen = wait_for(
-                &self.shim.marker("snapshot-started"),
-                Duration::from_secs(60),
-            );
+            seen = self.shim.snapshot_started();
         }
         // Whether the signal reached a running tool (a fast one may be done already).
         let mut landed = false;
