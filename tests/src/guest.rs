@@ -10,7 +10,7 @@ use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
 use evesnap::qga::{Address, Client};
 use evesnap::qmp::Qmp;
 
-use crate::lab::Lab;
+use crate::lab::{test_lab, vm_lock, Lab, VmLock};
 use crate::run::RunDir;
 pub use crate::run::{code, doc_of, stderr};
 
@@ -117,13 +117,32 @@ pub fn resume_and_thaw(lab: &Lab) -> bool {
 pub struct ThawGuard<'a> {
     pub lab: &'a Lab,
     pub run_dir: RunDir,
+    /// Dropped last: the guest is thawed and the watchdogs stopped before another test
+    /// gets the VM.
+    _vm: Option<VmLock>,
+}
+
+impl ThawGuard<'static> {
+    /// What a test that drives the lab VM starts with: brings the test lab up and takes
+    /// exclusive use of its VM ([`vm_lock`]) until the guard is dropped.
+    pub fn lock(name: &str) -> ThawGuard<'static> {
+        let lab = test_lab();
+        let vm = vm_lock();
+        ThawGuard {
+            lab,
+            run_dir: RunDir::new(name),
+            _vm: Some(vm),
+        }
+    }
 }
 
 impl<'a> ThawGuard<'a> {
+    /// A guard for a caller that holds the VM lock itself.
     pub fn new(lab: &'a Lab, name: &str) -> ThawGuard<'a> {
         ThawGuard {
             lab,
             run_dir: RunDir::new(name),
+            _vm: None,
         }
     }
 
