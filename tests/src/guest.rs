@@ -76,6 +76,22 @@ pub fn guest_sh(client: &mut Client, script: &str) -> String {
     try_guest_sh(client, script).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs `argv` in the guest (no shell), waiting up to `timeout`: exit code (128 + the
+/// signal when it was killed), stdout and stderr. Panics when guest-exec itself fails.
+pub fn guest_exec(client: &mut Client, argv: &[&str], timeout: Duration) -> (i64, String, String) {
+    let res = client
+        .guest_exec(argv[0], &argv[1..], timeout)
+        .expect("guest-exec");
+    let code = res
+        .exitcode
+        .unwrap_or_else(|| 128 + res.signal.unwrap_or(0));
+    (
+        code,
+        String::from_utf8_lossy(&res.stdout).into_owned(),
+        String::from_utf8_lossy(&res.stderr).into_owned(),
+    )
+}
+
 /// Starts `script` in the background in the guest (detached from guest-exec's pipes).
 pub fn guest_background(client: &mut Client, script: &str) {
     guest_sh(
