@@ -1,5 +1,7 @@
-//! Driving the lab guest from tests: the agent client, guest shell commands, and a guard
-//! that leaves the VM running and thawed whatever happens in the test.
+//! Driving the lab guest from tests: the agent client, guest shell commands, pausing and
+//! resuming the VM, and a guard that leaves the VM running and thawed whatever happens in
+//! the test. The `try_` forms return why they failed instead of panicking: the fault
+//! harness records a failure and goes on to its cleanup.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -8,7 +10,7 @@ use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
 use evesnap::qga::{Address, Client};
 use evesnap::qmp::Qmp;
 
-use crate::lab::Lab;
+use crate::lab::{test_lab, vm_lock, Lab, VmLock};
 use crate::run::RunDir;
 pub use crate::run::{code, doc_of, stderr};
 
@@ -16,9 +18,15 @@ pub fn address(lab: &Lab) -> Address {
     lab.agent.parse().expect("the lab's agent address")
 }
 
+/// A connection to the lab's agent, waiting up to `within` for it (the agent serves one
+/// client at a time); why not, for callers that must not panic.
+pub fn try_connect(lab: &Lab, within: Duration) -> Result<Client, evesnap::qga::Error> {
+    Client::connect(&address(lab), Instant::now() + within)
+}
+
+/// A connection to the lab's agent; panics when there is none within 30 s.
 pub fn connect(lab: &Lab) -> Client {
-    Client::connect(&address(lab), Instant::now() + Duration::from_secs(30))
-        .expect("connect to the lab agent")
+    try_connect(lab, Duration::from_secs(30)).expect("connect to the lab agent")
 }
 
 pub fn status(lab: &Lab) -> GuestFsfreezeStatus {
@@ -27,17 +35,61 @@ pub fn status(lab: &Lab) -> GuestFsfreezeStatus {
         .expect("guest-fsfreeze-status")
 }
 
-/// Runs a shell command line in the guest (busybox sh), expecting success; its stdout.
-pub fn guest_sh(client: &mut Client, script: &str) -> String {
-    let result = client
+/// Polls the guest (short connections) until it reports thawed or `until` passes; the
+/// moment it first did.
+pub fn wait_thawed(lab: &Lab, until: Instant) -> Option<Instant> {
+    loop {
+        let now = try_connect(lab, Duration::from_secs(3)).and_then(|mut c| c.fsfreeze_status());
+        if now.is_ok_and(|s| s == GuestFsfreezeStatus::thawed) {
+            return Some(Instant::now());
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs a shell command line in the guest (busybox sh); its stdout, or why it failed.
+pub fn try_guest_sh(client: &mut Client, script: &str) -> Result<String, String> {
+    let r = client
         .guest_exec("/bin/sh", &["-c", script], Duration::from_secs(30))
+        .map_err(|e| {
+            format!(
+                "guest-exec: {}",
+                evesnap::exit::chain_of(&e)
+            )
+        })?;
+    if !r.success() {
+        return Err(format!(
+            "guest `{script}` failed ({:?}/{:?}): {}",
+            r.exitcode,
+            r.signal,
+            String::from_utf8_lossy(&r.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&r.stdout).into_owned())
+}
+
+/// Runs a shell command line in the guest, expecting success; its stdout.
+pub fn guest_sh(client: &mut Client, script: &str) -> String {
+    try_guest_sh(client, script).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `argv` in the guest (no shell), waiting up to `timeout`: exit code (128 + the
+/// signal when it was killed), stdout and stderr. Panics when guest-exec itself fails.
+pub fn guest_exec(client: &mut Client, argv: &[&str], timeout: Duration) -> (i64, String, String) {
+    let res = client
+        .guest_exec(argv[0], &argv[1..], timeout)
         .expect("guest-exec");
-    assert!(
-        result.success(),
-        "guest `{script}` failed: {result:?} {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    String::from_utf8_lossy(&result.stdout).into_owned()
+    let code = res
+        .exitcode
+        .unwrap_or_else(|| 128 + res.signal.unwrap_or(0));
+    (
+        code,
+        String::from_utf8_lossy(&res.stdout).into_owned(),
+        String::from_utf8_lossy(&res.stderr).into_owned(),
+    )
 }
 
 /// Starts `script` in the background in the guest (detached from guest-exec's pipes).
@@ -48,19 +100,65 @@ pub fn guest_background(client: &mut Client, script: &str) {
     );
 }
 
+/// Pauses (QMP `stop`) or resumes (`cont`) the lab VM.
+pub fn set_paused(lab: &Lab, paused: bool) -> Result<(), String> {
+    let mut qmp = Qmp::connect(&lab.qmp, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    if paused { qmp.stop() } else { qmp.cont() }
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Resumes the VM and thaws the guest, retrying for up to a minute; whether the guest
+/// then reports thawed.
+pub fn resume_and_thaw(lab: &Lab) -> bool {
+    let _ = set_paused(lab, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(mut client) = try_connect(lab, Duration::from_secs(20)) {
+            let _ = client.execute(guest_fsfreeze_thaw {});
+            if client
+                .fsfreeze_status()
+                .is_ok_and(|s| s == GuestFsfreezeStatus::thawed)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Resumes the VM and thaws the guest on drop: no test leaves the lab frozen or paused.
 /// Tools run through it get their own runtime folder (watchdogs, locks), cleaned up too.
 #[derive(Debug)]
 pub struct ThawGuard<'a> {
     pub lab: &'a Lab,
     pub run_dir: RunDir,
+    /// Dropped last: the guest is thawed and the watchdogs stopped before another test
+    /// gets the VM.
+    _vm: Option<VmLock>,
+}
+
+impl ThawGuard<'static> {
+    /// What a test that drives the lab VM starts with: brings the test lab up and takes
+    /// exclusive use of its VM ([`vm_lock`]) until the guard is dropped.
+    pub fn lock(name: &str) -> ThawGuard<'static> {
+        let lab = test_lab();
+        let vm = vm_lock();
+        ThawGuard {
+            lab,
+            run_dir: RunDir::new(name),
+            _vm: Some(vm),
+        }
+    }
 }
 
 impl<'a> ThawGuard<'a> {
+    /// A guard for a caller that holds the VM lock itself.
     pub fn new(lab: &'a Lab, name: &str) -> ThawGuard<'a> {
         ThawGuard {
             lab,
             run_dir: RunDir::new(name),
+            _vm: None,
         }
     }
 
@@ -79,21 +177,7 @@ impl<'a> ThawGuard<'a> {
 
 impl Drop for ThawGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut qmp) = Qmp::connect(&self.lab.qmp, Duration::from_secs(5)) {
-            let _ = qmp.cont();
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut thawed = false;
-        while !thawed && Instant::now() < deadline {
-            if let Ok(mut client) =
-                Client::connect(&address(self.lab), Instant::now() + Duration::from_secs(20))
-            {
-                let _ = client.execute(guest_fsfreeze_thaw {});
-                thawed = client
-                    .fsfreeze_status()
-                    .is_ok_and(|s| s == GuestFsfreezeStatus::thawed);
-            }
-        }
+        let thawed = resume_and_thaw(self.lab);
         // The run folder's drop then stops this test's watchdogs.
         if !thawed && !std::thread::panicking() {
             panic!("ThawGuard could not verify that the lab guest is thawed");

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 /// What `scripts/lab up` prints.
@@ -34,9 +35,14 @@ pub struct Lab {
 
 /// The test lab's folder: `EVESNAP_TEST_LAB_DIR` or `target/lab-test`.
 pub fn test_lab_dir() -> PathBuf {
-    std::env::var_os("EVESNAP_TEST_LAB_DIR")
+    env_path("EVESNAP_TEST_LAB_DIR", "target/lab-test")
+}
+
+/// The folder named by the environment variable `var`, else `default` in the repository.
+fn env_path(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target/lab-test"))
+        .unwrap_or_else(|| crate::repo_root().join(default))
 }
 
 /// The test lab's pool: `EVESNAP_TEST_LAB_POOL` or `evesnap-test`.
@@ -59,20 +65,24 @@ pub fn lab_command(args: &[&str]) -> std::process::Output {
 pub fn test_lab() -> &'static Lab {
     static LAB: OnceLock<Lab> = OnceLock::new();
     LAB.get_or_init(|| {
-        let _guard = cross_process_lock("up.lock");
-        let out = lab_command(&["up"]);
-        assert!(
-            out.status.success(),
-            "scripts/lab up failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "scripts/lab up printed no lab object ({e}):\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        let _guard = lock_in(&test_lab_dir(), "up.lock");
+        lab_object("scripts/lab up", &lab_command(&["up"]))
+    })
+}
+
+/// The lab object `scripts/lab up` printed; panics with its output when it failed.
+fn lab_object<T: DeserializeOwned>(what: &str, out: &std::process::Output) -> T {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} printed no lab object ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
@@ -86,16 +96,17 @@ pub struct VmLock {
 /// Takes exclusive use of the VM for the rest of the caller's scope.
 pub fn vm_lock() -> VmLock {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
-    // A test that panicked while holding the lock poisons it; the VM is still usable.
-    let guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-    VmLock {
-        _file: cross_process_lock("vm.lock"),
-        _guard: guard,
-    }
+    vm_lock_in(&IN_PROCESS, &test_lab_dir())
 }
 
-fn cross_process_lock(name: &str) -> nix::fcntl::Flock<File> {
-    lock_in(&test_lab_dir(), name)
+/// The in-process mutex, then the flock of `<dir>/vm.lock` shared by all test processes.
+fn vm_lock_in(in_process: &'static Mutex<()>, dir: &std::path::Path) -> VmLock {
+    // A test that panicked while holding the lock poisons it; the VM is still usable.
+    let guard = in_process.lock().unwrap_or_else(|p| p.into_inner());
+    VmLock {
+        _file: lock_in(dir, "vm.lock"),
+        _guard: guard,
+    }
 }
 
 fn lock_in(dir: &std::path::Path, name: &str) -> nix::fcntl::Flock<File> {
@@ -137,18 +148,17 @@ pub struct OpenZfsLab {
 
 /// The OpenZFS test lab's folder: `EVESNAP_TEST_OPENZFS_LAB_DIR` or `target/lab-openzfs-test`.
 pub fn openzfs_lab_dir() -> PathBuf {
-    std::env::var_os("EVESNAP_TEST_OPENZFS_LAB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target/lab-openzfs-test"))
+    env_path("EVESNAP_TEST_OPENZFS_LAB_DIR", "target/lab-openzfs-test")
 }
 
 /// The host folder the OpenZFS test lab shares as its `guest_bin`: `EVESNAP_GUEST_BIN_DIR`
 /// or the statically linked build `target/static/x86_64-unknown-linux-gnu/debug` (see
 /// `scripts/test`; the folder is created empty when nothing was built there).
 pub fn openzfs_guest_bin_dir() -> PathBuf {
-    std::env::var_os("EVESNAP_GUEST_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target/static/x86_64-unknown-linux-gnu/debug"))
+    env_path(
+        "EVESNAP_GUEST_BIN_DIR",
+        "target/static/x86_64-unknown-linux-gnu/debug",
+    )
 }
 
 /// Runs `scripts/lab <args> --openzfs` for the OpenZFS test lab.
@@ -174,19 +184,7 @@ pub fn openzfs_lab() -> &'static OpenZfsLab {
         let _guard = lock_in(&openzfs_lab_dir(), "up.lock");
         // `up` talks to the control agent, which serves one client at a time.
         let _vm = openzfs_vm_lock();
-        let out = openzfs_lab_command(&["up"]);
-        assert!(
-            out.status.success(),
-            "scripts/lab up --openzfs failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "scripts/lab up --openzfs printed no lab object ({e}):\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        lab_object("scripts/lab up --openzfs", &openzfs_lab_command(&["up"]))
     })
 }
 
@@ -194,40 +192,26 @@ pub fn openzfs_lab() -> &'static OpenZfsLab {
 /// time; tests also change the pool).
 pub fn openzfs_vm_lock() -> VmLock {
     static IN_PROCESS: Mutex<()> = Mutex::new(());
-    let guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-    VmLock {
-        _file: lock_in(&openzfs_lab_dir(), "vm.lock"),
-        _guard: guard,
-    }
+    vm_lock_in(&IN_PROCESS, &openzfs_lab_dir())
 }
 
-/// Snapshots of the lab's datasets named `name`.
+/// Snapshots of the lab's datasets named `name`; panics when `zfs list` fails.
 pub fn snapshots_named(lab: &Lab, name: &str) -> Vec<String> {
-    let out = std::process::Command::new("zfs")
-        .args([
-            "list",
-            "-H",
-            "-o",
-            "name",
-            "-t",
-            "snapshot",
-            "-r",
-            &format!("{}/lab", lab.pool),
-        ])
-        .output()
-        .expect("zfs list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.ends_with(&format!("@{name}")))
-        .map(String::from)
+    let suffix = format!("@{name}");
+    crate::zfs::all_snapshots(&format!("{}/lab", lab.pool))
+        .into_iter()
+        .filter(|s| s.ends_with(&suffix))
         .collect()
 }
 
-/// One property of a dataset or snapshot, exact (`zfs get -H -p`); empty if unreadable.
-pub fn zfs_get(property: &str, name: &str) -> String {
-    let out = std::process::Command::new("zfs")
-        .args(["get", "-H", "-p", "-o", "value", property, name])
-        .output()
-        .expect("zfs get");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+/// Destroys every snapshot of the lab's datasets named `name` (test cleanup: quietly, and
+/// never a panic, as it runs in `Drop`).
+pub fn destroy_snapshots_named(lab: &Lab, name: &str) {
+    let suffix = format!("@{name}");
+    let listed = crate::zfs::list_snapshots(&format!("{}/lab", lab.pool), true);
+    for snapshot in listed.unwrap_or_default() {
+        if snapshot.ends_with(&suffix) {
+            let _ = crate::zfs::zfs(&["destroy", &snapshot]);
+        }
+    }
 }

@@ -4,6 +4,7 @@ pub mod fault;
 pub mod guest;
 pub mod lab;
 pub mod run;
+pub mod zfs;
 
 use std::path::PathBuf;
 
@@ -28,4 +29,17 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A name (of a snapshot, a file) no other test run uses: `<prefix>-<pid>-<nanoseconds>`.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        nanos % 1_000_000_000_000
+    )
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use evesnap::document::Document;
 
 /// A private runtime folder (`EVESNAP_RUN_DIR`: watchdogs, locks), so parallel tests
-/// never meet; on drop, stops the watchdogs a failed test left behind (by recorded pid).
+/// never meet; on drop, stops the watchdogs a failed test left behind ([`stop_watchdogs`]).
 #[derive(Debug)]
 pub struct RunDir(pub PathBuf);
 
@@ -27,20 +27,31 @@ impl RunDir {
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for entry in entries.flatten() {
-                let text = std::fs::read(entry.path()).unwrap_or_default();
-                if let Ok(w) = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text) {
-                    if let Some(pid) = w.pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGTERM,
-                        );
-                    }
-                }
-            }
-        }
+        stop_watchdogs(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Stops (SIGTERM) the watchdogs whose state files are in the runtime folder `dir`: by
+/// recorded pid, and only a process that still carries the watchdog's token (not a
+/// reused pid).
+pub fn stop_watchdogs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let text = std::fs::read(entry.path()).unwrap_or_default();
+        let Ok(w) = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text) else {
+            continue;
+        };
+        let Some(pid) = w.pid else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&w.token) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
     }
 }
 

@@ -1,25 +1,22 @@
 //! The lab is real: its VM runs, its agent answers through the socket and sees the two
 //! disks mounted, and zfs-fuse holds the datasets whose images are those disks.
 
-use std::process::Command;
 use std::time::Duration;
 
 use evesnap_tests::lab::{test_lab, vm_lock};
+use evesnap_tests::zfs::zfs;
 
 #[test]
 fn zfs_lists_the_lab_datasets_with_their_images() {
     let lab = test_lab();
-    let out = Command::new("zfs")
-        .args([
-            "list",
-            "-H",
-            "-o",
-            "name,mountpoint",
-            "-r",
-            &format!("{}/lab", lab.pool),
-        ])
-        .output()
-        .expect("run zfs");
+    let out = zfs(&[
+        "list",
+        "-H",
+        "-o",
+        "name,mountpoint",
+        "-r",
+        &format!("{}/lab", lab.pool),
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -3,10 +3,12 @@
 //! a second agent inside the guest on AF_VSOCK loopback, and the host's bin folder shared
 //! into the guest. Everything is driven through the control agent (`guest-exec`).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use evesnap::qga::{Address, Client};
+use evesnap_tests::guest::guest_exec;
 use evesnap_tests::lab::{openzfs_lab, openzfs_vm_lock, OpenZfsLab};
+use evesnap_tests::unique;
 
 fn control_agent(lab: &OpenZfsLab) -> Client {
     let address: Address = lab.agent.parse().expect("agent address");
@@ -28,26 +30,7 @@ fn guest(agent: &mut Client, argv: &[&str]) -> String {
 
 /// Runs `argv` in the guest: (exit code, stdout, stderr).
 fn guest_status(agent: &mut Client, argv: &[&str]) -> (i64, String, String) {
-    let res = agent
-        .guest_exec(argv[0], &argv[1..], Duration::from_secs(120))
-        .expect("guest-exec");
-    let code = res
-        .exitcode
-        .unwrap_or_else(|| 128 + res.signal.unwrap_or(0));
-    (
-        code,
-        String::from_utf8_lossy(&res.stdout).into_owned(),
-        String::from_utf8_lossy(&res.stderr).into_owned(),
-    )
-}
-
-/// A snapshot name no other test run uses.
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
+    guest_exec(agent, argv, Duration::from_secs(120))
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {

@@ -7,10 +7,12 @@
 //!
 //! Timings go to stderr (`TIMING …` lines): `cargo test --test openzfs_tools -- --nocapture`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use evesnap::qga::{Address, Client};
-use evesnap_tests::lab::{openzfs_lab, openzfs_vm_lock, OpenZfsLab};
+use evesnap_tests::guest::guest_exec;
+use evesnap_tests::lab::{openzfs_lab, openzfs_vm_lock, OpenZfsLab, VmLock};
+use evesnap_tests::unique;
 use serde_json::{json, Value};
 
 const TOOLS: [&str; 5] = [
@@ -36,19 +38,6 @@ fn lab_with_tools() -> Option<&'static OpenZfsLab> {
     Some(lab)
 }
 
-/// A snapshot name no other test run uses.
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        nanos % 1_000_000_000_000
-    )
-}
-
 /// What a tool run in the guest gave back.
 #[derive(Debug)]
 struct ToolRun {
@@ -69,24 +58,49 @@ impl ToolRun {
     }
 }
 
-/// The guest, through the control agent. Cleanup scripts registered with [`Guest::on_drop`]
-/// run (newest first) when it goes out of scope, also after a failed assertion.
+/// The tools of a snap-orchestrate report's steps, in order.
+fn tools(report: &Value) -> Vec<&str> {
+    report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["tool"].as_str().unwrap_or("?"))
+        .collect()
+}
+
+/// The step of `tool` in a snap-orchestrate report, or null.
+fn step_of(report: &Value, tool: &str) -> Value {
+    report["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["tool"] == tool))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The guest, through the control agent, and the VM to this test ([`openzfs_vm_lock`]).
+/// Cleanup scripts registered with [`Guest::on_drop`] run (newest first) when it goes out
+/// of scope, also after a failed assertion, and before the lock is released.
 struct Guest {
     lab: &'static OpenZfsLab,
     agent: Client,
     cleanup: Vec<String>,
+    _vm: VmLock,
 }
 
 impl Guest {
-    fn new(lab: &'static OpenZfsLab) -> Guest {
+    /// The guest of the OpenZFS lab with the tools, or `None` (see [`lab_with_tools`]).
+    fn start() -> Option<Guest> {
+        let lab = lab_with_tools()?;
+        let vm = openzfs_vm_lock();
         let address: Address = lab.agent.parse().expect("agent address");
         let agent = Client::connect(&address, Instant::now() + Duration::from_secs(30))
             .expect("the control agent answers");
-        Guest {
+        Some(Guest {
             lab,
             agent,
             cleanup: Vec::new(),
-        }
+            _vm: vm,
+        })
     }
 
     fn on_drop(&mut self, script: impl Into<String>) {
@@ -95,18 +109,7 @@ impl Guest {
 
     /// Runs `argv` in the guest: (exit code, stdout, stderr).
     fn exec(&mut self, argv: &[&str]) -> (i64, String, String) {
-        let res = self
-            .agent
-            .guest_exec(argv[0], &argv[1..], Duration::from_secs(180))
-            .expect("guest-exec");
-        let code = res
-            .exitcode
-            .unwrap_or_else(|| 128 + res.signal.unwrap_or(0));
-        (
-            code,
-            String::from_utf8_lossy(&res.stdout).into_owned(),
-            String::from_utf8_lossy(&res.stderr).into_owned(),
-        )
+        guest_exec(&mut self.agent, argv, Duration::from_secs(180))
     }
 
     /// Runs a busybox sh script in the guest, expecting success; its stdout.
@@ -209,6 +212,15 @@ fn remount(lab: &OpenZfsLab) -> String {
         .join("; ")
 }
 
+/// `args`, then `--dataset <zvol>` for each of the lab's zvols.
+fn with_zvols<'a>(lab: &'a OpenZfsLab, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    for z in &lab.zvols {
+        all.extend(["--dataset", z.as_str()]);
+    }
+    all
+}
+
 fn strings(value: &Value) -> Vec<String> {
     value
         .as_array()
@@ -226,16 +238,12 @@ fn ms(value: &Value) -> f64 {
 
 #[test]
 fn zsnap_takes_one_atomic_snapshot_of_both_zvols_and_reads_it_back() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let name = unique("zsnap-multi");
     g.on_drop(forget(&name));
     let id = "5b3c1f9e-8a5e-4c2a-9d7b-0e4f1a2b3c4d";
-    let mut args = vec![];
-    for z in &lab.zvols {
-        args.extend(["--dataset", z.as_str()]);
-    }
+    let mut args = with_zvols(lab, &[]);
     args.extend([
         "--name",
         &name,
@@ -303,10 +311,7 @@ fn zsnap_takes_one_atomic_snapshot_of_both_zvols_and_reads_it_back() {
     }
 
     // `zsnap list --evesnap-only` finds them with their metadata.
-    let mut list_args = vec!["list", "--evesnap-only"];
-    for z in &lab.zvols {
-        list_args.extend(["--dataset", z.as_str()]);
-    }
+    let list_args = with_zvols(lab, &["list", "--evesnap-only"]);
     let listed = g.tool("zsnap", &list_args, None);
     assert_eq!(listed.code, 0, "{}", listed.stderr);
     let ours: Vec<&Value> = listed.step()["snapshots"]
@@ -337,18 +342,14 @@ fn zsnap_takes_one_atomic_snapshot_of_both_zvols_and_reads_it_back() {
 
 #[test]
 fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("held");
     let (older, newer) = (format!("{tag}-a"), format!("{tag}-b"));
     g.on_drop(forget(&tag));
     let mut sets = vec![];
     for name in [&older, &newer] {
-        let mut args = vec!["--name", name.as_str()];
-        for z in &lab.zvols {
-            args.extend(["--dataset", z.as_str()]);
-        }
+        let args = with_zvols(lab, &["--name", name.as_str()]);
         let run = g.tool("zsnap", &args, None);
         assert_eq!(run.code, 0, "{}", run.stderr);
         sets.push(run.doc);
@@ -375,10 +376,7 @@ fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
     assert_eq!(g.snapshots(), before, "zsnap destroy changed something");
 
     // zrollback without --destroy-newer: refuses and lists the newer snapshots.
-    let mut args = vec!["--to", older.as_str()];
-    for z in &lab.zvols {
-        args.extend(["--dataset", z.as_str()]);
-    }
+    let mut args = with_zvols(lab, &["--to", older.as_str()]);
     let run = g.tool("zrollback", &args, None);
     assert_eq!(run.code, 7, "{}", run.stderr);
     let problems = run.step()["problems"].as_array().expect("problems").clone();
@@ -412,9 +410,8 @@ fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
 /// one, as a concurrent snapshotter would), and newer bookmarks, which only OpenZFS has.
 #[test]
 fn zrollback_reports_openzfs_refusals_and_newer_bookmarks() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("zrb");
     let zvol = lab.zvols[1].clone();
     let mnt = lab.guest_mounts[&zvol].clone();
@@ -497,9 +494,8 @@ fn zrollback_reports_openzfs_refusals_and_newer_bookmarks() {
 /// it, names the missing bytes and creates nothing, and `zfs snapshot` agrees.
 #[test]
 fn a_thick_zvol_on_a_nearly_full_pool_is_refused_before_anything_is_created() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("full");
     let (thick, sparse) = (lab.zvols[0].clone(), lab.zvols[1].clone());
     let mnt = lab.guest_mounts[&thick].clone();
@@ -606,9 +602,8 @@ fn a_thick_zvol_on_a_nearly_full_pool_is_refused_before_anything_is_created() {
 /// are frozen (a write blocks) until the thaw.
 #[test]
 fn qga_freeze_and_thaw_over_vsock_block_writes_on_the_zvols() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("frz");
     let mnt = lab.guest_mounts[&lab.zvols[1]].clone();
     let (written, probe) = (format!("/tmp/written-{tag}"), format!("{mnt}/frozen-{tag}"));
@@ -675,9 +670,8 @@ fn qga_freeze_and_thaw_over_vsock_block_writes_on_the_zvols() {
 /// zsnap's preflight on OpenZFS: a missing zvol and a taken name are named, nothing created.
 #[test]
 fn zsnap_preflight_names_missing_zvols_and_taken_names() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let name = unique("pre");
     g.on_drop(forget(&name));
     let missing = format!(
@@ -703,10 +697,7 @@ fn zsnap_preflight_names_missing_zvols_and_taken_names() {
     );
     let taken = format!("{}@{name}", lab.zvols[1]);
     g.sh(&format!("zfs snapshot {taken}"));
-    let mut args = vec!["--name", name.as_str()];
-    for z in &lab.zvols {
-        args.extend(["--dataset", z.as_str()]);
-    }
+    let args = with_zvols(lab, &["--name", name.as_str()]);
     let run = g.tool("zsnap", &args, None);
     assert_eq!(run.code, 7, "{}", run.doc);
     assert_eq!(
@@ -758,9 +749,8 @@ esac
 /// application and unmounts, guest_post remounts; the logs match the snapshot's checksums.
 #[test]
 fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("orch");
     let mounts: Vec<String> = lab
         .zvols
@@ -821,14 +811,8 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
     let create_took = run.took;
     let report = run.doc.clone();
     assert_eq!(report["consistency"], "application", "{report}");
-    let steps: Vec<&str> = report["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .map(|s| s["tool"].as_str().unwrap_or("?"))
-        .collect();
     assert_eq!(
-        steps,
+        tools(&report),
         [
             "preflight",
             "guest_pre",
@@ -838,13 +822,7 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
             "guest_post"
         ]
     );
-    let step = |tool: &str| -> Value {
-        report["steps"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["tool"] == tool))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
+    let step = |tool: &str| step_of(&report, tool);
     assert_eq!(step("qga-freeze")["frozen"], 2, "{report}");
     assert_eq!(step("qga-thaw")["thawed"], 2, "{report}");
     assert_eq!(step("zsnap")["method"], json!({"kind": "multi"}));
@@ -945,14 +923,8 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
     let run = g.tool("snap-orchestrate", &[], Some(&rollback.to_string()));
     assert_eq!(run.code, 0, "{}\n{}", run.doc, run.stderr);
     let report = run.doc.clone();
-    let steps: Vec<&str> = report["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .map(|s| s["tool"].as_str().unwrap_or("?"))
-        .collect();
     assert_eq!(
-        steps,
+        tools(&report),
         [
             "preflight",
             "guest_pre",
@@ -995,9 +967,8 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
 /// destroy a newer snapshot that has a clone (read from `origin` of the pool's datasets).
 #[test]
 fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("keep");
     let clone = format!("{}/vault/volumes/clone-{tag}", lab.pool);
     g.on_drop(forget(&tag));
@@ -1007,10 +978,7 @@ fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
         .map(|s| format!("{tag}-{s}"))
         .collect();
     for name in &names {
-        let mut args = vec!["--name", name.as_str()];
-        for z in &lab.zvols {
-            args.extend(["--dataset", z.as_str()]);
-        }
+        let args = with_zvols(lab, &["--name", name.as_str()]);
         let run = g.tool("zsnap", &args, None);
         assert_eq!(run.code, 0, "{}", run.stderr);
     }
@@ -1022,10 +990,7 @@ fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
 
     // Only this test's sets count: the zvols carry no other evesnap snapshots here, unless
     // an earlier run left some, which prune may then destroy too (they are evesnap's).
-    let mut args = vec!["prune", "--keep", "1"];
-    for z in &lab.zvols {
-        args.extend(["--dataset", z.as_str()]);
-    }
+    let args = with_zvols(lab, &["prune", "--keep", "1"]);
     let run = g.tool("zsnap", &args, None);
     assert_eq!(run.code, 0, "{}\n{}", run.doc, run.stderr);
     let step = run.step().clone();
@@ -1088,9 +1053,8 @@ fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
 /// the application resumed, and the report names the step and the cause.
 #[test]
 fn snap_orchestrate_in_the_guest_survives_a_pool_filling_up_inside_the_freeze() {
-    let Some(lab) = lab_with_tools() else { return };
-    let _vm = openzfs_vm_lock();
-    let mut g = Guest::new(lab);
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
     let tag = unique("oos");
     let thick = lab.zvols[0].clone();
     let mnt = lab.guest_mounts[&thick].clone();
@@ -1134,13 +1098,7 @@ fn snap_orchestrate_in_the_guest_survives_a_pool_filling_up_inside_the_freeze() 
     assert_eq!(run.code, 1, "{}\n{}", run.doc, run.stderr);
     let report = &run.doc;
     assert_eq!(report["error"]["step"], "snapshot", "{report}");
-    let step = |tool: &str| -> Value {
-        report["steps"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["tool"] == tool))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
+    let step = |tool: &str| step_of(report, tool);
     let zsnap = step("zsnap");
     assert_eq!(zsnap["ok"], false, "{report}");
     let error = zsnap["error"].as_str().unwrap_or("");

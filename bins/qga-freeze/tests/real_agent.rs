@@ -1,7 +1,7 @@
 //! `qga-freeze`, `qga-thaw` and the QGA client against the lab VM's real qemu-ga.
 //!
-//! Every test holds [`vm_lock`] while it talks to the VM and a [`ThawGuard`] that resumes
-//! and thaws the guest when the test ends, however it ends.
+//! Every test holds a [`ThawGuard::lock`]: the VM to itself while it talks to it, and the
+//! guest resumed and thawed when the test ends, however it ends.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use evesnap::document::Document;
 use evesnap::exit::{Exit, HasExit};
 use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
-use evesnap::qga::{Address, Client};
+use evesnap::qga::Address;
 use evesnap::qmp::Qmp;
 use evesnap_tests::guest::{
     address, code, connect, doc_of, guest_background, guest_sh, guest_upload, status, stderr,
-    ThawGuard,
+    try_connect, ThawGuard,
 };
-use evesnap_tests::lab::{test_lab, vm_lock, Lab};
+use evesnap_tests::lab::Lab;
 
 fn seconds(text: &str) -> f64 {
     text.split_whitespace()
@@ -29,9 +29,8 @@ fn seconds(text: &str) -> f64 {
 
 #[test]
 fn fsinfo_and_guest_exec_work_on_the_real_agent() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let _guard = ThawGuard::new(lab, "fsinfo");
+    let guard = ThawGuard::lock("fsinfo");
+    let lab = guard.lab;
     let mut client = connect(lab);
     let info = client.info().expect("guest-info");
     assert!(info.version.starts_with("7."), "{}", info.version);
@@ -52,9 +51,8 @@ fn fsinfo_and_guest_exec_work_on_the_real_agent() {
 
 #[test]
 fn freeze_all_blocks_a_guest_write_until_the_thaw() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "all");
+    let guard = ThawGuard::lock("all");
+    let lab = guard.lab;
     {
         let mut client = connect(lab);
         guest_sh(&mut client, "rm -f /run/ev-t0 /run/ev-t1 /data0/ev-blocked");
@@ -124,9 +122,8 @@ fn freeze_all_blocks_a_guest_write_until_the_thaw() {
 
 #[test]
 fn freezing_data0_leaves_data1_writable() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "list");
+    let guard = ThawGuard::lock("list");
+    let lab = guard.lab;
     {
         let mut client = connect(lab);
         guest_sh(
@@ -190,9 +187,8 @@ fn freezing_data0_leaves_data1_writable() {
 
 #[test]
 fn a_mountpoint_that_does_not_exist_fails_and_leaves_the_guest_thawed() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "nomount");
+    let guard = ThawGuard::lock("nomount");
+    let lab = guard.lab;
     let out = guard.run(
         "qga-freeze",
         &["--agent", &lab.agent, "--mountpoint", "/no/such/mount"],
@@ -209,9 +205,8 @@ fn a_mountpoint_that_does_not_exist_fails_and_leaves_the_guest_thawed() {
 
 #[test]
 fn stale_input_on_the_channel_does_not_break_the_next_run() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "stale");
+    let guard = ThawGuard::lock("stale");
+    let lab = guard.lab;
     let Address::Unix(path) = address(lab) else {
         panic!("the lab agent is a Unix socket")
     };
@@ -254,9 +249,8 @@ fn stale_input_on_the_channel_does_not_break_the_next_run() {
 
 #[test]
 fn a_paused_vm_times_out_with_the_timeout_code_and_is_thawed_after_resuming() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "paused");
+    let guard = ThawGuard::lock("paused");
+    let lab = guard.lab;
     let mut qmp = Qmp::connect(&lab.qmp, Duration::from_secs(10)).expect("qmp");
 
     // The binary, paused before it connects: the agent never answers.
@@ -325,9 +319,8 @@ fn a_paused_vm_times_out_with_the_timeout_code_and_is_thawed_after_resuming() {
 
 #[test]
 fn a_freeze_whose_reply_is_lost_is_thawed_by_the_queued_thaw() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let _guard = ThawGuard::new(lab, "lost");
+    let guard = ThawGuard::lock("lost");
+    let lab = guard.lab;
     let mut qmp = Qmp::connect(&lab.qmp, Duration::from_secs(10)).expect("qmp");
     let mut client = connect(lab);
     // Preflight done by hand, then pause right before the freeze goes out.
@@ -360,9 +353,8 @@ fn a_freeze_whose_reply_is_lost_is_thawed_by_the_queued_thaw() {
 
 #[test]
 fn the_watchdog_thaws_after_qga_freeze_is_killed() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "sigkill");
+    let guard = ThawGuard::lock("sigkill");
+    let lab = guard.lab;
     let mut child = Command::new(evesnap_tests::bin("qga-freeze"))
         .args(["--agent", &lab.agent, "--thaw-after", "5"])
         .env("EVESNAP_RUN_DIR", guard.run_dir.path())
@@ -421,9 +413,8 @@ fn the_watchdog_thaws_after_qga_freeze_is_killed() {
 
 #[test]
 fn freeze_and_thaw_timings() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let _guard = ThawGuard::new(lab, "timing");
+    let guard = ThawGuard::lock("timing");
+    let lab = guard.lab;
     let mut client = connect(lab);
     let opts = qga_freeze::FreezeOptions {
         thaw_after: None,
@@ -457,9 +448,7 @@ struct SecondAgent<'a>(&'a Lab);
 
 impl Drop for SecondAgent<'_> {
     fn drop(&mut self) {
-        if let Ok(mut client) =
-            Client::connect(&address(self.0), Instant::now() + Duration::from_secs(30))
-        {
+        if let Ok(mut client) = try_connect(self.0, Duration::from_secs(30)) {
             // By its pid file; it may ignore SIGTERM while idle, so SIGKILL follows (the
             // ThawGuard, dropped after this, thaws every mount through the main agent).
             let script = "p=$(cat /run/ev-qga2.pid 2>/dev/null) || exit 0; kill $p; sleep 1; \
@@ -471,9 +460,8 @@ impl Drop for SecondAgent<'_> {
 
 #[test]
 fn the_vsock_transport_reaches_an_agent_inside_the_guest() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "vsock");
+    let guard = ThawGuard::lock("vsock");
+    let lab = guard.lab;
     // Before the client: dropped after it, as it needs the agent socket to itself.
     let _second = SecondAgent(lab);
     let mut client = connect(lab);

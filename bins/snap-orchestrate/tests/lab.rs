@@ -1,8 +1,8 @@
 //! snap-orchestrate against the lab: the real agent in the VM, the real zfs-fuse pool.
 //!
-//! Every test that touches the VM holds [`vm_lock`] and a [`ThawGuard`], and destroys the
-//! snapshots it made, so tests stay independent. The agent serves one connection at a
-//! time: a test never keeps one open while a tool runs.
+//! Every test that touches the VM holds [`vm_lock`] (most through [`ThawGuard::lock`]),
+//! and destroys the snapshots it made, so tests stay independent. The agent serves one
+//! connection at a time: a test never keeps one open while a tool runs.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::testing::{FakeAgent, SimState};
 use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
-use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
+use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
+use evesnap_tests::zfs::{real_zfs, zfs_get};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -149,23 +150,15 @@ struct Cleanup<'a>(&'a Lab, Vec<String>);
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         for name in &self.1 {
-            for snapshot in snapshots_named(self.0, name) {
-                let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
-            }
-            let parent = format!("{}/lab/vm0@{name}", self.0.pool);
-            let _ = Command::new("zfs")
-                .args(["destroy", &parent])
-                .stderr(Stdio::null())
-                .status();
+            destroy_snapshots_named(self.0, name);
         }
     }
 }
 
 #[test]
 fn create_with_hooks_then_rollback_restores_the_data() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-create");
+    let guard = ThawGuard::lock("orch-create");
+    let lab = guard.lab;
     let name = format!("t-create-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     guest_sh(&mut connect(lab), "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 2>/dev/null; rm -f /data0/hook.log; sync");
@@ -279,9 +272,8 @@ fn create_with_hooks_then_rollback_restores_the_data() {
 
 #[test]
 fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-pre");
+    let guard = ThawGuard::lock("orch-pre");
+    let lab = guard.lab;
     let name = format!("t-pre-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let failing = plan(
@@ -328,7 +320,7 @@ fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
 /// touches `marker` when a snapshot starts (not for the bare `zfs snapshot` that probes
 /// the usage text).
 fn slow_zfs(dir: &std::path::Path, delay: u32) -> (PathBuf, PathBuf) {
-    let real = which_zfs();
+    let real = real_zfs();
     let marker = dir.join("snapshot-started");
     let shim = dir.join("zfs");
     std::fs::write(
@@ -345,14 +337,6 @@ fn slow_zfs(dir: &std::path::Path, delay: u32) -> (PathBuf, PathBuf) {
     (shim, marker)
 }
 
-fn which_zfs() -> PathBuf {
-    let out = Command::new("sh")
-        .args(["-c", "command -v zfs"])
-        .output()
-        .expect("sh");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 fn wait_for(path: &std::path::Path, within: Duration) {
     let deadline = Instant::now() + within;
     while !path.exists() {
@@ -367,9 +351,8 @@ fn wait_for(path: &std::path::Path, within: Duration) {
 
 #[test]
 fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-term");
+    let guard = ThawGuard::lock("orch-term");
+    let lab = guard.lab;
     let name = format!("t-term-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let (shim, marker) = slow_zfs(guard.run_dir.path(), 4);
@@ -407,9 +390,8 @@ fn sigterm_during_the_snapshot_leaves_the_guest_thawed() {
 
 #[test]
 fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-busy");
+    let guard = ThawGuard::lock("orch-busy");
+    let lab = guard.lab;
     let first_name = format!("t-busy1-{}", std::process::id());
     let second_name = format!("t-busy2-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![first_name.clone(), second_name.clone()]);
@@ -437,9 +419,8 @@ fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
 
 #[test]
 fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-pipe");
+    let guard = ThawGuard::lock("orch-pipe");
+    let lab = guard.lab;
     let piped = format!("t-pipe-{}", std::process::id());
     let orchestrated = format!("t-orch-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![piped.clone(), orchestrated.clone()]);
@@ -507,9 +488,8 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
 
 #[test]
 fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-noagent");
+    let guard = ThawGuard::lock("orch-noagent");
+    let lab = guard.lab;
     let name = format!("t-noagent-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let missing = guard.run_dir.path().join("no-such-agent.sock");
@@ -571,9 +551,8 @@ fn a_bad_plan_is_refused_with_the_field_named() {
 
 #[test]
 fn a_hung_zfs_snapshot_does_not_keep_the_guest_frozen() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-hang");
+    let guard = ThawGuard::lock("orch-hang");
+    let lab = guard.lab;
     let name = format!("t-hang-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
     let (shim, _marker) = slow_zfs(guard.run_dir.path(), 8);
@@ -688,9 +667,8 @@ fn rcu_state(lab: &Lab) -> (String, bool) {
 
 #[test]
 fn expedite_rcu_holds_for_the_freeze_and_the_guest_gets_its_setting_back() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "orch-rcu");
+    let guard = ThawGuard::lock("orch-rcu");
+    let lab = guard.lab;
     let name = format!("t-rcu-{}", std::process::id());
     let killed = format!("t-rcu-kill-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone(), killed.clone()]);

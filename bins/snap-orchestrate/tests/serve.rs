@@ -15,9 +15,12 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::request::Reply;
-use evesnap_tests::guest::{connect, guest_background, guest_sh, guest_upload, status, ThawGuard};
-use evesnap_tests::lab::{snapshots_named, test_lab, vm_lock, zfs_get, Lab};
+use evesnap_tests::guest::{
+    connect, guest_background, guest_sh, guest_upload, status, try_connect, ThawGuard,
+};
+use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, Lab};
 use evesnap_tests::run::RunDir;
+use evesnap_tests::zfs::zfs_get;
 use serde_json::{json, Value};
 
 /// A running listener; stopped by SIGTERM (by its pid) on drop.
@@ -465,14 +468,9 @@ struct Cleanup<'a>(&'a Lab, Vec<String>);
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         for name in &self.1 {
-            for snapshot in snapshots_named(self.0, name) {
-                let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
-            }
+            destroy_snapshots_named(self.0, name);
         }
-        if let Ok(mut client) = evesnap::qga::Client::connect(
-            &evesnap_tests::guest::address(self.0),
-            Instant::now() + Duration::from_secs(30),
-        ) {
+        if let Ok(mut client) = try_connect(self.0, Duration::from_secs(30)) {
             let _ = client.guest_exec(
                 "/bin/sh",
                 &[
@@ -519,26 +517,54 @@ fn dataset_of<'l>(lab: &'l Lab, serial: &str) -> &'l str {
         .unwrap_or_else(|| panic!("no lab disk with serial {serial}"))
 }
 
+/// A lab test of the listener: exclusive use of the VM, the guest tool installed, the
+/// test's snapshot name (its snapshots destroyed at the end) and a listener on the VM's
+/// request channel. Dropped in field order: the listener stops first, the guard (and
+/// with it the VM lock) goes last.
+struct InLab {
+    serve: Serve,
+    name: String,
+    _cleanup: Cleanup<'static>,
+    _guard: ThawGuard<'static>,
+    lab: &'static Lab,
+}
+
+impl InLab {
+    /// `volumes`: the VM's volumes map, else the lab's own.
+    fn start(test: &str, prefix: &str, volumes: Option<Value>) -> InLab {
+        let guard = ThawGuard::lock(test);
+        let lab = guard.lab;
+        install_guest_tool(lab, guard.run_dir.path());
+        let name = format!("{prefix}-{}", std::process::id());
+        let cleanup = Cleanup(lab, vec![name.clone()]);
+        let volumes = match volumes {
+            Some(map) => write_volumes(guard.run_dir.path(), &map),
+            None => lab_volumes(lab, guard.run_dir.path()),
+        };
+        let serve = Serve::start(
+            guard.run_dir.path(),
+            &lab.request_channel,
+            &lab.agent,
+            &volumes,
+            "20",
+            &[],
+        );
+        InLab {
+            serve,
+            name,
+            _cleanup: cleanup,
+            _guard: guard,
+            lab,
+        }
+    }
+}
+
 #[test]
 fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "serve-create");
-    install_guest_tool(lab, guard.run_dir.path());
-    let name = format!("t-guest-{}", std::process::id());
-    let _cleanup = Cleanup(lab, vec![name.clone()]);
-    let volumes = lab_volumes(lab, guard.run_dir.path());
-    let serve = Serve::start(
-        guard.run_dir.path(),
-        &lab.request_channel,
-        &lab.agent,
-        &volumes,
-        "20",
-        &[],
-    );
+    let t = InLab::start("serve-create", "t-guest", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
 
-    let (run, record, reply) =
-        guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    let (run, record, reply) = guest_request(lab, serve, &format!("--create /data0 --name {name}"));
     assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
     assert_eq!(run.stdout["ok"], true, "{run:?}");
     assert_eq!(run.stdout["id"], record["request"]["id"]);
@@ -576,7 +602,7 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         run.stdout
     );
 
-    let (run, _, reply) = guest_request(lab, &serve, "--list /dev/vda");
+    let (run, _, reply) = guest_request(lab, serve, "--list /dev/vda");
     assert_eq!(run.code, 0, "{run:?}");
     let listed = reply.snapshots.expect("list");
     assert!(
@@ -585,7 +611,7 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
     );
 
     // A name taken already: refused by the preflight, the guest says 1.
-    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /dev/vda --name {name}"));
+    let (run, _, reply) = guest_request(lab, serve, &format!("--create /dev/vda --name {name}"));
     assert_eq!(run.code, 1, "{run:?}");
     let error = reply.error.expect("error");
     assert_eq!(
@@ -602,24 +628,11 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
 
 #[test]
 fn no_room_in_the_pool_is_reported_to_the_guest_and_nothing_is_created() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "serve-room");
-    install_guest_tool(lab, guard.run_dir.path());
-    let name = format!("t-room-{}", std::process::id());
-    let _cleanup = Cleanup(lab, vec![name.clone()]);
-    let volumes = lab_volumes(lab, guard.run_dir.path());
-    let serve = Serve::start(
-        guard.run_dir.path(),
-        &lab.request_channel,
-        &lab.agent,
-        &volumes,
-        "20",
-        &[],
-    );
+    let t = InLab::start("serve-room", "t-room", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
     let _quota = Quota::scarce(dataset_of(lab, "disk0"));
 
-    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    let (run, _, reply) = guest_request(lab, serve, &format!("--create /data0 --name {name}"));
     assert_eq!(run.code, 1, "{run:?}");
     assert_eq!(run.stdout["ok"], false);
     let error = reply.error.expect("error");
@@ -649,25 +662,17 @@ fn no_room_in_the_pool_is_reported_to_the_guest_and_nothing_is_created() {
 #[test]
 fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_on() {
     let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "serve-refuse");
-    install_guest_tool(lab, guard.run_dir.path());
-    let name = format!("t-refuse-{}", std::process::id());
-    let _cleanup = Cleanup(lab, vec![name.clone()]);
     // This VM's map has disk0 only: disk1 stands for another VM's volume.
     let disk0 = dataset_of(lab, "disk0");
-    let volumes = write_volumes(guard.run_dir.path(), &json!({ disk0: lab.disks[disk0] }));
-    let mut serve = Serve::start(
-        guard.run_dir.path(),
-        &lab.request_channel,
-        &lab.agent,
-        &volumes,
-        "20",
-        &[],
+    let mut t = InLab::start(
+        "serve-refuse",
+        "t-refuse",
+        Some(json!({ disk0: lab.disks[disk0] })),
     );
+    let (name, serve) = (t.name.clone(), &mut t.serve);
 
     // A disk that is not in the map, mounted and unmounted.
-    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /data1 --name {name}"));
+    let (run, _, reply) = guest_request(lab, serve, &format!("--create /data1 --name {name}"));
     assert_eq!(run.code, 1, "{run:?}");
     let error = reply.error.expect("error");
     assert_eq!(
@@ -730,7 +735,7 @@ fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_
     assert!(snapshots_named(lab, &name).is_empty());
 
     // The listener still serves, and the guest skips the stale replies to the garbage.
-    let (run, _, reply) = guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    let (run, _, reply) = guest_request(lab, serve, &format!("--create /data0 --name {name}"));
     assert_eq!(run.code, 0, "{run:?}\n{}", serve.stderr());
     assert!(reply.ok);
     assert_eq!(snapshots_named(lab, &name), [format!("{disk0}@{name}")]);
@@ -739,28 +744,15 @@ fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_
 
 #[test]
 fn a_rollback_from_the_guest_after_umount_restores_the_data() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "serve-rollback");
-    install_guest_tool(lab, guard.run_dir.path());
-    let name = format!("t-grb-{}", std::process::id());
-    let _cleanup = Cleanup(lab, vec![name.clone()]);
-    let volumes = lab_volumes(lab, guard.run_dir.path());
-    let serve = Serve::start(
-        guard.run_dir.path(),
-        &lab.request_channel,
-        &lab.agent,
-        &volumes,
-        "20",
-        &[],
-    );
+    let t = InLab::start("serve-rollback", "t-grb", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
 
     guest_sh(
         &mut connect(lab),
         "dd if=/dev/urandom of=/data0/app.bin bs=64k count=16 2>/dev/null; sync",
     );
     let at_snapshot = guest_sh(&mut connect(lab), "md5sum /data0/app.bin");
-    let (run, _, _) = guest_request(lab, &serve, &format!("--create /data0 --name {name}"));
+    let (run, _, _) = guest_request(lab, serve, &format!("--create /data0 --name {name}"));
     assert_eq!(run.code, 0, "{run:?}");
     guest_sh(
         &mut connect(lab),
@@ -772,7 +764,7 @@ fn a_rollback_from_the_guest_after_umount_restores_the_data() {
     );
 
     // Still mounted: the flow's check refuses, nothing changes.
-    let (run, _, reply) = guest_request(lab, &serve, &format!("--rollback /dev/vda --to {name}"));
+    let (run, _, reply) = guest_request(lab, serve, &format!("--rollback /dev/vda --to {name}"));
     assert_eq!(run.code, 1, "{run:?}");
     let error = reply.error.expect("error");
     assert_eq!(
@@ -789,7 +781,7 @@ fn a_rollback_from_the_guest_after_umount_restores_the_data() {
     // Unmounted (the agent no longer lists it: the guest's serial and PCI address name it).
     guest_sh(&mut connect(lab), "umount /data0");
     let (run, record, reply) =
-        guest_request(lab, &serve, &format!("--rollback /dev/vda --to {name}"));
+        guest_request(lab, serve, &format!("--rollback /dev/vda --to {name}"));
     assert_eq!(run.code, 0, "{run:?}\n{record}");
     assert_eq!(
         (reply.disks.as_slice(), reply.snapshot.as_deref()),
@@ -812,9 +804,8 @@ fn a_rollback_from_the_guest_after_umount_restores_the_data() {
 
 #[test]
 fn the_guest_tells_an_absent_host_a_silent_host_and_a_busy_port_apart() {
-    let lab = test_lab();
-    let _vm = vm_lock();
-    let guard = ThawGuard::new(lab, "serve-host");
+    let guard = ThawGuard::lock("serve-host");
+    let lab = guard.lab;
     install_guest_tool(lab, guard.run_dir.path());
 
     // Nobody on the host end: 3 after --connect-timeout.

@@ -5,7 +5,8 @@ mod support;
 
 use std::path::Path;
 
-use support::{checksum, run, snapshots, write_file, zfs, Shim, Tree};
+use evesnap_tests::zfs::{real_zfs, snapshots};
+use support::{checksum, run, write_file, zfs, Shim, Tree};
 
 fn zrollback() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_zrollback"))
@@ -126,7 +127,7 @@ fn a_clone_of_a_newer_snapshot_refuses() {
         zrollback(),
         &["-d", &a, "--to", "s1", "--destroy-newer"],
         None,
-        &support::real_zfs(),
+        &real_zfs(),
     );
     assert_eq!(out.code, 7, "{}", out.stderr);
     assert_eq!(out.step()["problems"][0]["problem"], "has-clones");

@@ -5,8 +5,9 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use evesnap_tests::zfs::{all_snapshots, real_zfs, snapshots};
 use serde::Deserialize;
-use support::{all_snapshots, get, run, snapshots, zfs, Shim, Tree};
+use support::{get, run, zfs, Shim, Tree};
 
 fn zsnap() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_zsnap"))
@@ -134,7 +135,7 @@ fn unrelated_datasets_are_taken_one_by_one_and_a_failure_undoes_them() {
         zsnap(),
         &["-d", &a, "-d", &b, "-n", "s1"],
         None,
-        &support::real_zfs(),
+        &real_zfs(),
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.step()["atomic"], false);
@@ -215,7 +216,7 @@ fn list_destroy_and_prune_real_snapshots() {
     let tree = Tree::new("zsnap-life");
     let a = tree.create("vm/a");
     let b = tree.create("vm/b");
-    let zfs_path = support::real_zfs();
+    let zfs_path = real_zfs();
     for n in ["p1", "p2", "p3", "p4", "p5"] {
         let out = run(zsnap(), &["-d", &a, "-d", &b, "-n", n], None, &zfs_path);
         assert_eq!(out.code, 0, "{}", out.stderr);
@@ -384,7 +385,7 @@ fn a_pool_too_full_fails_the_preflight_and_creates_nothing() {
     assert!(shim.calls_of("snapshot").is_empty());
     assert!(all_snapshots(&tree.root).is_empty());
     // The preflight agrees with ZFS itself.
-    let real = Command::new(support::real_zfs())
+    let real = Command::new(real_zfs())
         .args(["snapshot", &format!("{rr}@s1")])
         .output()
         .expect("zfs");
@@ -473,7 +474,7 @@ fn the_recursive_parents_own_snapshot_is_destroyed_after_the_document_is_out() {
         &shim,
         format!(
             "#!/bin/sh\n[ \"$1\" = destroy ] && sleep 2\nexec '{}' \"$@\"\n",
-            support::real_zfs().display()
+            real_zfs().display()
         ),
     )
     .expect("write shim");

@@ -9,15 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use evesnap_tests::zfs::real_zfs;
 use serde_json::Value;
-
-/// The real zfs program.
-pub fn real_zfs() -> PathBuf {
-    evesnap::zfs::Zfs::locate(None)
-        .expect("zfs installed")
-        .program()
-        .to_path_buf()
-}
 
 /// The pool the tests work in: `EVESNAP_TEST_ZFS_POOL` (a scratch pool, for quick runs
 /// without the VM), else the test lab's pool (which `test_lab()` brings up, zfs-fuse
@@ -31,11 +24,7 @@ pub fn pool() -> String {
 
 /// Runs the real zfs; panics with its stderr on failure.
 pub fn zfs(args: &[&str]) -> String {
-    let out = Command::new(real_zfs())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run zfs");
+    let out = evesnap_tests::zfs::zfs(args);
     assert!(
         out.status.success(),
         "zfs {args:?} failed: {}",
@@ -49,11 +38,7 @@ pub fn zfs(args: &[&str]) -> String {
 pub fn zfs_retry(args: &[&str]) -> Result<(), String> {
     let mut last = String::new();
     for _ in 0..40 {
-        let out = Command::new(real_zfs())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run zfs");
+        let out = evesnap_tests::zfs::zfs(args);
         if out.status.success() {
             return Ok(());
         }
@@ -73,44 +58,14 @@ pub fn get(name: &str, prop: &str) -> String {
         .to_string()
 }
 
-/// The snapshot names of a dataset, oldest first.
-pub fn snapshots(dataset: &str) -> Vec<String> {
-    zfs(&[
-        "list",
-        "-H",
-        "-o",
-        "name",
-        "-t",
-        "snapshot",
-        "-d",
-        "1",
-        "-s",
-        "createtxg",
-        dataset,
-    ])
-    .lines()
-    .map(str::to_string)
-    .collect()
-}
-
-/// Every snapshot under `dataset`.
-pub fn all_snapshots(dataset: &str) -> Vec<String> {
-    zfs(&["list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 /// Serialises dataset creation within a test process.
 static CREATE: Mutex<()> = Mutex::new(());
 
 /// Whether a dataset exists.
 pub fn exists(name: &str) -> bool {
-    Command::new(real_zfs())
-        .args(["list", "-H", "-o", "name", name])
-        .stdin(Stdio::null())
-        .output()
-        .is_ok_and(|o| o.status.success())
+    evesnap_tests::zfs::zfs(&["list", "-H", "-o", "name", name])
+        .status
+        .success()
 }
 
 /// A test's own dataset tree `<pool>/t/<name>`, destroyed (holds released first) on drop.

@@ -1,0 +1,155 @@
+//! The guest side fails: qemu-ga killed while frozen, the VM paused while frozen, garbage
+//! left on the agent channel.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::fault::{Rng, Sig, Trial, SLACK, THAW_AFTER};
+use crate::guest::{set_paused, try_connect};
+
+impl Trial<'_> {
+    /// qemu-ga's pid in the guest.
+    fn agent_pid(&mut self) -> Option<String> {
+        self.sh("pidof qemu-ga")
+            .ok()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Starts a guest job that kills qemu-ga `after` the freeze (guest-exec is disabled
+    /// while frozen, so it must be started before).
+    fn arm_agent_killer(&mut self, signal: Sig, after: Duration) -> bool {
+        let script = format!(
+            "( i=0; while [ ! -e /run/qga.state.isfrozen ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
+             [ $i -lt 600 ] && usleep {} && kill -{} $(pidof qemu-ga) ) </dev/null >/dev/null 2>&1 &",
+            after.as_micros(),
+            signal.name()
+        );
+        match self.sh(&script) {
+            Ok(_) => true,
+            Err(e) => {
+                self.fail(format!("cannot start the agent killer: {e}"));
+                false
+            }
+        }
+    }
+
+    pub(in crate::fault) fn agent_killed(&mut self, signal: Sig, after: Duration) {
+        let before = self.agent_pid();
+        if !self.arm_agent_killer(signal, after) {
+            return;
+        }
+        self.shim.set("snapshot.before", "2");
+        let child = self.start(json!({}));
+        let seen = self.shim.snapshot_started();
+        let (code, report, _) = self.finish_checked(child);
+        let reference = seen.unwrap_or(self.started);
+        self.check_thawed_by_deadline(reference);
+        self.check_resumed(code);
+        self.check_claims(report.as_ref());
+        // The respawned agent must serve the next trial.
+        if try_connect(self.lab, Duration::from_secs(30)).is_err() {
+            self.fail("the agent did not come back");
+        }
+        // The fault must have happened: SIGKILL restarts qemu-ga (init respawns it, in
+        // frozen mode); qemu-ga ignores SIGTERM while frozen (it would exit only thawed).
+        let after_pid = self.agent_pid();
+        match signal {
+            Sig::Kill => self.check(
+                before.is_some() && after_pid != before,
+                format!("qemu-ga was not killed (pid {before:?} -> {after_pid:?})"),
+            ),
+            Sig::Term => {
+                let what = if after_pid == before {
+                    "qemu-ga ignored SIGTERM while frozen"
+                } else {
+                    "qemu-ga restarted after SIGTERM"
+                };
+                self.note(what);
+            }
+        }
+        if signal == Sig::Kill {
+            self.note(format!("qemu-ga restarted while frozen, exit {code}"));
+        }
+    }
+
+    pub(in crate::fault) fn vm_paused(&mut self, paused: Duration) {
+        self.shim.set("snapshot.before", "0.5");
+        let child = self.start(json!({}));
+        let seen = self.shim.snapshot_started();
+        if let Err(e) = set_paused(self.lab, true) {
+            self.fail(format!("QMP stop: {e}"));
+        }
+        std::thread::sleep(paused);
+        let resumed = Instant::now();
+        if let Err(e) = set_paused(self.lab, false) {
+            self.fail(format!("QMP cont: {e}"));
+        }
+        let (code, report, _) = self.finish_checked(child);
+        let reference = seen.unwrap_or(self.started);
+        // A paused guest cannot thaw: the deadline runs on from the resume.
+        let deadline = (reference + THAW_AFTER).max(resumed) + SLACK;
+        self.check_thawed(reference, deadline);
+        self.check_resumed(code);
+        self.check_claims(report.as_ref());
+    }
+
+    pub(in crate::fault) fn garbage(&mut self, seed: u64, verify: bool) {
+        let mut rng = Rng::new(seed);
+        let path = self.lab.agent.trim_start_matches("unix:").to_string();
+        let mut bytes: Vec<u8> = Vec::new();
+        for _ in 0..(1 + rng.below(6)) {
+            match rng.below(6) {
+                0 => bytes.extend(b"{\"execute\":\"guest-ping\""),
+                1 => bytes.extend(
+                    format!(
+                        "{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{}}}}}\n",
+                        rng.below(1 << 40)
+                    )
+                    .as_bytes(),
+                ),
+                2 => bytes.extend(
+                    format!(
+                        "{{\"execute\":\"guest-ping\",\"id\":{}}}\n",
+                        rng.below(1000)
+                    )
+                    .as_bytes(),
+                ),
+                3 => bytes.push(0xFF),
+                4 => bytes.extend(b"{\"execute\":\"guest-info\"}\n"),
+                _ => bytes.extend((0..rng.below(200)).map(|_| rng.below(256) as u8)),
+            }
+        }
+        match UnixStream::connect(&path) {
+            Ok(mut s) => {
+                let _ = s.write_all(&bytes);
+                // Sometimes read a little, sometimes leave at once.
+                if rng.below(2) == 0 {
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 64];
+                    let _ = s.read(&mut buf);
+                }
+            }
+            Err(e) => self.fail(format!("cannot connect to the agent socket: {e}")),
+        }
+        let child = self.start(json!({}));
+        let (code, report, stderr) = self.finish_checked(child);
+        self.check(
+            code == 0,
+            format!(
+                "after garbage on the channel: exit {code}: {}",
+                stderr.trim()
+            ),
+        );
+        self.check_thawed_at_once();
+        self.check_resumed(code);
+        self.check_claims(report.as_ref());
+        if verify && code == 0 {
+            let name = self.name.clone();
+            self.check_rollback(&name);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The scenarios, one `Trial` method per fault family, grouped by what fails.
+
+mod agent;
+mod pool;
+mod rollback;
+mod tools;

@@ -1,0 +1,140 @@
+//! Holds and rollbacks: a held snapshot against retention and a destroying rollback, a
+//! rollback interrupted half way.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::fault::trial::{md5_pair, wait_for, DATA, MD5, MOUNTS};
+use crate::fault::{Sig, Trial};
+use crate::zfs::{zfs, zfs_get};
+
+impl Trial<'_> {
+    pub(in crate::fault) fn held(&mut self) {
+        let older = format!("{}-a", self.name);
+        let newer = format!("{}-b", self.name);
+        if !self.take_clean(&older) {
+            return;
+        }
+        let held = format!("{}@{older}", self.lab.datasets[0]);
+        if !zfs(&["hold", "evesnap-fault", &held]).status.success() {
+            // zfs-fuse has `hold` but no `holds`; userrefs tells.
+            self.note("zfs hold failed");
+        }
+        // Retention may not destroy the held snapshot.
+        self.names.push(newer.clone());
+        let plan = self.plan(&newer, json!({"max_snapshots": 1}));
+        let child = self.spawn_orchestrator(&plan);
+        let (_, report, _) = self.finish_checked(child);
+        self.check(
+            zfs_get("name", &held) == held,
+            "retention destroyed a held snapshot",
+        );
+        self.check_claims(report.as_ref());
+        let new_data = self.sh(DATA).map(|o| md5_pair(&o)).unwrap_or_default();
+        // Rolling back to the older one would destroy the newer: hold the newer.
+        let newer_full = format!("{}@{newer}", self.lab.datasets[0]);
+        let _ = zfs(&["hold", "evesnap-fault", &newer_full]);
+        let plan = self.rollback_plan(&older, true);
+        let child = self.spawn_orchestrator(&plan);
+        let (code, _, _) = self.finish_checked(child);
+        self.check(
+            code == 7,
+            format!("a rollback over a held newer snapshot exits {code}, not 7"),
+        );
+        self.check(
+            zfs_get("name", &newer_full) == newer_full,
+            "the held newer snapshot was destroyed",
+        );
+        let now = self.sh(MD5).map(|o| md5_pair(&o)).unwrap_or_default();
+        self.check(now == new_data, "a refused rollback changed the data");
+        let _ = zfs(&["release", "evesnap-fault", &newer_full]);
+        let _ = zfs(&["release", "evesnap-fault", &held]);
+        self.check_thawed_at_once();
+        self.check_rollback(&older);
+    }
+
+    pub(in crate::fault) fn rollback(&mut self, signal: Option<Sig>) {
+        let target = format!("{}-r", self.name);
+        if !self.take_clean(&target) {
+            return;
+        }
+        let before = self.data.clone();
+        let after = match self.sh(DATA) {
+            Ok(o) => md5_pair(&o),
+            Err(e) => return self.fail(e),
+        };
+        self.shim.set("rollback.before", "1");
+        let plan = self.rollback_plan(&target, true);
+        let child = self.spawn_orchestrator(&plan);
+        let pid = child.id();
+        if let Some(signal) = signal {
+            if wait_for(
+                &self.shim.marker("rollback-started"),
+                Duration::from_secs(60),
+            )
+            .is_none()
+            {
+                self.fail("the rollback never started");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            self.kill(pid, signal);
+        }
+        let (code, _, stderr) = self.finish_checked(child);
+        self.shim.wait_idle(Duration::from_secs(30));
+        if signal.is_none() {
+            self.check(
+                code == 0,
+                format!("the rollback exits {code}: {}", stderr.trim()),
+            );
+        }
+        if signal == Some(Sig::Term) && code == 0 {
+            self.note("SIGTERM during the rollback: it completed");
+        }
+        self.check_resumed(code);
+        // Whatever the kill left: mounted again, each volume old or new, never a mix.
+        if let Err(e) = self.sh(MOUNTS) {
+            self.fail(format!("cannot remount: {e}"));
+            return;
+        }
+        match self.sh(MD5) {
+            Ok(o) => {
+                let now = md5_pair(&o);
+                self.check(now.len() == before.len(), format!("files missing: {now:?}"));
+                for (i, md5) in now.iter().enumerate() {
+                    let fine = before.get(i) == Some(md5) || after.get(i) == Some(md5);
+                    self.check(fine, format!("volume {i} holds neither version: data lost"));
+                }
+                if signal.is_none() {
+                    self.check(
+                        now == before,
+                        "the rollback did not restore the snapshot's data",
+                    );
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+        self.check_thawed_at_once();
+        // A second rollback finishes the job.
+        let _ = std::fs::remove_file(self.shim.marker("rollback.before"));
+        self.data = before;
+        let plan = self.rollback_plan(&target, true);
+        let child = self.spawn_orchestrator(&plan);
+        let (code, _, stderr) = self.finish_checked(child);
+        self.out.exits.pop();
+        self.check(
+            code == 0,
+            format!("the second rollback exits {code}: {}", stderr.trim()),
+        );
+        match self.sh(MD5) {
+            Ok(o) => {
+                let now = md5_pair(&o);
+                self.check(
+                    now == self.data,
+                    "after a second rollback the data is not the snapshot's",
+                );
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+}
