@@ -54,12 +54,7 @@ pub fn wait_thawed(lab: &Lab, until: Instant) -> Option<Instant> {
 pub fn try_guest_sh(client: &mut Client, script: &str) -> Result<String, String> {
     let r = client
         .guest_exec("/bin/sh", &["-c", script], Duration::from_secs(30))
-        .map_err(|e| {
-            format!(
-                "guest-exec: {}",
-                evesnap::exit::chain_of(&e)
-            )
-        })?;
+        .map_err(|e| format!("guest-exec: {}", evesnap::exit::chain_of(&e)))?;
     if !r.success() {
         return Err(format!(
             "guest `{script}` failed ({:?}/{:?}): {}",
