@@ -31,6 +31,7 @@
 
 mod handle;
 mod identify;
+mod lines;
 mod redact;
 mod volumes;
 
@@ -49,6 +50,7 @@ use serde_json::json;
 use crate::flow::Signals;
 pub use handle::{Served, Server};
 pub use identify::{identify, Identified};
+use lines::{Line, Lines, Throttle};
 pub use redact::Redactor;
 pub use volumes::{check_volumes, label, load_volumes, Volumes};
 
@@ -56,6 +58,10 @@ pub use volumes::{check_volumes, label, load_volumes, Volumes};
 const READ_TICK: Duration = Duration::from_millis(250);
 /// A guest that does not read its replies cannot block the listener longer than this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bad lines (garbage, oversized, invalid requests) answered per second; the rest are
+/// counted and dropped, so a guest flooding its port cannot make the host write more than
+/// this many replies, records and log lines a second.
+const BAD_LINES_PER_SECOND: u32 = 20;
 /// Pause between connection attempts while QEMU's socket is missing or refuses.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
@@ -90,13 +96,14 @@ enum End {
     Broken(std::io::Error),
 }
 
-fn record(served: &Served, line: &[u8]) {
-    let request = match &served.request {
-        Some(r) => json!(r),
-        None => {
+fn record(served: &Served, line: Line<'_>) {
+    let request = match (&served.request, line) {
+        (Some(r), _) => json!(r),
+        (None, Line::Text(line)) => {
             let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
             json!({"unparsed": text, "bytes": line.len()})
         }
+        (None, Line::Oversized) => json!({"unparsed": "", "oversized": true}),
     };
     let entry = json!({
         "at": evesnap::time::now_rfc3339(),
@@ -150,8 +157,8 @@ impl Server {
         {
             return End::Broken(e);
         }
-        let mut buf: Vec<u8> = Vec::new();
-        let mut discarding = false;
+        let mut lines = Lines::new(MAX_REQUEST_LINE);
+        let mut throttle = Throttle::new(BAD_LINES_PER_SECOND);
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if self.stop_requested() {
@@ -172,21 +179,24 @@ impl Server {
                 }
                 Err(e) => return End::Broken(e),
             };
-            buf.extend_from_slice(&chunk[..n]);
-            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                if std::mem::take(&mut discarding) {
-                    continue; // the end of an oversized line, answered already
-                }
-                let line = line.trim_ascii();
-                if line.is_empty() {
-                    continue;
-                }
-                let served = if line.len() > MAX_REQUEST_LINE {
-                    oversized()
-                } else {
-                    self.handle_line(line)
+            lines.push(&chunk[..n]);
+            while let Some(line) = lines.next_line() {
+                let served = match line {
+                    Line::Oversized => oversized(),
+                    Line::Text(text) => self.handle_line(text),
                 };
+                // A request that parsed is always served; garbage only up to a rate.
+                if served.request.is_none() {
+                    let (admitted, suppressed) = throttle.admit();
+                    if let Some(n) = suppressed {
+                        evesnap::warn!(
+                            "{n} bad lines from the guest in the last second were not answered"
+                        );
+                    }
+                    if !admitted {
+                        continue;
+                    }
+                }
                 record(&served, line);
                 if let Err(e) = send(&mut stream, &served.reply) {
                     return End::Broken(e);
@@ -194,17 +204,6 @@ impl Server {
                 if self.stop_requested() {
                     return End::Stop;
                 }
-            }
-            if buf.len() > MAX_REQUEST_LINE && !discarding {
-                let served = oversized();
-                record(&served, &buf);
-                buf.clear();
-                discarding = true;
-                if let Err(e) = send(&mut stream, &served.reply) {
-                    return End::Broken(e);
-                }
-            } else if discarding {
-                buf.clear();
             }
         }
     }
