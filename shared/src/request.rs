@@ -39,7 +39,7 @@
 //! {"version": 1, "id": "5f0c2a9d81e4b7c3", "ok": true, "op": "create",
 //!  "disks": ["disk0"], "snapshot": "before-upgrade",
 //!  "snapshots": [{"disk": "disk0", "name": "before-upgrade", "guid": "1234…",
-//!                 "createtxg": 42, "creation": 1764099000}],
+//!                 "creation": 1764099000}],
 //!  "consistency": "filesystem", "freeze_window_ms": 61.4}
 //! {"version": 1, "id": "5f0c2a9d81e4b7c3", "ok": false, "op": "create", "disks": ["disk0"],
 //!  "error": {"kind": "preflight-failed", "code": 7, "step": "preflight",
@@ -267,7 +267,6 @@ pub struct SnapshotEntry {
     pub name: String,
     /// Exact, as a string (64-bit).
     pub guid: String,
-    pub createtxg: u64,
     /// Seconds since the epoch.
     pub creation: u64,
     /// What the snapshot can claim (`application`, `filesystem`, `crash`), when recorded.
@@ -447,7 +446,6 @@ mod tests {
             disk: "disk0".into(),
             name: "s".into(),
             guid: "18446744073709551615".into(),
-            createtxg: 3,
             creation: 1,
             consistency: None,
         }]);

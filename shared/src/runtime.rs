@@ -22,6 +22,69 @@ pub fn dir() -> PathBuf {
     }
 }
 
+/// Why the runtime folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("cannot create the runtime folder {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the runtime folder {} {why}: refusing to use it (another user could read or replace \
+         the tools' sockets and locks); remove it or set EVESNAP_RUN_DIR",
+        path.display()
+    )]
+    NotPrivate { path: PathBuf, why: String },
+}
+
+impl HasExit for DirError {
+    fn exit(&self) -> Exit {
+        Exit::StepFailed
+    }
+}
+
+/// The runtime folder, created private (0700) if missing; one that another user owns (a
+/// `/tmp/evesnap-<uid>` someone made first) or that is a symbolic link is refused, and one
+/// of ours that others may enter is closed (older versions created it 0755).
+pub fn ensure_dir() -> Result<PathBuf, DirError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let path = dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&path)
+        .map_err(|source| DirError::Create {
+            path: path.clone(),
+            source,
+        })?;
+    let refuse = |why: String| DirError::NotPrivate {
+        path: path.clone(),
+        why,
+    };
+    let meta = std::fs::symlink_metadata(&path).map_err(|source| DirError::Create {
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse("is not a folder (a symbolic link?)".into()));
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != uid {
+        return Err(refuse(format!("belongs to uid {}, not {uid}", meta.uid())));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| DirError::Create {
+                path: path.clone(),
+                source,
+            },
+        )?;
+    }
+    Ok(path)
+}
+
 /// FNV-1a: a stable hash, so every build names the same address the same way.
 pub fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
@@ -48,13 +111,15 @@ pub enum LockError {
     Busy { what: String, path: PathBuf },
     #[error("cannot open the lock file {}", .0.display())]
     Open(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Dir(#[from] DirError),
 }
 
 impl HasExit for LockError {
     fn exit(&self) -> Exit {
         match self {
             LockError::Busy { .. } => Exit::Busy,
-            LockError::Open(..) => Exit::StepFailed,
+            LockError::Open(..) | LockError::Dir(_) => Exit::StepFailed,
         }
     }
 }
@@ -69,7 +134,7 @@ pub struct Lock {
 /// Takes the lock `<runtime>/locks/<name>.lock` or fails at once with
 /// [`LockError::Busy`], which says `what` holds it ("another … on …").
 pub fn lock(name: &str, what: impl FnOnce() -> String) -> Result<Lock, LockError> {
-    let dir = dir().join("locks");
+    let dir = ensure_dir()?.join("locks");
     let path = dir.join(format!("{name}.lock"));
     std::fs::create_dir_all(&dir).map_err(|e| LockError::Open(dir.clone(), e))?;
     let file = File::options()
@@ -88,6 +153,40 @@ pub fn lock(name: &str, what: impl FnOnce() -> String) -> Result<Lock, LockError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtime_folder_is_private_or_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("evesnap-rt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("base");
+        let loose = base.join("loose");
+        std::fs::create_dir(&loose).expect("loose");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&loose, &link).expect("symlink");
+        // EVESNAP_RUN_DIR is process-wide: one test sets it, in turn.
+        std::env::set_var("EVESNAP_RUN_DIR", &loose);
+        ensure_dir().expect("ours, closed");
+        let mode = std::fs::metadata(&loose)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::env::set_var("EVESNAP_RUN_DIR", &link);
+        assert!(matches!(ensure_dir(), Err(DirError::NotPrivate { .. })));
+        if nix::unistd::geteuid().is_root() {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).expect("theirs");
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None)
+                .expect("chown");
+            std::env::set_var("EVESNAP_RUN_DIR", &theirs);
+            let err = ensure_dir().expect_err("another user's folder");
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
+        std::env::remove_var("EVESNAP_RUN_DIR");
+        let _ = std::fs::remove_dir_all(&base);
+    }
 
     #[test]
     fn keys_are_readable_and_apart() {

@@ -127,10 +127,14 @@ fn new_report(plan: &Plan) -> Report {
 /// stops it before it touches anything.
 pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
     let mut report = new_report(plan);
-    let lock = match crate::lock::lock_vm(&plan.agent) {
+    let locked = plan
+        .agent
+        .parse::<Address>()
+        .map_err(|e| coded(Exit::Usage, format!("plan field `agent`: {e}")))
+        .and_then(|agent| crate::lock::lock_vm(&agent).map_err(evesnap::exit::wrap));
+    let lock = match locked {
         Ok(lock) => lock,
-        Err(e) => {
-            let error = evesnap::exit::wrap(e);
+        Err(error) => {
             report.fail(TOOL, "preflight", exit_of(&error), chain(&error));
             return Finished {
                 report,

@@ -124,7 +124,6 @@ impl Server {
                             disk: disk.clone(),
                             name: s.short_name().to_string(),
                             guid: s.guid.clone(),
-                            createtxg: s.createtxg,
                             creation: s.creation,
                             consistency: s
                                 .properties
@@ -251,7 +250,6 @@ impl Server {
                             disk: self.volumes.get(s.dataset()).map(label).unwrap_or_default(),
                             name: s.short_name().to_string(),
                             guid: s.guid.clone(),
-                            createtxg: s.createtxg,
                             creation: s.creation,
                             consistency: report.consistency,
                         })

@@ -209,6 +209,21 @@ impl Server {
     }
 }
 
+/// The host's paths that error messages may name, for the redactor.
+fn host_paths(args: &ServeArgs, agent: &Address, zfs: &Zfs) -> Vec<String> {
+    let mut paths = vec![
+        args.agent.clone(),
+        agent.to_string(),
+        args.channel.display().to_string(),
+        evesnap::runtime::dir().display().to_string(),
+        zfs.program().display().to_string(),
+    ];
+    if let Address::Unix(path) = agent {
+        paths.push(path.display().to_string());
+    }
+    paths
+}
+
 /// One listener per channel on this host: a second would connect and never be served.
 fn lock_channel(channel: &std::path::Path) -> Result<evesnap::runtime::Lock, anyhow::Error> {
     let name = format!(
@@ -244,7 +259,7 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
     let signals = Signals::install()
         .map_err(|e| anyhow::Error::new(e).context("cannot install signal handlers"))?;
     let mut server = Server {
-        redactor: Redactor::new(&volumes),
+        redactor: Redactor::new(&volumes, &host_paths(args, &agent, &zfs)),
         volumes,
         agent_text: args.agent.clone(),
         agent,

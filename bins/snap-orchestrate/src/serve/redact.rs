@@ -1,4 +1,6 @@
-//! Host dataset and pool names never reach the guest: they are replaced by the disk's label.
+//! Host dataset and pool names never reach the guest: they are replaced by the disk's
+//! label. Neither do the host's own paths (the agent's and the channel's sockets, the
+//! runtime folder, the zfs program), which error messages name.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,6 +14,8 @@ use super::volumes::{label, Volumes};
 pub struct Redactor {
     datasets: BTreeMap<String, String>,
     pools: BTreeSet<String>,
+    /// Longest first, so that a path is replaced before a prefix of it.
+    host_paths: Vec<String>,
 }
 
 fn is_name_char(c: char) -> bool {
@@ -19,8 +23,13 @@ fn is_name_char(c: char) -> bool {
 }
 
 impl Redactor {
-    pub fn new(volumes: &Volumes) -> Redactor {
+    /// `host_paths`: the host's own paths (and addresses) that may appear in messages.
+    pub fn new(volumes: &Volumes, host_paths: &[String]) -> Redactor {
+        let mut host_paths: Vec<String> =
+            host_paths.iter().filter(|p| p.len() > 1).cloned().collect();
+        host_paths.sort_by_key(|p| std::cmp::Reverse(p.len()));
         Redactor {
+            host_paths,
             datasets: volumes
                 .iter()
                 .map(|(d, disk)| (d.clone(), label(disk)))
@@ -52,6 +61,10 @@ impl Redactor {
     }
 
     pub fn text(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for path in &self.host_paths {
+            text = text.replace(path.as_str(), "(host path)");
+        }
         let mut out = String::with_capacity(text.len());
         let mut token = String::new();
         for c in text.chars() {
@@ -87,7 +100,10 @@ mod tests {
 
     #[test]
     fn host_names_are_replaced_by_labels() {
-        let r = Redactor::new(&volumes());
+        let r = Redactor::new(
+            &volumes(),
+            &["unix:/run/vm0/qga.sock".into(), "/run/vm0/qga.sock".into()],
+        );
         assert_eq!(
             r.text("preflight failed, nothing was changed: pool/vm0/disk0: 5 bytes missing"),
             "preflight failed, nothing was changed: disk0: 5 bytes missing"
@@ -101,6 +117,10 @@ mod tests {
             "(host dataset)@x and (host dataset), (host dataset): full."
         );
         assert_eq!(r.text("pooling disk0 nothing"), "pooling disk0 nothing");
+        assert_eq!(
+            r.text("cannot connect to the guest agent at unix:/run/vm0/qga.sock: refused; /run/vm0/qga.sock gone"),
+            "cannot connect to the guest agent at (host path): refused; (host path) gone"
+        );
         let v = r.value(json!({"problem": "no-room", "dataset": "pool/vm0/disk0", "needed": 5}));
         assert_eq!(
             v,

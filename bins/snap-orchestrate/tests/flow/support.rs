@@ -209,7 +209,8 @@ pub fn run(plan: &Plan, zfs: &FakeZfs) -> Finished {
 /// Takes the plan's VM lock, as a run in progress holds it.
 pub fn hold_lock(plan: &Plan) -> Lock {
     run_dir();
-    snap_orchestrate::lock::lock_vm(&plan.agent).expect("the VM lock")
+    snap_orchestrate::lock::lock_vm(&plan.agent.parse().expect("agent address"))
+        .expect("the VM lock")
 }
 
 /// The run's exit code.

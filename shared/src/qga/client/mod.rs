@@ -19,9 +19,11 @@ use super::{Address, Error};
 /// The default time an agent gets to answer one command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The default cap on one reply line. `guest-exec-status` may carry 16 MiB of output
-/// and as much of errors, base64-encoded: 48 MiB fits both.
-pub const DEFAULT_MAX_REPLY: usize = 48 * 1024 * 1024;
+/// The default cap on one reply line, libvirt's: a guest cannot make the host hold more
+/// for one answer. `guest-exec-status` carries a command's output base64-encoded, so the
+/// plan's guest commands get about 7 MiB of output and errors together; a reply over the
+/// cap is an error (the command's outcome is then unknown).
+pub const DEFAULT_MAX_REPLY: usize = 10 * 1024 * 1024;
 
 /// Pause between connection attempts while the socket is missing or refuses.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);

@@ -35,7 +35,6 @@ mod keeper;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -77,12 +76,8 @@ pub struct Watchdog {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot create the runtime folder {}", path.display())]
-    RuntimeDir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::runtime::DirError),
     #[error("cannot write the watchdog state {}", path.display())]
     Write {
         path: PathBuf,
@@ -173,19 +168,6 @@ fn rfc3339_ms(unix_ms: u64) -> String {
         .unwrap_or_else(|_| unix_ms.to_string())
 }
 
-fn ensure_runtime_dir() -> Result<PathBuf, Error> {
-    let dir = crate::runtime::dir();
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| Error::RuntimeDir {
-            path: dir.clone(),
-            source,
-        })?;
-    Ok(dir)
-}
-
 fn write_state(watchdog: &Watchdog) -> Result<(), Error> {
     let path = &watchdog.state_file;
     let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
@@ -218,7 +200,7 @@ fn is_current(address: &Address, token: &str) -> bool {
 /// `program` (a program that accepts the watchdog flags, e.g. `qga-freeze`). Replaces
 /// any watchdog armed before for the same address (that one then stands down).
 pub fn arm(address: &Address, thaw_after: Duration, program: &Path) -> Result<Watchdog, Error> {
-    ensure_runtime_dir()?;
+    crate::runtime::ensure_dir()?;
     let deadline_unix_ms = unix_ms(SystemTime::now() + thaw_after);
     let mut watchdog = Watchdog {
         pid: None,
