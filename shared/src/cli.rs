@@ -3,12 +3,14 @@
 //! exit code from [`crate::exit`].
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use serde_json::{Map, Value};
 
 use crate::document::{Document, StepTimer};
-use crate::exit::{chain, exit_of, Exit};
+use crate::exit::{chain, chain_of, exit_of, Exit};
+use crate::qga::watchdog;
 
 /// What a tool's `run` hands back to [`main`].
 #[derive(Debug, Default)]
@@ -21,6 +23,9 @@ pub struct Outcome {
     /// Work that must not delay the next tool in a pipeline: done after the document was
     /// written and stdout closed. Its failure is a warning: the document already went out.
     pub after_output: Option<AfterOutput>,
+    /// This tool relays a live freeze's document ([`watchdog::Relay`]): told once the
+    /// document is out, or dropped (the watchdog thaws at once) when it cannot be written.
+    pub relay: Option<watchdog::Relay>,
 }
 
 /// See [`Outcome::after_output`].
@@ -54,7 +59,7 @@ impl Outcome {
         Outcome {
             document: Some(document),
             error: Some(error),
-            after_output: None,
+            ..Outcome::default()
         }
     }
 
@@ -124,15 +129,33 @@ pub fn main(
 }
 
 /// Prints an outcome and returns its exit code.
-pub fn finish(tool: &str, outcome: Outcome) -> ExitCode {
-    if let Some(document) = &outcome.document {
-        let mut stdout = std::io::stdout().lock();
-        let written = writeln!(stdout, "{}", document.to_json()).and_then(|()| stdout.flush());
-        // A reader that went away (broken pipe) is not our crash; anything else is worth a line.
-        if let Err(e) = written {
-            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                eprintln!("{tool}: error: cannot write the document to stdout: {e}");
+pub fn finish(tool: &str, mut outcome: Outcome) -> ExitCode {
+    let written = outcome.document.as_ref().map(write_document);
+    if let Some(relay) = outcome.relay.take() {
+        match &written {
+            Some(Ok(())) => {
+                let pipe = stdout_pipe();
+                if let Err(e) = relay.delivered(pipe.as_ref().map(|p| p.as_fd())) {
+                    eprintln!("{tool}: warning: {}", chain_of(&e));
+                }
             }
+            // Dropped unfinished: the watchdog thaws now, since nothing downstream will.
+            _ => {
+                drop(relay);
+                outcome.error.get_or_insert_with(|| {
+                    crate::exit::coded(
+                        Exit::StepFailed,
+                        "the document could not be passed on (the next step is gone): the \
+                         watchdog thaws the guest now",
+                    )
+                });
+            }
+        }
+    }
+    // A reader that went away (broken pipe) is not our crash; anything else is worth a line.
+    if let Some(Err(e)) = &written {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("{tool}: error: cannot write the document to stdout: {e}");
         }
     }
     if let Some(error) = &outcome.error {
@@ -147,6 +170,25 @@ pub fn finish(tool: &str, outcome: Outcome) -> ExitCode {
         }
     }
     exit.into()
+}
+
+/// Writes a document on stdout in one piece, so that a reader that took it in took all of
+/// it (the watchdog watches a pipe until nothing is left unread in it).
+pub fn write_document(document: &Document) -> std::io::Result<()> {
+    let mut text = document.to_json();
+    text.push('\n');
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
+}
+
+/// A copy of stdout, when it is a pipe (the next step of a pipeline reads it).
+pub fn stdout_pipe() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    let stat = nix::sys::stat::fstat(stdout.as_fd()).ok()?;
+    let is_pipe = stat.st_mode & nix::libc::S_IFMT == nix::libc::S_IFIFO;
+    is_pipe.then(|| stdout.as_fd().try_clone_to_owned().ok())?
 }
 
 /// Points stdout at /dev/null, which closes the pipe to the next tool.

@@ -124,7 +124,11 @@ impl Document {
 
     /// Parses a document from text, with an error that gives line and column.
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        let value: Value = serde_json::from_str(text).map_err(Error::Parse)?;
+        Document::from_value(serde_json::from_str(text).map_err(Error::Parse)?)
+    }
+
+    /// A document from a parsed JSON value: the version first, then the shape.
+    pub fn from_value(value: Value) -> Result<Self, Error> {
         match value.get("version") {
             Some(Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
             Some(other) => return Err(Error::Version(other.to_string())),
@@ -329,22 +333,40 @@ impl InputKind {
 }
 
 /// Reads an upstream document from `input`; see [`read_stdin`] for what empty means.
+///
+/// A stream carries one document: it is read up to the end of that JSON value, not to the
+/// end of the stream, so a writer may keep its end open (the auto-thaw watchdog holds a
+/// copy of it to see whether the document was read) without holding the reader up.
 pub fn read_from(input: impl Read, kind: InputKind) -> Result<Upstream, Error> {
-    let mut text = String::new();
-    input
-        .take(MAX_DOCUMENT_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(Error::Read)?;
-    if text.len() as u64 > MAX_DOCUMENT_BYTES {
-        return Err(Error::TooLarge);
-    }
-    if text.trim().is_empty() {
-        return match kind {
-            InputKind::Stream => Err(Error::UpstreamDied),
-            InputKind::File => Ok(Upstream::None),
-        };
-    }
-    Document::from_json(&text).map(|d| Upstream::Document(Box::new(d)))
+    let limited = input.take(MAX_DOCUMENT_BYTES + 1);
+    let value = match kind {
+        InputKind::Stream => {
+            let mut values = serde_json::Deserializer::from_reader(limited).into_iter::<Value>();
+            match values.next() {
+                None => return Err(Error::UpstreamDied),
+                Some(Err(e)) if values.byte_offset() as u64 > MAX_DOCUMENT_BYTES => {
+                    drop(e);
+                    return Err(Error::TooLarge);
+                }
+                Some(Err(e)) if e.is_io() => return Err(Error::Read(e.into())),
+                Some(Err(e)) => return Err(Error::Parse(e)),
+                Some(Ok(value)) => value,
+            }
+        }
+        InputKind::File => {
+            let mut text = String::new();
+            let mut limited = limited;
+            limited.read_to_string(&mut text).map_err(Error::Read)?;
+            if text.len() as u64 > MAX_DOCUMENT_BYTES {
+                return Err(Error::TooLarge);
+            }
+            if text.trim().is_empty() {
+                return Ok(Upstream::None);
+            }
+            serde_json::from_str(&text).map_err(Error::Parse)?
+        }
+    };
+    Document::from_value(value).map(|d| Upstream::Document(Box::new(d)))
 }
 
 #[cfg(test)]
@@ -373,6 +395,27 @@ mod tests {
             read_from(&b" \n"[..], InputKind::File).expect("none"),
             Upstream::None
         );
+    }
+
+    #[test]
+    fn a_stream_is_read_to_the_end_of_its_document_not_of_the_stream() {
+        // The writer keeps its end open (as the watchdog's copy does): reading must not wait.
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let mut writer = std::fs::File::from(write);
+        std::io::Write::write_all(&mut writer, b"{\"version\":1,\"ok\":true}\n").expect("write");
+        let reader =
+            std::thread::spawn(move || read_from(std::fs::File::from(read), InputKind::Stream));
+        let started = Instant::now();
+        while !reader.is_finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the reader waits for the end of the stream"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let upstream = reader.join().expect("reader").expect("document");
+        assert!(matches!(upstream, Upstream::Document(d) if d.ok));
+        drop(writer);
     }
 
     #[test]

@@ -27,11 +27,12 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{self, fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
-use evesnap::qga::watchdog::Watchdog;
+use evesnap::qga::watchdog::{self, Watchdog};
 use evesnap::qga::{Address, Client};
 use evesnap::signals::Events;
 use nix::sys::signal::Signal;
 use serde::Serialize;
+use std::os::fd::AsFd;
 
 pub use aftermath::{abort, Aftermath, CleanupThaw};
 pub use error::Error;
@@ -60,6 +61,13 @@ The watchdog is a detached process that survives this tool and the whole pipelin
 whose reply timed out may still happen when the agent reads again (a paused VM): the tool \
 then queues a thaw, leaves the watchdog armed, says THE GUEST MAY BE FROZEN and fails. \
 SIGINT, SIGTERM or SIGHUP after the freeze thaws before exiting.
+
+A broken pipeline is thawed at once, not at --thaw-after: when the document cannot be \
+written (the next step is already gone, e.g. a mistyped command line) this tool thaws and \
+exits non-zero; when the next step exits without reading it, or zsnap dies between reading \
+it and passing its own on, the watchdog thaws within a fraction of a second. A next step \
+other than zsnap or qga-thaw that reads the document and then dies is thawed at \
+--thaw-after.
 
 Reads the upstream document on stdin (a terminal or /dev/null: none). If an upstream step \
 failed, it does not freeze, appends a skipped step and exits 5. The agent is --agent, \
@@ -273,8 +281,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             }
             // The watchdog keeps this connection for qga-thaw: closing it would make the
             // agent pause ~100 ms before it reads the thaw (see the watchdog module).
-            if let Some(w) = &report.watchdog {
-                if let Err(e) = evesnap::qga::watchdog::hand_over(w, client.into_fd()) {
+            let mut client = Some(client);
+            if let (Some(w), Some(c)) = (&report.watchdog, client.take()) {
+                if let Err(e) = watchdog::hand_over(w, c.into_fd()) {
                     evesnap::note!(
                         "the agent connection is closed instead of kept: {}",
                         evesnap::exit::chain_of(&e)
@@ -282,7 +291,21 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 }
             }
             doc.push(timer.finish_with(true, &report));
-            Outcome::success(doc)
+            if let Err(e) = evesnap::cli::write_document(&doc) {
+                // Nobody downstream will thaw: this step undoes its freeze itself.
+                return undelivered(e, client, &address, &report, opts.timeout);
+            }
+            // A next step that exits without reading the document makes the watchdog
+            // thaw at once instead of at its deadline.
+            if let (Some(w), Some(pipe)) = (&report.watchdog, evesnap::cli::stdout_pipe()) {
+                if let Err(e) = watchdog::watch(w, pipe.as_fd()) {
+                    evesnap::warn!(
+                        "the watchdog does not watch the document (a broken pipeline is thawed at its deadline): {}",
+                        evesnap::exit::chain_of(&e)
+                    );
+                }
+            }
+            Outcome::default()
         }
         Err(e) => {
             doc.push(timer.finish(false, failed_fields(e.aftermath())));
@@ -295,6 +318,41 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             Outcome::failed(doc, TOOL, evesnap::exit::wrap(e))
         }
     }
+}
+
+/// The document of a successful freeze could not be written (the next step is gone):
+/// thaws through the kept connection (taken back from the watchdog) or a new one.
+fn undelivered(
+    error: std::io::Error,
+    client: Option<Client>,
+    address: &Address,
+    report: &FreezeReport,
+    timeout: std::time::Duration,
+) -> Outcome {
+    let deadline = Instant::now() + timeout;
+    let client = client
+        .or_else(|| {
+            let fd = watchdog::take_over(address).ok().flatten()?;
+            Client::from_kept_fd(fd, address.clone(), deadline).ok()
+        })
+        .or_else(|| Client::connect(address, deadline).ok());
+    let aftermath = match client {
+        Some(mut client) => abort(&mut client, report, timeout),
+        None => Aftermath {
+            possibly_frozen: true,
+            thaw: None,
+            watchdog: report.watchdog.clone(),
+        },
+    };
+    let exit = if aftermath.possibly_frozen {
+        Exit::ThawFailed
+    } else {
+        Exit::StepFailed
+    };
+    Outcome::error(coded(
+        exit,
+        format!("cannot pass the document on ({error}): the next step is gone; {aftermath}"),
+    ))
 }
 
 #[cfg(test)]

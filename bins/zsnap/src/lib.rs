@@ -83,24 +83,27 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
         Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
     };
+    // Between a live freeze and its thaw: should this process die before its document is
+    // out, the freeze's watchdog thaws at once.
+    let relay = meta::relay(&doc);
     let timer = StepTimer::start(TOOL);
-    if let Some(reason) = doc.upstream_failure() {
-        return Outcome::skipped(doc, TOOL, timer, format!("{reason}: {TOOL} did nothing"));
-    }
-    let zfs = match (&zfs, locate_error) {
-        (Some(zfs), _) => zfs,
-        (None, error) => {
-            let error = error.map_or_else(
-                || anyhow::anyhow!("zfs was not located"),
-                anyhow::Error::new,
-            );
-            return failed(doc, timer, Map::new(), error);
+    let mut outcome = if let Some(reason) = doc.upstream_failure() {
+        Outcome::skipped(doc, TOOL, timer, format!("{reason}: {TOOL} did nothing"))
+    } else {
+        match (&zfs, locate_error, cli.action) {
+            (Some(zfs), _, None) => run_take(zfs, cli.take, doc, timer, early),
+            (Some(zfs), _, Some(action)) => run_action(zfs, action, doc, timer),
+            (None, error, _) => {
+                let error = error.map_or_else(
+                    || anyhow::anyhow!("zfs was not located"),
+                    evesnap::exit::wrap,
+                );
+                failed(doc, timer, Map::new(), error)
+            }
         }
     };
-    match cli.action {
-        None => run_take(zfs, cli.take, doc, timer, early),
-        Some(action) => run_action(zfs, action, doc, timer),
-    }
+    outcome.relay = relay;
+    outcome
 }
 
 /// The metadata and user properties of a snapshot taken by `args`, with what the upstream

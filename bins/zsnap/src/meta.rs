@@ -8,6 +8,7 @@
 //! | `org.lfedge.evesnap:version`  | the version of the tool that took it                     |
 
 use evesnap::document::Document;
+use evesnap::qga::watchdog::Relay;
 use evesnap::steps::{FreezeReport, StepRecord, ThawReport};
 
 pub const PREFIX: &str = "org.lfedge.evesnap:";
@@ -63,6 +64,23 @@ pub fn guest_frozen(doc: &Document) -> bool {
 pub fn watchdog_deadline_ms(doc: &Document) -> Option<u64> {
     let (_, freeze) = doc.last_ok::<FreezeReport>()?;
     Some(freeze.watchdog?.deadline_unix_ms)
+}
+
+/// Registers this process as the relay of the upstream freeze (see
+/// [`evesnap::qga::watchdog::Relay`]) when the document shows a live freeze with a watchdog.
+pub fn relay(doc: &Document) -> Option<Relay> {
+    if !guest_frozen(doc) {
+        return None;
+    }
+    let watchdog = doc.last_ok::<FreezeReport>()?.1.watchdog?;
+    Relay::start(&watchdog)
+        .map_err(|e| {
+            evesnap::warn!(
+                "not registered with the freeze's watchdog (should this step die, it thaws at its deadline): {}",
+                evesnap::exit::chain_of(&e)
+            )
+        })
+        .ok()
 }
 
 /// Now, in ms since the epoch (the watchdog's clock).

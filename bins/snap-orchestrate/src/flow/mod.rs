@@ -79,7 +79,7 @@ impl Finished {
             Ok(document) => Outcome {
                 document: Some(document),
                 error: self.error,
-                after_output: None,
+                ..Outcome::default()
             },
             Err(e) => Outcome::error(
                 evesnap::exit::wrap(e).context("the report does not fit the job document"),

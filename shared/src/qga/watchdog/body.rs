@@ -4,13 +4,13 @@
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use super::keeper::serve_keeper;
+use super::keeper::{read_relay, serve_keeper, Asked, RelaySaid};
 use super::{
     is_current, keeper_path, remove_state, rfc3339_ms, state_path, Error, DEADLINE_FLAG,
     FIRE_RETRY_WINDOW, KEEP_FOR, TOKEN_FLAG,
@@ -73,15 +73,47 @@ pub fn main(
             "watchdog {}: deadline reached; the guest was not frozen",
             std::process::id()
         ),
-        Ending::Thawed(n) => crate::warn!(
-            "watchdog {}: deadline reached; thawed {n} filesystems",
-            std::process::id()
-        ),
+        Ending::Thawed(n) => {
+            crate::warn!("watchdog {}: thawed {n} filesystems", std::process::id())
+        }
     }
     Ok(())
 }
 
-/// Waits for the deadline while armed, then thaws if the guest is frozen.
+/// A pipe holding a document of this freeze, watched until its reader took it in.
+struct Watched {
+    pipe: OwnedFd,
+    since: Instant,
+}
+
+/// How often a watched pipe or a relay is looked at.
+const WATCH_TICK: Duration = Duration::from_millis(20);
+
+/// How long a watched pipe is watched: its reader takes the document in at once, or it
+/// exits without it (a mistyped command line) at once. A reader that is alive and does not
+/// read is left to the deadline, and the pipe to it (`| cat`) is not held open longer.
+const WATCH_FOR: Duration = Duration::from_secs(2);
+
+/// What a look at a watched pipe found.
+fn look(watched: &Watched) -> Option<Result<(), String>> {
+    let mut fds = [PollFd::new(watched.pipe.as_fd(), PollFlags::empty())];
+    let reader_gone = nix::poll::poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
+    let unread = rustix::io::ioctl_fionread(&watched.pipe).unwrap_or(0);
+    match (unread, reader_gone) {
+        (0, _) => Some(Ok(())),
+        (n, true) => Some(Err(format!(
+            "the next step of the pipeline exited without reading the document ({n} bytes unread)"
+        ))),
+        _ if watched.since.elapsed() > WATCH_FOR => Some(Ok(())),
+        _ => None,
+    }
+}
+
+/// Waits for the deadline while armed, then thaws if the guest is frozen; thaws at once
+/// when the pipeline broke (a watched document left unread, a relay gone unfinished).
 pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Ending, Error> {
     let keeper = keeper_path(address);
     let _ = fs::remove_file(&keeper);
@@ -89,6 +121,8 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
         .map_err(|e| crate::warn!("watchdog: no keeper socket {}: {e}", keeper.display()))
         .ok();
     let mut held: Option<(OwnedFd, Instant)> = None;
+    let mut watched: Option<Watched> = None;
+    let mut relay: Option<UnixStream> = None;
     loop {
         if !is_current(address, token) {
             let _ = fs::remove_file(&keeper);
@@ -100,7 +134,17 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
         if left.is_zero() {
             break;
         }
+        if let Some(found) = watched.as_ref().and_then(look) {
+            watched = None;
+            if let Err(why) = found {
+                crate::warn!("watchdog {}: {why}: thawing now", std::process::id());
+                break;
+            }
+        }
         let mut wait = left.min(Duration::from_millis(500));
+        if watched.is_some() || relay.is_some() {
+            wait = wait.min(WATCH_TICK);
+        }
         if let Some((_, since)) = &held {
             match KEEP_FOR.checked_sub(since.elapsed()) {
                 // Kept long enough: let other clients in.
@@ -108,17 +152,53 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
                 Some(keep) => wait = wait.min(keep),
             }
         }
-        match &listener {
-            Some(listener) => {
-                let millis = wait.as_millis().clamp(1, 500) as u16;
-                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                if let Ok(n) = nix::poll::poll(&mut fds, PollTimeout::from(millis)) {
-                    if n > 0 {
-                        serve_keeper(listener, token, &mut held);
-                    }
+        let Some(listener) = &listener else {
+            std::thread::sleep(wait);
+            continue;
+        };
+        let millis = wait.as_millis().clamp(1, 500) as u16;
+        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if let Some(relay) = &relay {
+            fds.push(PollFd::new(relay.as_fd(), PollFlags::POLLIN));
+        }
+        if nix::poll::poll(&mut fds, PollTimeout::from(millis)).unwrap_or(0) == 0 {
+            continue;
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        let (listener_ready, relay_ready) = (ready(&fds[0]), fds.get(1).is_some_and(ready));
+        drop(fds);
+        if relay_ready {
+            let said = relay.as_ref().map(|r| read_relay(r, token));
+            match said {
+                Some(RelaySaid::Watch(pipe)) => {
+                    watched = Some(Watched {
+                        pipe,
+                        since: Instant::now(),
+                    })
                 }
+                Some(RelaySaid::Done) => relay = None,
+                Some(RelaySaid::Died) => {
+                    crate::warn!(
+                        "watchdog {}: a step of the pipeline ended between reading the freeze's \
+                         document and passing its own on: thawing now",
+                        std::process::id()
+                    );
+                    break;
+                }
+                Some(RelaySaid::Other) | None => {}
             }
-            None => std::thread::sleep(wait),
+        }
+        if listener_ready {
+            match serve_keeper(listener, token, &mut held) {
+                Asked::Watch(pipe) => {
+                    watched = Some(Watched {
+                        pipe,
+                        since: Instant::now(),
+                    })
+                }
+                Asked::Relay(socket) => relay = Some(socket),
+                Asked::Nothing => {}
+            }
         }
     }
     let _ = fs::remove_file(&keeper);

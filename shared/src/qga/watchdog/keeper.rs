@@ -1,6 +1,14 @@
 //! The keeper socket: the freezing tool hands its agent connection to the watchdog
 //! ([`hand_over`]), the thaw takes it back ([`take_over`]), one line and at most one
 //! descriptor (SCM_RIGHTS) each way. Why: see the [watchdog](super) documentation.
+//!
+//! It also lets the watchdog thaw at once when a pipeline breaks after the freeze instead
+//! of at its deadline. A tool that wrote the document of a live freeze asks the watchdog
+//! to [`watch`] the pipe it wrote it into: if the next step exits without reading it (a
+//! mistyped command line, a crash), the watchdog thaws. A tool in the middle of the
+//! pipeline ([`Relay`], zsnap) holds a connection from reading that document until it has
+//! written its own (then has its own pipe watched): if it dies in between, the
+//! connection closes unfinished and the watchdog thaws.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -79,32 +87,13 @@ fn own_received(raw: RawFd) -> OwnedFd {
 /// Hands the agent connection of a successful freeze to the watchdog `watchdog`, which
 /// keeps it open for the thaw (see the module documentation).
 pub fn hand_over(watchdog: &Watchdog, connection: OwnedFd) -> Result<(), Error> {
-    let address: Address = watchdog.agent.parse().map_err(|e| Error::Handover {
-        path: PathBuf::new(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, e),
-    })?;
-    let path = keeper_path(&address);
-    let handover = |source| Error::Handover {
-        path: path.clone(),
-        source,
-    };
-    let socket = UnixStream::connect(&path).map_err(handover)?;
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(handover)?;
-    send_with_fd(
+    let (socket, path) = connect(watchdog)?;
+    request(
         &socket,
         &format!("hold {}\n", watchdog.token),
         Some(connection.as_fd()),
     )
-    .map_err(handover)?;
-    let (reply, _) = receive_with_fd(&socket).map_err(handover)?;
-    if reply != "ok" {
-        return Err(handover(io::Error::other(format!(
-            "the watchdog answered {reply:?}"
-        ))));
-    }
-    Ok(())
+    .map_err(|source| Error::Handover { path, source })
 }
 
 /// Takes the agent connection the watchdog for `address` keeps, if it keeps one.
@@ -137,20 +126,105 @@ pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
     Ok(if reply == "ok" { fd } else { None })
 }
 
-/// Serves one keeper request: `hold <token>` (with a descriptor) or `take <token>`.
+/// Sends one request and reads the watchdog's one-line answer, which must be `ok`.
+fn request(socket: &UnixStream, line: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    send_with_fd(socket, line, fd)?;
+    let (reply, _) = receive_with_fd(socket)?;
+    if reply != "ok" {
+        return Err(io::Error::other(format!("the watchdog answered {reply:?}")));
+    }
+    Ok(())
+}
+
+fn connect(watchdog: &Watchdog) -> Result<(UnixStream, PathBuf), Error> {
+    let address: Address = watchdog.agent.parse().map_err(|e| Error::Handover {
+        path: PathBuf::new(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    let path = keeper_path(&address);
+    let socket = UnixStream::connect(&path)
+        .and_then(|s| s.set_read_timeout(Some(Duration::from_secs(2))).map(|()| s))
+        .map_err(|source| Error::Handover {
+            path: path.clone(),
+            source,
+        })?;
+    Ok((socket, path))
+}
+
+/// Asks the watchdog to watch `pipe`, the write end of the pipe a document of this freeze
+/// was just written into: if its reader exits without reading it, the watchdog thaws.
+pub fn watch(watchdog: &Watchdog, pipe: BorrowedFd<'_>) -> Result<(), Error> {
+    let (socket, path) = connect(watchdog)?;
+    request(&socket, &format!("watch {}\n", watchdog.token), Some(pipe))
+        .map_err(|source| Error::Handover { path, source })
+}
+
+/// A pipeline step between the freeze and the thaw, registered with the freeze's
+/// watchdog: dropped without [`Relay::delivered`], the watchdog thaws at once.
+#[derive(Debug)]
+pub struct Relay {
+    socket: UnixStream,
+    path: PathBuf,
+    token: String,
+}
+
+impl Relay {
+    /// Registers as the relay of `watchdog`'s freeze.
+    pub fn start(watchdog: &Watchdog) -> Result<Relay, Error> {
+        let (socket, path) = connect(watchdog)?;
+        let relay = Relay {
+            socket,
+            path,
+            token: watchdog.token.clone(),
+        };
+        request(&relay.socket, &format!("relay {}\n", relay.token), None)
+            .map_err(|e| relay.error(e))?;
+        Ok(relay)
+    }
+
+    fn error(&self, source: io::Error) -> Error {
+        Error::Handover {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// This step's document was written into `pipe` (watched from now on; `None` when
+    /// stdout is not a pipe): the relay is done.
+    pub fn delivered(self, pipe: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        if let Some(pipe) = pipe {
+            request(&self.socket, &format!("watch {}\n", self.token), Some(pipe))
+                .map_err(|e| self.error(e))?;
+        }
+        request(&self.socket, &format!("done {}\n", self.token), None).map_err(|e| self.error(e))
+    }
+}
+
+/// What a keeper request asks the watchdog loop to do.
+pub(super) enum Asked {
+    Nothing,
+    /// Watch this pipe (see [`watch`]).
+    Watch(OwnedFd),
+    /// Keep this connection: a [`Relay`].
+    Relay(UnixStream),
+}
+
+/// Serves one keeper connection: `hold <token>` (with a descriptor), `take <token>`,
+/// `watch <token>` (with a pipe) or `relay <token>`.
 pub(super) fn serve_keeper(
     listener: &UnixListener,
     token: &str,
     held: &mut Option<(OwnedFd, Instant)>,
-) {
+) -> Asked {
     let Ok((socket, _)) = listener.accept() else {
-        return;
+        return Asked::Nothing;
     };
     let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = socket.set_write_timeout(Some(Duration::from_secs(2)));
     let Ok((line, fd)) = receive_with_fd(&socket) else {
-        return;
+        return Asked::Nothing;
     };
+    let mut asked = Asked::Nothing;
     let reply = match (line.split_once(' '), fd) {
         (Some(("hold", t)), Some(fd)) if t == token => {
             *held = Some((fd, Instant::now()));
@@ -160,9 +234,50 @@ pub(super) fn serve_keeper(
             Some((fd, _)) => send_with_fd(&socket, "ok\n", Some(fd.as_fd())),
             None => send_with_fd(&socket, "none\n", None),
         },
+        (Some(("watch", t)), Some(fd)) if t == token => {
+            asked = Asked::Watch(fd);
+            send_with_fd(&socket, "ok\n", None)
+        }
+        (Some(("relay", t)), None) if t == token => {
+            let sent = send_with_fd(&socket, "ok\n", None);
+            if sent.is_ok() {
+                asked = Asked::Relay(socket);
+            }
+            sent
+        }
         _ => send_with_fd(&socket, "refused\n", None),
     };
     if let Err(e) = reply {
         crate::warn!("watchdog keeper: {e}");
     }
+    asked
+}
+
+/// A message on a relay's connection: `watch` (with a pipe), `done`, or the end of the
+/// connection, which means the relay died before it was done.
+pub(super) enum RelaySaid {
+    Watch(OwnedFd),
+    Done,
+    Died,
+    Other,
+}
+
+/// Reads one message from a relay and answers it.
+pub(super) fn read_relay(relay: &UnixStream, token: &str) -> RelaySaid {
+    let (line, fd) = match receive_with_fd(relay) {
+        Ok((line, _)) if line.is_empty() => return RelaySaid::Died,
+        Ok(message) => message,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RelaySaid::Other,
+        Err(_) => return RelaySaid::Died,
+    };
+    let said = match (line.split_once(' '), fd) {
+        (Some(("watch", t)), Some(fd)) if t == token => RelaySaid::Watch(fd),
+        (Some(("done", t)), None) if t == token => RelaySaid::Done,
+        _ => {
+            let _ = send_with_fd(relay, "refused\n", None);
+            return RelaySaid::Other;
+        }
+    };
+    let _ = send_with_fd(relay, "ok\n", None);
+    said
 }

@@ -42,7 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use body::{main, run, Ending};
-pub use keeper::{hand_over, take_over};
+pub use keeper::{hand_over, take_over, watch, Relay};
 
 use super::Address;
 use crate::exit::{Exit, HasExit};

@@ -1,0 +1,210 @@
+//! A pipeline broken after the freeze thaws the guest at once, not at the watchdog's
+//! deadline: a mistyped middle or last step, a middle step killed while it works. Each
+//! pipeline runs on the lab VM through bash (argv passed as positional parameters, never
+//! interpolated) with a 60 s watchdog, so a thaw within seconds can only be the prompt one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use evesnap::qga::commands::GuestFsfreezeStatus;
+use evesnap::qga::{Address, Client};
+use evesnap_tests::bin;
+use evesnap_tests::lab::{test_lab, vm_lock};
+
+/// A broken pipeline must have thawed the guest within this long after it broke.
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// A private runtime folder (watchdogs), removed afterwards.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(name: &str) -> RunDir {
+        let dir =
+            std::env::temp_dir().join(format!("evesnap-pipeline-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("run dir");
+        RunDir(dir)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `script` in bash with `args` as $1…, and returns its output; the script echoes
+/// `${PIPESTATUS[@]}` last on stdout.
+fn bash(script: &str, args: &[&str], run_dir: &Path) -> Command {
+    let mut command = Command::new("bash");
+    command
+        .arg("-c")
+        .arg(script)
+        .arg("pipeline")
+        .args(args)
+        .env("EVESNAP_RUN_DIR", run_dir)
+        .stdin(Stdio::null());
+    command
+}
+
+fn codes(out: &Output) -> Vec<i32> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    last.split_whitespace()
+        .map(|c| c.parse().unwrap_or(-1))
+        .collect()
+}
+
+fn freeze_state(agent: &str) -> GuestFsfreezeStatus {
+    let address: Address = agent.parse().expect("agent address");
+    let mut client =
+        Client::connect(&address, Instant::now() + Duration::from_secs(10)).expect("agent");
+    client.fsfreeze_status().expect("guest-fsfreeze-status")
+}
+
+/// Waits up to [`PROMPT`] for the guest to be thawed; says how long it took.
+fn thawed_within_prompt(agent: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        if freeze_state(agent) == GuestFsfreezeStatus::thawed {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PROMPT,
+            "the guest is still frozen {PROMPT:?} after the pipeline broke"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tools() -> [String; 3] {
+    ["qga-freeze", "zsnap", "qga-thaw"].map(|t| bin(t).display().to_string())
+}
+
+#[test]
+fn a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let run_dir = RunDir::new("typo-middle");
+    let [freeze, zsnap, thaw] = tools();
+    let out = bash(
+        r#""$1" --agent "$4" --thaw-after 60 | "$2" --datset "$5" --name typo | "$3"; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0]],
+        &run_dir.0,
+    )
+    .output()
+    .expect("bash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let codes = codes(&out);
+    assert_eq!(codes.len(), 3, "{stderr}");
+    assert_eq!(codes[1], 2, "the mistyped zsnap: {stderr}");
+    assert_ne!(
+        codes[0], 0,
+        "qga-freeze could not pass its document on: {stderr}"
+    );
+    assert_ne!(codes[2], 0, "qga-thaw got nothing: {stderr}");
+    assert!(stderr.contains("the guest was thawed"), "{stderr}");
+    thawed_within_prompt(&lab.agent);
+}
+
+#[test]
+fn a_mistyped_last_step_thaws_at_once() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let run_dir = RunDir::new("typo-last");
+    let [freeze, zsnap, thaw] = tools();
+    let name = format!("pipeline-last-{}", std::process::id());
+    let out = bash(
+        r#""$1" --agent "$4" --thaw-after 60 | "$2" --dataset "$5" --name "$6" | "$3" --agnt x; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &name],
+        &run_dir.0,
+    )
+    .output()
+    .expect("bash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let broke = Instant::now();
+    let codes = codes(&out);
+    assert_eq!(codes.get(2), Some(&2), "the mistyped qga-thaw: {stderr}");
+    assert_ne!(
+        codes.get(1),
+        Some(&0),
+        "zsnap could not pass its document on: {stderr}"
+    );
+    thawed_within_prompt(&lab.agent);
+    assert!(broke.elapsed() < PROMPT + Duration::from_secs(1));
+    let _ = Command::new("zfs")
+        .args(["destroy", &format!("{}@{name}", lab.datasets[0])])
+        .status();
+}
+
+#[test]
+fn a_middle_step_killed_while_it_snapshots_thaws_at_once() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let run_dir = RunDir::new("killed-middle");
+    // A zfs whose `snapshot` hangs: the marker says zsnap is inside it, with its pid group.
+    let marker = run_dir.0.join("snapshot-started");
+    let shim = run_dir.0.join("zfs");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then echo $$ > '{}'; exec sleep 600; fi\nexec zfs \"$@\"\n",
+            marker.display()
+        ),
+    )
+    .expect("shim");
+    let mut perms = std::fs::metadata(&shim).expect("shim").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&shim, perms).expect("chmod");
+    let [freeze, zsnap, thaw] = tools();
+    let shim_text = shim.display().to_string();
+    let pipeline = bash(
+        r#""$1" --agent "$4" --thaw-after 60 | "$2" --zfs "$6" --dataset "$5" --name killed | "$3"; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &shim_text],
+        &run_dir.0,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("bash");
+    let started = Instant::now();
+    let shim_pid: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "zsnap never reached zfs snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(freeze_state(&lab.agent), GuestFsfreezeStatus::frozen);
+    // zsnap is the shim's parent.
+    let status = std::fs::read_to_string(format!("/proc/{shim_pid}/status")).expect("status");
+    let zsnap_pid: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("zsnap's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zsnap_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill zsnap");
+    let took = thawed_within_prompt(&lab.agent);
+    // The hung zfs is the test's to end (zsnap died before its deadline could).
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let out = pipeline.wait_with_output().expect("pipeline");
+    let codes = codes(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(codes.get(1), Some(&137), "zsnap was killed: {stderr}");
+    assert_ne!(codes.get(2), Some(&0), "qga-thaw got nothing: {stderr}");
+    eprintln!("thawed {took:?} after zsnap was killed");
+}
