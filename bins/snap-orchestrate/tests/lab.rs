@@ -11,60 +11,16 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::testing::{FakeAgent, SimState};
+use evesnap::report::{Consistency, ExpeditedRcu, Report};
+use evesnap::steps::{FreezeReport, SnapshotReport, ThawReport};
 use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
 use evesnap_tests::zfs::{real_zfs, zfs_get};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// The report's own fields, parsed strictly: a renamed or extra field fails the test.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct Report {
-    version: u32,
-    ok: bool,
-    steps: Vec<Value>,
-    error: Option<ReportError>,
-    agent: String,
-    datasets: Vec<String>,
-    snapshot: String,
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    action: String,
-    create_time: Option<String>,
-    snapshots: Option<Vec<Snapshot>>,
-    consistency: Option<String>,
-    freeze_window_ms: Option<f64>,
-    expedited_rcu: Option<Value>,
-    rolled_back: Option<Vec<Value>>,
-    destroyed: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct ReportError {
-    tool: String,
-    kind: String,
-    message: String,
-    description: String,
-    severity: String,
-    step: String,
-    timestamp: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Snapshot {
-    name: String,
-    guid: String,
-    createtxg: u64,
-    creation: u64,
-}
-
+/// The report, parsed strictly into the orchestrator's own type (`deny_unknown_fields`): a
+/// renamed or extra field fails the test.
 fn report(out: &Output) -> Report {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -75,12 +31,14 @@ fn report(out: &Output) -> Report {
     })
 }
 
-fn step<'r>(report: &'r Report, tool: &str) -> &'r Value {
-    report
+/// A step of the report, as JSON.
+fn step(report: &Report, tool: &str) -> Value {
+    let step = report
         .steps
         .iter()
-        .find(|s| s["tool"] == tool)
-        .unwrap_or_else(|| panic!("no {tool} step: {report:?}"))
+        .find(|s| s.tool == tool)
+        .unwrap_or_else(|| panic!("no {tool} step: {report:?}"));
+    serde_json::to_value(step).expect("a step is JSON")
 }
 
 fn plan(lab: &Lab, extra: Value) -> Value {
@@ -176,18 +134,14 @@ fn create_with_hooks_then_rollback_restores_the_data() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
     assert!(r.ok && r.error.is_none());
-    assert_eq!(r.consistency.as_deref(), Some("application"));
+    assert_eq!(r.consistency, Some(Consistency::Application));
     let snaps = r.snapshots.as_ref().expect("snapshots");
     assert_eq!(snaps.len(), 2);
     assert!(snaps
         .iter()
         .all(|s| s.createtxg == snaps[0].createtxg && !s.guid.is_empty() && s.creation > 0));
     assert!(r.freeze_window_ms.expect("window") > 0.0);
-    let tools: Vec<&str> = r
-        .steps
-        .iter()
-        .map(|s| s["tool"].as_str().unwrap_or(""))
-        .collect();
+    let tools: Vec<&str> = r.steps.iter().map(|s| s.tool.as_str()).collect();
     assert_eq!(
         tools,
         [
@@ -201,13 +155,18 @@ fn create_with_hooks_then_rollback_restores_the_data() {
     );
     assert_eq!(step(&r, "qga-freeze")["frozen"], 2);
     assert_eq!(step(&r, "qga-thaw")["thawed"], 2);
+    // Each tool's step is its typed record, strictly (`deny_unknown_fields`).
+    let record = |tool: &str| r.steps.iter().find(|s| s.tool == tool).expect("step");
+    assert!(record("qga-freeze").record::<FreezeReport>().is_some());
+    assert!(record("zsnap").record::<SnapshotReport>().is_some());
+    assert!(record("qga-thaw").record::<ThawReport>().is_some());
     for s in snaps {
         assert_eq!(zfs_get("org.lfedge.evesnap:frozen", &s.name), "true");
         assert_eq!(
             zfs_get("org.lfedge.evesnap:consistency", &s.name),
             "application"
         );
-        assert_eq!(zfs_get("org.lfedge.evesnap:id", &s.name), r.id);
+        assert_eq!(zfs_get("org.lfedge.evesnap:id", &s.name), r.id.to_string());
     }
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
     let at_snapshot = guest_sh(&mut connect(lab), "md5sum /data0/app.bin");
@@ -305,7 +264,7 @@ fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
     assert!(r
         .steps
         .iter()
-        .all(|s| s["tool"] != "qga-freeze" && s["tool"] != "zsnap"));
+        .all(|s| s.tool != "qga-freeze" && s.tool != "zsnap"));
     assert!(snapshots_named(lab, &name).is_empty());
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
     // The guest_post of the commands that ran, in reverse: both ran, so both undo steps,
@@ -468,7 +427,7 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
     // Frozen, but nothing quiesced the application: filesystem-consistent, no more.
-    assert_eq!(r.consistency.as_deref(), Some("filesystem"));
+    assert_eq!(r.consistency, Some(Consistency::Filesystem));
 
     for (name, expect_consistency) in [(&piped, None), (&orchestrated, Some("filesystem"))] {
         let snaps = snapshots_named(lab, name);
@@ -514,7 +473,7 @@ fn a_missing_agent_fails_unless_the_plan_allows_a_crash_consistent_snapshot() {
     let out = orchestrate(&guard, &allowed, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);
-    assert_eq!(r.consistency.as_deref(), Some("crash"));
+    assert_eq!(r.consistency, Some(Consistency::Crash));
     assert!(
         stderr(&out).contains("crash-consistent"),
         "{}",
@@ -687,7 +646,11 @@ fn expedite_rcu_holds_for_the_freeze_and_the_guest_gets_its_setting_back() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(
         report(&out).expedited_rcu,
-        Some(json!({"set": true, "restored": true}))
+        Some(ExpeditedRcu {
+            set: true,
+            restored: Some(true),
+            error: None
+        })
     );
     assert_eq!(
         rcu_state(lab),
