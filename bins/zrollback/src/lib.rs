@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
-use evesnap::document::{fields_of, Document, StepTimer};
+use evesnap::document::{fields_of, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
 use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
 use serde::Serialize;
@@ -258,8 +258,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         cli.dataset
     };
     if datasets.is_empty() {
-        return failed(
+        return Outcome::failed_step(
             doc,
+            TOOL,
             timer,
             Map::new(),
             coded(
@@ -269,8 +270,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         );
     }
     let Some(name) = cli.to.or_else(|| doc.snapshot.clone()) else {
-        return failed(
+        return Outcome::failed_step(
             doc,
+            TOOL,
             timer,
             Map::new(),
             coded(
@@ -281,11 +283,15 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
     };
     let zfs = match Zfs::locate(cli.zfs.as_deref()) {
         Ok(z) => z.with_timeout(Duration::from_secs(cli.zfs_timeout)),
-        Err(e) => return failed(doc, timer, Map::new(), evesnap::exit::wrap(e)),
+        Err(e) => {
+            return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
+        }
     };
     let plan = match plan(&zfs, &datasets, &name, cli.destroy_newer) {
         Ok(p) => p,
-        Err(e) => return failed(doc, timer, Map::new(), evesnap::exit::wrap(e)),
+        Err(e) => {
+            return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
+        }
     };
     let mut fields = Map::new();
     fields.insert("dry_run".into(), Value::Bool(cli.dry_run));
@@ -314,19 +320,9 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         }
         Err(e) => {
             fields.extend(fields_of(&e.report));
-            failed(doc, timer, fields, evesnap::exit::wrap(*e))
+            Outcome::failed_step(doc, TOOL, timer, fields, evesnap::exit::wrap(*e))
         }
     }
-}
-
-/// Records a failed step (with the error and, for a preflight, its problems) and fails.
-fn failed(
-    doc: Document,
-    timer: StepTimer,
-    fields: Map<String, Value>,
-    error: anyhow::Error,
-) -> Outcome {
-    Outcome::failed_step(doc, TOOL, timer, fields, error)
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                     || anyhow::anyhow!("zfs was not located"),
                     evesnap::exit::wrap,
                 );
-                failed(doc, timer, Map::new(), error)
+                Outcome::failed_step(doc, TOOL, timer, Map::new(), error)
             }
         }
     };
@@ -144,16 +144,6 @@ fn prepare<'z>(
     preflight(zfs, datasets, &name, &properties, args.min_free).map_err(evesnap::exit::wrap)
 }
 
-/// Records a failed step (with the error and, for a preflight, its problems) and fails.
-fn failed(
-    doc: Document,
-    timer: StepTimer,
-    fields: Map<String, Value>,
-    error: anyhow::Error,
-) -> Outcome {
-    Outcome::failed_step(doc, TOOL, timer, fields, error)
-}
-
 fn datasets_or_document(given: Vec<String>, doc: &Document) -> anyhow::Result<Vec<String>> {
     let datasets = if given.is_empty() {
         doc.datasets.clone()
@@ -185,13 +175,13 @@ fn run_take<'z>(
                 .map_err(evesnap::exit::wrap)
         }) {
             Ok(()) => prepared,
-            Err(e) => return failed(doc, timer, Map::new(), e),
+            Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
         },
-        Some(Err(e)) => return failed(doc, timer, Map::new(), e),
+        Some(Err(e)) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
         None => {
             let datasets = match datasets_or_document(args.dataset.clone(), &doc) {
                 Ok(d) => d,
-                Err(e) => return failed(doc, timer, Map::new(), e),
+                Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
             };
             let name = args
                 .name
@@ -200,7 +190,7 @@ fn run_take<'z>(
                 .unwrap_or_else(|| evesnap::time::eve_timestamp(time_now()));
             match prepare(zfs, &args, &datasets, name, Some(&doc)) {
                 Ok(p) => p,
-                Err(e) => return failed(doc, timer, Map::new(), e),
+                Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
             }
         }
     };
@@ -219,7 +209,7 @@ fn run_take<'z>(
             "the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest"
         );
         if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
-            return failed(doc, timer, Map::new(), evesnap::exit::wrap(e));
+            return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e));
         }
     }
     let name = prepared.name.clone();
@@ -258,7 +248,7 @@ fn run_take<'z>(
                             "{snapshot} was taken after the watchdog deadline and still claims {}=true",
                             meta::FROZEN
                         ));
-                        return failed(doc, timer, fields_of(&report), e);
+                        return Outcome::failed_step(doc, TOOL, timer, fields_of(&report), e);
                     }
                 }
                 report
@@ -294,7 +284,7 @@ fn run_take<'z>(
             }
             outcome
         }
-        Err(e) => failed(doc, timer, plan, evesnap::exit::wrap(e)),
+        Err(e) => Outcome::failed_step(doc, TOOL, timer, plan, evesnap::exit::wrap(e)),
     }
 }
 
@@ -352,7 +342,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
             doc.push(timer.finish(true, action));
             Outcome::success(doc)
         }
-        Err(e) => failed(doc, timer, action, e),
+        Err(e) => Outcome::failed_step(doc, TOOL, timer, action, e),
     }
 }
 

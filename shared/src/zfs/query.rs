@@ -212,20 +212,7 @@ impl Zfs {
             let cols = std::iter::once("name")
                 .chain(props.iter().copied())
                 .collect::<Vec<_>>();
-            let argv = args(&[
-                "list",
-                "-H",
-                "-p",
-                "-o",
-                &cols.join(","),
-                "-t",
-                "snapshot",
-                "-d",
-                "1",
-                "-s",
-                "createtxg",
-                dataset,
-            ]);
+            let argv = children_argv(&cols.join(","), "snapshot", dataset);
             let out = self.run(&argv, dataset)?;
             let command = "zfs list";
             parse::rows(command, &out.stdout, cols.len())?
@@ -322,20 +309,7 @@ impl Zfs {
         if !self.capabilities()?.list_parsable {
             return Ok(Vec::new());
         }
-        let argv = args(&[
-            "list",
-            "-H",
-            "-p",
-            "-o",
-            "name,createtxg",
-            "-t",
-            "bookmark",
-            "-d",
-            "1",
-            "-s",
-            "createtxg",
-            dataset,
-        ]);
+        let argv = children_argv("name,createtxg", "bookmark", dataset);
         let out = self.run(&argv, dataset)?;
         parse::rows("zfs list", &out.stdout, 2)?
             .into_iter()
@@ -345,6 +319,25 @@ impl Zfs {
             })
             .collect()
     }
+}
+
+/// `zfs list -H -p -o <columns> -t <kind> -d 1 -s createtxg <dataset>`: a dataset's
+/// snapshots or bookmarks, oldest first.
+fn children_argv(columns: &str, kind: &str, dataset: &str) -> Vec<String> {
+    args(&[
+        "list",
+        "-H",
+        "-p",
+        "-o",
+        columns,
+        "-t",
+        kind,
+        "-d",
+        "1",
+        "-s",
+        "createtxg",
+        dataset,
+    ])
 }
 
 #[cfg(test)]
