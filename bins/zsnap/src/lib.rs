@@ -195,8 +195,11 @@ fn run_take<'z>(
         }
     };
     let mut prepared = prepared;
-    // A snapshot that ends after the upstream freeze's watchdog deadline may postdate the
-    // watchdog's thaw: it must not claim `frozen`.
+    // `frozen=true` is claimed only once proven: the snapshot is taken saying `false`, and
+    // the claim is written after this tool's document is out, if `zfs snapshot` returned
+    // before the freeze's watchdog deadline (after it, the watchdog may have thawed). A
+    // `zfs snapshot` orphaned by a killed zsnap, which may finish after a thaw, so never
+    // claims a freeze.
     let claims_frozen = prepared
         .properties
         .iter()
@@ -204,10 +207,7 @@ fn run_take<'z>(
     let deadline = claims_frozen
         .then(|| meta::watchdog_deadline_ms(&doc))
         .flatten();
-    if deadline.is_some_and(|d| meta::now_ms() >= d) {
-        evesnap::warn!(
-            "the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest"
-        );
+    if claims_frozen {
         if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
             return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e));
         }
@@ -230,30 +230,17 @@ fn run_take<'z>(
     }
     match prepared.take_for_output() {
         Ok(mut report) => {
-            if deadline.is_some_and(|d| meta::now_ms() >= d)
-                && report
-                    .properties
-                    .get(meta::FROZEN)
-                    .is_some_and(|v| v == "true")
-            {
+            let in_time = deadline.is_none_or(|d| meta::now_ms() < d);
+            if claims_frozen && in_time {
+                report
+                    .claimed_after_output
+                    .insert(meta::FROZEN.to_string(), "true".to_string());
+            } else if claims_frozen {
                 evesnap::warn!(
                     "the snapshot returned after the freeze's watchdog deadline, so it may postdate the \
-                     watchdog's thaw: {} set to false",
+                     watchdog's thaw: it does not claim {}",
                     meta::FROZEN
                 );
-                let unfrozen = [(meta::FROZEN.to_string(), "false".to_string())];
-                for snapshot in &prepared.snapshots {
-                    if let Err(e) = zfs.set(snapshot, &unfrozen) {
-                        let e = evesnap::exit::wrap(e).context(format!(
-                            "{snapshot} was taken after the watchdog deadline and still claims {}=true",
-                            meta::FROZEN
-                        ));
-                        return Outcome::failed_step(doc, TOOL, timer, fields_of(&report), e);
-                    }
-                }
-                report
-                    .properties
-                    .insert(meta::FROZEN.to_string(), "false".to_string());
             }
             evesnap::note!(
                 "took {} snapshot(s) @{name} in {:.1} ms ({})",
@@ -269,17 +256,12 @@ fn run_take<'z>(
             doc.snapshot = Some(name);
             doc.push(timer.finish_with(true, &report));
             let mut outcome = Outcome::success(doc);
-            if !report.destroy_after_output.is_empty() {
+            if !report.destroy_after_output.is_empty() || !report.claimed_after_output.is_empty() {
                 // The next tool (a thaw) must not wait for this.
                 let zfs = zfs.clone();
-                let extra = report.destroy_after_output;
+                let snapshots = prepared.snapshots.clone();
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
-                    take::destroy_after_output(&zfs, &extra).map_err(|e| {
-                        evesnap::exit::wrap(e).context(format!(
-                            "cannot destroy {}, made by the recursive snapshot",
-                            extra.join(", ")
-                        ))
-                    })
+                    take::after_output(&zfs, &report, &snapshots).map_err(evesnap::exit::wrap)
                 })));
             }
             outcome

@@ -351,6 +351,7 @@ impl PreparedSnapshot<'_> {
             properties: self.properties.iter().cloned().collect(),
             left_behind: Vec::new(),
             destroy_after_output: Vec::new(),
+            claimed_after_output: BTreeMap::new(),
         })
     }
 
@@ -361,10 +362,18 @@ impl PreparedSnapshot<'_> {
     }
 }
 
-/// Destroys what [`PreparedSnapshot::finish_for_output`] left for after the output.
-pub fn destroy_after_output(zfs: &Zfs, snapshots: &[String]) -> Result<(), Error> {
-    for snapshot in snapshots {
-        zfs.destroy_snapshot(snapshot)?;
+/// What waits until the document is out: destroying the recursive parent's own
+/// snapshot, then writing the claims the snapshot earned ([`SnapshotReport::claimed_after_output`]).
+pub fn after_output(zfs: &Zfs, report: &SnapshotReport, snapshots: &[String]) -> Result<(), Error> {
+    for extra in &report.destroy_after_output {
+        zfs.destroy_snapshot(extra)?;
+    }
+    if !report.claimed_after_output.is_empty() {
+        let claims: Vec<(String, String)> =
+            report.claimed_after_output.clone().into_iter().collect();
+        for snapshot in snapshots {
+            zfs.set(snapshot, &claims)?;
+        }
     }
     Ok(())
 }
