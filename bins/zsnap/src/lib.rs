@@ -205,8 +205,10 @@ fn run_take<'z>(
         }
     };
     let mut prepared = prepared;
-    // A snapshot that ends after the upstream freeze's watchdog deadline may postdate the
-    // watchdog's thaw: it must not claim `frozen`.
+    // `frozen=true` is a claim: the snapshot is created with `frozen=false` and the claim is
+    // written only after `zfs snapshot` returned before the upstream freeze's watchdog
+    // deadline (after that it may postdate the watchdog's thaw). A `zfs snapshot` that
+    // outlives this process (SIGKILL: the kernel call completes anyway) claims nothing.
     let claims_frozen = prepared
         .properties
         .iter()
@@ -214,13 +216,16 @@ fn run_take<'z>(
     let deadline = claims_frozen
         .then(|| meta::watchdog_deadline_ms(&doc))
         .flatten();
+    if claims_frozen {
+        if let Err(e) = prepared.claim(meta::FROZEN, "false", "true") {
+            return failed(doc, timer, Map::new(), evesnap::exit::wrap(e));
+        }
+    }
     if deadline.is_some_and(|d| meta::now_ms() >= d) {
         evesnap::warn!(
             "the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest"
         );
-        if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
-            return failed(doc, timer, Map::new(), evesnap::exit::wrap(e));
-        }
+        prepared.drop_claim(meta::FROZEN);
     }
     let name = prepared.name.clone();
     let mut plan = Map::new();
@@ -240,31 +245,18 @@ fn run_take<'z>(
     }
     match prepared.take_for_output() {
         Ok(mut report) => {
-            if deadline.is_some_and(|d| meta::now_ms() >= d)
-                && report
-                    .properties
-                    .get(meta::FROZEN)
-                    .is_some_and(|v| v == "true")
-            {
+            if deadline.is_some_and(|d| meta::now_ms() >= d) && !prepared.claims.is_empty() {
                 evesnap::warn!(
                     "the snapshot returned after the freeze's watchdog deadline, so it may postdate the \
-                     watchdog's thaw: {} set to false",
+                     watchdog's thaw: it keeps {}=false",
                     meta::FROZEN
                 );
-                let unfrozen = [(meta::FROZEN.to_string(), "false".to_string())];
-                for snapshot in &prepared.snapshots {
-                    if let Err(e) = zfs.set(snapshot, &unfrozen) {
-                        let e = evesnap::exit::wrap(e).context(format!(
-                            "{snapshot} was taken after the watchdog deadline and still claims {}=true",
-                            meta::FROZEN
-                        ));
-                        return failed(doc, timer, fields_of(&report), e);
-                    }
-                }
-                report
-                    .properties
-                    .insert(meta::FROZEN.to_string(), "false".to_string());
+                prepared.drop_claim(meta::FROZEN);
             }
+            // Proven now (returned inside the freeze); written once the document is out, so
+            // that the `zfs set` stays out of the freeze window.
+            let claims = prepared.claims.clone();
+            report.properties.extend(claims.iter().cloned());
             evesnap::note!(
                 "took {} snapshot(s) @{name} in {:.1} ms ({})",
                 report.snapshots.len(),
@@ -279,11 +271,18 @@ fn run_take<'z>(
             doc.snapshot = Some(name);
             doc.push(timer.finish_with(true, &report));
             let mut outcome = Outcome::success(doc);
-            if !report.destroy_after_output.is_empty() {
+            if !report.destroy_after_output.is_empty() || !claims.is_empty() {
                 // The next tool (a thaw) must not wait for this.
                 let zfs = zfs.clone();
                 let extra = report.destroy_after_output;
+                let snapshots = prepared.snapshots.clone();
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
+                    take::confirm_claims(&zfs, &snapshots, &claims).map_err(|e| {
+                        evesnap::exit::wrap(e).context(format!(
+                            "cannot record on {} that it was taken frozen",
+                            snapshots.join(", ")
+                        ))
+                    })?;
                     take::destroy_after_output(&zfs, &extra).map_err(|e| {
                         evesnap::exit::wrap(e).context(format!(
                             "cannot destroy {}, made by the recursive snapshot",
