@@ -70,21 +70,36 @@ impl Server {
         }
     }
 
-    fn fsinfo(&self) -> Result<Vec<GuestFilesystemInfo>, evesnap::qga::Error> {
+    /// The guest's filesystems and, when the request has a deadline, the guest's clock.
+    fn fsinfo(
+        &self,
+        request: &Request,
+    ) -> Result<(Vec<GuestFilesystemInfo>, Option<GuestClock>), evesnap::qga::Error> {
         let mut client = Client::connect(&self.agent, Instant::now() + self.timeout)?;
         client.set_timeout(self.timeout);
-        client.fsinfo()
+        let clock = match request.deadline_ms {
+            Some(_) => {
+                let asked_at = Instant::now();
+                let ns = client.guest_time_ns()?;
+                Some(GuestClock {
+                    asked_at,
+                    now_ms: u64::try_from(ns / 1_000_000).unwrap_or(0),
+                })
+            }
+            None => None,
+        };
+        Ok((client.fsinfo()?, clock))
     }
 
     fn handle(&mut self, request: &Request) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
-        let fsinfo = match self.fsinfo() {
-            Ok(fsinfo) => Some(fsinfo),
+        let (fsinfo, clock) = match self.fsinfo(request) {
+            Ok((fsinfo, clock)) => (Some(fsinfo), clock),
             // Listing needs no agent: the guest's own description has to do.
             Err(e) if request.op == Op::List => {
                 evesnap::warn!("guest-get-fsinfo failed ({}); identifying the disk by its serial and PCI address", e);
-                None
+                (None, None)
             }
             Err(e) => {
                 let error = evesnap::exit::wrap(e);
@@ -94,6 +109,10 @@ impl Server {
                 ));
                 return (fail(refuse(exit.kind(), exit, message)), None);
             }
+        };
+        let deadline = match deadline_of(request, clock.as_ref()) {
+            Ok(deadline) => deadline,
+            Err(error) => return (fail(error), None),
         };
         let identified = match identify(&self.volumes, &request.disk, fsinfo.as_deref()) {
             Ok(identified) => identified,
@@ -107,7 +126,7 @@ impl Server {
             .collect();
         let (mut reply, report) = match request.op {
             Op::List => (self.list(request, &identified), None),
-            Op::Create | Op::Rollback => self.run_flow(request, &identified),
+            Op::Create | Op::Rollback => self.run_flow(request, &identified, deadline),
         };
         reply.disks = labels;
         (reply, report)
@@ -150,7 +169,12 @@ impl Server {
     }
 
     /// The plan for a guest's request: the orchestrator's flow, on the identified volumes.
-    fn plan(&self, request: &Request, identified: &Identified) -> Result<Plan, crate::plan::Error> {
+    fn plan(
+        &self,
+        request: &Request,
+        identified: &Identified,
+        deadline: Option<Instant>,
+    ) -> Result<Plan, crate::plan::Error> {
         let disks: BTreeMap<String, GuestDisk> = identified
             .datasets
             .iter()
@@ -167,6 +191,9 @@ impl Server {
             datasets: identified.datasets.clone(),
             snapshot: None,
             freeze: FreezePlan {
+                // Only the disk's own filesystems; none mounted: no freeze at all (an empty
+                // list would freeze every filesystem of the guest).
+                enabled: !identified.mountpoints.is_empty(),
                 mountpoints: identified.mountpoints.clone(),
                 timeout_s: self.timeout.as_secs_f64(),
                 thaw_after_s: self.thaw_after,
@@ -177,6 +204,7 @@ impl Server {
             guest_post: Vec::new(),
             max_snapshots: None,
             application_quiesced: false,
+            quiesced_until: None,
             rollback: None,
             disks,
         };
@@ -188,8 +216,9 @@ impl Server {
                         evesnap::time::eve_timestamp(time::OffsetDateTime::now_utc())
                     )
                 }));
-                // The user asked from inside the guest, with the application quiesced.
-                plan.application_quiesced = true;
+                // The guest's word, for as long as it waits for the reply.
+                plan.application_quiesced = request.quiesced;
+                plan.quiesced_until = deadline;
             }
             Op::Rollback => {
                 plan.action = Action::Rollback;
@@ -205,10 +234,15 @@ impl Server {
         Ok(plan)
     }
 
-    fn run_flow(&mut self, request: &Request, identified: &Identified) -> (Reply, Option<Report>) {
+    fn run_flow(
+        &mut self,
+        request: &Request,
+        identified: &Identified,
+        deadline: Option<Instant>,
+    ) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
-        let plan = match self.plan(request, identified) {
+        let plan = match self.plan(request, identified, deadline) {
             Ok(plan) => plan,
             Err(e) => {
                 let message = self.redactor.text(&chain_of(&e));
@@ -270,6 +304,45 @@ impl Server {
     pub(super) fn stop_requested(&mut self) -> bool {
         self.signals.caught().is_some()
     }
+}
+
+/// The guest's clock, read through the agent when a request was taken up.
+#[derive(Debug, Clone, Copy)]
+struct GuestClock {
+    /// Just before the agent was asked (the guest read its clock after this).
+    asked_at: Instant,
+    /// The guest's `CLOCK_REALTIME`, ms since the epoch.
+    now_ms: u64,
+}
+
+/// Taken off a request's remaining time for the two clocks' drift over a request's length.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// The request's deadline on this host's monotonic clock, or an `expired` refusal when it
+/// has passed on the guest's clock. Conservative: the guest read its clock after
+/// `asked_at`, so `asked_at + (deadline - guest now)` is no later than the guest's own
+/// deadline, and [`DEADLINE_MARGIN`] comes off that. No deadline, or no clock (a `list`
+/// without the agent): no bound.
+fn deadline_of(
+    request: &Request,
+    clock: Option<&GuestClock>,
+) -> Result<Option<Instant>, ReplyError> {
+    let (Some(deadline_ms), Some(clock)) = (request.deadline_ms, clock) else {
+        return Ok(None);
+    };
+    let left = Duration::from_millis(deadline_ms.saturating_sub(clock.now_ms));
+    if left <= DEADLINE_MARGIN {
+        return Err(refuse(
+            "expired",
+            Exit::AgentTimeout,
+            format!(
+                "the request's deadline had passed on the guest's clock when it was taken up \
+                 ({} ms late): the requester gave up, nothing was done",
+                clock.now_ms.saturating_sub(deadline_ms)
+            ),
+        ));
+    }
+    Ok(Some(clock.asked_at + (left - DEADLINE_MARGIN)))
 }
 
 /// The preflight findings of a failed flow, if it failed in a preflight.
