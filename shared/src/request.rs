@@ -308,8 +308,10 @@ pub struct SnapshotEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyError {
-    /// `bad-request`, `unknown-disk`, or the host's exit-code name (`preflight-failed`,
-    /// `step-failed`, `busy`, `agent-unreachable`, `agent-timeout`, `thaw-failed`).
+    /// `bad-request`, `unknown-disk`, `expired` (the request's `deadline_ms` had passed
+    /// when the host took it up; nothing was done), or the host's exit-code name
+    /// (`preflight-failed`, `step-failed`, `busy`, `agent-unreachable`, `agent-timeout`,
+    /// `thaw-failed`).
     pub kind: String,
     /// The host's exit code for it ([`crate::exit::Exit`]).
     pub code: u8,
@@ -442,6 +444,8 @@ mod tests {
             (r#"{"version":1,"id":"a","op":"rollback","disk":{"path":"/d"}}"#.to_string(), "needs `to`"),
             (r#"{"version":1,"id":"a","op":"rollback","disk":{"path":"/d"},"to":"../x"}"#.to_string(), "`to`"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d"},"name":"x"}"#.to_string(), "list"),
+            (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d"},"quiesced":true}"#.to_string(), "`quiesced`"),
+            (r#"{"version":1,"id":"a","op":"create","disk":{"path":"/d"},"deadline_ms":-1}"#.to_string(), "expected u64"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"data0"}}"#.to_string(), "absolute"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d","serial":"a\nb"}}"#.to_string(), "control"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d","serial":""}}"#.to_string(), "empty"),

@@ -123,6 +123,9 @@ fn a_claim_is_created_unproven_and_only_confirmed_later() {
         .set_property("org.lfedge.evesnap:frozen", "false")
         .expect("set");
     assert!(prepared.claims.is_empty());
-    assert!(prepared.confirm_claims().is_ok(), "nothing to write, no zfs call");
+    assert!(
+        prepared.confirm_claims().is_ok(),
+        "nothing to write, no zfs call"
+    );
     assert!(prepared.claim("bad key", "a", "b").is_err());
 }
