@@ -221,7 +221,7 @@ impl PreparedSnapshot<'_> {
         self.claims.retain(|(k, _)| k != key);
     }
 
-    /// Writes the claims on every snapshot of the set (one `zfs set` each).
+    /// Writes the claims on every snapshot of the set (one `zfs set` per claim).
     pub fn confirm_claims(&self) -> Result<(), Error> {
         confirm_claims(self.zfs, &self.snapshots, &self.claims)
     }
@@ -396,11 +396,12 @@ pub fn confirm_claims(
     snapshots: &[String],
     claims: &[(String, String)],
 ) -> Result<(), Error> {
-    if claims.is_empty() {
-        return Ok(());
-    }
+    // One property per call: zfs-fuse's `zfs set` takes one (OpenZFS takes several).
+    // Each claim is true once written, so one cut short only under-claims.
     for snapshot in snapshots {
-        zfs.set(snapshot, claims)?;
+        for claim in claims {
+            zfs.set(snapshot, std::slice::from_ref(claim))?;
+        }
     }
     Ok(())
 }

@@ -202,6 +202,8 @@ def cmd_set(state, args):
     if len(args) < 2 or any("=" not in kv for kv in args[:-1]):
         return "", "missing arguments\n", 2
     name = args[-1]
+    if len(args) > 2 and state["flavour"] == "zfs-fuse":
+        return "", "cannot open '" + args[1] + "': invalid dataset name\n", 1
     if name not in state["snapshots"]:
         raise Fail(missing(name))
     for kv in args[:-1]:
