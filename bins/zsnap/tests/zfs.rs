@@ -96,15 +96,23 @@ fn multi_dataset_snapshot_is_one_call_with_metadata_and_a_second_run_fails_clean
     assert!(snapshots(&vm).is_empty(), "{:?}", snapshots(&vm));
     assert_eq!(out.doc["snapshot"], "s1");
     assert_eq!(out.doc["datasets"], serde_json::json!([a, b]));
-    // Exactly one `zfs snapshot`, with the metadata in it.
+    // Exactly one `zfs snapshot`, with the metadata in it but no claim of a freeze: that is
+    // set once it returned inside the freeze (a call outliving zsnap claims nothing).
     let snaps = shim.calls_of("snapshot");
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert!(
         snaps[0]
             .iter()
-            .any(|a| a == "org.lfedge.evesnap:frozen=true"),
+            .any(|a| a == "org.lfedge.evesnap:frozen=false"),
         "{:?}",
         snaps[0]
+    );
+    let sets = shim.calls_of("set");
+    assert_eq!(sets.len(), 2, "one per snapshot: {sets:?}");
+    assert!(
+        sets.iter()
+            .all(|c| c.iter().any(|a| a == "org.lfedge.evesnap:frozen=true")),
+        "{sets:?}"
     );
 
     // The same name again: a preflight failure naming the snapshot, no zfs snapshot call.
