@@ -12,6 +12,7 @@ use evesnap::request::{self, Op, Reply, ReplyError, Request, SnapshotEntry};
 use evesnap::zfs::{self, Zfs};
 use serde_json::Value;
 
+use super::deadline::{deadline_of, GuestClock};
 use super::identify::{identify, refuse, Identified};
 use super::redact::Redactor;
 use super::volumes::{label, Volumes};
@@ -304,45 +305,6 @@ impl Server {
     pub(super) fn stop_requested(&mut self) -> bool {
         self.signals.caught().is_some()
     }
-}
-
-/// The guest's clock, read through the agent when a request was taken up.
-#[derive(Debug, Clone, Copy)]
-struct GuestClock {
-    /// Just before the agent was asked (the guest read its clock after this).
-    asked_at: Instant,
-    /// The guest's `CLOCK_REALTIME`, ms since the epoch.
-    now_ms: u64,
-}
-
-/// Taken off a request's remaining time for the two clocks' drift over a request's length.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
-
-/// The request's deadline on this host's monotonic clock, or an `expired` refusal when it
-/// has passed on the guest's clock. Conservative: the guest read its clock after
-/// `asked_at`, so `asked_at + (deadline - guest now)` is no later than the guest's own
-/// deadline, and [`DEADLINE_MARGIN`] comes off that. No deadline, or no clock (a `list`
-/// without the agent): no bound.
-fn deadline_of(
-    request: &Request,
-    clock: Option<&GuestClock>,
-) -> Result<Option<Instant>, ReplyError> {
-    let (Some(deadline_ms), Some(clock)) = (request.deadline_ms, clock) else {
-        return Ok(None);
-    };
-    let left = Duration::from_millis(deadline_ms.saturating_sub(clock.now_ms));
-    if left <= DEADLINE_MARGIN {
-        return Err(refuse(
-            "expired",
-            Exit::AgentTimeout,
-            format!(
-                "the request's deadline had passed on the guest's clock when it was taken up \
-                 ({} ms late): the requester gave up, nothing was done",
-                clock.now_ms.saturating_sub(deadline_ms)
-            ),
-        ));
-    }
-    Ok(Some(clock.asked_at + (left - DEADLINE_MARGIN)))
 }
 
 /// The preflight findings of a failed flow, if it failed in a preflight.
