@@ -533,6 +533,16 @@ struct InLab {
 impl InLab {
     /// `volumes`: the VM's volumes map, else the lab's own.
     fn start(test: &str, prefix: &str, volumes: Option<Value>) -> InLab {
+        InLab::start_with(test, prefix, volumes, None)
+    }
+
+    /// [`InLab::start`], the listener's `zfs` slowed by `snapshot_delay` s per `zfs snapshot`.
+    fn start_with(
+        test: &str,
+        prefix: &str,
+        volumes: Option<Value>,
+        snapshot_delay: Option<&str>,
+    ) -> InLab {
         let guard = ThawGuard::lock(test);
         let lab = guard.lab;
         install_guest_tool(lab, guard.run_dir.path());
@@ -542,13 +552,28 @@ impl InLab {
             Some(map) => write_volumes(guard.run_dir.path(), &map),
             None => lab_volumes(lab, guard.run_dir.path()),
         };
+        let shim = guard.run_dir.path().join("zfs");
+        let mut env: Vec<(&str, &Path)> = Vec::new();
+        if let Some(delay) = snapshot_delay {
+            std::fs::write(
+                &shim,
+                format!(
+                    "#!/bin/sh\nif [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then sleep {delay}; fi\nexec zfs \"$@\"\n"
+                ),
+            )
+            .expect("zfs shim");
+            let mut perms = std::fs::metadata(&shim).expect("shim").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+            std::fs::set_permissions(&shim, perms).expect("chmod");
+            env.push(("EVESNAP_ZFS", &shim));
+        }
         let serve = Serve::start(
             guard.run_dir.path(),
             &lab.request_channel,
             &lab.agent,
             &volumes,
             "20",
-            &[],
+            &env,
         );
         InLab {
             serve,
@@ -700,6 +725,29 @@ fn an_unmounted_disk_is_snapshotted_without_freezing_anything_and_claims_crash()
     let snapshot = format!("{}@{name}", dataset_of(lab, "disk1"));
     assert_eq!(zfs_get(CONSISTENCY, &snapshot), "crash");
     assert_eq!(zfs_get(FROZEN, &snapshot), "false");
+}
+
+#[test]
+fn a_quiesced_create_the_guest_gave_up_on_while_it_ran_claims_filesystem_only() {
+    // `zfs snapshot` takes 3 s more; the guest waits 2 s, then may resume its application.
+    let t = InLab::start_with("serve-gave-up", "t-gaveup", None, Some("3"));
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    let (run, _, reply) = guest_request(
+        lab,
+        serve,
+        &format!("--create /data0 --name {name} --quiesced --timeout 2"),
+    );
+    assert_eq!(run.code, 4, "the guest gave up: {run:?}");
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        reply.consistency,
+        Some(Consistency::Filesystem),
+        "{reply:?}"
+    );
+    let snapshot = format!("{}@{name}", dataset_of(lab, "disk0"));
+    assert_eq!(zfs_get(CONSISTENCY, &snapshot), "filesystem");
+    assert_eq!(zfs_get(FROZEN, &snapshot), "true");
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 }
 
 #[test]
