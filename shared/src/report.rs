@@ -11,15 +11,19 @@ use crate::document::{Step, VERSION};
 use crate::exit::Exit;
 use crate::steps::{RolledBack, SnapshotEntry};
 
-/// What a snapshot can claim.
+/// What a snapshot can claim: what was proven when `zfs snapshot` returned, never more
+/// (written on the snapshot only after it returned inside the verified freeze).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Consistency {
-    /// Application hooks ran (or the caller quiesced it) and the filesystems were frozen.
+    /// The filesystems were frozen and the application quiesced: by `guest_pre` hooks that
+    /// all succeeded, or by the caller (a guest request with `quiesced`, whose snapshot
+    /// returned before the guest's deadline).
     Application,
-    /// Frozen, without (successful) application hooks.
+    /// Frozen and verified, the application not known to be quiesced.
     Filesystem,
-    /// Not frozen: as if the power had been cut.
+    /// Not frozen (no agent, or a guest disk with no filesystem mounted): as if the power
+    /// had been cut.
     Crash,
 }
 

@@ -50,7 +50,22 @@
 //! Disks are named by their guest-visible label (serial, else `pci:<address>`); host
 //! dataset and pool names are replaced by it (or by `(host dataset)`) in every message.
 //! `error.code` is the host's exit code for the failure (see [`crate::exit`]); `kind` is
-//! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7).
+//! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7),
+//! `expired` (4: the request's `deadline_ms` had passed on the guest's clock when the host
+//! took it up; nothing was done).
+//!
+//! # What a `create` claims
+//! `consistency` is what the host can prove, never more:
+//! - `application`: the guest sent `quiesced: true`, its filesystems on the disk were
+//!   frozen and the freeze verified, and `zfs snapshot` returned before the request's
+//!   `deadline_ms` (read on the guest's clock): the guest was still waiting, so its
+//!   application was still quiesced. A request without `deadline_ms` has no such bound.
+//! - `filesystem`: the disk's mounted filesystems were frozen and the freeze verified,
+//!   but the guest did not say it quiesced its application, or its deadline passed
+//!   before the snapshot returned (the application may have resumed; the freeze held).
+//! - `crash`: nothing was frozen: the disk had no filesystem mounted when the host asked
+//!   (a raw-device writer, or a mount in between, is not excluded), so the snapshot is
+//!   only as consistent as a power cut.
 
 use crate::report::Consistency;
 use serde::{Deserialize, Serialize};
@@ -111,6 +126,18 @@ pub struct Request {
     /// `rollback`: the snapshot to go back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// `create`: the guest quiesced its application before asking and keeps it quiesced
+    /// until the reply comes (or `deadline_ms` passes). Only then may the snapshot claim
+    /// `application` consistency; otherwise a verified freeze gives `filesystem`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiesced: bool,
+    /// When the guest stops waiting for the reply, in milliseconds since the epoch **on
+    /// the guest's clock** (`CLOCK_REALTIME`). The host reads the guest's clock through the
+    /// guest agent (`guest-get-time`) when it takes the request up, refuses a request
+    /// already past it (`expired`) and claims `application` only for a snapshot that
+    /// returned before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// The disk a request is about, as the guest sees it.
@@ -218,6 +245,9 @@ impl Request {
                     name_ok("name", name)?;
                 }
             }
+            Op::List | Op::Rollback if self.quiesced => {
+                return Err(Invalid("`quiesced` is only for op `create`".into()));
+            }
             Op::List => {
                 if self.name.is_some() || self.to.is_some() {
                     return Err(Invalid("op `list` takes no `name` or `to`".into()));
@@ -278,8 +308,10 @@ pub struct SnapshotEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyError {
-    /// `bad-request`, `unknown-disk`, or the host's exit-code name (`preflight-failed`,
-    /// `step-failed`, `busy`, `agent-unreachable`, `agent-timeout`, `thaw-failed`).
+    /// `bad-request`, `unknown-disk`, `expired` (the request's `deadline_ms` had passed
+    /// when the host took it up; nothing was done), or the host's exit-code name
+    /// (`preflight-failed`, `step-failed`, `busy`, `agent-unreachable`, `agent-timeout`,
+    /// `thaw-failed`).
     pub kind: String,
     /// The host's exit code for it ([`crate::exit::Exit`]).
     pub code: u8,
@@ -412,6 +444,8 @@ mod tests {
             (r#"{"version":1,"id":"a","op":"rollback","disk":{"path":"/d"}}"#.to_string(), "needs `to`"),
             (r#"{"version":1,"id":"a","op":"rollback","disk":{"path":"/d"},"to":"../x"}"#.to_string(), "`to`"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d"},"name":"x"}"#.to_string(), "list"),
+            (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d"},"quiesced":true}"#.to_string(), "`quiesced`"),
+            (r#"{"version":1,"id":"a","op":"create","disk":{"path":"/d"},"deadline_ms":-1}"#.to_string(), "expected u64"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"data0"}}"#.to_string(), "absolute"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d","serial":"a\nb"}}"#.to_string(), "control"),
             (r#"{"version":1,"id":"a","op":"list","disk":{"path":"/d","serial":""}}"#.to_string(), "empty"),

@@ -137,11 +137,6 @@ pub struct SnapshotReport {
     /// written: outside a pipeline's freeze window. A failure there is a warning on stderr.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destroy_after_output: Vec<String>,
-    /// Properties written once the document is out, by a tool that lived to prove them
-    /// (`org.lfedge.evesnap:frozen=true` after a snapshot that returned inside the freeze);
-    /// the snapshot keeps what `properties` says if the tool died first.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub claimed_after_output: BTreeMap<String, String>,
 }
 
 impl StepRecord for SnapshotReport {

@@ -208,3 +208,85 @@ fn a_middle_step_killed_while_it_snapshots_thaws_at_once() {
     assert_ne!(codes.get(2), Some(&0), "qga-thaw got nothing: {stderr}");
     eprintln!("thawed {took:?} after zsnap was killed");
 }
+
+#[test]
+fn a_snapshot_orphaned_by_a_killed_zsnap_and_finished_after_the_thaw_claims_no_freeze() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let run_dir = RunDir::new("orphan");
+    // A zfs whose `snapshot` waits 2 s, then runs: killing zsnap meanwhile leaves it to
+    // finish on its own (its own process group), after the watchdog's prompt thaw, with
+    // the argv zsnap gave it. That is what a `zfs snapshot` stuck in its kernel call does.
+    let marker = run_dir.0.join("snapshot-started");
+    let shim = run_dir.0.join("zfs");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then echo $$ > '{}'; sleep 2; exec zfs \"$@\"; fi\nexec zfs \"$@\"\n",
+            marker.display()
+        ),
+    )
+    .expect("shim");
+    let mut perms = std::fs::metadata(&shim).expect("shim").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&shim, perms).expect("chmod");
+    let [freeze, zsnap, thaw] = tools();
+    let shim_text = shim.display().to_string();
+    let name = format!("orphan-{}", std::process::id());
+    let snapshot = format!("{}@{name}", lab.datasets[0]);
+    let pipeline = bash(
+        r#""$1" --agent "$4" --thaw-after 60 | "$2" --zfs "$6" --dataset "$5" --name "$7" | "$3"; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &shim_text, &name],
+        &run_dir.0,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("bash");
+    let started = Instant::now();
+    let shim_pid: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "zsnap never reached zfs snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{shim_pid}/status")).expect("status");
+    let zsnap_pid: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("zsnap's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zsnap_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill zsnap");
+    let took = thawed_within_prompt(&lab.agent);
+    let out = pipeline.wait_with_output().expect("pipeline");
+    // The orphan finishes by itself (its pid is gone once it did).
+    let orphan_started = Instant::now();
+    while std::path::Path::new(&format!("/proc/{shim_pid}")).exists() {
+        assert!(
+            orphan_started.elapsed() < Duration::from_secs(60),
+            "the orphaned zfs did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let frozen = evesnap_tests::zfs::zfs_get("org.lfedge.evesnap:frozen", &snapshot);
+    let _ = Command::new("zfs").args(["destroy", &snapshot]).status();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(codes(&out).get(1), Some(&137), "zsnap was killed: {stderr}");
+    assert_eq!(
+        frozen, "false",
+        "{snapshot} was created by a zfs that outlived zsnap, ~2 s after the thaw ({took:?} after \
+         the kill): it must not claim a freeze"
+    );
+    eprintln!("thawed {took:?} after zsnap was killed; the orphan's snapshot says frozen={frozen}");
+}

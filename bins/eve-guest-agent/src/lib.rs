@@ -57,9 +57,12 @@ enum Command {
         group(ArgGroup::new("action").required(true).args(["create", "list", "rollback"])),
         long_about = "Create, list or roll back snapshots of one disk, named by its block device \
             (/dev/vdb) or, when mounted, its mountpoint (/data0).\n\n\
-            --create: quiesce the application first (flush, pause writes); the host freezes the \
-            guest's filesystems on the disk through qemu-ga for the instant of the snapshot and \
-            refuses when the pool lacks room. --rollback: unmount the disk first; the host refuses \
+            --create: the host freezes the guest's filesystems on the disk (only those) through \
+            qemu-ga for the instant of the snapshot and refuses when the pool lacks room; the \
+            snapshot is `filesystem`-consistent. Quiesce the application first (flush, pause \
+            writes) and say so with --quiesced for an `application`-consistent one; resume it \
+            once this tool has exited. A disk with no filesystem mounted is snapshotted \
+            without freezing anything and is only `crash`-consistent. --rollback: unmount the disk first; the host refuses \
             while a filesystem on it is mounted. Afterwards drop the page cache \
             (echo 3 > /proc/sys/vm/drop_caches) and mount it again.",
         after_help = EXIT_STATUS
@@ -85,6 +88,13 @@ struct SnapshotArgs {
     /// The snapshot to roll back to.
     #[arg(long, value_name = "NAME", requires = "rollback")]
     to: Option<String>,
+    /// For --create: the application is quiesced (flushed, writes paused) and stays so
+    /// until this tool exits. Only then may the snapshot claim `application` consistency;
+    /// without it a verified freeze gives `filesystem`. Resume the application only after
+    /// this tool exited: the host claims `application` only for a snapshot that returned
+    /// before --timeout ran out.
+    #[arg(long, requires = "create")]
+    quiesced: bool,
     /// The request channel: the virtio-serial port, or a Unix socket.
     #[arg(long, value_name = "PATH", default_value = request::DEFAULT_CHANNEL)]
     channel: PathBuf,
@@ -183,6 +193,8 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
         disk,
         name: args.name.clone(),
         to: args.to.clone(),
+        quiesced: args.quiesced,
+        deadline_ms: None,
     };
     if let Err(e) = request.check() {
         return local_failure(Some(&request.id), coded(Exit::Usage, e.0));
@@ -200,7 +212,11 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
     let exchange = (|| {
         let mut channel = channel::Channel::open(&args.channel, started + connect_timeout)?;
         let deadline = Instant::now() + timeout;
-        channel.send(&request.to_line(), deadline)?;
+        // When this tool gives up, on the guest's clock: the host reads that clock through
+        // the guest agent and neither starts nor claims `application` for a request past it.
+        let mut sent = request.clone();
+        sent.deadline_ms = Some(evesnap::time::now_unix_us() / 1000 + timeout.as_millis() as u64);
+        channel.send(&sent.to_line(), deadline)?;
         channel.await_reply(&request.id, request::MAX_REPLY_LINE, deadline)
     })();
     let reply = match exchange {

@@ -94,6 +94,11 @@ enum Sub {
             --volumes, identified through guest-get-fsinfo (mounted) or by serial and PCI address \
             (unmounted); it never names a dataset. Garbage, unknown fields and lines over 64 KiB get an \
             error reply; the listener reads on.\n\n\
+            A create claims what was proven: `application` only when the guest said it quiesced its \
+            application (eve-guest-agent --quiesced) and the snapshot returned before the guest's \
+            deadline (read on the guest's clock through the agent), `filesystem` after a verified freeze \
+            of the disk's own mounted filesystems, `crash` for a disk with none mounted (nothing is \
+            frozen). A request already past its deadline when taken up is refused (`expired`).\n\n\
             Each request is recorded as one JSON line on stdout: {at, request, reply, report}, report \
             being the flow's full report. Exits 0 on SIGINT/SIGTERM/SIGHUP; a signal during a request \
             stops its flow as it stops the orchestrator's (the guest is thawed), the guest gets the error \

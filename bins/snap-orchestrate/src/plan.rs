@@ -47,6 +47,12 @@ pub struct Plan {
     /// a frozen snapshot then counts as application-consistent without `guest_pre`.
     #[serde(default)]
     pub application_quiesced: bool,
+    /// Until when `application_quiesced` holds (the guest stops waiting then and may resume
+    /// its application): a snapshot that returns later claims `filesystem` at best. Set by
+    /// `serve` from the request's deadline; not part of the JSON plan.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub quiesced_until: Option<std::time::Instant>,
     /// For `action: rollback`.
     #[serde(default)]
     pub rollback: Option<RollbackPlan>,
@@ -60,6 +66,9 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FreezePlan {
+    /// False: nothing is frozen and the agent is not used; the snapshot is
+    /// `crash`-consistent (`serve` for a disk with no filesystem mounted in the guest).
+    pub enabled: bool,
     /// Mountpoints to freeze; empty means every filesystem of the guest.
     pub mountpoints: Vec<String>,
     /// Deadline of each agent call, in seconds.
@@ -81,6 +90,7 @@ pub struct FreezePlan {
 impl Default for FreezePlan {
     fn default() -> Self {
         FreezePlan {
+            enabled: true,
             mountpoints: Vec::new(),
             timeout_s: 10.0,
             thaw_after_s: 60.0,

@@ -14,6 +14,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
+use evesnap::report::Consistency;
 use evesnap::request::Reply;
 use evesnap_tests::guest::{
     connect, guest_background, guest_sh, guest_upload, status, try_connect, ThawGuard,
@@ -532,6 +533,16 @@ struct InLab {
 impl InLab {
     /// `volumes`: the VM's volumes map, else the lab's own.
     fn start(test: &str, prefix: &str, volumes: Option<Value>) -> InLab {
+        InLab::start_with(test, prefix, volumes, None)
+    }
+
+    /// [`InLab::start`], the listener's `zfs` slowed by `snapshot_delay` s per `zfs snapshot`.
+    fn start_with(
+        test: &str,
+        prefix: &str,
+        volumes: Option<Value>,
+        snapshot_delay: Option<&str>,
+    ) -> InLab {
         let guard = ThawGuard::lock(test);
         let lab = guard.lab;
         install_guest_tool(lab, guard.run_dir.path());
@@ -541,13 +552,28 @@ impl InLab {
             Some(map) => write_volumes(guard.run_dir.path(), &map),
             None => lab_volumes(lab, guard.run_dir.path()),
         };
+        let shim = guard.run_dir.path().join("zfs");
+        let mut env: Vec<(&str, &Path)> = Vec::new();
+        if let Some(delay) = snapshot_delay {
+            std::fs::write(
+                &shim,
+                format!(
+                    "#!/bin/sh\nif [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then sleep {delay}; fi\nexec zfs \"$@\"\n"
+                ),
+            )
+            .expect("zfs shim");
+            let mut perms = std::fs::metadata(&shim).expect("shim").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+            std::fs::set_permissions(&shim, perms).expect("chmod");
+            env.push(("EVESNAP_ZFS", &shim));
+        }
         let serve = Serve::start(
             guard.run_dir.path(),
             &lab.request_channel,
             &lab.agent,
             &volumes,
             "20",
-            &[],
+            &env,
         );
         InLab {
             serve,
@@ -576,9 +602,25 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         (taken[0].disk.as_str(), taken[0].name.as_str()),
         ("disk0", name.as_str())
     );
-    assert!(
-        reply.consistency.is_some() && reply.freeze_window_ms.is_some_and(|ms| ms > 0.0),
+    // Without --quiesced the guest said nothing about its application: a verified freeze
+    // proves the filesystem only.
+    assert_eq!(
+        reply.consistency,
+        Some(Consistency::Filesystem),
         "{reply:?}"
+    );
+    assert!(
+        reply.freeze_window_ms.is_some_and(|ms| ms > 0.0),
+        "{reply:?}"
+    );
+    assert_eq!(
+        zfs_get(CONSISTENCY, &format!("{}@{name}", dataset_of(lab, "disk0"))),
+        "filesystem"
+    );
+    // The guest sends when it gives up, on its own clock.
+    assert!(
+        record["request"]["deadline_ms"].as_u64().is_some(),
+        "{record}"
     );
     // The guest described its disk as sysfs shows it.
     assert_eq!(record["request"]["disk"]["serial"], "disk0", "{record}");
@@ -600,6 +642,32 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         !run.stdout.to_string().contains(&lab.pool),
         "{}",
         run.stdout
+    );
+
+    // With --quiesced: application-consistent.
+    let quiet = format!("{name}-q");
+    let _quiet = Cleanup(lab, vec![quiet.clone()]);
+    let (run, _, reply) = guest_request(
+        lab,
+        serve,
+        &format!("--create /data0 --name {quiet} --quiesced"),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        reply.consistency,
+        Some(Consistency::Application),
+        "{reply:?}"
+    );
+    assert_eq!(
+        zfs_get(
+            CONSISTENCY,
+            &format!("{}@{quiet}", dataset_of(lab, "disk0"))
+        ),
+        "application"
+    );
+    assert_eq!(
+        zfs_get(FROZEN, &format!("{}@{quiet}", dataset_of(lab, "disk0"))),
+        "true"
     );
 
     let (run, _, reply) = guest_request(lab, serve, "--list /dev/vda");
@@ -624,6 +692,88 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         "{error:?}"
     );
     assert!(run.stderr.contains("the host refused"), "{run:?}");
+}
+
+const CONSISTENCY: &str = "org.lfedge.evesnap:consistency";
+const FROZEN: &str = "org.lfedge.evesnap:frozen";
+
+#[test]
+fn an_unmounted_disk_is_snapshotted_without_freezing_anything_and_claims_crash() {
+    let t = InLab::start("serve-unmounted", "t-unmounted", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    // /data1 unmounted (the cleanup mounts it again), /data0 stays mounted.
+    guest_sh(&mut connect(lab), "sync; umount /data1");
+
+    let (run, record, reply) = guest_request(
+        lab,
+        serve,
+        &format!("--create /dev/vdb --name {name} --quiesced"),
+    );
+    assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
+    assert_eq!(reply.disks, ["disk1"]);
+    // Nothing was frozen: no freeze step, no freeze window; /data0 (mounted) was not
+    // frozen either, which an empty mountpoint list would have done.
+    assert_eq!(reply.consistency, Some(Consistency::Crash), "{reply:?}");
+    assert_eq!(reply.freeze_window_ms, None, "{reply:?}");
+    let steps = record["report"]["steps"].as_array().expect("steps");
+    let tools: Vec<&str> = steps.iter().filter_map(|s| s["tool"].as_str()).collect();
+    assert!(
+        !tools.iter().any(|t| *t == "qga-freeze" || *t == "qga-thaw"),
+        "{tools:?}"
+    );
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    let snapshot = format!("{}@{name}", dataset_of(lab, "disk1"));
+    assert_eq!(zfs_get(CONSISTENCY, &snapshot), "crash");
+    assert_eq!(zfs_get(FROZEN, &snapshot), "false");
+}
+
+#[test]
+fn a_quiesced_create_the_guest_gave_up_on_while_it_ran_claims_filesystem_only() {
+    // `zfs snapshot` takes 3 s more; the guest waits 2 s, then may resume its application.
+    let t = InLab::start_with("serve-gave-up", "t-gaveup", None, Some("3"));
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    let (run, _, reply) = guest_request(
+        lab,
+        serve,
+        &format!("--create /data0 --name {name} --quiesced --timeout 2"),
+    );
+    assert_eq!(run.code, 4, "the guest gave up: {run:?}");
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        reply.consistency,
+        Some(Consistency::Filesystem),
+        "{reply:?}"
+    );
+    let snapshot = format!("{}@{name}", dataset_of(lab, "disk0"));
+    assert_eq!(zfs_get(CONSISTENCY, &snapshot), "filesystem");
+    assert_eq!(zfs_get(FROZEN, &snapshot), "true");
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+}
+
+#[test]
+fn a_request_past_its_deadline_is_refused_expired() {
+    let t = InLab::start("serve-expired", "t-expired", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    // A request written on the port as eve-guest-agent writes it, with a deadline long
+    // past on the guest's clock (a requester that gave up before the host got to it).
+    let request = json!({"version": 1, "id": "late1", "op": "create", "quiesced": true,
+        "disk": {"path": "/data0", "device": "/dev/vda", "mountpoint": "/data0", "serial": "disk0",
+                 "pci": "0000:00:07.0"},
+        "name": name, "deadline_ms": 1000});
+    guest_background(
+        &mut connect(lab),
+        &format!("printf '\\n%s\\n' '{request}' > /dev/virtio-ports/org.lfedge.eve.snapshot.0"),
+    );
+    let (_, reply) = serve.reply(Duration::from_secs(60));
+    assert_eq!(reply.id.as_deref(), Some("late1"), "{reply:?}");
+    let error = reply.error.expect("error");
+    assert_eq!(
+        (error.kind.as_str(), error.code),
+        ("expired", 4),
+        "{error:?}"
+    );
+    assert!(snapshots_named(lab, &name).is_empty());
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 }
 
 #[test]

@@ -98,7 +98,7 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                     || anyhow::anyhow!("zfs was not located"),
                     evesnap::exit::wrap,
                 );
-                Outcome::failed_step(doc, TOOL, timer, Map::new(), error)
+                failed(doc, timer, Map::new(), error)
             }
         }
     };
@@ -144,6 +144,16 @@ fn prepare<'z>(
     preflight(zfs, datasets, &name, &properties, args.min_free).map_err(evesnap::exit::wrap)
 }
 
+/// Records a failed step (with the error and, for a preflight, its problems) and fails.
+fn failed(
+    doc: Document,
+    timer: StepTimer,
+    fields: Map<String, Value>,
+    error: anyhow::Error,
+) -> Outcome {
+    Outcome::failed_step(doc, TOOL, timer, fields, error)
+}
+
 fn datasets_or_document(given: Vec<String>, doc: &Document) -> anyhow::Result<Vec<String>> {
     let datasets = if given.is_empty() {
         doc.datasets.clone()
@@ -175,13 +185,13 @@ fn run_take<'z>(
                 .map_err(evesnap::exit::wrap)
         }) {
             Ok(()) => prepared,
-            Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
+            Err(e) => return failed(doc, timer, Map::new(), e),
         },
-        Some(Err(e)) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
+        Some(Err(e)) => return failed(doc, timer, Map::new(), e),
         None => {
             let datasets = match datasets_or_document(args.dataset.clone(), &doc) {
                 Ok(d) => d,
-                Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
+                Err(e) => return failed(doc, timer, Map::new(), e),
             };
             let name = args
                 .name
@@ -190,16 +200,15 @@ fn run_take<'z>(
                 .unwrap_or_else(|| evesnap::time::eve_timestamp(time_now()));
             match prepare(zfs, &args, &datasets, name, Some(&doc)) {
                 Ok(p) => p,
-                Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
+                Err(e) => return failed(doc, timer, Map::new(), e),
             }
         }
     };
     let mut prepared = prepared;
-    // `frozen=true` is claimed only once proven: the snapshot is taken saying `false`, and
-    // the claim is written after this tool's document is out, if `zfs snapshot` returned
-    // before the freeze's watchdog deadline (after it, the watchdog may have thawed). A
-    // `zfs snapshot` orphaned by a killed zsnap, which may finish after a thaw, so never
-    // claims a freeze.
+    // `frozen=true` is a claim: the snapshot is created with `frozen=false` and the claim is
+    // written only after `zfs snapshot` returned before the upstream freeze's watchdog
+    // deadline (after that it may postdate the watchdog's thaw). A `zfs snapshot` that
+    // outlives this process (SIGKILL: the kernel call completes anyway) claims nothing.
     let claims_frozen = prepared
         .properties
         .iter()
@@ -208,9 +217,15 @@ fn run_take<'z>(
         .then(|| meta::watchdog_deadline_ms(&doc))
         .flatten();
     if claims_frozen {
-        if let Err(e) = prepared.set_property(meta::FROZEN, "false") {
-            return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e));
+        if let Err(e) = prepared.claim(meta::FROZEN, "false", "true") {
+            return failed(doc, timer, Map::new(), evesnap::exit::wrap(e));
         }
+    }
+    if deadline.is_some_and(|d| meta::now_ms() >= d) {
+        evesnap::warn!(
+            "the freeze's watchdog deadline has passed: the snapshot cannot claim a frozen guest"
+        );
+        prepared.drop_claim(meta::FROZEN);
     }
     let name = prepared.name.clone();
     let mut plan = Map::new();
@@ -230,18 +245,18 @@ fn run_take<'z>(
     }
     match prepared.take_for_output() {
         Ok(mut report) => {
-            let in_time = deadline.is_none_or(|d| meta::now_ms() < d);
-            if claims_frozen && in_time {
-                report
-                    .claimed_after_output
-                    .insert(meta::FROZEN.to_string(), "true".to_string());
-            } else if claims_frozen {
+            if deadline.is_some_and(|d| meta::now_ms() >= d) && !prepared.claims.is_empty() {
                 evesnap::warn!(
                     "the snapshot returned after the freeze's watchdog deadline, so it may postdate the \
-                     watchdog's thaw: it does not claim {}",
+                     watchdog's thaw: it keeps {}=false",
                     meta::FROZEN
                 );
+                prepared.drop_claim(meta::FROZEN);
             }
+            // Proven now (returned inside the freeze); written once the document is out, so
+            // that the `zfs set` stays out of the freeze window.
+            let claims = prepared.claims.clone();
+            report.properties.extend(claims.iter().cloned());
             evesnap::note!(
                 "took {} snapshot(s) @{name} in {:.1} ms ({})",
                 report.snapshots.len(),
@@ -256,17 +271,29 @@ fn run_take<'z>(
             doc.snapshot = Some(name);
             doc.push(timer.finish_with(true, &report));
             let mut outcome = Outcome::success(doc);
-            if !report.destroy_after_output.is_empty() || !report.claimed_after_output.is_empty() {
+            if !report.destroy_after_output.is_empty() || !claims.is_empty() {
                 // The next tool (a thaw) must not wait for this.
                 let zfs = zfs.clone();
+                let extra = report.destroy_after_output;
                 let snapshots = prepared.snapshots.clone();
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
-                    take::after_output(&zfs, &report, &snapshots).map_err(evesnap::exit::wrap)
+                    take::confirm_claims(&zfs, &snapshots, &claims).map_err(|e| {
+                        evesnap::exit::wrap(e).context(format!(
+                            "cannot record on {} that it was taken frozen",
+                            snapshots.join(", ")
+                        ))
+                    })?;
+                    take::destroy_after_output(&zfs, &extra).map_err(|e| {
+                        evesnap::exit::wrap(e).context(format!(
+                            "cannot destroy {}, made by the recursive snapshot",
+                            extra.join(", ")
+                        ))
+                    })
                 })));
             }
             outcome
         }
-        Err(e) => Outcome::failed_step(doc, TOOL, timer, plan, evesnap::exit::wrap(e)),
+        Err(e) => failed(doc, timer, plan, evesnap::exit::wrap(e)),
     }
 }
 
@@ -324,7 +351,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
             doc.push(timer.finish(true, action));
             Outcome::success(doc)
         }
-        Err(e) => Outcome::failed_step(doc, TOOL, timer, action, e),
+        Err(e) => failed(doc, timer, action, e),
     }
 }
 

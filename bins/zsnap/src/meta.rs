@@ -4,7 +4,8 @@
 //! |-------------------------------|---------------------------------------------------------|
 //! | `org.lfedge.evesnap:id`       | the snapshot id (eve-api `SnapshotDesc.id`, a UUID)      |
 //! | `org.lfedge.evesnap:type`     | `IMMEDIATE` or `APP_UPDATE` (eve-api `SnapshotType`)     |
-//! | `org.lfedge.evesnap:frozen`   | `true` when the guest's filesystems were frozen          |
+//! | `org.lfedge.evesnap:frozen`   | `true` when the guest's filesystems were frozen (written |
+//! |                               | after `zfs snapshot` returned inside the freeze)         |
 //! | `org.lfedge.evesnap:version`  | the version of the tool that took it                     |
 
 use evesnap::document::Document;

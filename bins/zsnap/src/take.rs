@@ -23,6 +23,12 @@ pub struct PreparedSnapshot<'z> {
     pub snapshots: Vec<String>,
     /// User properties set on every snapshot.
     pub properties: Vec<(String, String)>,
+    /// Claims about the freeze (`frozen`, `consistency`): never written by the `zfs
+    /// snapshot` call itself, only by [`confirm_claims`](Self::confirm_claims) once the
+    /// caller knows the snapshot returned while the freeze held. A `zfs snapshot` whose
+    /// caller died (SIGKILL) may still complete in the kernel after the thaw; it then
+    /// carries no claim at all.
+    pub claims: Vec<(String, String)>,
     pub method: Method,
     /// The space facts the preflight looked at.
     pub space: Vec<zfs::Space>,
@@ -138,6 +144,7 @@ pub fn preflight<'z>(
         name: name.to_string(),
         snapshots,
         properties: properties.to_vec(),
+        claims: Vec::new(),
         method,
         space,
     })
@@ -195,7 +202,28 @@ impl PreparedSnapshot<'_> {
         names::check_user_property(key, value)?;
         self.properties.retain(|(k, _)| k != key);
         self.properties.push((key.to_string(), value.to_string()));
+        self.claims.retain(|(k, _)| k != key);
         Ok(())
+    }
+
+    /// A claim: `key` is created with `unproven` and set to `value` only by
+    /// [`confirm_claims`](Self::confirm_claims), once the caller knows the snapshot
+    /// returned while the guest was frozen. No `zfs` call.
+    pub fn claim(&mut self, key: &str, unproven: &str, value: &str) -> Result<(), Error> {
+        self.set_property(key, unproven)?;
+        names::check_user_property(key, value)?;
+        self.claims.push((key.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    /// Drops a claim: `key` keeps the value it is created with.
+    pub fn drop_claim(&mut self, key: &str) {
+        self.claims.retain(|(k, _)| k != key);
+    }
+
+    /// Writes the claims on every snapshot of the set (one `zfs set` per claim).
+    pub fn confirm_claims(&self) -> Result<(), Error> {
+        confirm_claims(self.zfs, &self.snapshots, &self.claims)
     }
 
     /// The recursive parent's own snapshot, when it is not one of the datasets.
@@ -351,7 +379,6 @@ impl PreparedSnapshot<'_> {
             properties: self.properties.iter().cloned().collect(),
             left_behind: Vec::new(),
             destroy_after_output: Vec::new(),
-            claimed_after_output: BTreeMap::new(),
         })
     }
 
@@ -362,18 +389,27 @@ impl PreparedSnapshot<'_> {
     }
 }
 
-/// What waits until the document is out: destroying the recursive parent's own
-/// snapshot, then writing the claims the snapshot earned ([`SnapshotReport::claimed_after_output`]).
-pub fn after_output(zfs: &Zfs, report: &SnapshotReport, snapshots: &[String]) -> Result<(), Error> {
-    for extra in &report.destroy_after_output {
-        zfs.destroy_snapshot(extra)?;
-    }
-    if !report.claimed_after_output.is_empty() {
-        let claims: Vec<(String, String)> =
-            report.claimed_after_output.clone().into_iter().collect();
-        for snapshot in snapshots {
-            zfs.set(snapshot, &claims)?;
+/// [`PreparedSnapshot::confirm_claims`] for a caller that no longer holds the prepared set
+/// (a pipeline tool, after its document is out).
+pub fn confirm_claims(
+    zfs: &Zfs,
+    snapshots: &[String],
+    claims: &[(String, String)],
+) -> Result<(), Error> {
+    // One property per call: zfs-fuse's `zfs set` takes one (OpenZFS takes several).
+    // Each claim is true once written, so one cut short only under-claims.
+    for snapshot in snapshots {
+        for claim in claims {
+            zfs.set(snapshot, std::slice::from_ref(claim))?;
         }
+    }
+    Ok(())
+}
+
+/// Destroys what [`PreparedSnapshot::finish_for_output`] left for after the output.
+pub fn destroy_after_output(zfs: &Zfs, snapshots: &[String]) -> Result<(), Error> {
+    for snapshot in snapshots {
+        zfs.destroy_snapshot(snapshot)?;
     }
     Ok(())
 }

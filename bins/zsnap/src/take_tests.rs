@@ -49,6 +49,7 @@ fn what_a_snapshot_cut_short_created_is_destroyed() {
         name: "s".into(),
         snapshots: vec!["p/a@s".into()],
         properties: Vec::new(),
+        claims: Vec::new(),
         method: Method::Single,
         space: Vec::new(),
     };
@@ -86,4 +87,45 @@ fn atomicity() {
     }
     .atomic());
     assert!(!Method::OneByOne.atomic());
+}
+
+#[test]
+fn a_claim_is_created_unproven_and_only_confirmed_later() {
+    let zfs = Zfs::with_path("/nonexistent/zfs").with_capabilities(Capabilities::ZFS_FUSE);
+    let mut prepared = PreparedSnapshot {
+        zfs: &zfs,
+        caps: Capabilities::OPENZFS,
+        datasets: vec!["p/a".into()],
+        name: "s".into(),
+        snapshots: vec!["p/a@s".into()],
+        properties: vec![("org.lfedge.evesnap:id".into(), "x".into())],
+        claims: Vec::new(),
+        method: Method::Single,
+        space: Vec::new(),
+    };
+    prepared
+        .claim("org.lfedge.evesnap:frozen", "false", "true")
+        .expect("claim");
+    // What `zfs snapshot -o` writes: the unproven value.
+    assert_eq!(
+        prepared.inline_props(),
+        [
+            ("org.lfedge.evesnap:id".to_string(), "x".to_string()),
+            ("org.lfedge.evesnap:frozen".to_string(), "false".to_string())
+        ]
+    );
+    assert_eq!(
+        prepared.claims,
+        [("org.lfedge.evesnap:frozen".to_string(), "true".to_string())]
+    );
+    // A property set later wins over the claim; a dropped claim is never written.
+    prepared
+        .set_property("org.lfedge.evesnap:frozen", "false")
+        .expect("set");
+    assert!(prepared.claims.is_empty());
+    assert!(
+        prepared.confirm_claims().is_ok(),
+        "nothing to write, no zfs call"
+    );
+    assert!(prepared.claim("bad key", "a", "b").is_err());
 }

@@ -262,6 +262,8 @@ pub struct SimState {
     pub running: Vec<(i64, Program, Instant)>,
     /// The answer to `guest-get-fsinfo`.
     pub fsinfo: Value,
+    /// How far the guest's clock (`guest-get-time`) is ahead of the host's, in ns.
+    pub clock_offset_ns: i64,
     /// Every command it received, in order; `guest-exec` with the argv it ran
     /// (`guest-exec /bin/app quiesce`).
     pub log: Vec<String>,
@@ -283,6 +285,7 @@ impl Default for SimState {
             programs: Vec::new(),
             running: Vec::new(),
             fsinfo: json!([]),
+            clock_offset_ns: 0,
             log: Vec::new(),
         }
     }
@@ -300,6 +303,7 @@ const KNOWN: &[&str] = &[
     "guest-exec",
     "guest-exec-status",
     "guest-get-fsinfo",
+    "guest-get-time",
 ];
 
 const ALLOWED_WHILE_FROZEN: &[&str] = &[
@@ -408,6 +412,9 @@ impl Sim {
         let name = request.execute.as_str();
         Ok(match name {
             "guest-ping" => json!({}),
+            "guest-get-time" => {
+                json!(crate::time::now_unix_us() as i64 * 1000 + state.clock_offset_ns)
+            }
             "guest-sync" => request.arguments["id"].clone(),
             "guest-info" => {
                 let commands: Vec<Value> = KNOWN

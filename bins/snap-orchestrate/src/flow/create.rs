@@ -50,7 +50,13 @@ impl Run<'_> {
         if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() {
             exec.extend(["guest-exec", "guest-exec-status"]);
         }
-        let agent = match self.connect_agent(&[], plan.freeze.required) {
+        // `freeze.enabled: false` (a disk nothing is mounted from): no agent, no freeze.
+        let connected = if plan.freeze.enabled {
+            self.connect_agent(&[], plan.freeze.required)
+        } else {
+            Ok(None)
+        };
+        let agent = match connected {
             Ok(agent) => agent,
             Err(e) => {
                 self.failed(timer);
@@ -76,10 +82,13 @@ impl Run<'_> {
             }
             None => None,
         };
+        // Created claiming nothing (`frozen=false`, `consistency=crash`): the claims are
+        // written only once `zfs snapshot` returned inside the verified freeze, so that a
+        // snapshot completing after this process died (SIGKILL) claims nothing.
         let metadata = zsnap::Metadata {
             id: plan.id().to_string(),
             kind: plan.kind.as_str().to_ascii_uppercase(),
-            frozen: agent.is_some(),
+            frozen: false,
         };
         let mut prepared = match zsnap::preflight(
             self.zfs,
@@ -119,13 +128,22 @@ impl Run<'_> {
         // 3. Freeze. The freeze step arms the watchdog before freezing.
         // Application-consistent only when something quiesced the application: the plan's
         // own commands, all successful, or the caller.
-        let quiesced = (pre_ok && !plan.guest_pre.is_empty()) || plan.application_quiesced;
-        let consistency = if quiesced {
+        let by_hooks = pre_ok && !plan.guest_pre.is_empty();
+        let mut consistency = if by_hooks || plan.application_quiesced {
             Consistency::Application
         } else {
             Consistency::Filesystem
         };
-        if let Err(e) = prepared.set_property(CONSISTENCY_PROPERTY, consistency.as_str()) {
+        let claimed = prepared
+            .claim(zsnap::meta::FROZEN, "false", "true")
+            .and_then(|()| {
+                prepared.claim(
+                    CONSISTENCY_PROPERTY,
+                    Consistency::Crash.as_str(),
+                    consistency.as_str(),
+                )
+            });
+        if let Err(e) = claimed {
             return Err(("preflight", evesnap::exit::wrap(e)));
         }
         if plan.freeze.expedite_rcu {
@@ -180,6 +198,26 @@ impl Run<'_> {
             self.report.steps[freeze_step_at].ok = false;
             self.report.ok = false;
         }
+        // The caller's quiescing holds only while it waits: a snapshot that returned after
+        // its deadline may postdate the application's resumption.
+        let returned_at = Instant::now();
+        if consistency == Consistency::Application
+            && !by_hooks
+            && plan
+                .quiesced_until
+                .is_some_and(|until| returned_at >= until)
+        {
+            evesnap::warn!(
+                "the snapshot returned after the requester's deadline: its application may have resumed, \
+                 so the snapshot claims `filesystem` only"
+            );
+            consistency = Consistency::Filesystem;
+            let _ = prepared.claim(
+                CONSISTENCY_PROPERTY,
+                Consistency::Crash.as_str(),
+                consistency.as_str(),
+            );
+        }
 
         // 5. Thaw: always, whatever happened above.
         let thaw = match early_thaw {
@@ -192,7 +230,16 @@ impl Run<'_> {
             .ok()
             .map(|thawed_at| thawed_at.saturating_sub(frozen.frozen_at_unix_us) as f64 / 1000.0);
 
-        let snapshot = taken.and_then(|taken| prepared.finish(taken).map_err(evesnap::exit::wrap));
+        // `taken` is Ok only when `zfs snapshot` returned before any thaw: the claims hold.
+        let snapshot = taken.and_then(|taken| {
+            let mut report = prepared.finish(taken).map_err(evesnap::exit::wrap)?;
+            prepared.confirm_claims().map_err(|e| {
+                evesnap::exit::wrap(e)
+                    .context("cannot record the freeze on the snapshot, which claims nothing")
+            })?;
+            report.properties.extend(prepared.claims.iter().cloned());
+            Ok(report)
+        });
         let step = match &snapshot {
             Ok(report) => {
                 self.record_snapshots(report);

@@ -12,6 +12,7 @@ use evesnap::request::{self, Op, Reply, ReplyError, Request, SnapshotEntry};
 use evesnap::zfs::{self, Zfs};
 use serde_json::Value;
 
+use super::deadline::{deadline_of, GuestClock};
 use super::identify::{identify, refuse, Identified};
 use super::redact::Redactor;
 use super::volumes::{label, Volumes};
@@ -70,21 +71,36 @@ impl Server {
         }
     }
 
-    fn fsinfo(&self) -> Result<Vec<GuestFilesystemInfo>, evesnap::qga::Error> {
+    /// The guest's filesystems and, when the request has a deadline, the guest's clock.
+    fn fsinfo(
+        &self,
+        request: &Request,
+    ) -> Result<(Vec<GuestFilesystemInfo>, Option<GuestClock>), evesnap::qga::Error> {
         let mut client = Client::connect(&self.agent, Instant::now() + self.timeout)?;
         client.set_timeout(self.timeout);
-        client.fsinfo()
+        let clock = match request.deadline_ms {
+            Some(_) => {
+                let asked_at = Instant::now();
+                let ns = client.guest_time_ns()?;
+                Some(GuestClock {
+                    asked_at,
+                    now_ms: u64::try_from(ns / 1_000_000).unwrap_or(0),
+                })
+            }
+            None => None,
+        };
+        Ok((client.fsinfo()?, clock))
     }
 
     fn handle(&mut self, request: &Request) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
-        let fsinfo = match self.fsinfo() {
-            Ok(fsinfo) => Some(fsinfo),
+        let (fsinfo, clock) = match self.fsinfo(request) {
+            Ok((fsinfo, clock)) => (Some(fsinfo), clock),
             // Listing needs no agent: the guest's own description has to do.
             Err(e) if request.op == Op::List => {
                 evesnap::warn!("guest-get-fsinfo failed ({}); identifying the disk by its serial and PCI address", e);
-                None
+                (None, None)
             }
             Err(e) => {
                 let error = evesnap::exit::wrap(e);
@@ -94,6 +110,10 @@ impl Server {
                 ));
                 return (fail(refuse(exit.kind(), exit, message)), None);
             }
+        };
+        let deadline = match deadline_of(request, clock.as_ref()) {
+            Ok(deadline) => deadline,
+            Err(error) => return (fail(error), None),
         };
         let identified = match identify(&self.volumes, &request.disk, fsinfo.as_deref()) {
             Ok(identified) => identified,
@@ -107,7 +127,7 @@ impl Server {
             .collect();
         let (mut reply, report) = match request.op {
             Op::List => (self.list(request, &identified), None),
-            Op::Create | Op::Rollback => self.run_flow(request, &identified),
+            Op::Create | Op::Rollback => self.run_flow(request, &identified, deadline),
         };
         reply.disks = labels;
         (reply, report)
@@ -150,7 +170,12 @@ impl Server {
     }
 
     /// The plan for a guest's request: the orchestrator's flow, on the identified volumes.
-    fn plan(&self, request: &Request, identified: &Identified) -> Result<Plan, crate::plan::Error> {
+    fn plan(
+        &self,
+        request: &Request,
+        identified: &Identified,
+        deadline: Option<Instant>,
+    ) -> Result<Plan, crate::plan::Error> {
         let disks: BTreeMap<String, GuestDisk> = identified
             .datasets
             .iter()
@@ -167,6 +192,9 @@ impl Server {
             datasets: identified.datasets.clone(),
             snapshot: None,
             freeze: FreezePlan {
+                // Only the disk's own filesystems; none mounted: no freeze at all (an empty
+                // list would freeze every filesystem of the guest).
+                enabled: !identified.mountpoints.is_empty(),
                 mountpoints: identified.mountpoints.clone(),
                 timeout_s: self.timeout.as_secs_f64(),
                 thaw_after_s: self.thaw_after,
@@ -177,6 +205,7 @@ impl Server {
             guest_post: Vec::new(),
             max_snapshots: None,
             application_quiesced: false,
+            quiesced_until: None,
             rollback: None,
             disks,
         };
@@ -188,8 +217,9 @@ impl Server {
                         evesnap::time::eve_timestamp(time::OffsetDateTime::now_utc())
                     )
                 }));
-                // The user asked from inside the guest, with the application quiesced.
-                plan.application_quiesced = true;
+                // The guest's word, for as long as it waits for the reply.
+                plan.application_quiesced = request.quiesced;
+                plan.quiesced_until = deadline;
             }
             Op::Rollback => {
                 plan.action = Action::Rollback;
@@ -205,10 +235,15 @@ impl Server {
         Ok(plan)
     }
 
-    fn run_flow(&mut self, request: &Request, identified: &Identified) -> (Reply, Option<Report>) {
+    fn run_flow(
+        &mut self,
+        request: &Request,
+        identified: &Identified,
+        deadline: Option<Instant>,
+    ) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
-        let plan = match self.plan(request, identified) {
+        let plan = match self.plan(request, identified, deadline) {
             Ok(plan) => plan,
             Err(e) => {
                 let message = self.redactor.text(&chain_of(&e));

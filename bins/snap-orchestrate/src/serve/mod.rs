@@ -29,6 +29,7 @@
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
 //! and this file (the session on the channel and the reconnect loop).
 
+mod deadline;
 mod handle;
 mod identify;
 mod lines;

@@ -41,11 +41,18 @@ fn guest_pre_freeze_one_atomic_snapshot_thaw_guest_post_is_application_consisten
     assert!(at(&sim, "guest-fsfreeze-freeze") < at(&sim, "guest-fsfreeze-thaw"));
     assert!(at(&sim, "guest-fsfreeze-thaw") < at(&sim, "guest-exec /usr/bin/app-ctl resume"));
     assert_eq!(sim.state().frozen, 0);
-    // One multi-name `zfs snapshot`, the metadata set in the same call.
+    // One multi-name `zfs snapshot`, the metadata set in the same call, claiming nothing
+    // yet; the claims are set once it returned inside the freeze, after the thaw.
     let taken = zfs.calls_of("snapshot");
     assert_eq!(taken.len(), 1, "{taken:?}");
     assert_eq!(taken[0][taken[0].len() - 2..], [snap(DS0), snap(DS1)]);
-    assert!(taken[0].contains(&format!("{CONSISTENCY}=application")));
+    assert!(taken[0].contains(&format!("{CONSISTENCY}=crash")));
+    assert!(taken[0].contains(&"org.lfedge.evesnap:frozen=false".to_string()));
+    assert_eq!(
+        zfs.calls_of("set").len(),
+        4,
+        "one `zfs set` per claim and snapshot"
+    );
     let state = zfs.state();
     let reported = run.report.snapshots.as_ref().expect("snapshots");
     assert_eq!(reported.len(), 2);

@@ -8,3 +8,4 @@ mod create;
 mod create_failed;
 mod create_refused;
 mod rollback;
+mod serve;

@@ -107,6 +107,11 @@ impl FakeZfs {
         Zfs::with_path(self.dir.join("zfs"))
     }
 
+    /// The `zfs` wrapper, for a process (`--zfs`).
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("zfs")
+    }
+
     pub fn state(&self) -> Value {
         let text = std::fs::read_to_string(self.dir.join("state.json")).expect("state");
         serde_json::from_str(&text).expect("state is JSON")

@@ -197,6 +197,21 @@ def cmd_snapshot(state, args):
     return "", "", 0
 
 
+def cmd_set(state, args):
+    """`zfs set k=v ... <snapshot>` (user properties of snapshots only)."""
+    if len(args) < 2 or any("=" not in kv for kv in args[:-1]):
+        return "", "missing arguments\n", 2
+    name = args[-1]
+    if len(args) > 2 and state["flavour"] == "zfs-fuse":
+        return "", "cannot open '" + args[1] + "': invalid dataset name\n", 1
+    if name not in state["snapshots"]:
+        raise Fail(missing(name))
+    for kv in args[:-1]:
+        k, v = kv.split("=", 1)
+        state["snapshots"][name]["props"][k] = v
+    return "", "", 0
+
+
 def cmd_destroy(state, args):
     if len(args) != 1:
         raise Fail(f"fake zfs: unexpected destroy {args}\n", 2)
@@ -257,6 +272,7 @@ COMMANDS = {
     "get": cmd_get,
     "list": cmd_list,
     "snapshot": cmd_snapshot,
+    "set": cmd_set,
     "destroy": cmd_destroy,
     "rollback": cmd_rollback,
 }

@@ -271,6 +271,11 @@ impl Client {
     pub fn fsinfo(&mut self) -> Result<Vec<qga::GuestFilesystemInfo>, Error> {
         self.execute(qga::guest_get_fsinfo {})
     }
+
+    /// The guest's clock (`CLOCK_REALTIME`), in nanoseconds since the epoch.
+    pub fn guest_time_ns(&mut self) -> Result<i64, Error> {
+        self.execute(qga::guest_get_time {})
+    }
 }
 
 pub(crate) fn fmt_seconds(d: Duration) -> String {

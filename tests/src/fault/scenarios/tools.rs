@@ -120,6 +120,10 @@ impl Trial<'_> {
         }
         // Whether the signal reached a running tool (a fast one may be done already).
         let mut landed = false;
+        // zsnap SIGKILLed inside its `zfs snapshot`, which finishes on its own (after the
+        // shim's delay, so after the watchdog's prompt thaw): whatever it creates must not
+        // claim a freeze, whatever its ext4 looks like.
+        let mut orphaned = false;
         if let Some((tool, signal)) = kill {
             // qga-thaw is killed while it waits for zsnap: the thaw is its only work.
             let marker = match tool {
@@ -142,6 +146,10 @@ impl Trial<'_> {
             };
             landed = matches!(victim.try_wait(), Ok(None));
             let pid = victim.id();
+            orphaned = tool == Tool::Zsnap
+                && signal == Sig::Kill
+                && landed
+                && !self.shim.marker("snapshot-done").exists();
             killed_at = Instant::now();
             self.kill(pid, signal);
             if !landed {
@@ -176,6 +184,15 @@ impl Trial<'_> {
         }
         let reference = seen.unwrap_or(spawned).min(killed_at);
         self.check_thawed(reference, killed_at.max(reference) + THAW_AFTER + SLACK);
+        if orphaned {
+            for s in self.snapshots() {
+                let frozen = crate::zfs::zfs_get("org.lfedge.evesnap:frozen", &s);
+                self.check(
+                    frozen != "true",
+                    format!("{s}, created by a zfs that outlived the SIGKILLed zsnap, claims frozen=true"),
+                );
+            }
+        }
         self.check_claims(None);
         if kill.is_none() {
             self.check(codes[..2] == [0, 0], format!("exits {codes:?}"));
