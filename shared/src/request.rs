@@ -275,10 +275,11 @@ pub struct SnapshotEntry {
 }
 
 /// A failure, as the guest is told.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyError {
-    /// `bad-request`, `unknown-disk`, or the host's exit-code name (`preflight-failed`,
+    /// `bad-request`, `unknown-disk`, the guest budget's `quota-exceeded` (7), `no-room` (7)
+    /// and `rate-limited` (8), or the host's exit-code name (`preflight-failed`,
     /// `step-failed`, `busy`, `agent-unreachable`, `agent-timeout`, `thaw-failed`).
     pub kind: String,
     /// The host's exit code for it ([`crate::exit::Exit`]).
@@ -291,6 +292,25 @@ pub struct ReplyError {
     /// The preflight's findings (no room with the numbers, name taken, newer snapshots…).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<Value>,
+    /// `quota-exceeded`, `no-room`: this VM's guest snapshots against its budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Box<GuestQuota>>,
+    /// `rate-limited`, `busy`: seconds after which the same request may succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u32>,
+}
+
+/// A VM's guest snapshots against the listener's budget (only the guest's own numbers:
+/// nothing about the pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestQuota {
+    /// Guest snapshot sets of this VM (one per name across its disks).
+    pub snapshots: u64,
+    pub max_snapshots: u64,
+    /// The space they hold: the sum of their `used` as zfs reports it.
+    pub bytes: u64,
+    pub max_bytes: u64,
 }
 
 /// One reply, as sent on the wire.
@@ -462,6 +482,7 @@ mod tests {
                 message: "x".into(),
                 step: None,
                 problems: vec![],
+                ..Default::default()
             },
         );
         let text = String::from_utf8(failure.to_line()).expect("utf-8");

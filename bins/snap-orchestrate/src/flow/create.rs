@@ -80,6 +80,7 @@ impl Run<'_> {
             id: plan.id().to_string(),
             kind: plan.kind.as_str().to_ascii_uppercase(),
             frozen: agent.is_some(),
+            origin: plan.origin,
         };
         let mut prepared = match zsnap::preflight(
             self.zfs,

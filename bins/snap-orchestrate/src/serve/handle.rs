@@ -12,6 +12,7 @@ use evesnap::request::{self, Op, Reply, ReplyError, Request, SnapshotEntry};
 use evesnap::zfs::{self, Zfs};
 use serde_json::Value;
 
+use super::budget::{self, Budget};
 use super::identify::{identify, refuse, Identified};
 use super::redact::Redactor;
 use super::volumes::{label, Volumes};
@@ -36,6 +37,7 @@ pub struct Server {
     pub(super) thaw_after: f64,
     pub(super) redactor: Redactor,
     pub(super) signals: Signals,
+    pub(super) budget: Budget,
 }
 
 impl std::fmt::Debug for Server {
@@ -107,7 +109,11 @@ impl Server {
             .collect();
         let (mut reply, report) = match request.op {
             Op::List => (self.list(request, &identified), None),
-            Op::Create | Op::Rollback => self.run_flow(request, &identified),
+            Op::Create => match self.over_budget(&identified) {
+                Some(error) => (fail(error), None),
+                None => self.run_flow(request, &identified),
+            },
+            Op::Rollback => self.run_flow(request, &identified),
         };
         reply.disks = labels;
         (reply, report)
@@ -176,6 +182,8 @@ impl Server {
             guest_pre: Vec::new(),
             guest_post: Vec::new(),
             max_snapshots: None,
+            origin: evesnap::report::Origin::Guest,
+            lock_wait_s: 0.0,
             application_quiesced: false,
             rollback: None,
             disks,
@@ -234,7 +242,11 @@ impl Server {
                     .into_iter()
                     .map(|p| self.redactor.value(p))
                     .collect(),
+                ..ReplyError::default()
             });
+            if let Some(e) = reply.error.as_mut() {
+                budget::hide_pool(e);
+            }
             reply.consistency = report.consistency;
             return (reply, Some(report));
         }
@@ -265,6 +277,24 @@ impl Server {
             Op::List => {}
         }
         (reply, Some(report))
+    }
+
+    /// The guest budget's refusal of a create on `identified`, if any ([`budget::decide`]).
+    fn over_budget(&self, identified: &Identified) -> Option<ReplyError> {
+        let volumes: Vec<String> = self.volumes.keys().cloned().collect();
+        match budget::facts(&self.zfs, &volumes, &identified.datasets) {
+            Ok(facts) => budget::decide(&self.budget, &facts)
+                .err()
+                .map(|refusal| refusal.to_error()),
+            Err(e) => {
+                let error = evesnap::exit::wrap(e);
+                let exit = exit_of(&error);
+                let message = self.redactor.text(&chain(
+                    &error.context("cannot check this VM's snapshot budget"),
+                ));
+                Some(refuse(exit.kind(), exit, message))
+            }
+        }
     }
 
     pub(super) fn stop_requested(&mut self) -> bool {
