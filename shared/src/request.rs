@@ -50,7 +50,15 @@
 //! Disks are named by their guest-visible label (serial, else `pci:<address>`); host
 //! dataset and pool names are replaced by it (or by `(host dataset)`) in every message.
 //! `error.code` is the host's exit code for the failure (see [`crate::exit`]); `kind` is
-//! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7).
+//! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7), and the
+//! guest budget's (see `snap-orchestrate serve --help`):
+//! ```json
+//! {"kind": "quota-exceeded", "code": 7, "step": "budget", "message": "…",
+//!  "quota": {"snapshots": 8, "max_snapshots": 8, "bytes": 52428800, "max_bytes": 209715200}}
+//! {"kind": "rate-limited", "code": 8, "step": "budget", "message": "…", "retry_after_s": 18}
+//! ```
+//! `no-room` (7, with `quota`) says the host has no room now; no reply says anything about
+//! the pool beyond the guest's own quota.
 
 use crate::report::Consistency;
 use serde::{Deserialize, Serialize};
