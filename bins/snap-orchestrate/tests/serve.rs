@@ -1129,3 +1129,100 @@ fn controller_retention_keeps_the_guests_snapshots_and_its_own_newest() {
         .expect("retention step");
     eprintln!("retention: {retention:?}");
 }
+
+#[test]
+fn a_controller_run_during_a_guest_create_storm_is_served_within_one_guest_operation() {
+    // Issue 14: a controller run met a VM lock the guest's requests kept busy (exit 8).
+    let t = InLab::start_with(
+        "serve-budget-storm",
+        "t-storm",
+        None,
+        &["--guest-min-interval", "0", "--guest-max-snapshots", "100"],
+    );
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    let storm: Vec<String> = (0..60).map(|i| format!("{name}-g{i}")).collect();
+    let mut names = storm.clone();
+    names.extend((0..=8).map(|c| format!("{name}-c{c}")));
+    let _more = Cleanup(lab, names);
+    let ds0 = dataset_of(lab, "disk0");
+    let controller = |snapshot: &str| {
+        let plan = json!({
+            "version": 1, "agent": lab.agent, "datasets": [ds0],
+            "disks": {ds0: lab.disks[ds0]}, "snapshot": snapshot, "lock_wait_s": 30,
+            "freeze": {"mountpoints": ["/data0"], "timeout_s": 20, "thaw_after_s": 60},
+        });
+        let started = Instant::now();
+        let mut child = t
+            ._guard
+            .command("snap-orchestrate")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn snap-orchestrate");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(plan.to_string().as_bytes())
+            .expect("plan");
+        let out = child.wait_with_output().expect("wait");
+        let took = started.elapsed();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        took
+    };
+    // One guest operation, and one controller run, on a quiet VM.
+    let started = Instant::now();
+    let (_, _, reply) = guest_request(lab, serve, &format!("--create /data0 --name {}", storm[0]));
+    let guest_op = started.elapsed();
+    assert!(reply.ok, "{reply:?}");
+    let quiet = controller(&format!("{name}-c0"));
+
+    // The storm: the guest asks again as soon as it has its answer.
+    let script = storm[1..]
+        .iter()
+        .map(|n| format!("{GUEST_BIN} snapshot --create /data0 --name {n} >/dev/null 2>&1"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    guest_background(&mut connect(lab), &script);
+    // Well into the storm.
+    for _ in 0..3 {
+        let (_, reply) = serve.reply(Duration::from_secs(60));
+        assert!(reply.ok, "{reply:?}");
+    }
+    // Controller runs one after the other, each meeting guest requests in flight.
+    let stormy: Vec<Duration> = (1..=8)
+        .map(|c| controller(&format!("{name}-c{c}")))
+        .collect();
+    let slowest = stormy.iter().max().copied().unwrap_or_default();
+    // Every storm request's record: those that came while the controller waited or ran
+    // were turned away as busy.
+    let (mut busy, mut served) = (0, 3);
+    for _ in 3..storm.len() - 1 {
+        let record = serve.record(Duration::from_secs(120));
+        match record["reply"]["error"]["kind"].as_str() {
+            Some("busy") => busy += 1,
+            Some(other) => panic!("{other}: {record}"),
+            None => served += 1,
+        }
+    }
+    eprintln!(
+        "storm: one guest operation {:.2} s; controller run {:.2} s on a quiet VM, in the \
+         storm {:?} s; {served} guest creates served, {busy} turned away while it waited or ran",
+        guest_op.as_secs_f64(),
+        quiet.as_secs_f64(),
+        stormy
+            .iter()
+            .map(|d| (d.as_secs_f64() * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        slowest <= quiet + guest_op + Duration::from_secs(2),
+        "a controller run waited longer than one guest operation: {stormy:?} vs {quiet:?} + {guest_op:?}"
+    );
+}

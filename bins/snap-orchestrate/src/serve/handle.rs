@@ -81,6 +81,9 @@ impl Server {
     fn handle(&mut self, request: &Request) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
+        if let Some(error) = self.controller_first(request.op) {
+            return (fail(error), None);
+        }
         let fsinfo = match self.fsinfo() {
             Ok(fsinfo) => Some(fsinfo),
             // Listing needs no agent: the guest's own description has to do.
@@ -277,6 +280,21 @@ impl Server {
             Op::List => {}
         }
         (reply, Some(report))
+    }
+
+    /// A `busy` refusal of a create or rollback while a controller run waits for the VM
+    /// ([`crate::lock`]): it goes first, and the agent is left to it.
+    fn controller_first(&self, op: Op) -> Option<ReplyError> {
+        if op == Op::List || !crate::lock::controller_waiting(&self.agent) {
+            return None;
+        }
+        let mut error = refuse(
+            Exit::Busy.kind(),
+            Exit::Busy,
+            "a controller operation on this VM goes first: retry later".into(),
+        );
+        error.retry_after_s = Some(1);
+        Some(error)
     }
 
     /// The guest budget's refusal of a create on `identified`, if any ([`budget::decide`]).
