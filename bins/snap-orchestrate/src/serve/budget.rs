@@ -16,6 +16,9 @@
 //! (code 7) with the guest's own numbers only (`quota`), `rate-limited` (code 8) with
 //! `retry_after_s`. Nothing about the pool (its size, its free bytes) reaches the guest.
 //! The facts come from zfs at each request, so a restarted listener keeps the budget.
+//! Free space is what zfs reports: guest writes not yet synced (each snapshot syncs the
+//! pool) are not counted yet, so at worst the pool may go under the floor by what the guest
+//! wrote since its last snapshot; `referenced` bounds a full overwrite, not two.
 
 use std::collections::{BTreeMap, BTreeSet};
 
