@@ -27,28 +27,27 @@ use evesnap::report::Origin;
 use evesnap::request::{GuestQuota, ReplyError};
 use evesnap::zfs::{self, Zfs};
 
-/// A size given on the command line: bytes (suffix K, M, G, T: powers of 1024) or a
-/// percentage of the pool's size.
+/// A size given on the command line: bytes (suffix K, M, G, T: powers of 1024), a
+/// percentage of the pool's size, or both (`10%,1G`: the larger).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Size {
     Bytes(u64),
     Percent(f64),
+    Larger(u64, f64),
 }
 
 impl Size {
     /// In bytes, for a pool of `total` bytes.
     pub fn of(self, total: u64) -> u64 {
+        let percent = |p: f64| (total as f64 * p / 100.0) as u64;
         match self {
             Size::Bytes(b) => b,
-            Size::Percent(p) => (total as f64 * p / 100.0) as u64,
+            Size::Percent(p) => percent(p),
+            Size::Larger(b, p) => b.max(percent(p)),
         }
     }
-}
 
-impl std::str::FromStr for Size {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Size, String> {
+    fn one(text: &str) -> Result<Size, String> {
         let text = text.trim();
         if let Some(p) = text.strip_suffix('%') {
             return match p.trim().parse::<f64>() {
@@ -78,6 +77,24 @@ impl std::str::FromStr for Size {
             .and_then(|n| n.checked_mul(1 << shift))
             .map(Size::Bytes)
             .ok_or_else(|| format!("{text:?}: bytes (K, M, G, T: powers of 1024) or N%"))
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Size, String> {
+        let Some((a, b)) = text.split_once(',') else {
+            return Size::one(text);
+        };
+        match (Size::one(a)?, Size::one(b)?) {
+            (Size::Bytes(n), Size::Percent(p)) | (Size::Percent(p), Size::Bytes(n)) => {
+                Ok(Size::Larger(n, p))
+            }
+            _ => Err(format!(
+                "{text:?}: one percentage and one size, e.g. 10%,1G"
+            )),
+        }
     }
 }
 
@@ -311,6 +328,12 @@ mod tests {
             assert!(bad.parse::<Size>().is_err(), "{bad}");
         }
         assert_eq!(Size::Percent(10.0).of(GIB), GIB / 10);
+        let both: Size = "10%,512M".parse().expect("both");
+        assert_eq!(both, Size::Larger(512 * MIB, 10.0));
+        assert_eq!(both.of(GIB), 512 * MIB, "the larger on a small pool");
+        assert_eq!(both.of(100 * GIB), 10 * GIB, "the larger on a big pool");
+        assert!("1G,2G".parse::<Size>().is_err());
+        assert!("1G,2G,3%".parse::<Size>().is_err());
     }
 
     #[test]

@@ -103,8 +103,8 @@ pub struct ServeArgs {
     /// refused with `rate-limited` and `retry_after_s`.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub guest_min_interval: u64,
-    /// Guest budget: free space each pool of the disk keeps, in bytes (K, M, G, T) or as a
-    /// percentage of the pool's size, counting what the new snapshot can pin (the disk's
+    /// Guest budget: free space each pool of the disk keeps, in bytes (K, M, G, T), as a
+    /// percentage of the pool's size, or both (`10%,1G`: the larger), counting what the new snapshot can pin (the disk's
     /// `referenced`: a full overwrite after it); a create that could take the pool under it
     /// is refused with `no-room`, which tells the guest nothing about the pool.
     #[arg(long, value_name = "SIZE", default_value = "10%")]
