@@ -11,6 +11,52 @@ use crate::document::{Step, VERSION};
 use crate::exit::Exit;
 use crate::steps::{RolledBack, SnapshotEntry};
 
+/// Who asked for a snapshot, recorded on it as `org.lfedge.evesnap:origin`: the controller
+/// (EVE, an operator, `zsnap` by default) or the guest (`snap-orchestrate serve`). Controller
+/// retention never counts or destroys the guest's; the guest's have their own budget.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    #[default]
+    Controller,
+    Guest,
+}
+
+impl Origin {
+    /// The property's name.
+    pub const PROPERTY: &'static str = "org.lfedge.evesnap:origin";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Controller => "controller",
+            Origin::Guest => "guest",
+        }
+    }
+
+    /// The origin a snapshot's properties record: a snapshot without the property (taken
+    /// before it existed) is the controller's.
+    pub fn of(properties: &std::collections::BTreeMap<String, String>) -> Origin {
+        match properties.get(Origin::PROPERTY).map(String::as_str) {
+            Some("guest") => Origin::Guest,
+            _ => Origin::Controller,
+        }
+    }
+}
+
+impl std::str::FromStr for Origin {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "controller" => Ok(Origin::Controller),
+            "guest" => Ok(Origin::Guest),
+            other => Err(format!("unknown origin {other:?} (controller or guest)")),
+        }
+    }
+}
+
 /// What a snapshot can claim: what was proven when `zfs snapshot` returned, never more
 /// (written on the snapshot only after it returned inside the verified freeze).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -143,6 +189,9 @@ pub struct Report {
     #[serde(rename = "type")]
     pub kind: SnapshotType,
     pub action: Action,
+    /// Who asked for it (`controller` or `guest`), as recorded on the snapshots.
+    #[serde(default)]
+    pub origin: Origin,
     /// Create: the snapshots' creation, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_time: Option<String>,
@@ -186,6 +235,7 @@ impl Report {
             id,
             kind,
             action,
+            origin: Origin::Controller,
             create_time: None,
             snapshots: None,
             consistency: None,

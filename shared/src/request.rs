@@ -50,9 +50,16 @@
 //! Disks are named by their guest-visible label (serial, else `pci:<address>`); host
 //! dataset and pool names are replaced by it (or by `(host dataset)`) in every message.
 //! `error.code` is the host's exit code for the failure (see [`crate::exit`]); `kind` is
-//! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7),
+//! its name, or one of the listener's own: `bad-request` (2), `unknown-disk` (7), and the
+//! guest budget's (see `snap-orchestrate serve --help`):
+//! ```json
+//! {"kind": "quota-exceeded", "code": 7, "step": "budget", "message": "…",
+//!  "quota": {"snapshots": 8, "max_snapshots": 8, "bytes": 52428800, "max_bytes": 209715200}}
+//! {"kind": "rate-limited", "code": 8, "step": "budget", "message": "…", "retry_after_s": 18}
+//! ```
 //! `expired` (4: the request's `deadline_ms` had passed on the guest's clock when the host
-//! took it up; nothing was done).
+//! took it up; nothing was done); `no-room` (7, with `quota`) says the host has no room now; no reply says anything about
+//! the pool beyond the guest's own quota.
 //!
 //! # What a `create` claims
 //! `consistency` is what the host can prove, never more:
@@ -305,11 +312,12 @@ pub struct SnapshotEntry {
 }
 
 /// A failure, as the guest is told.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplyError {
     /// `bad-request`, `unknown-disk`, `expired` (the request's `deadline_ms` had passed
-    /// when the host took it up; nothing was done), or the host's exit-code name
+    /// when the host took it up; nothing was done), the guest budget's `quota-exceeded` (7),
+    /// `no-room` (7) and `rate-limited` (8), or the host's exit-code name
     /// (`preflight-failed`, `step-failed`, `busy`, `agent-unreachable`, `agent-timeout`,
     /// `thaw-failed`).
     pub kind: String,
@@ -323,6 +331,25 @@ pub struct ReplyError {
     /// The preflight's findings (no room with the numbers, name taken, newer snapshots…).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<Value>,
+    /// `quota-exceeded`, `no-room`: this VM's guest snapshots against its budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Box<GuestQuota>>,
+    /// `rate-limited`, `busy`: seconds after which the same request may succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u32>,
+}
+
+/// A VM's guest snapshots against the listener's budget (only the guest's own numbers:
+/// nothing about the pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestQuota {
+    /// Guest snapshot sets of this VM (one per name across its disks).
+    pub snapshots: u64,
+    pub max_snapshots: u64,
+    /// The space they hold: the sum of their `used` as zfs reports it.
+    pub bytes: u64,
+    pub max_bytes: u64,
 }
 
 /// One reply, as sent on the wire.
@@ -496,6 +523,7 @@ mod tests {
                 message: "x".into(),
                 step: None,
                 problems: vec![],
+                ..Default::default()
             },
         );
         let text = String::from_utf8(failure.to_line()).expect("utf-8");

@@ -43,6 +43,16 @@ pub struct Plan {
     /// `max_snapshots`), oldest removed first, never a held one.
     #[serde(default)]
     pub max_snapshots: Option<u32>,
+    /// Who asks: `controller` (default) or `guest` (`serve`'s plans). Recorded on the
+    /// snapshots as `org.lfedge.evesnap:origin`; retention never counts or destroys the
+    /// guest's.
+    #[serde(default)]
+    pub origin: evesnap::report::Origin,
+    /// Seconds a controller run waits for the VM while another operation holds it (default
+    /// 0: exit 8 at once). While it waits, and for 10 s after it gave up, `serve` turns
+    /// guest requests away (`busy`), so the controller is served first.
+    #[serde(default)]
+    pub lock_wait_s: f64,
     /// The caller quiesced the application itself (e.g. a request from inside the guest):
     /// a frozen snapshot then counts as application-consistent without `guest_pre`.
     #[serde(default)]
@@ -245,6 +255,9 @@ impl Plan {
                     ));
                 }
             }
+        }
+        if !(0.0..=3600.0).contains(&self.lock_wait_s) {
+            return invalid("`lock_wait_s` must be 0-3600 seconds".into());
         }
         if self.max_snapshots == Some(0) {
             return invalid("`max_snapshots` must be at least 1 (the snapshot just taken)".into());

@@ -19,6 +19,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{fields_of, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
+use evesnap::report::Origin;
 use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -77,7 +78,7 @@ pub fn plan(
     let mut targets = Vec::new();
     let mut pending: Vec<(Target, Vec<SnapshotInfo>)> = Vec::new();
     for d in &datasets {
-        let snaps = match zfs.snapshots(d, &[]) {
+        let snaps = match zfs.snapshots(d, &[Origin::PROPERTY]) {
             Ok(s) => s,
             Err(Error::DoesNotExist { .. }) => {
                 problems.push(Problem::Missing { dataset: d.clone() });
@@ -111,6 +112,11 @@ pub fn plan(
                     .iter()
                     .map(|s| s.name.clone())
                     .chain(newer_bookmarks.iter().cloned())
+                    .collect(),
+                guest: newer
+                    .iter()
+                    .filter(|s| Origin::of(&s.properties) == Origin::Guest)
+                    .map(|s| s.name.clone())
                     .collect(),
             });
         }

@@ -61,6 +61,10 @@ pub(crate) struct TakeArgs {
     /// The snapshot type stored as org.lfedge.evesnap:type.
     #[arg(long = "type", value_name = "TYPE", default_value = "IMMEDIATE", value_parser = ["IMMEDIATE", "APP_UPDATE"])]
     pub(crate) kind: String,
+    /// Who asks for the snapshot, stored as org.lfedge.evesnap:origin: `controller` or `guest`
+    /// (`prune` never counts or destroys the guest's).
+    #[arg(long, value_name = "ORIGIN", default_value = "controller", value_parser = ["controller", "guest"])]
+    pub(crate) origin: String,
     /// Bytes each dataset and pool must keep free beyond what the snapshot needs.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_FREE)]
     pub(crate) min_free: u64,

@@ -123,6 +123,10 @@ fn properties(args: &TakeArgs, doc: Option<&Document>) -> anyhow::Result<Vec<(St
         id,
         kind: args.kind.clone(),
         frozen: doc.is_some_and(meta::guest_frozen),
+        origin: args
+            .origin
+            .parse()
+            .map_err(|e: String| coded(Exit::Usage, e))?,
     };
     let mut properties = Vec::new();
     for text in &args.property {

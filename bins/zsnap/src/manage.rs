@@ -127,6 +127,8 @@ pub fn destroy(
 /// set with a held or cloned member is never destroyed: it stays (reported in `kept`), and
 /// no newer set is destroyed in its place, so more than `keep` sets may remain. Unless
 /// `all`, only evesnap's snapshots (with `org.lfedge.evesnap:id`) are counted and touched.
+/// Snapshots the guest asked for (`org.lfedge.evesnap:origin=guest`) are never counted or
+/// touched, even with `all`: they have their own budget (`snap-orchestrate serve`).
 /// EVE's `max_snapshots` is `keep`.
 pub fn prune(
     zfs: &Zfs,
@@ -135,7 +137,9 @@ pub fn prune(
     all: bool,
     dry_run: bool,
 ) -> Result<DestroyReport, Error> {
-    let snaps = list(zfs, datasets, !all)?;
+    let snaps = list(zfs, datasets, !all)?
+        .into_iter()
+        .filter(|s| meta::Origin::of(&s.properties) != meta::Origin::Guest);
     // Group by name; order groups by their oldest member.
     let mut groups: BTreeMap<String, Vec<SnapshotInfo>> = BTreeMap::new();
     for s in snaps {

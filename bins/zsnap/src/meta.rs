@@ -7,9 +7,12 @@
 //! | `org.lfedge.evesnap:frozen`   | `true` when the guest's filesystems were frozen (written |
 //! |                               | after `zfs snapshot` returned inside the freeze)         |
 //! | `org.lfedge.evesnap:version`  | the version of the tool that took it                     |
+//! | `org.lfedge.evesnap:origin`   | `controller` or `guest`: who asked (controller retention  |
+//! |                               | never touches the guest's; absent = `controller`)         |
 
 use evesnap::document::Document;
 use evesnap::qga::watchdog::Relay;
+pub use evesnap::report::Origin;
 use evesnap::steps::{FreezeReport, StepRecord, ThawReport};
 
 pub const PREFIX: &str = "org.lfedge.evesnap:";
@@ -17,8 +20,9 @@ pub const ID: &str = "org.lfedge.evesnap:id";
 pub const TYPE: &str = "org.lfedge.evesnap:type";
 pub const FROZEN: &str = "org.lfedge.evesnap:frozen";
 pub const VERSION: &str = "org.lfedge.evesnap:version";
+pub const ORIGIN: &str = Origin::PROPERTY;
 /// Every metadata property, for `zfs get`.
-pub const KEYS: [&str; 4] = [ID, TYPE, FROZEN, VERSION];
+pub const KEYS: [&str; 5] = [ID, TYPE, FROZEN, VERSION, ORIGIN];
 
 /// The metadata of one snapshot set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +30,7 @@ pub struct Metadata {
     pub id: String,
     pub kind: String,
     pub frozen: bool,
+    pub origin: Origin,
 }
 
 impl Metadata {
@@ -39,6 +44,7 @@ impl Metadata {
                 VERSION.to_string(),
                 format!("zsnap {}", env!("CARGO_PKG_VERSION")),
             ),
+            (ORIGIN.to_string(), self.origin.as_str().to_string()),
         ]
     }
 }
@@ -156,6 +162,7 @@ mod tests {
             id: "6f1c".into(),
             kind: "IMMEDIATE".into(),
             frozen: true,
+            origin: Origin::Guest,
         };
         for (k, v) in m.properties() {
             evesnap::zfs::names::check_user_property(&k, &v).expect("valid");

@@ -432,6 +432,7 @@ fn the_library_prepares_first_and_takes_with_one_call() {
         id: "id-1".into(),
         kind: "IMMEDIATE".into(),
         frozen: false,
+        origin: zsnap::meta::Origin::Controller,
     };
     let mut prepared =
         zsnap::preflight(&zfs, &datasets, "api1", &meta.properties(), 0).expect("preflight");

@@ -118,6 +118,9 @@ pub enum Problem {
         dataset: String,
         to: String,
         newer: Vec<String>,
+        /// Those of `newer` the guest asked for (`org.lfedge.evesnap:origin=guest`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        guest: Vec<String>,
     },
     /// The snapshot does not exist.
     NoSuchSnapshot { snapshot: String },
@@ -136,11 +139,18 @@ impl fmt::Display for Problem {
             Problem::HasClones { snapshot, clones } => {
                 write!(f, "snapshot {snapshot} has clones: {}", clones.join(", "))
             }
-            Problem::NewerSnapshots { dataset, to, newer } => write!(
-                f,
-                "{dataset} has snapshots newer than {to}: {} (--destroy-newer destroys them)",
-                newer.join(", ")
-            ),
+            Problem::NewerSnapshots { dataset, to, newer, guest } => {
+                write!(f, "{dataset} has snapshots newer than {to}: {}", newer.join(", "))?;
+                if !guest.is_empty() {
+                    write!(
+                        f,
+                        "; {} of them the guest's own (taken at its request): {}",
+                        guest.len(),
+                        guest.join(", ")
+                    )?;
+                }
+                write!(f, " (--destroy-newer destroys them)")
+            }
             Problem::NoSuchSnapshot { snapshot } => write!(f, "snapshot {snapshot} does not exist"),
         }
     }

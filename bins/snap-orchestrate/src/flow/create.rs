@@ -89,6 +89,7 @@ impl Run<'_> {
             id: plan.id().to_string(),
             kind: plan.kind.as_str().to_ascii_uppercase(),
             frozen: false,
+            origin: plan.origin,
         };
         let mut prepared = match zsnap::preflight(
             self.zfs,

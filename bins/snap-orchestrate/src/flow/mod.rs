@@ -113,14 +113,16 @@ fn new_report(plan: &Plan) -> Report {
             .map(|r| r.to.clone())
             .unwrap_or_default(),
     };
-    Report::new(
+    let mut report = Report::new(
         plan.id(),
         plan.kind,
         plan.action,
         &plan.agent,
         &plan.datasets,
         &snapshot,
-    )
+    );
+    report.origin = plan.origin;
+    report
 }
 
 /// [`execute`] with signals installed by the caller. A signal caught before the run
@@ -131,7 +133,10 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
         .agent
         .parse::<Address>()
         .map_err(|e| coded(Exit::Usage, format!("plan field `agent`: {e}")))
-        .and_then(|agent| crate::lock::lock_vm(&agent).map_err(evesnap::exit::wrap));
+        .and_then(|agent| {
+            let wait = Duration::from_secs_f64(plan.lock_wait_s.max(0.0));
+            crate::lock::lock_vm_for(&agent, plan.origin, wait).map_err(evesnap::exit::wrap)
+        });
     let lock = match locked {
         Ok(lock) => lock,
         Err(error) => {

@@ -12,6 +12,7 @@ use evesnap::request::{self, Op, Reply, ReplyError, Request, SnapshotEntry};
 use evesnap::zfs::{self, Zfs};
 use serde_json::Value;
 
+use super::budget::{self, Budget};
 use super::deadline::{deadline_of, GuestClock};
 use super::identify::{identify, refuse, Identified};
 use super::redact::Redactor;
@@ -37,6 +38,7 @@ pub struct Server {
     pub(super) thaw_after: f64,
     pub(super) redactor: Redactor,
     pub(super) signals: Signals,
+    pub(super) budget: Budget,
 }
 
 impl std::fmt::Debug for Server {
@@ -95,6 +97,9 @@ impl Server {
     fn handle(&mut self, request: &Request) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
+        if let Some(error) = self.controller_first(request.op) {
+            return (fail(error), None);
+        }
         let (fsinfo, clock) = match self.fsinfo(request) {
             Ok((fsinfo, clock)) => (Some(fsinfo), clock),
             // Listing needs no agent: the guest's own description has to do.
@@ -127,7 +132,11 @@ impl Server {
             .collect();
         let (mut reply, report) = match request.op {
             Op::List => (self.list(request, &identified), None),
-            Op::Create | Op::Rollback => self.run_flow(request, &identified, deadline),
+            Op::Create => match self.over_budget(&identified) {
+                Some(error) => (fail(error), None),
+                None => self.run_flow(request, &identified, deadline),
+            },
+            Op::Rollback => self.run_flow(request, &identified, deadline),
         };
         reply.disks = labels;
         (reply, report)
@@ -204,6 +213,8 @@ impl Server {
             guest_pre: Vec::new(),
             guest_post: Vec::new(),
             max_snapshots: None,
+            origin: evesnap::report::Origin::Guest,
+            lock_wait_s: 0.0,
             application_quiesced: false,
             quiesced_until: None,
             rollback: None,
@@ -269,7 +280,11 @@ impl Server {
                     .into_iter()
                     .map(|p| self.redactor.value(p))
                     .collect(),
+                ..ReplyError::default()
             });
+            if let Some(e) = reply.error.as_mut() {
+                budget::hide_pool(e);
+            }
             reply.consistency = report.consistency;
             return (reply, Some(report));
         }
@@ -300,6 +315,39 @@ impl Server {
             Op::List => {}
         }
         (reply, Some(report))
+    }
+
+    /// A `busy` refusal of a create or rollback while a controller run waits for the VM
+    /// ([`crate::lock`]): it goes first, and the agent is left to it.
+    fn controller_first(&self, op: Op) -> Option<ReplyError> {
+        if op == Op::List || !crate::lock::controller_waiting(&self.agent) {
+            return None;
+        }
+        let mut error = refuse(
+            Exit::Busy.kind(),
+            Exit::Busy,
+            "a controller operation on this VM goes first: retry later".into(),
+        );
+        error.retry_after_s = Some(1);
+        Some(error)
+    }
+
+    /// The guest budget's refusal of a create on `identified`, if any ([`budget::decide`]).
+    fn over_budget(&self, identified: &Identified) -> Option<ReplyError> {
+        let volumes: Vec<String> = self.volumes.keys().cloned().collect();
+        match budget::facts(&self.zfs, &volumes, &identified.datasets) {
+            Ok(facts) => budget::decide(&self.budget, &facts)
+                .err()
+                .map(|refusal| refusal.to_error()),
+            Err(e) => {
+                let error = evesnap::exit::wrap(e);
+                let exit = exit_of(&error);
+                let message = self.redactor.text(&chain(
+                    &error.context("cannot check this VM's snapshot budget"),
+                ));
+                Some(refuse(exit.kind(), exit, message))
+            }
+        }
     }
 
     pub(super) fn stop_requested(&mut self) -> bool {

@@ -55,6 +55,7 @@ pub(super) fn refuse(kind: &str, exit: Exit, message: String) -> ReplyError {
         message,
         step: None,
         problems: Vec::new(),
+        ..ReplyError::default()
     }
 }
 

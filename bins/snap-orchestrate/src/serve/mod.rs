@@ -29,6 +29,7 @@
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
 //! and this file (the session on the channel and the reconnect loop).
 
+mod budget;
 mod deadline;
 mod handle;
 mod identify;
@@ -49,6 +50,7 @@ use evesnap::zfs::{self, Zfs};
 use serde_json::json;
 
 use crate::flow::Signals;
+pub use budget::{decide, Budget, Facts, PoolSpace, Refusal, Size};
 pub use handle::{Served, Server};
 pub use identify::{identify, Identified};
 use lines::{Line, Lines, Throttle};
@@ -88,6 +90,26 @@ pub struct ServeArgs {
     /// The auto-thaw watchdog's deadline for a freeze, in seconds (0 = off).
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub thaw_after: f64,
+    /// Guest budget: at most this many guest snapshot sets per VM (one per name across its
+    /// volumes); a create beyond it is refused with `quota-exceeded`. Only the host removes
+    /// guest snapshots; controller retention never counts or destroys them.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub guest_max_snapshots: u64,
+    /// Guest budget: the space the VM's guest snapshots may hold (the sum of their `used`),
+    /// in bytes (K, M, G, T: powers of 1024) or as a percentage of the pool's size; a create
+    /// once they hold it is refused with `quota-exceeded`.
+    #[arg(long, value_name = "SIZE", default_value = "10%")]
+    pub guest_max_bytes: budget::Size,
+    /// Guest budget: seconds between two guest creates of this VM; a create sooner is
+    /// refused with `rate-limited` and `retry_after_s`.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub guest_min_interval: u64,
+    /// Guest budget: free space each pool of the disk keeps, in bytes (K, M, G, T), as a
+    /// percentage of the pool's size, or both (`10%,1G`: the larger), counting what the new snapshot can pin (the disk's
+    /// `referenced`: a full overwrite after it); a create that could take the pool under it
+    /// is refused with `no-room`, which tells the guest nothing about the pool.
+    #[arg(long, value_name = "SIZE", default_value = "10%")]
+    pub pool_floor: budget::Size,
 }
 
 /// How a session on one connection ended.
@@ -268,6 +290,12 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
         timeout,
         thaw_after: args.thaw_after,
         signals,
+        budget: Budget {
+            max_snapshots: args.guest_max_snapshots,
+            max_bytes: args.guest_max_bytes,
+            min_interval_s: args.guest_min_interval,
+            pool_floor: args.pool_floor,
+        },
     };
     evesnap::note!(
         "serving {} for {} volume(s): {}",

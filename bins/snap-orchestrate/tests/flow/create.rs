@@ -151,6 +151,48 @@ fn on_zfs_fuse_the_set_is_one_recursive_snapshot_and_retention_reads_it_back() {
 }
 
 #[test]
+fn retention_never_counts_or_destroys_the_guests_snapshots() {
+    // Issue 14: three guest snapshots used to make the controller destroy its own
+    // recovery point.
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = pool(&[DS0]);
+    let controller =
+        json!({"org.lfedge.evesnap:id": "c", "org.lfedge.evesnap:origin": "controller"});
+    let guest = json!({"org.lfedge.evesnap:id": "g", "org.lfedge.evesnap:origin": "guest"});
+    add_snapshot(&mut state, &format!("{DS0}@old"), 10, controller.clone());
+    add_snapshot(&mut state, &format!("{DS0}@mine"), 20, controller);
+    for (i, txg) in [30, 40, 50].into_iter().enumerate() {
+        add_snapshot(&mut state, &format!("{DS0}@guest-{i}"), txg, guest.clone());
+    }
+    let zfs = FakeZfs::new(&state);
+    let run = run(
+        &plan(
+            &agent.address.to_string(),
+            &[DS0],
+            json!({"max_snapshots": 2}),
+        ),
+        &zfs,
+    );
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(run.report.origin, evesnap::report::Origin::Controller);
+    // Only the controller's oldest goes: its two newest stay, the guest's all stay.
+    let destroyed: Vec<String> = zfs
+        .calls_of("destroy")
+        .into_iter()
+        .map(|c| c.last().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(destroyed, [format!("{DS0}@old")]);
+    let left = zfs.snapshots();
+    for name in ["mine", "guest-0", "guest-1", "guest-2", NAME] {
+        assert!(left.contains(&format!("{DS0}@{name}")), "{name}: {left:?}");
+    }
+    // The new snapshot says who asked.
+    let props = &zfs.state()["snapshots"][snap(DS0)]["props"];
+    assert_eq!(props["org.lfedge.evesnap:origin"], "controller", "{props}");
+}
+
+#[test]
 fn without_an_agent_the_plan_may_allow_a_crash_consistent_snapshot() {
     let zfs = FakeZfs::new(&pool(&[DS0]));
     let extra = json!({"freeze": {"required": false, "timeout_s": 0.3}});

@@ -210,12 +210,47 @@ fn newer_snapshots_are_refused_without_destroy_newer() {
         [Problem::NewerSnapshots {
             dataset: DS0.into(),
             to: format!("{DS0}@s1"),
-            newer: vec![format!("{DS0}@s2")]
+            newer: vec![format!("{DS0}@s2")],
+            guest: vec![],
         }]
     );
     // Refused before the guest is asked anything.
     assert_eq!(agent.connections.load(Ordering::SeqCst), 0);
     assert!(zfs.calls_of("destroy").is_empty() && rollback_calls(&zfs).is_empty());
+}
+
+#[test]
+fn a_rollback_refused_for_newer_guest_snapshots_says_they_are_the_guests() {
+    let (agent, _sim) = lab_guest(umount_data0());
+    let mut state = pool(&[DS0, DS1]);
+    add_snapshot(&mut state, &format!("{DS0}@s1"), 10, json!({}));
+    add_snapshot(
+        &mut state,
+        &format!("{DS0}@g1"),
+        20,
+        json!({"org.lfedge.evesnap:origin": "guest"}),
+    );
+    let zfs = FakeZfs::new(&state);
+    let run = run(&running(&agent, json!({"rollback": {"to": "s1"}})), &zfs);
+
+    assert_eq!(exit(&run), Exit::Preflight, "{:?}", run.error);
+    assert_eq!(
+        problems(&run),
+        [Problem::NewerSnapshots {
+            dataset: DS0.into(),
+            to: format!("{DS0}@s1"),
+            newer: vec![format!("{DS0}@g1")],
+            guest: vec![format!("{DS0}@g1")],
+        }]
+    );
+    let message = run
+        .report
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("the guest's own"), "{message}");
+    assert!(rollback_calls(&zfs).is_empty());
 }
 
 #[test]

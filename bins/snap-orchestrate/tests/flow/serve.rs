@@ -65,7 +65,14 @@ impl Listener {
             .arg(&volumes)
             .arg("--zfs")
             .arg(zfs.path())
-            .args(["--timeout", "5", "--thaw-after", "0"])
+            .args([
+                "--timeout",
+                "5",
+                "--thaw-after",
+                "0",
+                "--guest-min-interval",
+                "0",
+            ])
             .env("EVESNAP_RUN_DIR", dir.join("run"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
