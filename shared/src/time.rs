@@ -59,20 +59,18 @@ pub fn timeout(value: f64) -> Result<Duration, String> {
 
 /// A command-line number of seconds (`--thaw-after 0` included), for clap.
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let value: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    seconds(value)
+    number_of_seconds(text).and_then(seconds)
 }
 
 /// A command-line timeout (above 0 seconds), for clap.
 pub fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let value: f64 = text
-        .trim()
+    number_of_seconds(text).and_then(timeout)
+}
+
+fn number_of_seconds(text: &str) -> Result<f64, String> {
+    text.trim()
         .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    timeout(value)
+        .map_err(|_| format!("{text:?} is not a number of seconds"))
 }
 
 /// A duration in milliseconds with microsecond resolution, for reports.
