@@ -21,8 +21,8 @@
 //!   `duration_ms` are always present, the rest is the tool's own (documented by each tool).
 //! - `error`: `null`, or the first failure `{tool, kind, message}`; `kind` is the exit-code
 //!   name from [`crate::exit`].
-//! - Context that later tools reuse: `agent`, `datasets`, `snapshot`. Any other field is
-//!   kept untouched when a tool passes the document on.
+//! - Context that later tools reuse: `agent`, `datasets`, `snapshot`, `snapshot_id`. Any
+//!   other field is kept untouched when a tool passes the document on.
 
 use std::io::{self, IsTerminal, Read};
 use std::os::fd::AsFd;
@@ -54,6 +54,9 @@ pub struct Document {
     pub datasets: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The snapshot's id (eve-api `SnapshotDesc.id`), for zsnap's metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
     /// Fields this version does not know, kept as they came.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -118,6 +121,7 @@ impl Document {
             agent: None,
             datasets: Vec::new(),
             snapshot: None,
+            snapshot_id: None,
             extra: Map::new(),
         }
     }

@@ -13,6 +13,8 @@ pub mod qga;
 pub mod qmp;
 pub mod report;
 pub mod request;
+#[cfg(test)]
+mod request_tests;
 pub mod runtime;
 pub mod signals;
 pub mod steps;

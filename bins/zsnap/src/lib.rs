@@ -112,12 +112,7 @@ fn properties(args: &TakeArgs, doc: Option<&Document>) -> anyhow::Result<Vec<(St
     let id = args
         .id
         .clone()
-        .or_else(|| {
-            doc?.extra
-                .get("snapshot_id")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
+        .or_else(|| doc?.snapshot_id.clone())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let metadata = Metadata {
         id,
