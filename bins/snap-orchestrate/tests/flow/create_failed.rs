@@ -166,7 +166,11 @@ fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_then_cut_short() {
     assert_eq!(zfs.calls_of("snapshot").len(), 1);
     assert!(zfs.snapshots().is_empty());
     let zsnap = &run.report.steps[3];
-    assert!(zsnap.duration_ms < 1400.0, "waited {} ms", zsnap.duration_ms);
+    assert!(
+        zsnap.duration_ms < 1400.0,
+        "waited {} ms",
+        zsnap.duration_ms
+    );
     assert_eq!(run.report.consistency, None);
     // Steps in the order they started, as in every other run.
     assert_eq!(
