@@ -2,11 +2,17 @@
 //! never cuts a step in half: the tool thaws, runs what must run, reports, and exits. A
 //! second signal is just another event: nothing skips the thaw. The one signal mechanism
 //! of every tool (qga-freeze, snap-orchestrate and its listener).
+//!
+//! A signal also cancels [`Events::cancel`]'s token at once, from the signal thread, so a
+//! call that watches it (a `zfs` call through [`Zfs::with_cancel`](crate::zfs::Zfs::with_cancel))
+//! ends even while the tool's own thread is blocked in it.
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+
+use crate::cancel::Cancel;
 
 /// Something a tool waits for: a signal, or a step running on a worker thread.
 #[derive(Debug)]
@@ -22,6 +28,8 @@ pub struct Events<T> {
     rx: Receiver<Event<T>>,
     /// The first signal seen, kept once read.
     pub interrupted: Option<i32>,
+    /// Cancelled by the first signal.
+    cancel: Cancel,
 }
 
 impl<T: Send + 'static> Events<T> {
@@ -29,10 +37,13 @@ impl<T: Send + 'static> Events<T> {
     pub fn install() -> std::io::Result<Events<T>> {
         let (tx, rx) = mpsc::channel();
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        let cancel = Cancel::new()?;
         let forward = tx.clone();
+        let on_signal = cancel.clone();
         std::thread::Builder::new().name("signals".into()).spawn(move || {
             for signal in signals.forever() {
                 crate::warn!("caught signal {signal}: finishing safely (the guest is thawed before exit)");
+                on_signal.cancel();
                 if forward.send(Event::Signal(signal)).is_err() {
                     break;
                 }
@@ -42,7 +53,13 @@ impl<T: Send + 'static> Events<T> {
             tx,
             rx,
             interrupted: None,
+            cancel,
         })
+    }
+
+    /// The token the first signal cancels (a clone shares it).
+    pub fn cancel(&self) -> Cancel {
+        self.cancel.clone()
     }
 
     /// A sender for a worker's result.

@@ -166,6 +166,16 @@ fn a_rollback_terminated_half_way_still_remounts_the_volumes() {
     );
 }
 
+#[test]
+fn a_hung_zfs_destroy_in_retention_ends_on_sigterm_within_seconds() {
+    run(Fault::ZfsHangsTerm { rollback: false }, false);
+}
+
+#[test]
+fn a_hung_zfs_rollback_ends_on_sigterm_within_seconds_and_remounts() {
+    run(Fault::ZfsHangsTerm { rollback: true }, false);
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()

@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
@@ -29,6 +31,8 @@ struct Serve {
     child: Child,
     records: Receiver<Value>,
     stderr: PathBuf,
+    /// What it printed on stdout so far, in bytes.
+    stdout_bytes: Arc<AtomicU64>,
 }
 
 impl Serve {
@@ -71,9 +75,12 @@ impl Serve {
             .expect("spawn snap-orchestrate serve");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, records) = mpsc::channel();
+        let stdout_bytes = Arc::new(AtomicU64::new(0));
+        let counted = stdout_bytes.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                counted.fetch_add(line.len() as u64 + 1, Ordering::SeqCst);
                 let value: Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("serve printed a non-JSON line ({e}): {line}"));
                 if tx.send(value).is_err() {
@@ -85,7 +92,30 @@ impl Serve {
             child,
             records,
             stderr,
+            stdout_bytes,
         }
+    }
+
+    /// Bytes on stdout and on stderr so far.
+    fn output_bytes(&self) -> (u64, u64) {
+        let stderr = std::fs::metadata(&self.stderr).map_or(0, |m| m.len());
+        (self.stdout_bytes.load(Ordering::SeqCst), stderr)
+    }
+
+    /// CPU time used so far (user + system), in seconds.
+    fn cpu_s(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the listener's /proc stat");
+        // After the command's closing parenthesis: field 3 on; utime and stime are 14, 15.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100);
+        ticks as f64 / hz as f64
     }
 
     fn stderr(&self) -> String {
@@ -1380,4 +1410,74 @@ fn a_controller_run_during_a_guest_create_storm_is_served_within_one_guest_opera
         slowest <= quiet + guest_op + Duration::from_secs(2),
         "a controller run waited longer than one guest operation: {stormy:?} vs {quiet:?} + {guest_op:?}"
     );
+}
+
+/// How long the guest floods its port.
+const FLOOD_S: u64 = 30;
+
+#[test]
+fn a_guest_flooding_its_port_costs_the_listener_bounded_cpu_and_output_and_is_served_after() {
+    let t = InLab::start("serve-flood", "t-flood", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    let port = "/dev/virtio-ports/org.lfedge.eve.snapshot.0";
+    let cpu_before = serve.cpu_s();
+    let (out_before, err_before) = serve.output_bytes();
+
+    // `yes` into the port for FLOOD_S seconds; wc counts what went in.
+    guest_background(
+        &mut connect(lab),
+        &format!(
+            "rm -f /tmp/flood.*; timeout {FLOOD_S} yes | tee {port} | wc -c >/tmp/flood.n; touch /tmp/flood.done"
+        ),
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(FLOOD_S + 60);
+    let count = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let text = guest_sh(
+            &mut connect(lab),
+            "[ -e /tmp/flood.done ] && cat /tmp/flood.n; true",
+        );
+        if !text.trim().is_empty() {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the flood did not end");
+    };
+    let flooded = started.elapsed().as_secs_f64();
+    let bytes_in: u64 = count
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("no byte count ({e}): {count:?}"));
+    let cpu = serve.cpu_s() - cpu_before;
+    let (out_after, err_after) = serve.output_bytes();
+    let (stdout, stderr) = (out_after - out_before, err_after - err_before);
+    // Drain the records of the refused lines.
+    while serve.records.try_recv().is_ok() {}
+
+    // The next real request is served.
+    let asked = Instant::now();
+    let (run, _, reply) = guest_request(lab, serve, &format!("--create /data0 --name {name}"));
+    let latency = asked.elapsed().as_secs_f64();
+    eprintln!(
+        "flood: {bytes_in} bytes in over {flooded:.1} s; listener CPU {cpu:.2} s; output {stdout} bytes \
+         stdout + {stderr} bytes stderr; the next request served in {latency:.1} s"
+    );
+    assert!(bytes_in > 1 << 20, "hardly a flood: {bytes_in} bytes");
+    // Linear in the input, and a fraction of one core.
+    assert!(
+        cpu < flooded * 0.5,
+        "the listener used {cpu:.2} s of CPU in {flooded:.1} s"
+    );
+    // At most 20 bad lines a second get a record and a log line: ~a few hundred bytes each.
+    let cap = (flooded.ceil() as u64 + 1) * 20 * 1024;
+    assert!(stdout < cap, "{stdout} bytes on stdout (cap {cap})");
+    assert!(stderr < cap, "{stderr} bytes on stderr (cap {cap})");
+    assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
+    assert!(reply.ok, "{reply:?}");
+    assert!(latency < 30.0, "served after {latency:.1} s");
+    assert_eq!(
+        snapshots_named(lab, &name),
+        [format!("{}@{name}", dataset_of(lab, "disk0"))]
+    );
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 }

@@ -195,7 +195,7 @@ pub fn common_parent(datasets: &[String]) -> String {
     prefix.join("/")
 }
 
-impl PreparedSnapshot<'_> {
+impl<'z> PreparedSnapshot<'z> {
     /// Adds or replaces a user property before [`take`](Self::take) (e.g. `frozen` once the
     /// freeze result is known). No `zfs` call.
     pub fn set_property(&mut self, key: &str, value: &str) -> Result<(), Error> {
@@ -241,6 +241,13 @@ impl PreparedSnapshot<'_> {
         } else {
             &[]
         }
+    }
+
+    /// Runs the later calls (the snapshot, the claims, the finish) through `zfs` instead of
+    /// the one the preflight ran on: e.g. a view whose cancel token a freeze window's owner
+    /// holds, rather than the one a signal cancels at once.
+    pub fn use_zfs(&mut self, zfs: &'z Zfs) {
+        self.zfs = zfs;
     }
 
     /// Creates the snapshots: the one part meant for a freeze window. One `zfs` call unless

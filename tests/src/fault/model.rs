@@ -145,6 +145,9 @@ pub enum Fault {
     Concurrent,
     /// A rollback, interrupted by a signal during `zfs rollback` (or not).
     Rollback { signal: Option<Sig> },
+    /// `zfs destroy` (retention, `rollback: false`) or `zfs rollback` hangs for good, and
+    /// the orchestrator gets SIGTERM.
+    ZfsHangsTerm { rollback: bool },
 }
 
 impl fmt::Display for Fault {
@@ -197,6 +200,15 @@ impl fmt::Display for Fault {
             Fault::Rollback { signal: Some(s) } => {
                 write!(f, "rollback SIG{} during zfs rollback", s.name())
             }
+            Fault::ZfsHangsTerm { rollback } => write!(
+                f,
+                "zfs {} hangs, SIGTERM",
+                if *rollback {
+                    "rollback"
+                } else {
+                    "destroy (retention)"
+                }
+            ),
         }
     }
 }
@@ -211,7 +223,7 @@ impl Fault {
                 Sig::Term
             }
         };
-        match rng.below(16) {
+        match rng.below(17) {
             0..=4 => Fault::Orchestrator {
                 signal: signal(rng),
                 phase: Phase::ALL[rng.below(4) as usize],
@@ -250,6 +262,9 @@ impl Fault {
                 seed: rng.next_u64(),
             },
             13 => Fault::Concurrent,
+            14 => Fault::ZfsHangsTerm {
+                rollback: rng.below(2) == 0,
+            },
             _ => Fault::Rollback {
                 signal: match rng.below(3) {
                     0 => None,

@@ -19,8 +19,9 @@ impl Shim {
         let real = real_zfs();
         let d = dir.display();
         let r = real.display();
-        // Config files in `dir`: snapshot.before / snapshot.after / rollback.before (seconds to
-        // sleep), snapshot.fail (stderr to fail with), noroom (report 4 KiB available).
+        // Config files in `dir`: snapshot.before / snapshot.after / rollback.before /
+        // destroy.before (seconds to sleep; destroy.before only for a destroy naming
+        // destroy.match), snapshot.fail (stderr to fail with), noroom (report 4 KiB available).
         let script = format!(
             r#"#!/bin/sh
 d='{d}'
@@ -37,6 +38,11 @@ case "$1" in
       touch "$d/snapshot-done"
       [ -f "$d/snapshot.after" ] && sleep "$(cat "$d/snapshot.after")"
       exit $rc
+    fi;;
+  destroy)
+    touch "$d/destroy-started"
+    if [ -f "$d/destroy.before" ]; then
+      case "$*" in *"$(cat "$d/destroy.match")"*) sleep "$(cat "$d/destroy.before")";; esac
     fi;;
   rollback)
     touch "$d/rollback-started"

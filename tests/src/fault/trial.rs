@@ -335,6 +335,7 @@ impl<'a> Trial<'a> {
                 Fault::Garbage { seed } => self.garbage(*seed, verify_rollback),
                 Fault::Concurrent => self.concurrent(),
                 Fault::Rollback { signal } => self.rollback(*signal),
+                Fault::ZfsHangsTerm { rollback } => self.zfs_hangs_term(*rollback),
             }
         }
         self.cleanup();

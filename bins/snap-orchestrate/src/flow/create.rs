@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
+use evesnap::cancel::Cancel;
 use evesnap::document::StepTimer;
 use evesnap::exit::{chain, coded, Exit, HasExit};
 use evesnap::qga::commands as qga;
@@ -36,6 +37,15 @@ struct SnapshotFailed {
 impl Run<'_> {
     pub(super) fn create(&mut self) -> Result<(), StepError> {
         let plan = self.plan;
+        // The freeze window's own cancel: the snapshot inside it gets the signal grace, and
+        // is cancelled once the guest was thawed without it.
+        let window = Cancel::new().map_err(|e| {
+            (
+                "preflight",
+                anyhow::Error::new(e).context("cannot make a cancel token"),
+            )
+        })?;
+        let window_zfs = self.zfs.for_cleanup().with_cancel(window.clone());
         // 1. Preflight: nothing in the guest or on disk changes before all of it passed.
         let timer = StepTimer::start("preflight");
         let options = FreezeOptions {
@@ -194,7 +204,7 @@ impl Run<'_> {
             taken,
             thawed: early_thaw,
             unverified,
-        } = self.take_while_frozen(&mut client, &prepared, &frozen);
+        } = self.take_while_frozen(&mut client, &mut prepared, &window_zfs, &window, &frozen);
         if unverified {
             self.report.steps[freeze_step_at].ok = false;
             self.report.ok = false;
@@ -302,12 +312,17 @@ impl Run<'_> {
     /// the latest. The freeze is verified while `zfs snapshot` runs, which keeps that round
     /// trip out of the window. A snapshot that returns only after an early thaw (the
     /// freeze did not verify, zfs hung, a signal) is destroyed: it may postdate the thaw.
-    fn take_while_frozen(
+    fn take_while_frozen<'z>(
         &mut self,
         client: &mut Client,
-        prepared: &zsnap::PreparedSnapshot<'_>,
+        prepared: &mut zsnap::PreparedSnapshot<'z>,
+        window_zfs: &'z Zfs,
+        window: &Cancel,
         frozen: &FreezeReport,
     ) -> WhileFrozen {
+        // Not the run's view, which a signal cancels at once: the grace below decides.
+        prepared.use_zfs(window_zfs);
+        let prepared = &*prepared;
         let sender = self.events.sender();
         let Run {
             events,
@@ -328,6 +343,7 @@ impl Run<'_> {
                     _ => Some(evesnap::time::now_unix_us()),
                 };
                 let exit = e.exit();
+                window.cancel();
                 let destroyed = destroy_late(events, zfs);
                 let error = evesnap::exit::wrap(e).context(format!(
                     "the freeze did not verify, so the snapshot taken meanwhile cannot be trusted and was \
@@ -381,6 +397,8 @@ impl Run<'_> {
                             continue;
                         }
                         let thawed = thaw_step(report, client, *timeout, frozen);
+                        // What it makes from now on postdates the thaw: stop it.
+                        window.cancel();
                         let destroyed = destroy_late(events, zfs);
                         let error = anyhow!(
                             "{why}: the guest was thawed without waiting for it, and what it created later was \
@@ -431,6 +449,18 @@ impl Run<'_> {
         match zsnap::prune(self.zfs, &self.plan.datasets, keep as usize, false, false) {
             Ok(report) => {
                 self.done(timer, &report);
+                // A signal cancelled the destroys still to come: the run did not finish.
+                if self.events.poll_signal() {
+                    let signal = self.events.interrupted.unwrap_or_default();
+                    return Err((
+                        "retention",
+                        anyhow!(
+                            "interrupted by signal {signal} during retention: the snapshot was taken, {} old \
+                             snapshot(s) were not pruned",
+                            report.failed.len()
+                        ),
+                    ));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -455,9 +485,11 @@ struct WhileFrozen {
     unverified: bool,
 }
 
-/// After an early thaw: waits for the snapshot worker and destroys what it created, since
-/// it may postdate the thaw. Says what was destroyed.
+/// After an early thaw: waits for the snapshot worker (cancelled, so it ends at once) and
+/// destroys what it created, since it may postdate the thaw. A signal does not stop this
+/// cleanup; each call's deadline bounds it. Says what was destroyed.
 fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) -> String {
+    let zfs = zfs.for_cleanup();
     // No result (the worker is gone): it created nothing.
     let created = loop {
         match events.wait() {

@@ -147,9 +147,12 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
             };
         }
     };
+    // Every zfs call of the run ends at its deadline, or at once when a signal comes (the
+    // snapshot inside the freeze window excepted: see `take_while_frozen`).
+    let zfs = zfs.clone().with_cancel(signals.0.cancel());
     let mut run = Run {
         plan,
-        zfs,
+        zfs: &zfs,
         report,
         events: &mut signals.0,
         timeout: Duration::from_secs_f64(plan.freeze.timeout_s),

@@ -110,6 +110,11 @@ impl Throttle {
         }
     }
 
+    /// Whether this second's answers are all used up: a bad line now would only be counted.
+    pub fn spent(&self) -> bool {
+        self.used >= self.per_second && self.window.elapsed() < Duration::from_secs(1)
+    }
+
     /// Whether this bad line may be answered; when a new second starts, also how many
     /// were suppressed in the one before (to be reported once).
     pub fn admit(&mut self) -> (bool, Option<u64>) {
@@ -144,6 +149,19 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn the_throttle_is_spent_after_its_lines_for_the_second() {
+        let mut throttle = Throttle::new(2);
+        assert!(!throttle.spent());
+        assert_eq!(throttle.admit(), (true, None));
+        assert_eq!(throttle.admit(), (true, None));
+        assert!(throttle.spent());
+        assert_eq!(throttle.admit(), (false, None));
+        throttle.window -= Duration::from_secs(1);
+        assert!(!throttle.spent());
+        assert_eq!(throttle.admit(), (true, Some(1)));
     }
 
     #[test]

@@ -204,6 +204,13 @@ impl Server {
             };
             lines.push(&chunk[..n]);
             while let Some(line) = lines.next_line() {
+                // A line that is no JSON object cannot be a request: once this second's
+                // answers are spent it is only counted, not parsed, so that a flood costs
+                // little more than cutting it into lines.
+                if matches!(line, Line::Text(text) if text[0] != b'{') && throttle.spent() {
+                    let _ = throttle.admit(); // counted, reported when the second ends
+                    continue;
+                }
                 let served = match line {
                     Line::Oversized => oversized(),
                     Line::Text(text) => self.handle_line(text),

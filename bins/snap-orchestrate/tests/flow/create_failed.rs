@@ -104,12 +104,10 @@ fn a_freeze_that_does_not_verify_destroys_the_snapshot_taken_meanwhile() {
         sim.after_freeze(2),
         ["guest-fsfreeze-status", "guest-fsfreeze-thaw"]
     );
-    // Taken while the check ran, then destroyed: it cannot claim the freeze.
-    assert_eq!(zfs.calls_of("snapshot").len(), 1);
-    assert_eq!(
-        zfs.calls_of("destroy"),
-        [vec!["destroy".to_string(), snap(DS0)]]
-    );
+    // Cancelled once the check failed, or taken meanwhile and destroyed: either way it
+    // cannot claim the freeze.
+    assert!(zfs.calls_of("snapshot").len() <= 1);
+    assert!(zfs.calls_of("destroy").len() <= 1);
     assert!(zfs.snapshots().is_empty());
 }
 
@@ -147,7 +145,7 @@ fn a_failed_zfs_snapshot_is_thawed_and_guest_post_runs() {
 }
 
 #[test]
-fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_and_its_late_snapshot_destroyed() {
+fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_then_cut_short() {
     let (agent, sim) = FakeAgent::simulated(SimState::default());
     let mut state = pool(&[DS0]);
     state["faults"]["snapshot"] = json!({"sleep": 1.5});
@@ -163,12 +161,16 @@ fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_and_its_late_snapshot_destroyed(
         "thawed after {window} ms"
     );
     assert_eq!(sim.state().frozen, 0);
-    // It finished after the thaw: destroyed, it may postdate the thaw.
-    assert_eq!(
-        zfs.calls_of("destroy"),
-        [vec!["destroy".to_string(), snap(DS0)]]
-    );
+    // Cancelled after the thaw (what it made would postdate it), not waited for: the run
+    // ends well before the call's 1.5 s.
+    assert_eq!(zfs.calls_of("snapshot").len(), 1);
     assert!(zfs.snapshots().is_empty());
+    let zsnap = &run.report.steps[3];
+    assert!(
+        zsnap.duration_ms < 1400.0,
+        "waited {} ms",
+        zsnap.duration_ms
+    );
     assert_eq!(run.report.consistency, None);
     // Steps in the order they started, as in every other run.
     assert_eq!(

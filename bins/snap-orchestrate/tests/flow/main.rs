@@ -9,3 +9,4 @@ mod create_failed;
 mod create_refused;
 mod rollback;
 mod serve;
+mod signal;

@@ -137,4 +137,68 @@ impl Trial<'_> {
             Err(e) => self.fail(e),
         }
     }
+
+    /// A `zfs destroy` (retention) or `zfs rollback` that never returns, then SIGTERM: the
+    /// run ends within seconds (not at the call's deadline), the guest is thawed and resumed,
+    /// and the VM lock is free (the next run works).
+    pub(in crate::fault) fn zfs_hangs_term(&mut self, rollback: bool) {
+        let first = format!("{}-h", self.name);
+        if !self.take_clean(&first) {
+            return;
+        }
+        let (config, marker, plan) = if rollback {
+            let plan = self.rollback_plan(&first, true);
+            ("rollback.before", "rollback-started", plan)
+        } else {
+            let second = format!("{}-s", self.name);
+            self.names.push(second.clone());
+            let plan = self.plan(&second, json!({"max_snapshots": 1}));
+            ("destroy.before", "destroy-started", plan)
+        };
+        // Retention's destroy of the first snapshot, not the recursive snapshot's own
+        // cleanup, which follows the window on a view a signal does not cancel.
+        self.shim.set("destroy.match", &format!("@{first}"));
+        self.shim.set(config, "3600");
+        let child = self.spawn_orchestrator(&plan);
+        let pid = child.id();
+        if wait_for(&self.shim.marker(marker), Duration::from_secs(60)).is_none() {
+            self.fail(format!("no `{marker}` within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.kill(pid, Sig::Term);
+        let signalled = std::time::Instant::now();
+        let (code, _, stderr) = self.finish_checked(child);
+        let took = signalled.elapsed();
+        let _ = std::fs::remove_file(self.shim.marker(config));
+        self.check(
+            took < Duration::from_secs(10),
+            format!("ended {:.1} s after SIGTERM", took.as_secs_f64()),
+        );
+        self.check(
+            code != 0,
+            format!("a run cut short by SIGTERM exits 0: {}", stderr.trim()),
+        );
+        self.check_resumed(code);
+        self.check_thawed_at_once();
+        // The lock is free and the pool usable: the same run again succeeds.
+        if rollback {
+            if let Err(e) = self.sh(MOUNTS) {
+                return self.fail(format!("cannot remount: {e}"));
+            }
+        }
+        let plan = if rollback {
+            plan
+        } else {
+            let third = format!("{}-t", self.name);
+            self.names.push(third.clone());
+            self.plan(&third, json!({"max_snapshots": 1}))
+        };
+        let child = self.spawn_orchestrator(&plan);
+        let (code, _, stderr) = self.finish_checked(child);
+        self.out.exits.pop();
+        self.check(
+            code == 0,
+            format!("the run after the SIGTERM exits {code}: {}", stderr.trim()),
+        );
+    }
 }

@@ -1,0 +1,175 @@
+//! SIGTERM while a `zfs` call hangs, in each phase: the binary `snap-orchestrate` runs as a
+//! child (the test process cannot take the signal itself) over the fake zfs, whose faulted
+//! call sleeps for an hour, and the simulated agent. The run must end within seconds, not
+//! at the call's 60 s deadline, with the guest thawed and the VM lock free.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use evesnap::qga::testing::{FakeAgent, Sim};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// Far longer than any bound below: the faulted call never returns by itself.
+const HANG: f64 = 3600.0;
+/// Within this of the signal the run has ended (the snapshot's grace is 2 s).
+const BOUND: Duration = Duration::from_secs(8);
+
+/// The plan as JSON: agent calls get 30 s, so nothing but the signal ends the run early.
+fn plan_json(agent: &FakeAgent, extra: Value) -> Value {
+    let mut plan = json!({"version": 1, "agent": agent.address.to_string(), "datasets": [DS0],
+                          "snapshot": NAME, "freeze": {"timeout_s": 30, "thaw_after_s": 0}});
+    if let (Some(plan), Value::Object(extra)) = (plan.as_object_mut(), extra) {
+        plan.extend(extra);
+    }
+    plan
+}
+
+fn spawn(zfs: &FakeZfs, plan: &Value) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snap-orchestrate"))
+        .arg("--zfs")
+        .arg(zfs.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("snap-orchestrate");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, plan.to_string().as_bytes()).expect("the plan");
+    child
+}
+
+/// Waits until the fake got a `sub` call (which then hangs).
+fn wait_for_call(zfs: &FakeZfs, child: &mut Child, sub: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while zfs.calls_of(sub).is_empty() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the run ended ({status}) before any `zfs {sub}`");
+        }
+        assert!(Instant::now() < until, "no `zfs {sub}` within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Inside the call, past the fake's bookkeeping.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// SIGTERM, then how long the run took to end, and its report.
+fn terminate(mut child: Child) -> (Duration, i32, Value) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 90 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = signalled.elapsed();
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    let report: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("no report ({e}): {out:?}; stderr: {err}"));
+    (took, status.code().unwrap_or(-1), report)
+}
+
+/// The run ended within [`BOUND`], failed, left the guest thawed and the VM lock free.
+fn check(took: Duration, code: i32, report: &Value, sim: &Sim, plan: &Value, step: &str) {
+    assert!(took < BOUND, "ended {took:?} after SIGTERM: {report}");
+    assert_ne!(code, 0, "{report}");
+    assert_eq!(report["error"]["step"], step, "{report}");
+    assert_eq!(sim.state().frozen, 0, "the guest is left frozen");
+    let plan = snap_orchestrate::Plan::from_json(&plan.to_string()).expect("plan");
+    drop(hold_lock(&plan));
+}
+
+#[test]
+fn sigterm_during_a_hung_preflight_read_ends_the_run() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    // The preflight's space read (`zfs get`); the capability probes are never faulted.
+    state["faults"] = json!({"get": {"sleep": HANG}});
+    let zfs = FakeZfs::new(&state);
+    let plan = plan_json(&agent, json!({}));
+    let mut child = spawn(&zfs, &plan);
+    wait_for_call(&zfs, &mut child, "get");
+    let (took, code, report) = terminate(child);
+    check(took, code, &report, &sim, &plan, "preflight");
+    assert!(
+        !got(&sim, "guest-fsfreeze-freeze"),
+        "froze after the signal"
+    );
+}
+
+#[test]
+fn sigterm_during_a_hung_snapshot_thaws_and_ends_the_run() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    state["faults"] = json!({"snapshot": {"sleep": HANG}});
+    let zfs = FakeZfs::new(&state);
+    let plan = plan_json(&agent, json!({}));
+    let mut child = spawn(&zfs, &plan);
+    wait_for_call(&zfs, &mut child, "snapshot");
+    let (took, code, report) = terminate(child);
+    check(took, code, &report, &sim, &plan, "snapshot");
+    assert!(got(&sim, "guest-fsfreeze-thaw"), "never thawed");
+    assert!(zfs.snapshots().is_empty(), "{:?}", zfs.snapshots());
+}
+
+#[test]
+fn sigterm_during_a_hung_retention_ends_the_run() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    add_snapshot(
+        &mut state,
+        &format!("{DS0}@old"),
+        10,
+        json!({"org.lfedge.evesnap:id": "0"}),
+    );
+    state["faults"] = json!({"destroy": {"sleep": HANG}});
+    let zfs = FakeZfs::new(&state);
+    let plan = plan_json(&agent, json!({"max_snapshots": 1}));
+    let mut child = spawn(&zfs, &plan);
+    wait_for_call(&zfs, &mut child, "destroy");
+    let (took, code, report) = terminate(child);
+    check(took, code, &report, &sim, &plan, "retention");
+    // The new snapshot stays, with its claims.
+    assert_eq!(report["consistency"], "filesystem", "{report}");
+    assert!(zfs.snapshots().contains(&snap(DS0)));
+}
+
+#[test]
+fn sigterm_during_a_hung_rollback_ends_the_run() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    add_snapshot(&mut state, &format!("{DS0}@s1"), 10, json!({}));
+    state["faults"] = json!({"rollback": {"sleep": HANG}});
+    let zfs = FakeZfs::new(&state);
+    let plan = plan_json(
+        &agent,
+        json!({"action": "rollback", "rollback": {"to": "s1", "vm_stopped": true}}),
+    );
+    let mut child = spawn(&zfs, &plan);
+    wait_for_call(&zfs, &mut child, "rollback");
+    let (took, code, report) = terminate(child);
+    check(took, code, &report, &sim, &plan, "rollback");
+}
