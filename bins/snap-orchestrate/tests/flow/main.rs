@@ -7,5 +7,6 @@ mod support;
 mod create;
 mod create_failed;
 mod create_refused;
+mod pending;
 mod rollback;
 mod serve;
