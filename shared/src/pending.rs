@@ -13,10 +13,10 @@
 //!
 //! Whoever talks to the agent next runs them ([`run`]): the watchdog once it got through,
 //! `snap-orchestrate serve` before each request, `snap-orchestrate recover --agent A`, and
-//! the next run of the orchestrator for that agent. Each command runs once: the record is
-//! claimed (renamed away, so two runners never both get it) before anything runs, and a
-//! command is dropped from it once it ran, whatever its result; only the commands that
-//! never got to the agent are put back.
+//! Each command runs once: the record is claimed (renamed away, so two runners never both
+//! get it) before anything runs, and a command is dropped from it once the agent reported
+//! on it, whatever its result; only a command the agent was lost in, and those after it,
+//! are put back.
 
 use std::fs;
 use std::io;
@@ -181,9 +181,11 @@ pub struct Ran {
 }
 
 /// Runs the commands pending for `address` through `client`, if any. The record is
-/// claimed first (renamed away), so a command never runs twice; each command counts as
-/// run once it reached the agent, whatever its result. When the agent is lost on the way
-/// (a transport error or a timeout), the commands after it are recorded again.
+/// claimed first (renamed away), so two runners never run the same command; a command
+/// counts as run once the agent reported on it, whatever its result. When the agent is
+/// lost on the way ([`exec_checked`]), that command and those after it are recorded again
+/// (a command the agent was lost in may have started: `guest_post` commands should be
+/// safe to repeat, as resuming an application is).
 ///
 /// Nothing runs while the guest is frozen ([`Error::Frozen`]): `guest-exec` is refused
 /// then, and the commands would be spent for nothing.
@@ -209,16 +211,17 @@ pub fn run(client: &mut Client, address: &Address) -> Result<Option<Ran>, Error>
         return Ok(None);
     };
     let mut runs = Vec::new();
-    let mut rest = record.commands.iter();
-    for command in rest.by_ref() {
+    let mut left: Vec<PendingCommand> = Vec::new();
+    for (i, command) in record.commands.iter().enumerate() {
         let (run, lost) = run_one(client, command);
         crate::note!("pending guest_post: {}", run.describe());
         runs.push(run);
         if lost {
+            // It may not have run: it stays pending, with those after it.
+            left = record.commands[i..].to_vec();
             break;
         }
     }
-    let left: Vec<PendingCommand> = rest.cloned().collect();
     if !left.is_empty() {
         record_again(address, &record.id, &left)?;
     }
@@ -254,11 +257,26 @@ fn record_again(address: &Address, id: &str, commands: &[PendingCommand]) -> Res
 fn run_one(client: &mut Client, command: &PendingCommand) -> (CommandRun, bool) {
     let args: Vec<&str> = command.args.iter().map(String::as_str).collect();
     let timeout = Duration::from_secs_f64(command.timeout_s.max(0.0));
-    let (run, error) = exec(client, &command.path, &args, timeout, false);
-    let lost = error.is_some_and(|e| {
-        use crate::exit::{Exit, HasExit};
-        matches!(e.exit(), Exit::AgentUnreachable | Exit::AgentTimeout)
-    });
+    exec_checked(client, &command.path, &args, timeout, false)
+}
+
+/// [`exec`], and whether the agent was lost doing so: it became unreachable, or the
+/// command timed out and the agent does not answer a ping either (a command that is only
+/// slow leaves an agent that answers: that command counts as run).
+pub fn exec_checked(
+    client: &mut Client,
+    path: &str,
+    args: &[&str],
+    timeout: Duration,
+    fatal: bool,
+) -> (CommandRun, bool) {
+    use crate::exit::{Exit, HasExit};
+    let (run, error) = exec(client, path, args, timeout, fatal);
+    let lost = match error.map(|e| e.exit()) {
+        Some(Exit::AgentUnreachable) => true,
+        Some(Exit::AgentTimeout) => client.ping().is_err(),
+        _ => false,
+    };
     (run, lost)
 }
 

@@ -287,8 +287,10 @@ impl Run<'_> {
             let (run, lost) = guest::run_command_checked(client, command);
             evesnap::note!("{label}: {}", run.describe());
             if label == "guest_post" && !self.post_left.is_empty() {
-                // Ran (or reached the agent, which may have run it): never again.
-                self.post_left.remove(0);
+                // Reported on: never again. Lost in it: it stays owed, with the rest.
+                if !lost {
+                    self.post_left.remove(0);
+                }
                 if lost {
                     runs.push(run);
                     result = Err((
