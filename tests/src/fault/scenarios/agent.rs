@@ -10,6 +10,10 @@ use serde_json::json;
 use crate::fault::{Rng, Sig, Trial, SLACK, THAW_AFTER};
 use crate::guest::{set_paused, try_connect};
 
+/// How much later than [`SLACK`] a watchdog retrying an agent that is back may thaw:
+/// about 1 s for init to respawn it, up to 4 s of backoff, its attempt.
+const RETRY_SLACK: Duration = Duration::from_secs(6);
+
 impl Trial<'_> {
     /// qemu-ga's pid in the guest.
     fn agent_pid(&mut self) -> Option<String> {
@@ -117,8 +121,9 @@ impl Trial<'_> {
             said.as_deref() == Some("pending"),
             format!("the report says guest_post {said:?}, not \"pending\""),
         );
-        // The agent is away until `away` after the freeze, the watchdog retries every 2-4 s.
-        let deadline = (reference + THAW_AFTER).max(reference + away) + SLACK;
+        // The agent is away until `away` after the freeze and init respawns it about 1 s
+        // later; the watchdog, past its deadline by then, retries 2 s then 4 s apart.
+        let deadline = (reference + THAW_AFTER).max(reference + away) + SLACK + RETRY_SLACK;
         self.check_thawed(reference, deadline);
         let until = Instant::now() + Duration::from_secs(30);
         let mut ran = self.posts().saturating_sub(posts);
