@@ -220,7 +220,7 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
                 run_pending(&mut client, address);
                 return Ok(ending);
             }
-            Err(e) if !(started.elapsed() >= window && vm_gone(&e)) => {
+            Err(e) if !(vm_gone(&e) && (started.elapsed() >= window || socket_gone(address))) => {
                 crate::warn!(
                     "watchdog: thaw attempt failed, retrying in {} s: {}",
                     pause.as_secs(),
@@ -253,6 +253,15 @@ fn vm_gone(error: &qga::ThawError) -> bool {
         error,
         qga::ThawError::Connect(qga::Error::Unreachable { .. })
     )
+}
+
+/// The agent's socket file is not there at all: its QEMU is gone (a new one would boot a
+/// guest that is not frozen), so there is nothing to wait for.
+fn socket_gone(address: &Address) -> bool {
+    match address {
+        Address::Unix(path) => !path.exists(),
+        _ => false,
+    }
 }
 
 /// Runs the `guest_post` commands a run left pending for this agent, now that it answers.

@@ -18,8 +18,9 @@
 //! commands a run left pending for the agent ([`crate::pending`]). While the agent does
 //! not answer it retries with a backoff (2 s doubling to 30 s): for as long as the VM
 //! exists (a paused VM's agent socket accepts connections but nothing answers), and gives
-//! up only once the agent has been unreachable (socket gone or refused: QEMU is gone)
-//! past [`FIRE_RETRY_WINDOW`] (tests only: `EVESNAP_WATCHDOG_RETRY_WINDOW_S` seconds).
+//! up once the agent's socket file is gone, or once the agent has been unreachable
+//! (refused: QEMU is gone) past [`FIRE_RETRY_WINDOW`] (tests only:
+//! `EVESNAP_WATCHDOG_RETRY_WINDOW_S` seconds).
 //!
 //! The watchdog also keeps the freezing tool's agent connection, handed over through its
 //! keeper socket (`watchdog-<hash>.sock`, SCM_RIGHTS) when that tool exits, and hands it
