@@ -9,6 +9,7 @@ pub mod cli;
 pub mod document;
 pub mod exit;
 pub mod log;
+pub mod pending;
 pub mod qga;
 pub mod qmp;
 pub mod report;

@@ -128,6 +128,18 @@ pub enum Action {
     Rollback,
 }
 
+/// What became of the plan's `guest_post` commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestPost {
+    /// They ran (each command's result is in the `guest_post` step).
+    Ran,
+    /// The agent was lost or silent: they are recorded and run when it answers again
+    /// (the watchdog, `snap-orchestrate serve` or `snap-orchestrate recover`; see
+    /// `evesnap::pending`).
+    Pending,
+}
+
 /// How bad a failure is: `critical` when the guest may still be frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -206,6 +218,9 @@ pub struct Report {
     pub freeze_window_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expedited_rcu: Option<ExpeditedRcu>,
+    /// Absent when the plan has no `guest_post` or the run never got to need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_post: Option<GuestPost>,
     /// Rollback: each dataset and the snapshot it went back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<Vec<RolledBack>>,
@@ -241,6 +256,7 @@ impl Report {
             consistency: None,
             freeze_window_ms: None,
             expedited_rcu: None,
+            guest_post: None,
             rolled_back: None,
             destroyed: None,
         }

@@ -87,6 +87,32 @@ fn qemu_ga_killed_while_frozen() {
     );
 }
 
+/// Issue 14: a run that lost its agent after `guest_pre` left the application quiesced
+/// (guest_post never ran). Now the report says `guest_post: "pending"` and the watchdog,
+/// once the agent is back, thaws and runs it, once.
+#[test]
+fn qemu_ga_kept_away_after_the_freeze_leaves_guest_post_pending_then_run_once() {
+    run(
+        Fault::AgentAway {
+            away: Duration::from_secs(7),
+        },
+        false,
+    );
+}
+
+/// Issue 14: the watchdog gave up 600 s after its deadline, so a VM paused longer stayed
+/// frozen once resumed. Its give-up limit is shortened here (EVESNAP_WATCHDOG_RETRY_WINDOW_S,
+/// 2 s in the trials): it keeps retrying a VM that exists and thaws after `cont`.
+#[test]
+fn vm_paused_past_the_watchdog_retry_limit_is_thawed_after_cont() {
+    run(
+        Fault::VmPaused {
+            paused: Duration::from_secs(15),
+        },
+        false,
+    );
+}
+
 #[test]
 fn vm_paused_past_the_deadline_while_frozen() {
     run(

@@ -1,7 +1,7 @@
 //! What the orchestrator does inside the guest besides freezing: the plan's commands
 //! (`guest-exec`, argv only) and the question "is a filesystem on this disk mounted?".
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use evesnap::qga::commands as qga;
 use evesnap::qga::Client;
@@ -12,46 +12,18 @@ pub use evesnap::steps::CommandRun;
 
 /// Runs one command in the guest and waits for it up to its timeout.
 pub fn run_command(client: &mut Client, command: &GuestCommand) -> CommandRun {
-    let started = Instant::now();
+    run_command_checked(client, command).0
+}
+
+/// [`run_command`], and whether the agent was lost (unreachable or silent) doing so.
+pub fn run_command_checked(client: &mut Client, command: &GuestCommand) -> (CommandRun, bool) {
+    use evesnap::exit::{Exit, HasExit};
     let args: Vec<&str> = command.args.iter().map(String::as_str).collect();
-    let result = client.guest_exec(
-        &command.path,
-        &args,
-        Duration::from_secs_f64(command.timeout_s),
-    );
-    let mut run = CommandRun {
-        path: command.path.clone(),
-        args: command.args.clone(),
-        ok: false,
-        fatal: command.fatal,
-        exitcode: None,
-        signal: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        output_truncated: false,
-        error: None,
-        duration_ms: 0.0,
-    };
-    match result {
-        Ok(done) => {
-            run.ok = done.success();
-            run.exitcode = done.exitcode;
-            run.signal = done.signal;
-            run.stdout = String::from_utf8_lossy(&done.stdout).into_owned();
-            run.stderr = String::from_utf8_lossy(&done.stderr).into_owned();
-            run.output_truncated = done.stdout_truncated || done.stderr_truncated;
-            if !run.ok {
-                run.error = Some(match (done.exitcode, done.signal) {
-                    (_, Some(sig)) => format!("killed by signal {sig}"),
-                    (Some(code), None) => format!("exited with status {code}"),
-                    (None, None) => "ended without an exit status".into(),
-                });
-            }
-        }
-        Err(e) => run.error = Some(evesnap::exit::chain_of(&e)),
-    }
-    run.duration_ms = evesnap::time::millis(started.elapsed());
-    run
+    let timeout = Duration::from_secs_f64(command.timeout_s);
+    let (run, error) = evesnap::pending::exec(client, &command.path, &args, timeout, command.fatal);
+    let lost =
+        error.is_some_and(|e| matches!(e.exit(), Exit::AgentUnreachable | Exit::AgentTimeout));
+    (run, lost)
 }
 
 /// A PCI address written `domain:bus:slot.function` in hex (`0000:00:07.0`).

@@ -25,6 +25,7 @@ pub mod flow;
 pub mod guest;
 pub mod lock;
 pub mod plan;
+pub mod recover;
 pub mod schema;
 pub mod serve;
 
@@ -106,6 +107,22 @@ enum Sub {
         after_help = Exit::table()
     )]
     Serve(serve::ServeArgs),
+    /// Run the guest_post commands a run left pending for an agent (the agent was lost).
+    #[command(
+        long_about = "When a run cannot run its guest_post commands because the guest agent was lost or \
+            silent (it ends with exit 3, 4 or 6 after guest_pre ran; its report says `guest_post: \
+            \"pending\"`), they are recorded in the runtime folder (pending-post-<hash>.json, keyed by the \
+            agent address) and run once the agent answers again: by the watchdog, by `serve` before its \
+            next request, or by this command. Each command runs once: it is removed from the record once \
+            it ran, whatever its result.\n\n\
+            Prints a JSON report: `agent`, `id` (the run that left them), `guest_post` (`ran`, `pending` \
+            when the agent still does not answer, absent when nothing was pending) and a `guest_post` \
+            step with each command's result. Exit 0: nothing pending, or all succeeded; 1: a command \
+            failed (it is not run again); 3/4: the agent is unreachable or silent (the commands stay \
+            recorded); 8: another operation holds the VM.",
+        after_help = Exit::table()
+    )]
+    Recover(recover::RecoverArgs),
 }
 
 /// The command line of `snap-orchestrate`.
@@ -118,8 +135,10 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(cli) => cli,
         Err(e) => return Outcome::error(e.into()),
     };
-    if let Some(Sub::Serve(args)) = &cli.command {
-        return serve::run(args);
+    match &cli.command {
+        Some(Sub::Serve(args)) => return serve::run(args),
+        Some(Sub::Recover(args)) => return recover::run(args),
+        None => {}
     }
     if let Some(kind) = cli.print_schema {
         print!("{}", kind.text());

@@ -107,8 +107,8 @@ impl Trial<'_> {
                 let mut lines = text.lines();
                 let app = lines.next().unwrap_or("").trim().to_string();
                 let mounted = lines.next().unwrap_or("").trim().to_string();
-                // 3, 4, 6: the agent does not answer, nothing can run in the guest (the
-                // report says so, critical for 6).
+                // 3, 4, 6: the agent did not answer, guest_post is pending and runs once
+                // the agent is back (the watchdog): polled below.
                 if code >= 0 && ![3, 4, 6].contains(&code) {
                     self.check(
                         app == "running",
@@ -119,6 +119,26 @@ impl Trial<'_> {
                     self.check(
                         mounted == "2",
                         format!("exit {code} but {mounted} of 2 volumes are mounted in the guest"),
+                    );
+                } else if code >= 0 {
+                    let (mut app, mut mounted) = (app, mounted);
+                    let until = Instant::now() + Duration::from_secs(40);
+                    while (app != "running" || mounted != "2") && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(500));
+                        if let Ok(text) = self
+                            .sh("cat /run/app.state; grep -c ' /data[01] ' /proc/mounts || true")
+                        {
+                            let mut lines = text.lines();
+                            app = lines.next().unwrap_or("").trim().to_string();
+                            mounted = lines.next().unwrap_or("").trim().to_string();
+                        }
+                    }
+                    self.check(
+                        app == "running" && mounted == "2",
+                        format!(
+                            "exit {code}: the pending guest_post did not run once the agent was back: \
+                             application {app}, {mounted} of 2 volumes mounted"
+                        ),
                     );
                 } else if app != "running" || mounted != "2" {
                     self.note(format!(

@@ -123,6 +123,9 @@ pub enum Fault {
     PipelineOutlastsWatchdog,
     /// qemu-ga is killed inside the guest `after` the freeze (init respawns it).
     AgentKilled { signal: Sig, after: Duration },
+    /// qemu-ga is killed inside the guest right after the freeze, and again each time init
+    /// respawns it, for `away`: the run loses its agent after `guest_pre`.
+    AgentAway { away: Duration },
     /// The VM is paused (QMP `stop`) once frozen and resumed `paused` later.
     VmPaused { paused: Duration },
     /// `zfs snapshot` fails.
@@ -184,6 +187,9 @@ impl fmt::Display for Fault {
                 signal.name(),
                 after.as_millis()
             ),
+            Fault::AgentAway { away } => {
+                write!(f, "qemu-ga kept away while frozen {}ms", away.as_millis())
+            }
             Fault::VmPaused { paused } => {
                 write!(f, "VM paused while frozen {}ms", paused.as_millis())
             }
@@ -234,6 +240,9 @@ impl Fault {
                 tool: Tool::ALL[rng.below(3) as usize],
                 signal: signal(rng),
                 jitter: rng.millis(0, 400),
+            },
+            7 if rng.below(2) == 0 => Fault::AgentAway {
+                away: rng.millis(5000, 9000),
             },
             7 => Fault::AgentKilled {
                 signal: signal(rng),

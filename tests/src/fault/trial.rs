@@ -89,9 +89,13 @@ pub(super) fn md5_pair(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The watchdog's retry window in the trials (seconds), shorter than any pause.
+pub(super) const WATCHDOG_RETRY_WINDOW_S: &str = "2";
+
 /// The application's hooks: `guest_pre` marks it quiesced, `guest_post` running again.
 pub(super) const QUIESCE: &str = "echo quiesced > /run/app.state; sync";
-pub(super) const RESUME: &str = "echo running > /run/app.state";
+/// (Each run of it adds a line to `/run/app.posts`: it must run once.)
+pub(super) const RESUME: &str = "echo running > /run/app.state; echo post >> /run/app.posts";
 /// The files a trial writes before the snapshot, and their md5s.
 pub(super) const DATA: &str = "echo running > /run/app.state && dd if=/dev/urandom of=/data0/fault.bin bs=64k count=4 2>/dev/null && \
     dd if=/dev/urandom of=/data1/fault.bin bs=64k count=4 2>/dev/null && sync && \
@@ -217,6 +221,9 @@ impl<'a> Trial<'a> {
         let mut child = Command::new(crate::bin("snap-orchestrate"))
             .env("EVESNAP_RUN_DIR", &self.run_dir)
             .env("EVESNAP_ZFS", &self.shim.program)
+            // The watchdog's give-up limit (600 s) shortened, test-only: it must keep
+            // retrying a paused VM regardless, and give up only on a VM that is gone.
+            .env("EVESNAP_WATCHDOG_RETRY_WINDOW_S", WATCHDOG_RETRY_WINDOW_S)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -323,6 +330,7 @@ impl<'a> Trial<'a> {
                     self.pipeline(None, Duration::ZERO, THAW_AFTER + Duration::from_secs(2))
                 }
                 Fault::AgentKilled { signal, after } => self.agent_killed(*signal, *after),
+                Fault::AgentAway { away } => self.agent_away(*away),
                 Fault::VmPaused { paused } => self.vm_paused(*paused),
                 Fault::ZfsFails | Fault::PoolFull => self.zfs_fails(fault == &Fault::PoolFull),
                 Fault::ZfsHangs => self.zfs_slow(THAW_AFTER + Duration::from_secs(3), 4.0, false),

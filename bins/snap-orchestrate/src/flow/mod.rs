@@ -23,9 +23,11 @@ use anyhow::anyhow;
 use evesnap::cli::Outcome;
 use evesnap::document::{Document, StepTimer};
 use evesnap::exit::{chain, coded, exit_of, Exit};
+use evesnap::pending::PendingCommand;
 use evesnap::qga::commands as qga;
+use evesnap::qga::watchdog;
 use evesnap::qga::{Address, Client};
-use evesnap::report::{Action, ExpeditedRcu, Report};
+use evesnap::report::{Action, ExpeditedRcu, GuestPost, Report};
 use evesnap::steps::{CommandRun, FreezeReport, GuestCommands};
 use evesnap::zfs::Zfs;
 use qga_thaw::ThawOptions;
@@ -157,13 +159,18 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
         events: &mut signals.0,
         timeout: Duration::from_secs_f64(plan.freeze.timeout_s),
         expedited_rcu: false,
+        post_left: Vec::new(),
     };
     let result = match plan.action {
         Action::Create => run.create(),
         Action::Rollback => run.rollback(),
     };
-    drop(lock);
+    let post_left = std::mem::take(&mut run.post_left);
     let mut report = run.report;
+    if !post_left.is_empty() {
+        record_pending(plan, &mut report, &post_left);
+    }
+    drop(lock);
     let error = match result {
         Ok(()) => None,
         Err((step, error)) => {
@@ -186,6 +193,10 @@ struct Run<'a> {
     timeout: Duration,
     /// The guest runs with expedited RCU for this freeze and must get its setting back.
     expedited_rcu: bool,
+    /// The `guest_post` commands still owed to the guest: all of them once `guest_pre`
+    /// started, fewer as they run; what is left at the end (the agent was lost) is
+    /// recorded as pending ([`record_pending`]).
+    post_left: Vec<GuestCommand>,
 }
 
 impl Run<'_> {
@@ -261,6 +272,9 @@ impl Run<'_> {
         commands: &[GuestCommand],
     ) -> (usize, bool, Result<(), StepError>) {
         let timer = StepTimer::start(label);
+        if label == "guest_pre" {
+            self.post_left = self.plan.guest_post.clone();
+        }
         let mut runs: Vec<CommandRun> = Vec::new();
         let mut all_ok = true;
         let mut result = Ok(());
@@ -273,8 +287,29 @@ impl Run<'_> {
                     break;
                 }
             }
-            let run = guest::run_command(client, command);
+            let (run, lost) = guest::run_command_checked(client, command);
             evesnap::note!("{label}: {}", run.describe());
+            if label == "guest_post" && !self.post_left.is_empty() {
+                // Reported on: never again. Lost in it: it stays owed, with the rest.
+                if !lost {
+                    self.post_left.remove(0);
+                }
+                if lost {
+                    runs.push(run);
+                    result = Err((
+                        label,
+                        coded(
+                            Exit::AgentUnreachable,
+                            format!(
+                                "{label}: the agent was lost ({})",
+                                runs[runs.len() - 1].describe()
+                            ),
+                        ),
+                    ));
+                    all_ok = false;
+                    break;
+                }
+            }
             all_ok &= run.ok;
             let fatal_failure = !run.ok && run.fatal;
             let message = run.describe();
@@ -305,9 +340,12 @@ impl Run<'_> {
             .cloned()
             .map(|c| GuestCommand { fatal: false, ..c })
             .collect();
+        // Only the undo is owed now.
+        self.post_left = undo.clone();
         if !undo.is_empty() {
             let _ = self.guest_commands(client, "guest_post", &undo);
         }
+        self.post_left.clear();
     }
 
     /// After the thaw (or a failed freeze): the guest's RCU setting back, then guest_post.
@@ -329,10 +367,78 @@ impl Run<'_> {
         if self.plan.guest_post.is_empty() {
             return Ok(());
         }
-        let post = self.plan.guest_post.clone();
-        self.guest_commands(client, "guest_post", &post).2
+        // What is still owed (all of it unless an undo ran some).
+        let post = self.post_left.clone();
+        if post.is_empty() {
+            return Ok(());
+        }
+        let result = self.guest_commands(client, "guest_post", &post).2;
+        if self.post_left.is_empty() {
+            self.report.guest_post = Some(GuestPost::Ran);
+        } else {
+            // A fatal failure stops guest_post on purpose: the rest is not owed.
+            let lost = result
+                .as_ref()
+                .err()
+                .is_some_and(|(_, e)| exit_of(e) == Exit::AgentUnreachable);
+            if !lost {
+                self.post_left.clear();
+                self.report.guest_post = Some(GuestPost::Ran);
+            }
+        }
+        result
     }
 }
+
+/// Records the `guest_post` commands a run could not run (its agent lost or silent) as
+/// pending for its agent ([`evesnap::pending`]), for whoever talks to the agent next, and
+/// makes sure someone will: when no watchdog is armed for the agent any more, one is armed
+/// to run them (it waits for the agent while the VM exists).
+fn record_pending(plan: &Plan, report: &mut Report, left: &[GuestCommand]) {
+    let Ok(address) = plan.agent.parse::<Address>() else {
+        return;
+    };
+    let commands: Vec<PendingCommand> = left
+        .iter()
+        .map(|c| PendingCommand {
+            path: c.path.clone(),
+            args: c.args.clone(),
+            timeout_s: c.timeout_s,
+        })
+        .collect();
+    match evesnap::pending::record(&address, &plan.id().to_string(), &commands) {
+        Ok(path) => {
+            report.guest_post = Some(GuestPost::Pending);
+            evesnap::warn!(
+                "guest_post could not run (the agent was lost): {} command(s) recorded in {}, run when the \
+                 agent answers again (the watchdog, `snap-orchestrate serve`, or `snap-orchestrate recover \
+                 --agent {address}`)",
+                commands.len(),
+                path.display()
+            );
+        }
+        Err(e) => {
+            evesnap::warn!(
+                "guest_post could not run and cannot be recorded ({}): run it by hand",
+                chain(&evesnap::exit::wrap(e))
+            );
+            return;
+        }
+    }
+    if matches!(watchdog::current(&address), Ok(Some(_))) {
+        return; // It runs them once it got through.
+    }
+    let program = qga_freeze::default_watchdog_program();
+    if let Err(e) = watchdog::arm(&address, PENDING_WATCHDOG_AFTER, &program) {
+        evesnap::warn!(
+            "no watchdog to run the pending guest_post ({}): run `snap-orchestrate recover --agent {address}`",
+            chain(&evesnap::exit::wrap(e))
+        );
+    }
+}
+
+/// When a watchdog armed for pending `guest_post` commands first tries the agent.
+const PENDING_WATCHDOG_AFTER: Duration = Duration::from_secs(1);
 
 /// The thaw step (`qga_thaw::thaw`, verified, watchdog cancelled), recorded in `report`;
 /// when the thaw command returned.

@@ -80,6 +80,20 @@ impl Server {
     ) -> Result<(Vec<GuestFilesystemInfo>, Option<GuestClock>), evesnap::qga::Error> {
         let mut client = Client::connect(&self.agent, Instant::now() + self.timeout)?;
         client.set_timeout(self.timeout);
+        // The agent answers again: what a run could not run before goes first.
+        if evesnap::pending::any(&self.agent) {
+            match evesnap::pending::run(&mut client, &self.agent) {
+                Ok(Some(ran)) => evesnap::note!(
+                    "ran {} pending guest_post command(s) of run {} ({} failed, {} still pending)",
+                    ran.commands.len(),
+                    ran.id,
+                    ran.commands.iter().filter(|c| !c.ok).count(),
+                    ran.put_back
+                ),
+                Ok(None) => {}
+                Err(e) => evesnap::warn!("pending guest_post: {}", evesnap::exit::chain_of(&e)),
+            }
+        }
         let clock = match request.deadline_ms {
             Some(_) => {
                 let asked_at = Instant::now();

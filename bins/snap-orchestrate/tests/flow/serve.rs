@@ -292,3 +292,35 @@ fn a_request_past_its_deadline_is_refused_and_one_that_outlives_it_claims_no_app
         "filesystem"
     );
 }
+
+/// Issue 14: `guest_post` a controller run left pending (its agent was lost) runs when
+/// `serve` next talks to the agent, once, before the guest's request.
+#[test]
+fn serve_runs_a_pending_guest_post_once_before_the_next_request() {
+    let (agent, sim) = guest(&["/data0"]);
+    sim.state().programs = app_ctl();
+    let zfs = FakeZfs::new(&pool(&[DS0, DS1]));
+    let mut listener = Listener::start(&agent, &zfs, "pending");
+    let record = listener.dir.join("run").join(
+        evesnap::pending::path(&agent.address)
+            .file_name()
+            .expect("a file name"),
+    );
+    let pending = json!({"agent": agent.address.to_string(), "id": "run-1",
+        "recorded_at": "2026-11-29T07:00:00Z",
+        "commands": [{"path": APP_CTL, "args": ["resume"], "timeout_s": 5.0}]});
+    std::fs::write(&record, pending.to_string()).expect("the record");
+
+    let reply = listener.create("c1", mounted_vda(), json!({}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    let reply = listener.create("c2", mounted_vda(), json!({}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    let resume = "guest-exec /usr/bin/app-ctl resume";
+    let log = sim.state().log.clone();
+    assert_eq!(log.iter().filter(|c| *c == resume).count(), 1, "{log:?}");
+    assert!(
+        at(&sim, resume) < at(&sim, "guest-fsfreeze-freeze"),
+        "{log:?}"
+    );
+    assert!(!record.exists());
+}

@@ -31,7 +31,7 @@ fn unique(what: &str) -> PathBuf {
 
 /// The runtime folder (the VM locks; no watchdog is armed with `thaw_after_s: 0`), set
 /// once, before any test runs the flow. Each run removes its lock file afterwards.
-fn run_dir() -> &'static Path {
+pub fn run_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir =

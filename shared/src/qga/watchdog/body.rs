@@ -202,31 +202,92 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
         }
     }
     let _ = fs::remove_file(&keeper);
-    let give_up = Instant::now() + FIRE_RETRY_WINDOW;
+    // A VM paused while frozen cannot answer: keep trying while it exists (its agent
+    // socket accepts connections), with a backoff; give up only when the agent has been
+    // unreachable (no socket, refused: QEMU is gone) past the retry window.
+    let window = retry_window();
+    let started = Instant::now();
+    let mut pause = Duration::from_secs(2);
     loop {
         if !is_current(address, token) {
             return Ok(Ending::Cancelled);
         }
         match thaw_once(address, held.take().map(|(fd, _)| fd)) {
-            Ok(ending) => {
+            Ok((ending, mut client)) => {
                 if is_current(address, token) {
                     let _ = remove_state(&state_path(address));
                 }
+                run_pending(&mut client, address);
                 return Ok(ending);
             }
-            Err(e) if Instant::now() < give_up => {
+            Err(e) if !(vm_gone(&e) && (started.elapsed() >= window || socket_gone(address))) => {
                 crate::warn!(
-                    "watchdog: thaw attempt failed, retrying: {}",
+                    "watchdog: thaw attempt failed, retrying in {} s: {}",
+                    pause.as_secs(),
                     crate::exit::chain_of(&e)
                 );
-                std::thread::sleep(Duration::from_secs(2));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
             }
             Err(source) => return Err(Error::GaveUp { source }),
         }
     }
 }
 
-fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<Ending, qga::ThawError> {
+/// The longest pause between two thaw attempts of a watchdog past its deadline.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
+
+/// [`FIRE_RETRY_WINDOW`], or for tests only `EVESNAP_WATCHDOG_RETRY_WINDOW_S` seconds.
+fn retry_window() -> Duration {
+    std::env::var("EVESNAP_WATCHDOG_RETRY_WINDOW_S")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(FIRE_RETRY_WINDOW)
+}
+
+/// Whether a failed attempt says the VM is gone (its agent socket is missing or refuses),
+/// rather than paused or busy (connected, but no answer).
+fn vm_gone(error: &qga::ThawError) -> bool {
+    matches!(
+        error,
+        qga::ThawError::Connect(qga::Error::Unreachable { .. })
+    )
+}
+
+/// The agent's socket file is not there at all: its QEMU is gone (a new one would boot a
+/// guest that is not frozen), so there is nothing to wait for.
+fn socket_gone(address: &Address) -> bool {
+    match address {
+        Address::Unix(path) => !path.exists(),
+        _ => false,
+    }
+}
+
+/// Runs the `guest_post` commands a run left pending for this agent, now that it answers.
+fn run_pending(client: &mut Client, address: &Address) {
+    match crate::pending::run(client, address) {
+        Ok(Some(ran)) => crate::warn!(
+            "watchdog {}: ran {} pending guest_post command(s) of run {}: {}",
+            std::process::id(),
+            ran.commands.len(),
+            ran.id,
+            ran.commands
+                .iter()
+                .map(|c| c.describe())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        Ok(None) => {}
+        Err(e) => crate::warn!(
+            "watchdog {}: pending guest_post: {}",
+            std::process::id(),
+            crate::exit::chain_of(&e)
+        ),
+    }
+}
+
+fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<(Ending, Client), qga::ThawError> {
     let timeout = Duration::from_secs(15);
     let deadline = Instant::now() + timeout;
     let mut client = match held {
@@ -236,7 +297,9 @@ fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<Ending, qga::Th
     .map_err(qga::ThawError::Connect)?;
     client.set_timeout(timeout);
     if qga::verify_thawed(&mut client, timeout).is_ok() {
-        return Ok(Ending::NotFrozen);
+        return Ok((Ending::NotFrozen, client));
     }
-    qga::thaw_and_verify(&mut client, timeout, false).map(|t| Ending::Thawed(t.count))
+    let ending =
+        qga::thaw_and_verify(&mut client, timeout, false).map(|t| Ending::Thawed(t.count))?;
+    Ok((ending, client))
 }

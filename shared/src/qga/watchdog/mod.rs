@@ -14,8 +14,13 @@
 //!
 //! The watchdog only acts while the state file still carries its token: a thaw removes
 //! the file, a later freeze replaces it with its own watchdog's token. At the deadline it
-//! connects, and if the guest is frozen it thaws and verifies, retrying for
-//! [`FIRE_RETRY_WINDOW`] if the agent does not answer (a paused VM).
+//! connects, and if the guest is frozen it thaws and verifies, then runs the `guest_post`
+//! commands a run left pending for the agent ([`crate::pending`]). While the agent does
+//! not answer it retries with a backoff (2 s doubling to 30 s): for as long as the VM
+//! exists (a paused VM's agent socket accepts connections but nothing answers), and gives
+//! up once the agent's socket file is gone, or once the agent has been unreachable
+//! (refused: QEMU is gone) past [`FIRE_RETRY_WINDOW`] (tests only:
+//! `EVESNAP_WATCHDOG_RETRY_WINDOW_S` seconds).
 //!
 //! The watchdog also keeps the freezing tool's agent connection, handed over through its
 //! keeper socket (`watchdog-<hash>.sock`, SCM_RIGHTS) when that tool exits, and hands it
@@ -57,7 +62,9 @@ pub const DEADLINE_FLAG: &str = "watchdog-deadline-ms";
 /// snapshot takes milliseconds); after that the thaw reconnects as usual.
 pub const KEEP_FOR: Duration = Duration::from_secs(2);
 
-/// How long a watchdog keeps trying to thaw after its deadline.
+/// How long a watchdog keeps trying to thaw after its deadline once the agent is
+/// unreachable (its socket gone or refused); a VM that exists but does not answer (paused)
+/// is retried for as long as it exists.
 pub const FIRE_RETRY_WINDOW: Duration = Duration::from_secs(600);
 
 /// A watchdog as recorded in its state file and in the job document.
@@ -110,7 +117,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("the watchdog could not thaw the guest within {}s after its deadline", FIRE_RETRY_WINDOW.as_secs())]
+    #[error(
+        "the watchdog could not thaw the guest: its agent stayed unreachable (the VM is gone?)"
+    )]
     GaveUp {
         #[source]
         source: super::ThawError,

@@ -10,6 +10,10 @@ use serde_json::json;
 use crate::fault::{Rng, Sig, Trial, SLACK, THAW_AFTER};
 use crate::guest::{set_paused, try_connect};
 
+/// How much later than [`SLACK`] a watchdog retrying an agent that is back may thaw:
+/// about 1 s for init to respawn it, up to 4 s of backoff, its attempt.
+const RETRY_SLACK: Duration = Duration::from_secs(6);
+
 impl Trial<'_> {
     /// qemu-ga's pid in the guest.
     fn agent_pid(&mut self) -> Option<String> {
@@ -74,6 +78,68 @@ impl Trial<'_> {
         if signal == Sig::Kill {
             self.note(format!("qemu-ga restarted while frozen, exit {code}"));
         }
+    }
+
+    /// How many times `guest_post` ran in the guest so far.
+    fn posts(&mut self) -> usize {
+        self.sh("cat /run/app.posts 2>/dev/null | wc -l")
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// qemu-ga killed right after the freeze, and again whenever init respawns it, for
+    /// `away`: the run cannot thaw nor run `guest_post`. Its report says `guest_post:
+    /// "pending"`; the watchdog thaws once the agent is back and runs `guest_post`, once.
+    pub(in crate::fault) fn agent_away(&mut self, away: Duration) {
+        let posts = self.posts();
+        let script = format!(
+            "( i=0; while [ ! -e /run/qga.state.isfrozen ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
+             [ $i -lt 600 ] || exit 0; usleep 300000; n=0; while [ $n -lt {} ]; do kill -9 $(pidof qemu-ga) 2>/dev/null; usleep 50000; n=$((n+1)); done ) \
+             </dev/null >/dev/null 2>&1 &",
+            away.as_millis() / 50
+        );
+        if let Err(e) = self.sh(&script) {
+            self.fail(format!("cannot start the agent killer: {e}"));
+            return;
+        }
+        self.shim.set("snapshot.before", "1");
+        let child = self.start(json!({}));
+        let seen = self.shim.snapshot_started();
+        let (code, report, _) = self.finish_checked(child);
+        let reference = seen.unwrap_or(self.started);
+        self.check(
+            [3, 4, 6].contains(&code),
+            format!("exit {code}: the run did not lose its agent"),
+        );
+        let said = report
+            .as_ref()
+            .and_then(|r| r.get("guest_post"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        self.check(
+            said.as_deref() == Some("pending"),
+            format!("the report says guest_post {said:?}, not \"pending\""),
+        );
+        // The agent is away until `away` after the freeze and init respawns it about 1 s
+        // later; the watchdog, past its deadline by then, retries 2 s then 4 s apart.
+        let deadline = (reference + THAW_AFTER).max(reference + away) + SLACK + RETRY_SLACK;
+        self.check_thawed(reference, deadline);
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut ran = self.posts().saturating_sub(posts);
+        while ran == 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(500));
+            ran = self.posts().saturating_sub(posts);
+        }
+        self.check(
+            ran == 1,
+            format!("guest_post ran {ran} times once the agent was back"),
+        );
+        self.check_resumed(code);
+        self.check_claims(report.as_ref());
+        self.note(format!(
+            "exit {code}, guest_post pending, ran {ran} time(s) after"
+        ));
     }
 
     pub(in crate::fault) fn vm_paused(&mut self, paused: Duration) {
