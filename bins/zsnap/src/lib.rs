@@ -215,6 +215,9 @@ fn run_take<'z>(
     let deadline = claims_frozen
         .then(|| meta::watchdog_deadline_ms(&doc))
         .flatten();
+    let freeze_watchdog = doc
+        .last_ok::<evesnap::steps::FreezeReport>()
+        .and_then(|(_, freeze)| freeze.watchdog);
     if claims_frozen {
         if let Err(e) = prepared.claim(meta::FROZEN, "false", "true") {
             return failed(doc, timer, Map::new(), evesnap::exit::wrap(e));
@@ -271,11 +274,19 @@ fn run_take<'z>(
             doc.push(timer.finish_with(true, &report));
             let mut outcome = Outcome::success(doc);
             if !report.destroy_after_output.is_empty() || !claims.is_empty() {
-                // The next tool (a thaw) must not wait for this.
+                // The next tool (a thaw) must not wait for this, nor compete with it: in a
+                // pipeline, this waits (at most THAW_WAIT) for the freeze's watchdog to stand
+                // down, which the thaw does. A document stored in a file is not waited on.
                 let zfs = zfs.clone();
                 let extra = report.destroy_after_output;
                 let snapshots = prepared.snapshots.clone();
+                let thaw_to_come = evesnap::cli::stdout_pipe()
+                    .and(freeze_watchdog.clone())
+                    .filter(|_| !claims.is_empty() || !extra.is_empty());
                 outcome.after_output = Some(evesnap::cli::AfterOutput(Box::new(move || {
+                    if let Some(watchdog) = thaw_to_come {
+                        evesnap::qga::watchdog::wait_stood_down(&watchdog, THAW_WAIT);
+                    }
                     take::confirm_claims(&zfs, &snapshots, &claims).map_err(|e| {
                         evesnap::exit::wrap(e).context(format!(
                             "cannot record on {} that it was taken frozen",
@@ -295,6 +306,9 @@ fn run_take<'z>(
         Err(e) => failed(doc, timer, plan, evesnap::exit::wrap(e)),
     }
 }
+
+/// How long zsnap's work after its document waits for the thaw downstream.
+const THAW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()

@@ -205,6 +205,23 @@ fn is_current(address: &Address, token: &str) -> bool {
     matches!(current(address), Ok(Some(w)) if w.token == token)
 }
 
+/// Waits, at most `limit`, until `watchdog` stood down (a thaw cancelled it, it fired, or
+/// another freeze replaced it): work that would compete with the thaw for the pool and the
+/// guest's disks waits for it. True when it stood down.
+pub fn wait_stood_down(watchdog: &Watchdog, limit: Duration) -> bool {
+    let Ok(address) = watchdog.agent.parse::<Address>() else {
+        return true;
+    };
+    let until = std::time::Instant::now() + limit;
+    while is_current(&address, &watchdog.token) {
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// Arms a watchdog for `address` that thaws `thaw_after` from now, started through
 /// `program` (a program that accepts the watchdog flags, e.g. `qga-freeze`). Replaces
 /// any watchdog armed before for the same address (that one then stands down).
