@@ -16,6 +16,7 @@
 
 mod create;
 mod rollback;
+mod window;
 
 use std::time::{Duration, Instant};
 
