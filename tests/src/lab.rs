@@ -45,9 +45,18 @@ fn env_path(var: &str, default: &str) -> PathBuf {
         .unwrap_or_else(|| crate::repo_root().join(default))
 }
 
-/// The test lab's pool: `EVESNAP_TEST_LAB_POOL` or `evesnap-test`.
+/// The test lab's pool: `EVESNAP_TEST_LAB_POOL`, else the test lab folder's own pool name.
 pub fn test_lab_pool() -> String {
-    std::env::var("EVESNAP_TEST_LAB_POOL").unwrap_or_else(|_| "evesnap-test".into())
+    std::env::var("EVESNAP_TEST_LAB_POOL")
+        .unwrap_or_else(|_| lab_pool_for("evesnap-test", &test_lab_dir()))
+}
+
+/// `prefix-xxxxxxxx`, a pool name of the lab folder's own (as `lab_pool_for` in
+/// scripts/lib/test-lab.sh): two checkouts on one machine share the zfs-fuse daemon and its
+/// pool cache, never a pool.
+pub fn lab_pool_for(prefix: &str, dir: &std::path::Path) -> String {
+    let hash = evesnap::runtime::fnv1a(&dir.to_string_lossy());
+    format!("{prefix}-{:08x}", hash & 0xffff_ffff)
 }
 
 /// Runs `scripts/lab <args>` for the test lab and returns its stdout.
@@ -213,5 +222,39 @@ pub fn destroy_snapshots_named(lab: &Lab, name: &str) {
         if snapshot.ends_with(&suffix) {
             let _ = crate::zfs::zfs(&["destroy", &snapshot]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scripts_and_the_tests_name_a_lab_folders_pool_alike() {
+        for dir in [
+            "/work/main/target/lab-test",
+            "/check/work/main/target/lab-test",
+            "/é x",
+        ] {
+            let script =
+                format!("source scripts/lib/test-lab.sh && lab_pool_for evesnap-test '{dir}'");
+            let out = Command::new("bash")
+                .args(["-c", &script])
+                .current_dir(crate::repo_root())
+                .output()
+                .expect("run bash");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let from_script = String::from_utf8(out.stdout).unwrap();
+            let from_tests = lab_pool_for("evesnap-test", std::path::Path::new(dir));
+            assert_eq!(from_script.trim(), from_tests);
+        }
+        assert_ne!(
+            lab_pool_for("evesnap-test", "/work/main/target/lab-test".as_ref()),
+            lab_pool_for("evesnap-test", "/check/work/main/target/lab-test".as_ref())
+        );
     }
 }

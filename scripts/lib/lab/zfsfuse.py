@@ -125,9 +125,27 @@ def pool_is_ours(pool, vdev):
     return str(vdev) in status
 
 
+def pool_files(pool):
+    """The file vdevs `zpool status` names for `pool` (absolute paths)."""
+    status = run(["zpool", "status", pool], check=False).stdout
+    return [Path(word) for line in status.splitlines() for word in line.split()[:1]
+            if word.startswith("/")]
+
+
+def forget_if_stale(pool):
+    """A pool that zfs-fuse imported from its cache but whose files are all gone (a deleted
+    checkout's lab) holds nothing: export it so that its name can be used again."""
+    files = pool_files(pool)
+    if files and not any(f.exists() for f in files):
+        log(f"exporting pool {pool}: its files are gone ({', '.join(map(str, files))})")
+        run(["zpool", "export", "-f", pool], check=False)
+
+
 def ensure_pool(lab, pool):
     vdev = lab / "pool.img"
     mnt = lab / "mnt"
+    if pool_health(pool) is not None:
+        forget_if_stale(pool)
     health = pool_health(pool)
     if health is None and vdev.exists():
         run(["zpool", "import", "-d", str(lab), pool], check=False)
