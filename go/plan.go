@@ -19,7 +19,7 @@ type Plan struct {
 	Action              Action               `json:"action,omitempty"`
 	Agent               string               `json:"agent"`
 	QMP                 string               `json:"qmp,omitempty"`
-	Datasets            []string             `json:"datasets"`
+	Datasets            []string             `json:"datasets,omitempty"`
 	Snapshot            string               `json:"snapshot,omitempty"`
 	Freeze              *FreezePlan          `json:"freeze,omitempty"`
 	GuestPre            []GuestCommand       `json:"guest_pre,omitempty"`

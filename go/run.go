@@ -40,6 +40,9 @@ func Run(ctx context.Context, plan Plan) (Report, error) {
 // its report.
 func (r Runner) Run(ctx context.Context, plan Plan) (Report, error) {
 	var report Report
+	if err := ctx.Err(); err != nil {
+		return report, fmt.Errorf("evesnap: not started: %w", err)
+	}
 	if plan.Version == 0 {
 		plan.Version = PlanVersion
 	}

@@ -12,6 +12,27 @@ import (
 	"time"
 )
 
+// A plan the tool refuses (no datasets): exit 2 as ErrUsage, with the tool's report.
+func TestABadPlanIsAUsageError(t *testing.T) {
+	binary := orchestrateBinary(t)
+	report, err := runner(t, binary).Run(context.Background(), Plan{Agent: "unix:/nonexistent/qga.sock"})
+	var exit *ExitError
+	if !errors.Is(err, ErrUsage) || !errors.As(err, &exit) || !strings.Contains(exit.Message, "datasets") {
+		t.Fatalf("want exit 2 naming datasets, got %v (report %+v)", err, report.Error)
+	}
+}
+
+// A context cancelled before Run starts nothing.
+func TestACancelledContextStartsNothing(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := Runner{Binary: "/nonexistent/snap-orchestrate"}.Run(ctx, Plan{})
+	var exit *ExitError
+	if !errors.Is(err, context.Canceled) || errors.As(err, &exit) {
+		t.Fatalf("got %v", err)
+	}
+}
+
 // A real create on the lab: the report and its eve-api view.
 func TestRunCreatesAnApplicationConsistentSnapshot(t *testing.T) {
 	l, binary := testLab(t)
@@ -115,7 +136,8 @@ func TestCancellingARunThawsTheGuestAndReturnsTheReport(t *testing.T) {
 	if took := time.Since(began); took > 60*time.Second {
 		t.Fatalf("the run took %v", took)
 	}
-	if report.Error == nil || report.Error.Step != "snapshot" {
+	if report.Error == nil || report.Error.Step != "snapshot" ||
+		!strings.Contains(report.Error.Message, "interrupted by signal 15") {
 		t.Fatalf("report error %+v", report.Error)
 	}
 	thawed := false
