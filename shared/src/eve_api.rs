@@ -153,9 +153,7 @@ pub fn retry_condition(exit: Exit, error: Option<&anyhow::Error>) -> String {
     }
     match exit {
         Exit::Success => "",
-        Exit::StepFailed => {
-            "after the cause in the description is fixed; nothing was left half done"
-        }
+        Exit::StepFailed => "after the cause in the description is fixed",
         Exit::Usage => "never as it is: the plan must be corrected",
         Exit::AgentUnreachable => "when the VM runs and its guest agent accepts connections",
         Exit::AgentTimeout => "when the guest agent answers in time",
