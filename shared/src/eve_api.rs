@@ -159,7 +159,7 @@ pub fn retry_condition(exit: Exit, error: Option<&anyhow::Error>) -> String {
         Exit::AgentTimeout => "when the guest agent answers in time",
         Exit::UpstreamFailed => "after the upstream step succeeds",
         Exit::ThawFailed => {
-            "after the guest is thawed (the watchdog keeps trying; `snap-orchestrate recover`)"
+            "after the guest is thawed (the auto-thaw watchdog keeps trying while the VM exists)"
         }
         Exit::Preflight => "after the failed check passes; nothing was changed",
         Exit::Busy => "when the VM's other snapshot operation has finished",
