@@ -145,13 +145,13 @@ impl DeviceEntity {
     }
 }
 
-/// When a run that failed with `exit` can be retried with success; `error` refines it where
-/// it says more (a preflight's problems, zfs out of space).
-pub fn retry_condition(exit: Exit, error: Option<&anyhow::Error>) -> String {
-    if let Some(text) = error.and_then(from_zfs) {
+/// When a run that failed with `error` can be retried with success: from its exit code,
+/// or from what the error says more precisely (a preflight's problems, zfs out of space).
+pub fn retry_condition(error: &anyhow::Error) -> String {
+    if let Some(text) = from_zfs(error) {
         return text;
     }
-    match exit {
+    match crate::exit::exit_of(error) {
         Exit::Success => "",
         Exit::StepFailed => "after the cause in the description is fixed",
         Exit::Usage => "never as it is: the plan must be corrected",
@@ -222,7 +222,7 @@ mod tests {
                 _ => Severity::Warning,
             };
             assert_eq!(Severity::of(exit), expected, "{exit}");
-            let retry = retry_condition(exit, None);
+            let retry = retry_condition(&crate::exit::coded(exit, "failed"));
             assert_eq!(retry.is_empty(), exit == Exit::Success, "{exit}: {retry}");
         }
     }
@@ -237,10 +237,7 @@ mod tests {
                 missing: 6,
             }],
         });
-        assert_eq!(
-            retry_condition(Exit::Preflight, Some(&error)),
-            "after 6 bytes are freed for p/a"
-        );
+        assert_eq!(retry_condition(&error), "after 6 bytes are freed for p/a");
     }
 
     #[test]

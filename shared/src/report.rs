@@ -316,7 +316,7 @@ impl Report {
             timestamp: timestamp.clone(),
             severity: Severity::of(exit),
             entities: self.entities(),
-            retry_condition: crate::eve_api::retry_condition(exit, Some(error)),
+            retry_condition: crate::eve_api::retry_condition(error),
         });
         self.error = Some(ReportError {
             tool: tool.to_string(),
