@@ -166,6 +166,27 @@ pub struct ReportError {
     pub timestamp: String,
 }
 
+/// What a warning is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WarningKind {
+    /// The freeze failed and the run fell back to a crash-consistent snapshot, as the
+    /// plan's `freeze.on_failure: "crash"` allows: the guest was thawed and verified first.
+    CrashFallback,
+}
+
+/// A failure the run went on from, as its plan allows: the run succeeded, but not as well
+/// as asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportWarning {
+    pub kind: WarningKind,
+    /// The step that failed (`freeze`).
+    pub step: String,
+    /// Why it failed.
+    pub message: String,
+}
+
 /// Whether the guest ran with expedited RCU for the freeze (`freeze.expedite_rcu`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -185,7 +206,8 @@ pub struct ExpeditedRcu {
 pub struct Report {
     /// The job document's version ([`VERSION`]).
     pub version: u32,
-    /// Every step succeeded.
+    /// The run succeeded: every step succeeded, or the ones that failed were fallen back
+    /// from as the plan allows, each named in `warnings`.
     pub ok: bool,
     /// One entry per step, in order (see the crate documentation of `snap-orchestrate`).
     pub steps: Vec<Step>,
@@ -227,6 +249,9 @@ pub struct Report {
     /// Rollback: newer snapshots destroyed on the way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed: Option<Vec<String>>,
+    /// Failures the run went on from (a failed freeze with `freeze.on_failure: "crash"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<ReportWarning>,
 }
 
 impl Report {
@@ -259,6 +284,7 @@ impl Report {
             guest_post: None,
             rolled_back: None,
             destroyed: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -273,6 +299,25 @@ impl Report {
     pub fn insert(&mut self, index: usize, step: Step) {
         self.ok &= step.ok;
         self.steps.insert(index.min(self.steps.len()), step);
+    }
+
+    /// The run goes on from the failure of `step`, as its plan allows: the steps that failed
+    /// so far (the ones of that failure) no longer fail the run; `message` says why.
+    pub fn fall_back(&mut self, kind: WarningKind, step: &str, message: String) {
+        self.warnings.push(ReportWarning {
+            kind,
+            step: step.to_string(),
+            message,
+        });
+        self.ok = self.error.is_none();
+    }
+
+    /// The reason of a crash-consistent fallback, if the run fell back to one.
+    pub fn crash_reason(&self) -> Option<&str> {
+        self.warnings
+            .iter()
+            .find(|w| w.kind == WarningKind::CrashFallback)
+            .map(|w| w.message.as_str())
     }
 
     /// Records the run's failure in `step` (the first one counts).
