@@ -233,6 +233,11 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
     print_line(&reply);
     let (kind, message) = match serde_json::from_value::<Reply>(reply) {
         Ok(reply) if reply.ok => {
+            if let Some(reason) = &reply.crash_reason {
+                evesnap::warn!(
+                    "the freeze failed, so the snapshot is only crash-consistent (--accept-crash): {reason}"
+                );
+            }
             evesnap::note!("done in {:.1} s", started.elapsed().as_secs_f64());
             return Outcome::default();
         }

@@ -806,6 +806,7 @@ fn a_failed_freeze_gives_a_crash_snapshot_only_with_accept_crash() {
     assert_eq!(run.stdout["consistency"], "crash", "{run:?}");
     let reason = reply.crash_reason.as_deref().unwrap_or_default();
     assert!(reason.contains("froze no filesystem"), "{reply:?}");
+    assert!(run.stderr.contains("only crash-consistent"), "{run:?}");
     assert!(!reason.contains(&lab.pool), "{reason}");
     assert_eq!(zfs_get(CONSISTENCY, &snapshot), "crash");
     assert_eq!(zfs_get(FROZEN, &snapshot), "false");
