@@ -341,3 +341,47 @@ impl Report {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::StepTimer;
+
+    fn report() -> Report {
+        Report::new(
+            uuid::Uuid::nil(),
+            SnapshotType::Immediate,
+            Action::Create,
+            "unix:/a",
+            &["p/a".to_string()],
+            "s",
+        )
+    }
+
+    #[test]
+    fn a_fallback_forgives_the_failed_steps_so_far_and_says_why() {
+        let mut r = report();
+        r.push(StepTimer::start("qga-freeze").finish(false, Default::default()));
+        assert!(!r.ok);
+        assert_eq!(r.crash_reason(), None);
+        r.fall_back(WarningKind::CrashFallback, "freeze", "froze 1 of 2".into());
+        assert!(r.ok);
+        assert_eq!(r.crash_reason(), Some("froze 1 of 2"));
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["warnings"][0]["kind"], "crash-fallback");
+        // A step failing after the fallback fails the run again.
+        r.push(StepTimer::start("guest_post").finish(false, Default::default()));
+        assert!(!r.ok);
+        // A run that failed stays failed.
+        let mut failed = report();
+        failed.fail("t", "freeze", Exit::StepFailed, "x".into());
+        failed.fall_back(WarningKind::CrashFallback, "freeze", "y".into());
+        assert!(!failed.ok);
+    }
+
+    #[test]
+    fn no_warnings_leave_no_field() {
+        let json = serde_json::to_value(report()).expect("json");
+        assert!(json.get("warnings").is_none(), "{json}");
+    }
+}
