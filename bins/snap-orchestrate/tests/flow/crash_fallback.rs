@@ -222,3 +222,29 @@ fn a_failed_freeze_whose_thaw_cannot_be_verified_fails_even_with_crash() {
     assert_eq!(run.report.consistency, None);
     assert!(sim.state().frozen > 0, "the fake guest stays frozen");
 }
+
+#[test]
+fn a_freeze_whose_agent_goes_silent_fails_even_with_crash() {
+    // Neither the freeze nor the thaw after it is answered: the guest may be frozen.
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: app_ctl(),
+        silent: vec!["guest-fsfreeze-freeze".into(), "guest-fsfreeze-thaw".into()],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let silent = json!({"freeze": {"timeout_s": 1}});
+    let run = run(
+        &plan(
+            &agent.address.to_string(),
+            &[DS0],
+            on_failure("crash", silent),
+        ),
+        &zfs,
+    );
+    assert_eq!(exit(&run), Exit::AgentTimeout, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("freeze"));
+    assert!(run.report.warnings.is_empty());
+    assert!(zfs.snapshots().is_empty());
+    assert!(zfs.calls_of("snapshot").is_empty());
+    assert!(got(&sim, "guest-fsfreeze-thaw"));
+}
