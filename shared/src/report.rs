@@ -160,6 +160,27 @@ pub struct ReportError {
     pub timestamp: String,
 }
 
+/// What a warning is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WarningKind {
+    /// The freeze failed and the run fell back to a crash-consistent snapshot, as the
+    /// plan's `freeze.on_failure: "crash"` allows: the guest was thawed and verified first.
+    CrashFallback,
+}
+
+/// A failure the run went on from, as its plan allows: the run succeeded, but not as well
+/// as asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportWarning {
+    pub kind: WarningKind,
+    /// The step that failed (`freeze`).
+    pub step: String,
+    /// Why it failed.
+    pub message: String,
+}
+
 /// Whether the guest ran with expedited RCU for the freeze (`freeze.expedite_rcu`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -179,7 +200,8 @@ pub struct ExpeditedRcu {
 pub struct Report {
     /// The job document's version ([`VERSION`]).
     pub version: u32,
-    /// Every step succeeded.
+    /// The run succeeded: every step succeeded, or the ones that failed were fallen back
+    /// from as the plan allows, each named in `warnings`.
     pub ok: bool,
     /// One entry per step, in order (see the crate documentation of `snap-orchestrate`).
     pub steps: Vec<Step>,
@@ -229,6 +251,9 @@ pub struct Report {
     /// Rollback: newer snapshots destroyed on the way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed: Option<Vec<String>>,
+    /// Failures the run went on from (a failed freeze with `freeze.on_failure: "crash"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<ReportWarning>,
 }
 
 impl Report {
@@ -271,6 +296,7 @@ impl Report {
             guest_post: None,
             rolled_back: None,
             destroyed: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -301,6 +327,25 @@ impl Report {
         self.steps.insert(index.min(self.steps.len()), step);
     }
 
+    /// The run goes on from the failure of `step`, as its plan allows: the steps that failed
+    /// so far (the ones of that failure) no longer fail the run; `message` says why.
+    pub fn fall_back(&mut self, kind: WarningKind, step: &str, message: String) {
+        self.warnings.push(ReportWarning {
+            kind,
+            step: step.to_string(),
+            message,
+        });
+        self.ok = self.error.is_none();
+    }
+
+    /// The reason of a crash-consistent fallback, if the run fell back to one.
+    pub fn crash_reason(&self) -> Option<&str> {
+        self.warnings
+            .iter()
+            .find(|w| w.kind == WarningKind::CrashFallback)
+            .map(|w| w.message.as_str())
+    }
+
     /// Records the run's failure in `step` (the first one counts), here and as eve-api's
     /// `snap_err`.
     pub fn fail(&mut self, tool: &str, step: &str, error: &anyhow::Error) {
@@ -326,5 +371,50 @@ impl Report {
             step: step.to_string(),
             timestamp,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::StepTimer;
+
+    fn report() -> Report {
+        Report::new(
+            uuid::Uuid::nil(),
+            SnapshotType::Immediate,
+            Action::Create,
+            "unix:/a",
+            &["p/a".to_string()],
+            "s",
+        )
+    }
+
+    #[test]
+    fn a_fallback_forgives_the_failed_steps_so_far_and_says_why() {
+        let mut r = report();
+        r.push(StepTimer::start("qga-freeze").finish(false, Default::default()));
+        assert!(!r.ok);
+        assert_eq!(r.crash_reason(), None);
+        r.fall_back(WarningKind::CrashFallback, "freeze", "froze 1 of 2".into());
+        assert!(r.ok);
+        assert_eq!(r.crash_reason(), Some("froze 1 of 2"));
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["warnings"][0]["kind"], "crash-fallback");
+        // A step failing after the fallback fails the run again.
+        r.push(StepTimer::start("guest_post").finish(false, Default::default()));
+        assert!(!r.ok);
+        // A run that failed stays failed.
+        let mut failed = report();
+        let error = crate::exit::coded(crate::exit::Exit::StepFailed, "x");
+        failed.fail("t", "freeze", &error);
+        failed.fall_back(WarningKind::CrashFallback, "freeze", "y".into());
+        assert!(!failed.ok);
+    }
+
+    #[test]
+    fn no_warnings_leave_no_field() {
+        let json = serde_json::to_value(report()).expect("json");
+        assert!(json.get("warnings").is_none(), "{json}");
     }
 }

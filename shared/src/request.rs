@@ -72,7 +72,9 @@
 //!   before the snapshot returned (the application may have resumed; the freeze held).
 //! - `crash`: nothing was frozen: the disk had no filesystem mounted when the host asked
 //!   (a raw-device writer, or a mount in between, is not excluded), so the snapshot is
-//!   only as consistent as a power cut.
+//!   only as consistent as a power cut. Or the request said `accept_crash: true` and the
+//!   freeze failed: the guest was thawed and verified thawed, then the snapshot taken
+//!   unfrozen; the reply's `crash_reason` says why the freeze failed.
 
 use crate::report::Consistency;
 use serde::{Deserialize, Serialize};
@@ -145,6 +147,12 @@ pub struct Request {
     /// returned before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// `create`: should the freeze fail (refused, timed out, partial, not verified) and the
+    /// guest be thawed again, take the snapshot anyway, unfrozen: it is then
+    /// `crash`-consistent and the reply says why (`crash_reason`). Without it such a
+    /// request fails and nothing is taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_crash: bool,
 }
 
 /// The disk a request is about, as the guest sees it.
@@ -254,6 +262,9 @@ impl Request {
             }
             Op::List | Op::Rollback if self.quiesced => {
                 return Err(Invalid("`quiesced` is only for op `create`".into()));
+            }
+            Op::List | Op::Rollback if self.accept_crash => {
+                return Err(Invalid("`accept_crash` is only for op `create`".into()));
             }
             Op::List => {
                 if self.name.is_some() || self.to.is_some() {
@@ -377,6 +388,10 @@ pub struct Reply {
     /// `create`: from the freeze returning to the thaw returning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window_ms: Option<f64>,
+    /// `create` with `accept_crash`: why the snapshot is only `crash`-consistent (the
+    /// freeze failed; the guest was thawed before it was taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_reason: Option<String>,
     /// `rollback`: snapshots destroyed because they were newer (none unless allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed: Option<Vec<String>>,
@@ -397,6 +412,7 @@ impl Reply {
             snapshots: None,
             consistency: None,
             freeze_window_ms: None,
+            crash_reason: None,
             destroyed: None,
             error: None,
         }
@@ -414,6 +430,7 @@ impl Reply {
             snapshots: None,
             consistency: None,
             freeze_window_ms: None,
+            crash_reason: None,
             destroyed: None,
             error: Some(error),
         }

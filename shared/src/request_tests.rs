@@ -90,6 +90,11 @@ fn bad_requests_are_refused_with_a_reason() {
             "`quiesced`",
         ),
         (
+            r#"{"version":1,"id":"a","op":"rollback","disk":{"path":"/d"},"to":"x","accept_crash":true}"#
+                .to_string(),
+            "`accept_crash`",
+        ),
+        (
             r#"{"version":1,"id":"a","op":"create","disk":{"path":"/d"},"deadline_ms":-1}"#
                 .to_string(),
             "expected u64",

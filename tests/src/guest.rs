@@ -95,6 +95,28 @@ pub fn guest_background(client: &mut Client, script: &str) {
     );
 }
 
+/// Freezes `mountpoint` from inside the guest (busybox `fsfreeze --freeze`), behind the agent's
+/// back: the agent still says `thawed`, and its own freeze of that filesystem then fails
+/// (`FIFREEZE`: EBUSY), as a real freeze failure. Any agent thaw thaws it again (qemu-ga
+/// repeats `FITHAW` on every filesystem until it fails).
+pub fn freeze_behind_the_agent(lab: &Lab, mountpoint: &str) {
+    guest_sh(
+        &mut connect(lab),
+        &format!("sync; fsfreeze --freeze {mountpoint}"),
+    );
+}
+
+/// Thaws `mountpoint` from inside the guest (`fsfreeze --unfreeze`); whether it was still frozen
+/// (`FITHAW` fails on a filesystem that is not).
+pub fn unfreeze_in_guest(lab: &Lab, mountpoint: &str) -> bool {
+    let (code, _, _) = guest_exec(
+        &mut connect(lab),
+        &["/bin/fsfreeze", "--unfreeze", mountpoint],
+        Duration::from_secs(10),
+    );
+    code == 0
+}
+
 /// Pauses (QMP `stop`) or resumes (`cont`) the lab VM.
 pub fn set_paused(lab: &Lab, paused: bool) -> Result<(), String> {
     let mut qmp = Qmp::connect(&lab.qmp, Duration::from_secs(5)).map_err(|e| e.to_string())?;

@@ -202,6 +202,19 @@ fn a_hung_zfs_rollback_ends_on_sigterm_within_seconds_and_remounts() {
     run(Fault::ZfsHangsTerm { rollback: true }, false);
 }
 
+/// Issue 17: a freeze that comes up short fails the run and takes nothing by default ...
+#[test]
+fn a_freeze_that_comes_up_short_takes_nothing_by_default() {
+    run(Fault::FreezeFails { crash: false }, false);
+}
+
+/// ... and with `freeze.on_failure: crash` gives a snapshot labelled `crash` with the
+/// reason, the guest thawed first.
+#[test]
+fn a_freeze_that_comes_up_short_gives_a_labelled_crash_snapshot_when_allowed() {
+    run(Fault::FreezeFails { crash: true }, false);
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()

@@ -95,6 +95,12 @@ struct SnapshotArgs {
     /// before --timeout ran out.
     #[arg(long, requires = "create")]
     quiesced: bool,
+    /// For --create: should the freeze fail (or time out, or freeze fewer filesystems than
+    /// the disk has, or not verify), take the snapshot anyway once the guest is thawed
+    /// again. It is then only `crash`-consistent, and the reply says so and why
+    /// (`consistency`, `crash_reason`). Without it such a request fails and nothing is taken.
+    #[arg(long, requires = "create")]
+    accept_crash: bool,
     /// The request channel: the virtio-serial port, or a Unix socket.
     #[arg(long, value_name = "PATH", default_value = request::DEFAULT_CHANNEL)]
     channel: PathBuf,
@@ -195,6 +201,7 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
         to: args.to.clone(),
         quiesced: args.quiesced,
         deadline_ms: None,
+        accept_crash: args.accept_crash,
     };
     if let Err(e) = request.check() {
         return local_failure(Some(&request.id), coded(Exit::Usage, e.0));
@@ -226,6 +233,11 @@ fn snapshot(args: &SnapshotArgs) -> Outcome {
     print_line(&reply);
     let (kind, message) = match serde_json::from_value::<Reply>(reply) {
         Ok(reply) if reply.ok => {
+            if let Some(reason) = &reply.crash_reason {
+                evesnap::warn!(
+                    "the freeze failed, so the snapshot is only crash-consistent (--accept-crash): {reason}"
+                );
+            }
             evesnap::note!("done in {:.1} s", started.elapsed().as_secs_f64());
             return Outcome::default();
         }

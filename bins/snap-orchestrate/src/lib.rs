@@ -8,7 +8,9 @@
 //! - `id`, `type`, `action`: from the plan;
 //! - create: `create_time` (RFC 3339), `snapshots: [{name, guid, createtxg, creation}]`,
 //!   `consistency` (`application` | `filesystem` | `crash`), `freeze_window_ms` (from the
-//!   freeze returning to the thaw returning);
+//!   freeze returning to the thaw returning), `warnings: [{kind, step, message}]` when the
+//!   run went on from a failure (`crash-fallback`: the freeze failed, the plan's
+//!   `freeze.on_failure` is `crash`, the snapshot was taken unfrozen);
 //! - rollback: `rolled_back: [{dataset, to}]`, `destroyed: [...]`;
 //! - `error`: `null`, or `{tool, kind, message, description, step, timestamp}`;
 //! - `zinfo_snapshot`: eve-api's `ZInfoSnapshot` of the run (`id`, `config_id`,
@@ -103,7 +105,8 @@ enum Sub {
             application (eve-guest-agent --quiesced) and the snapshot returned before the guest's \
             deadline (read on the guest's clock through the agent), `filesystem` after a verified freeze \
             of the disk's own mounted filesystems, `crash` for a disk with none mounted (nothing is \
-            frozen). A request already past its deadline when taken up is refused (`expired`).\n\n\
+            frozen) or, when the guest accepts it (eve-guest-agent --accept-crash), after a freeze that \
+            failed and was thawed again (the reply's `crash_reason` says why). A request already past its deadline when taken up is refused (`expired`).\n\n\
             Each request is recorded as one JSON line on stdout: {at, request, reply, report}, report \
             being the flow's full report. Exits 0 on SIGINT/SIGTERM/SIGHUP; a signal during a request \
             stops its flow as it stops the orchestrator's (the guest is thawed), the guest gets the error \

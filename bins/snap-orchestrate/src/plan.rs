@@ -109,6 +109,27 @@ pub struct FreezePlan {
     /// freeze goes on without it. The guest restores its previous setting by itself
     /// within 10 s should this run not get to it.
     pub expedite_rcu: bool,
+    /// What a failed freeze does: `fail` (default) fails the run, nothing is taken;
+    /// `crash` thaws, verifies the guest thawed, and takes the snapshot anyway, labelled
+    /// `consistency: "crash"` with the failure as `org.lfedge.evesnap:crash_reason` and as
+    /// a `crash-fallback` warning in the report. A failure the guest may still be frozen
+    /// after (the thaw could not be verified) fails the run either way.
+    pub on_failure: OnFreezeFailure,
+}
+
+/// `freeze.on_failure`: what a freeze that failed, timed out, froze fewer filesystems than
+/// asked or did not verify leads to.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFreezeFailure {
+    /// The run fails and takes nothing.
+    #[default]
+    Fail,
+    /// The guest is thawed and verified, then the snapshot is taken unfrozen and labelled
+    /// `crash`, with the reason.
+    Crash,
 }
 
 impl Default for FreezePlan {
@@ -120,6 +141,7 @@ impl Default for FreezePlan {
             thaw_after_s: 60.0,
             required: true,
             expedite_rcu: false,
+            on_failure: OnFreezeFailure::Fail,
         }
     }
 }
@@ -303,7 +325,28 @@ mod tests {
         assert_eq!(plan.action, Action::Create);
         assert_eq!(plan.kind, SnapshotType::Immediate);
         assert!(plan.freeze.required);
+        assert_eq!(plan.freeze.on_failure, OnFreezeFailure::Fail);
         assert_eq!(plan.snapshot_name(), format!("evesnap-{}", plan.id()));
+    }
+
+    #[test]
+    fn on_failure_is_fail_or_crash() {
+        let with = |value: &str| {
+            Plan::from_json(&format!(
+                r#"{{"version":1,"agent":"a","datasets":["p/a"],"freeze":{{"on_failure":{value}}}}}"#
+            ))
+        };
+        assert_eq!(
+            with(r#""crash""#).expect("valid").freeze.on_failure,
+            OnFreezeFailure::Crash
+        );
+        assert_eq!(
+            with(r#""fail""#).expect("valid").freeze.on_failure,
+            OnFreezeFailure::Fail
+        );
+        let err = with(r#""skip""#).unwrap_err();
+        let cause = std::error::Error::source(&err).expect("cause").to_string();
+        assert!(cause.contains("skip"), "{cause}");
     }
 
     #[test]

@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 use evesnap::eve_api::Severity;
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::testing::{FakeAgent, SimState};
-use evesnap::report::{Consistency, ExpeditedRcu, Report};
+use evesnap::report::{Consistency, ExpeditedRcu, Report, WarningKind};
 use evesnap::steps::{FreezeReport, SnapshotReport, ThawReport};
-use evesnap_tests::guest::{code, connect, doc_of, guest_sh, status, stderr, ThawGuard};
+use evesnap_tests::guest::{
+    code, connect, doc_of, freeze_behind_the_agent, guest_sh, status, stderr, unfreeze_in_guest,
+    ThawGuard,
+};
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
 use evesnap_tests::run::RunDir;
 use evesnap_tests::zfs::{real_zfs, zfs_get};
@@ -278,6 +281,101 @@ fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
     // the second's first.
     assert_eq!(
         guest_sh(&mut connect(lab), "cat /tmp/app.state"),
+        "resumed\n"
+    );
+}
+
+#[test]
+fn a_freeze_the_real_agent_fails_takes_nothing_by_default_and_a_labelled_crash_snapshot_when_allowed(
+) {
+    let guard = ThawGuard::lock("orch-crash");
+    let lab = guard.lab;
+    let strict = format!("t-strict-{}", std::process::id());
+    let lenient = format!("t-lenient-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![strict.clone(), lenient.clone()]);
+    let hooks = |name: &str, on_failure: &str| {
+        plan(
+            lab,
+            json!({
+                "snapshot": name,
+                "freeze": {"timeout_s": 20, "thaw_after_s": 60, "on_failure": on_failure,
+                           "mountpoints": ["/data0", "/data1"]},
+                "guest_pre": [{"path": "/bin/sh", "args": ["-c", "echo quiesced > /tmp/crash.state"]}],
+                "guest_post": [{"path": "/bin/sh", "args": ["-c", "echo resumed > /tmp/crash.state"]}],
+            }),
+        )
+    };
+
+    // /data0 frozen behind the agent's back: qemu-ga skips it (EBUSY, which it takes for
+    // a bind mount) and freezes /data1 only, fewer than the plan names.
+    freeze_behind_the_agent(lab, "/data0");
+    let out = orchestrate(&guard, &hooks(&strict, "fail"), &[]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let r = report(&out);
+    let error = r.error.as_ref().expect("error");
+    assert_eq!(error.step, "freeze", "{error:?}");
+    assert!(
+        error.description.contains("froze 1 filesystems but 2"),
+        "{error:?}"
+    );
+    assert!(r.warnings.is_empty() && r.consistency.is_none(), "{r:?}");
+    assert!(snapshots_named(lab, &strict).is_empty());
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    // qemu-ga's thaw after its failed freeze thawed /data0 too.
+    assert!(!unfreeze_in_guest(lab, "/data0"), "/data0 stayed frozen");
+    assert_eq!(
+        guest_sh(&mut connect(lab), "cat /tmp/crash.state"),
+        "resumed\n"
+    );
+
+    freeze_behind_the_agent(lab, "/data0");
+    let out = orchestrate(&guard, &hooks(&lenient, "crash"), &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("crash-consistent"),
+        "never silent: {}",
+        stderr(&out)
+    );
+    let r = report(&out);
+    assert!(r.ok && r.error.is_none(), "{r:?}");
+    assert_eq!(r.consistency, Some(Consistency::Crash));
+    assert_eq!(r.freeze_window_ms, None);
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    let warning = &r.warnings[0];
+    assert_eq!(
+        (warning.kind, warning.step.as_str()),
+        (WarningKind::CrashFallback, "freeze")
+    );
+    assert!(
+        warning.message.contains("froze 1 filesystems but 2"),
+        "{warning:?}"
+    );
+    let tools: Vec<(&str, bool)> = r.steps.iter().map(|s| (s.tool.as_str(), s.ok)).collect();
+    assert_eq!(
+        tools,
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", false),
+            ("zsnap", true),
+            ("guest_post", true)
+        ]
+    );
+    let snaps = snapshots_named(lab, &lenient);
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    for s in &snaps {
+        assert_eq!(zfs_get("org.lfedge.evesnap:consistency", s), "crash");
+        assert_eq!(zfs_get("org.lfedge.evesnap:frozen", s), "false");
+        let reason = zfs_get("org.lfedge.evesnap:crash_reason", s);
+        assert!(
+            reason.contains("froze 1 filesystems but 2"),
+            "{s}: {reason}"
+        );
+    }
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    assert!(!unfreeze_in_guest(lab, "/data0"), "/data0 stayed frozen");
+    assert_eq!(
+        guest_sh(&mut connect(lab), "cat /tmp/crash.state"),
         "resumed\n"
     );
 }

@@ -19,7 +19,8 @@ use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::report::Consistency;
 use evesnap::request::Reply;
 use evesnap_tests::guest::{
-    connect, guest_background, guest_sh, guest_upload, status, try_connect, ThawGuard,
+    connect, freeze_behind_the_agent, guest_background, guest_sh, guest_upload, status,
+    try_connect, unfreeze_in_guest, ThawGuard,
 };
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, Lab};
 use evesnap_tests::run::RunDir;
@@ -773,6 +774,45 @@ fn an_unmounted_disk_is_snapshotted_without_freezing_anything_and_claims_crash()
     let snapshot = format!("{}@{name}", dataset_of(lab, "disk1"));
     assert_eq!(zfs_get(CONSISTENCY, &snapshot), "crash");
     assert_eq!(zfs_get(FROZEN, &snapshot), "false");
+}
+
+#[test]
+fn a_failed_freeze_gives_a_crash_snapshot_only_with_accept_crash() {
+    let t = InLab::start("serve-crash", "t-gcrash", None);
+    let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
+    let snapshot = format!("{}@{name}", dataset_of(lab, "disk0"));
+
+    // /data0 frozen behind the agent's back: qemu-ga skips it (EBUSY, which it takes for a
+    // bind mount), so the host's freeze of the disk freezes nothing.
+    freeze_behind_the_agent(lab, "/data0");
+    let (run, _, reply) = guest_request(lab, serve, &format!("--create /data0 --name {name}"));
+    assert_eq!(run.code, 1, "{run:?}\nserve: {}", serve.stderr());
+    let error = reply.error.as_ref().expect("error");
+    assert_eq!(error.step.as_deref(), Some("freeze"), "{error:?}");
+    assert_eq!(reply.crash_reason, None);
+    assert!(snapshots_named(lab, &name).is_empty());
+    assert!(!unfreeze_in_guest(lab, "/data0"), "/data0 stayed frozen");
+
+    freeze_behind_the_agent(lab, "/data0");
+    let (run, record, reply) = guest_request(
+        lab,
+        serve,
+        &format!("--create /data0 --name {name} --quiesced --accept-crash"),
+    );
+    assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
+    assert_eq!(record["request"]["accept_crash"], true, "{record}");
+    // Quiesced, but not frozen: crash, and why.
+    assert_eq!(reply.consistency, Some(Consistency::Crash), "{reply:?}");
+    assert_eq!(run.stdout["consistency"], "crash", "{run:?}");
+    let reason = reply.crash_reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("froze no filesystem"), "{reply:?}");
+    assert!(run.stderr.contains("only crash-consistent"), "{run:?}");
+    assert!(!reason.contains(&lab.pool), "{reason}");
+    assert_eq!(zfs_get(CONSISTENCY, &snapshot), "crash");
+    assert_eq!(zfs_get(FROZEN, &snapshot), "false");
+    assert!(zfs_get("org.lfedge.evesnap:crash_reason", &snapshot).contains("froze no filesystem"));
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+    assert!(!unfreeze_in_guest(lab, "/data0"), "/data0 stayed frozen");
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //! | `org.lfedge.evesnap:version`  | the version of the tool that took it                     |
 //! | `org.lfedge.evesnap:origin`   | `controller` or `guest`: who asked (controller retention  |
 //! |                               | never touches the guest's; absent = `controller`)         |
+//! | `org.lfedge.evesnap:crash_reason` | why a snapshot meant to be frozen was taken unfrozen |
+//! |                               | (`snap-orchestrate`'s `freeze.on_failure: crash`)         |
 
 use evesnap::document::Document;
 use evesnap::qga::watchdog::Relay;
@@ -21,6 +23,9 @@ pub const TYPE: &str = "org.lfedge.evesnap:type";
 pub const FROZEN: &str = "org.lfedge.evesnap:frozen";
 pub const VERSION: &str = "org.lfedge.evesnap:version";
 pub const ORIGIN: &str = Origin::PROPERTY;
+pub const CRASH_REASON: &str = "org.lfedge.evesnap:crash_reason";
+/// Longest `crash_reason` written (the report keeps the whole message).
+pub const MAX_CRASH_REASON: usize = 1000;
 /// Every metadata property, for `zfs get`.
 pub const KEYS: [&str; 5] = [ID, TYPE, FROZEN, VERSION, ORIGIN];
 
@@ -47,6 +52,24 @@ impl Metadata {
             (ORIGIN.to_string(), self.origin.as_str().to_string()),
         ]
     }
+}
+
+/// A failure's message as a `crash_reason` value: one line (a property value takes no
+/// tabs, newlines or NUL), at most [`MAX_CRASH_REASON`] bytes.
+pub fn crash_reason(message: &str) -> String {
+    let mut value: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if value.len() > MAX_CRASH_REASON {
+        let mut end = MAX_CRASH_REASON - 3;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+        value.push_str("...");
+    }
+    value
 }
 
 /// Whether the upstream document shows the guest frozen now: a successful `qga-freeze`
@@ -154,6 +177,21 @@ mod tests {
         assert_eq!(watchdog_deadline_ms(&doc(&with)), Some(1_795_635_060_123));
         assert_eq!(watchdog_deadline_ms(&doc(&freeze(true, 2, None))), None);
         assert!(now_ms() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn a_crash_reason_is_one_valid_line_of_bounded_length() {
+        let reason = crash_reason("the freeze failed;\tthe guest was thawed\nagain");
+        assert_eq!(reason, "the freeze failed; the guest was thawed again");
+        let long = crash_reason(&"é".repeat(2000));
+        assert!(
+            long.len() <= MAX_CRASH_REASON && long.ends_with("..."),
+            "{}",
+            long.len()
+        );
+        for value in [reason, long] {
+            evesnap::zfs::names::check_user_property(CRASH_REASON, &value).expect("valid");
+        }
     }
 
     #[test]

@@ -175,6 +175,14 @@ impl Trial<'_> {
         for s in &snapshots {
             let frozen = zfs_get("org.lfedge.evesnap:frozen", s);
             let consistency = zfs_get("org.lfedge.evesnap:consistency", s);
+            // A snapshot taken after a failed freeze is labelled for what it is.
+            let crash_reason = zfs_get("org.lfedge.evesnap:crash_reason", s);
+            if crash_reason != "-" {
+                self.check(
+                    consistency == "crash" && frozen == "false",
+                    format!("{s}: crash_reason set but frozen={frozen} consistency={consistency}"),
+                );
+            }
             let claims_frozen =
                 frozen == "true" || matches!(consistency.as_str(), "application" | "filesystem");
             if consistency != "-" {
@@ -210,6 +218,9 @@ impl Trial<'_> {
                 }
             }
         }
+        if let Some(r) = report {
+            self.check_fallback_label(r);
+        }
         claims.sort();
         claims.dedup();
         self.out.claim = if snapshots.is_empty() {
@@ -217,6 +228,31 @@ impl Trial<'_> {
         } else {
             claims.join(",")
         };
+    }
+
+    /// Invariant 2 for `freeze.on_failure: crash`: never silent, never labelled better. A
+    /// report that fell back says `crash` and its snapshots carry the reason; a report that
+    /// says `crash` (the trials' agent is always required) fell back and says so.
+    fn check_fallback_label(&mut self, report: &Value) {
+        let warnings = report["warnings"].as_array().cloned().unwrap_or_default();
+        let fell_back = warnings.iter().any(|w| w["kind"] == "crash-fallback");
+        let says_crash = report["consistency"] == "crash";
+        if fell_back {
+            self.check(
+                says_crash,
+                format!("fell back, but the report says {}", report["consistency"]),
+            );
+            let taken = report["snapshots"].as_array().cloned().unwrap_or_default();
+            for name in taken.iter().filter_map(|s| s["name"].as_str()) {
+                let reason = zfs_get("org.lfedge.evesnap:crash_reason", name);
+                self.check(
+                    reason != "-" && !reason.is_empty(),
+                    format!("{name}: fell back, but no crash_reason on it"),
+                );
+            }
+        } else if says_crash && report["snapshots"].is_array() {
+            self.fail("a crash-consistent snapshot without a crash-fallback warning: silent");
+        }
     }
 
     /// The snapshots (full names) of this trial's names that exist now.

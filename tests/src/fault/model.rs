@@ -151,6 +151,9 @@ pub enum Fault {
     /// `zfs destroy` (retention, `rollback: false`) or `zfs rollback` hangs for good, and
     /// the orchestrator gets SIGTERM.
     ZfsHangsTerm { rollback: bool },
+    /// The freeze comes up short (a volume frozen behind qemu-ga's back); the plan's
+    /// `freeze.on_failure` is `crash` (a labelled crash snapshot) or `fail` (none).
+    FreezeFails { crash: bool },
 }
 
 impl fmt::Display for Fault {
@@ -206,6 +209,11 @@ impl fmt::Display for Fault {
             Fault::Rollback { signal: Some(s) } => {
                 write!(f, "rollback SIG{} during zfs rollback", s.name())
             }
+            Fault::FreezeFails { crash } => write!(
+                f,
+                "freeze fails, on_failure {}",
+                if *crash { "crash" } else { "fail" }
+            ),
             Fault::ZfsHangsTerm { rollback } => write!(
                 f,
                 "zfs {} hangs, SIGTERM",
@@ -229,7 +237,7 @@ impl Fault {
                 Sig::Term
             }
         };
-        match rng.below(17) {
+        match rng.below(18) {
             0..=4 => Fault::Orchestrator {
                 signal: signal(rng),
                 phase: Phase::ALL[rng.below(4) as usize],
@@ -273,6 +281,9 @@ impl Fault {
             13 => Fault::Concurrent,
             14 => Fault::ZfsHangsTerm {
                 rollback: rng.below(2) == 0,
+            },
+            15 => Fault::FreezeFails {
+                crash: rng.below(2) == 0,
             },
             _ => Fault::Rollback {
                 signal: match rng.below(3) {

@@ -344,6 +344,7 @@ impl<'a> Trial<'a> {
                 Fault::Concurrent => self.concurrent(),
                 Fault::Rollback { signal } => self.rollback(*signal),
                 Fault::ZfsHangsTerm { rollback } => self.zfs_hangs_term(*rollback),
+                Fault::FreezeFails { crash } => self.freeze_fails(*crash),
             }
         }
         self.cleanup();

@@ -10,7 +10,7 @@ use evesnap::exit::{chain, coded, Exit, HasExit};
 use evesnap::qga::commands as qga;
 use evesnap::report::ExpeditedRcu;
 use evesnap::steps::{Method, SnapshotEntry, SnapshotReport};
-use qga_freeze::FreezeOptions;
+use qga_freeze::{CleanupThaw, FreezeOptions};
 use serde::Serialize;
 
 use super::window::WhileFrozen;
@@ -184,11 +184,15 @@ impl Run<'_> {
                 // The freeze step thawed what it may have frozen; its error says how it ended.
                 self.failed(timer);
                 let exit = e.exit();
+                let thawed = e.aftermath().is_some_and(|a| {
+                    !a.possibly_frozen && matches!(a.thaw, Some(CleanupThaw::Thawed { .. }))
+                });
+                let error = evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind()));
+                if self.falls_back(thawed) {
+                    return self.crash_fallback(&mut client, &mut prepared, &error);
+                }
                 let _ = self.run_post(&mut client); // its step records its own result
-                return Err((
-                    "freeze",
-                    evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind())),
-                ));
+                return Err(("freeze", error));
             }
         };
         self.done(timer, &frozen);
@@ -271,6 +275,14 @@ impl Run<'_> {
             return Err(("thaw", e));
         }
 
+        // The freeze did not verify, and the guest was thawed and verified since.
+        if unverified && self.falls_back(true) {
+            if let Err(why) = snapshot {
+                prepared.use_zfs(self.zfs); // the window's view is cancelled
+                return self.crash_fallback(&mut client, &mut prepared, &why);
+            }
+        }
+
         // 6. Post commands, also after a failed snapshot: the application must resume.
         let post = self.run_post(&mut client);
         let snapshot = match snapshot {
@@ -312,25 +324,45 @@ impl Run<'_> {
         if !self.plan.guest_pre.is_empty() || !self.plan.guest_post.is_empty() {
             evesnap::warn!("the guest commands are skipped: there is no agent to run them");
         }
-        prepared
-            .set_property(CONSISTENCY_PROPERTY, Consistency::Crash.as_str())
-            .map_err(|e| ("preflight", evesnap::exit::wrap(e)))?;
+        self.snapshot_unfrozen(&mut prepared, None)?;
+        self.retention()
+    }
+
+    /// Takes the snapshot without a freeze, labelled `crash` (`frozen=false`, and the
+    /// `crash_reason` when given), and records it.
+    pub(super) fn snapshot_unfrozen(
+        &mut self,
+        prepared: &mut zsnap::PreparedSnapshot<'_>,
+        crash_reason: Option<&str>,
+    ) -> Result<(), StepError> {
+        // Properties, not claims: what it says holds however the snapshot call ends.
+        let labelled = prepared
+            .set_property(zsnap::meta::FROZEN, "false")
+            .and_then(|()| prepared.set_property(CONSISTENCY_PROPERTY, Consistency::Crash.as_str()))
+            .and_then(|()| match crash_reason {
+                Some(reason) => prepared.set_property(
+                    zsnap::meta::CRASH_REASON,
+                    &zsnap::meta::crash_reason(reason),
+                ),
+                None => Ok(()),
+            });
+        labelled.map_err(|e| ("snapshot", evesnap::exit::wrap(e)))?;
         let timer = StepTimer::start(zsnap::TOOL);
         match prepared.take().and_then(|taken| prepared.finish(taken)) {
             Ok(report) => {
                 self.record_snapshots(&report);
                 self.report.consistency = Some(Consistency::Crash);
                 self.done(timer, &report);
+                Ok(())
             }
             Err(e) => {
                 self.failed(timer);
-                return Err(("snapshot", evesnap::exit::wrap(e)));
+                Err(("snapshot", evesnap::exit::wrap(e)))
             }
         }
-        self.retention()
     }
 
-    fn retention(&mut self) -> Result<(), StepError> {
+    pub(super) fn retention(&mut self) -> Result<(), StepError> {
         let Some(keep) = self.plan.max_snapshots else {
             return Ok(());
         };

@@ -15,6 +15,7 @@
 //! into the job document printed on stdout.
 
 mod create;
+mod fallback;
 mod rollback;
 mod window;
 

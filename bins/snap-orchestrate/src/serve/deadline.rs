@@ -66,6 +66,7 @@ mod tests {
             to: None,
             quiesced: true,
             deadline_ms,
+            accept_crash: false,
         }
     }
 

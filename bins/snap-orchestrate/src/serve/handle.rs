@@ -18,7 +18,7 @@ use super::identify::{identify, refuse, Identified};
 use super::redact::Redactor;
 use super::volumes::{label, Volumes};
 use crate::flow::{self, Finished, Signals};
-use crate::plan::{FreezePlan, GuestDisk, Plan, RollbackPlan};
+use crate::plan::{FreezePlan, GuestDisk, OnFreezeFailure, Plan, RollbackPlan};
 
 /// What one served request produced, for the host's records on stdout.
 #[derive(Debug)]
@@ -227,6 +227,13 @@ impl Server {
                 thaw_after_s: self.thaw_after,
                 required: true,
                 expedite_rcu: false,
+                // The guest's choice: a failed freeze fails the request, or gives a
+                // snapshot labelled `crash` with the reason.
+                on_failure: if request.accept_crash {
+                    OnFreezeFailure::Crash
+                } else {
+                    OnFreezeFailure::Fail
+                },
             },
             guest_pre: Vec::new(),
             guest_post: Vec::new(),
@@ -325,6 +332,7 @@ impl Server {
                 );
                 reply.consistency = report.consistency;
                 reply.freeze_window_ms = report.freeze_window_ms;
+                reply.crash_reason = report.crash_reason().map(|r| self.redactor.text(r));
             }
             Op::Rollback => {
                 let destroyed = report.destroyed.as_deref().unwrap_or_default();

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod crash_fallback;
 mod create;
 mod create_failed;
 mod create_refused;

@@ -324,3 +324,40 @@ fn serve_runs_a_pending_guest_post_once_before_the_next_request() {
     );
     assert!(!record.exists());
 }
+
+#[test]
+fn a_failed_freeze_gives_a_crash_snapshot_only_to_a_guest_that_accepts_one() {
+    const DESC: &str = "failed to freeze /data0: Operation not supported";
+    let (agent, sim) = guest(&["/data0"]);
+    sim.state().failing = vec![("guest-fsfreeze-freeze-list".into(), DESC.into())];
+    let zfs = FakeZfs::new(&pool(&[DS0, DS1]));
+    let mut serve = Listener::start(&agent, &zfs, "accept-crash");
+
+    let reply = serve.create("strict", mounted_vda(), json!({"quiesced": true}));
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert_eq!(reply["error"]["step"], "freeze", "{reply}");
+    assert_eq!(reply.get("crash_reason"), None, "{reply}");
+    assert!(zfs.snapshots().is_empty());
+
+    let reply = serve.create(
+        "lenient",
+        mounted_vda(),
+        json!({"quiesced": true, "accept_crash": true}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["consistency"], "crash", "{reply}");
+    assert_eq!(reply["snapshots"][0]["consistency"], "crash", "{reply}");
+    let reason = reply["crash_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(DESC), "{reply}");
+    // The host's socket path never reaches the guest.
+    assert!(!reason.contains("qga.sock"), "{reason}");
+    let p = props(&zfs, &format!("{DS0}@lenient"));
+    assert_eq!(p[CONSISTENCY], "crash", "{p}");
+    assert!(
+        p["org.lfedge.evesnap:crash_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(DESC)),
+        "{p}"
+    );
+    assert_eq!(sim.state().frozen, 0);
+}
