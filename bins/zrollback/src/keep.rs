@@ -45,6 +45,8 @@ pub struct Switch {
     pub refreservation: Option<u64>,
     /// The dataset is a mounted filesystem: unmounted for the renames, mounted after.
     pub mounted: bool,
+    /// The dataset is a volume (checked for users before anything changes).
+    pub volume: bool,
     /// `dataset` and its kept states: the clone is promoted while its origin is one of them.
     pub family: Vec<String>,
 }
@@ -134,6 +136,7 @@ pub fn plan(zfs: &Zfs, datasets: &[String], name: &str) -> Result<Vec<Switch>, E
             clone,
             refreservation,
             mounted: lineage.mounted,
+            volume: lineage.is_volume(),
             family: std::iter::once(d.clone()).chain(kept).collect(),
         });
     }
@@ -195,6 +198,8 @@ impl Done {
 /// A switch failed; what was done was undone, or could not be.
 #[derive(Debug, thiserror::Error)]
 pub enum KeepError {
+    #[error("{dataset} is in use ({}): its state would stay with whoever has it open; stop the VM (nothing was changed)", users.join("; "))]
+    InUse { dataset: String, users: Vec<String> },
     #[error("keeping the newer snapshots of {dataset} failed at `{step}`{hint}; everything done was undone, every dataset is as it was")]
     Undone {
         dataset: String,
@@ -211,9 +216,11 @@ pub enum KeepError {
     UndoFailed {
         dataset: String,
         step: String,
-        cause: Error,
+        /// The failure's error chain.
+        cause: String,
         undo_step: String,
-        undo_error: Error,
+        /// The undo's error chain.
+        undo_error: String,
         left: String,
     },
 }
@@ -223,12 +230,22 @@ impl HasExit for KeepError {
         match self {
             KeepError::Undone { source, .. } => source.exit(),
             KeepError::UndoFailed { .. } => Exit::StepFailed,
+            KeepError::InUse { .. } => Exit::Preflight,
         }
     }
 }
 
-/// Carries out the switches, all or none.
+/// Carries out the switches, all or none; first checks that no volume is in use here.
 pub fn execute(zfs: &Zfs, switches: &[Switch]) -> Result<RollbackReport, KeepError> {
+    for switch in switches.iter().filter(|s| s.volume) {
+        let users = crate::in_use::zvol_users(&switch.dataset);
+        if !users.is_empty() {
+            return Err(KeepError::InUse {
+                dataset: switch.dataset.clone(),
+                users,
+            });
+        }
+    }
     let mut journal = Vec::new();
     for switch in switches {
         if let Err((step, source)) = switch_one(zfs, switch, &mut journal) {
@@ -395,11 +412,12 @@ fn undo(
                 .map(Done::describe)
                 .collect::<Vec<_>>()
                 .join(", ");
+            let undo_error = evesnap::exit::chain_of(&undo_error);
             evesnap::note!("undoing `{}` failed: {undo_error}", done.describe());
             return KeepError::UndoFailed {
                 dataset: dataset.to_string(),
                 step,
-                cause: source,
+                cause: evesnap::exit::chain_of(&source),
                 undo_step: done.describe(),
                 undo_error,
                 left,

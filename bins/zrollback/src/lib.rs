@@ -16,6 +16,7 @@
 //! `--dry-run` the `plan`; on failure `error` and `problems` (preflight) or what was done
 //! before the failure.
 
+mod in_use;
 pub mod keep;
 
 use std::collections::{BTreeMap, BTreeSet};

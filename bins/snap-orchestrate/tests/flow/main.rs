@@ -7,6 +7,7 @@ mod support;
 mod create;
 mod create_failed;
 mod create_refused;
+mod keep_newer;
 mod pending;
 mod rollback;
 mod serve;
