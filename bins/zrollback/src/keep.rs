@@ -6,12 +6,13 @@
 //!
 //! 1. `zfs clone [-o refreservation=R] X@s D.evesnap-new-<stamp>` (a thick volume's clone
 //!    would be sparse: it gets `D`'s `refreservation`);
-//! 2. `zfs promote` the clone while its origin is `D` or one of `D`'s kept states: it takes
+//! 2. `zfs unmount` the clone, `D` and `D`'s kept states where mounted (never forced: a
+//!    filesystem in use fails here; zfs-fuse renames no mounted filesystem, and keeps one
+//!    promoted over while mounted busy for seconds);
+//! 3. `zfs promote` the clone while its origin is `D` or one of `D`'s kept states: it takes
 //!    the snapshots up to `s`, so `D`'s name ends up owning its whole history again;
-//! 3. `zfs unmount` the clone and `D` where mounted (never forced: a filesystem in use
-//!    fails here, and zfs-fuse renames no mounted filesystem);
 //! 4. `zfs rename D D.evesnap-kept-<stamp>`, `zfs rename` the clone to `D`;
-//! 5. `zfs mount` both where `D` was mounted.
+//! 5. `zfs mount` both where `D` was mounted, and the kept states unmounted in 2.
 //!
 //! `D` then holds `s`'s data and the snapshots up to `s`; its previous state (its data and
 //! the snapshots newer than `s`, holds and properties with them) is the clone of `D@s`
@@ -43,8 +44,6 @@ pub struct Switch {
     /// The clone's `refreservation` (a thick volume's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refreservation: Option<u64>,
-    /// The dataset is a mounted filesystem: unmounted for the renames, mounted after.
-    pub mounted: bool,
     /// The dataset is a volume (checked for users before anything changes).
     pub volume: bool,
     /// `dataset` and its kept states: the clone is promoted while its origin is one of them.
@@ -135,7 +134,6 @@ pub fn plan(zfs: &Zfs, datasets: &[String], name: &str) -> Result<Vec<Switch>, E
             kept_as,
             clone,
             refreservation,
-            mounted: lineage.mounted,
             volume: lineage.is_volume(),
             family: std::iter::once(d.clone()).chain(kept).collect(),
         });
@@ -148,7 +146,7 @@ pub fn plan(zfs: &Zfs, datasets: &[String], name: &str) -> Result<Vec<Switch>, E
 
 /// How long a call zfs calls busy is retried: zfs-fuse calls a filesystem it has just
 /// mounted or unmounted busy for a moment (docs/lab.md#zfs-fuse); one in use stays busy.
-const BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs `call`, again while it fails with [`Error::Busy`], for up to [`BUSY_RETRY`].
 fn patiently(mut call: impl FnMut() -> Result<(), Error>) -> Result<(), Error> {
@@ -291,7 +289,21 @@ fn switch_one(zfs: &Zfs, s: &Switch, journal: &mut Vec<Done>) -> Result<(), Fail
         Done::Cloned(s.clone.clone()),
         step(&argv),
     )?;
-    // 2. Promote it over the dataset and its kept states.
+    // 2. Unmount the clone, the dataset and its kept states: zfs-fuse keeps a filesystem
+    //    promoted over while mounted busy for seconds (measured: up to 28 s).
+    let (mut remount, mut dataset_mounted) = (Vec::new(), false);
+    for fs in std::iter::once(&s.clone).chain(&s.family) {
+        if lineage_of(zfs, fs)?.mounted {
+            dataset_mounted |= *fs == s.dataset;
+            let result = patiently(|| zfs.unmount(fs));
+            let done = Done::Unmounted(fs.clone());
+            record(zfs, journal, result, done, step(&["unmount", fs]))?;
+            if *fs != s.clone && *fs != s.dataset {
+                remount.push(fs);
+            }
+        }
+    }
+    // 3. Promote the clone over the dataset and its kept states.
     for _ in 0..=s.family.len() {
         let origin = lineage_of(zfs, &s.clone)?;
         let Some(demoted) = origin
@@ -308,17 +320,7 @@ fn switch_one(zfs: &Zfs, s: &Switch, journal: &mut Vec<Done>) -> Result<(), Fail
         };
         record(zfs, journal, result, done, step(&["promote", &s.clone]))?;
     }
-    // 3. Unmount, 4. rename, 5. mount.
-    if lineage_of(zfs, &s.clone)?.mounted {
-        let result = patiently(|| zfs.unmount(&s.clone));
-        let done = Done::Unmounted(s.clone.clone());
-        record(zfs, journal, result, done, step(&["unmount", &s.clone]))?;
-    }
-    if lineage_of(zfs, &s.dataset)?.mounted {
-        let result = patiently(|| zfs.unmount(&s.dataset));
-        let done = Done::Unmounted(s.dataset.clone());
-        record(zfs, journal, result, done, step(&["unmount", &s.dataset]))?;
-    }
+    // 4. Rename, 5. mount what was mounted.
     for (from, to) in [(&s.dataset, &s.kept_as), (&s.clone, &s.dataset)] {
         let result = patiently(|| zfs.rename(from, to));
         let done = Done::Renamed {
@@ -327,17 +329,15 @@ fn switch_one(zfs: &Zfs, s: &Switch, journal: &mut Vec<Done>) -> Result<(), Fail
         };
         record(zfs, journal, result, done, step(&["rename", from, to]))?;
     }
-    if s.mounted {
-        for fs in [&s.dataset, &s.kept_as] {
-            let result = patiently(|| zfs.mount(fs));
-            record(
-                zfs,
-                journal,
-                result,
-                Done::Mounted(fs.clone()),
-                step(&["mount", fs]),
-            )?;
-        }
+    let mounts = if dataset_mounted {
+        vec![&s.dataset, &s.kept_as]
+    } else {
+        Vec::new()
+    };
+    for fs in mounts.into_iter().chain(remount) {
+        let result = patiently(|| zfs.mount(fs));
+        let done = Done::Mounted(fs.clone());
+        record(zfs, journal, result, done, step(&["mount", fs]))?;
     }
     Ok(())
 }
