@@ -151,6 +151,9 @@ pub enum Fault {
     /// `zfs destroy` (retention, `rollback: false`) or `zfs rollback` hangs for good, and
     /// the orchestrator gets SIGTERM.
     ZfsHangsTerm { rollback: bool },
+    /// A rollback that keeps the newer snapshots under the running VM (QEMU holds the
+    /// volumes' images open, so the switch must be undone), `zfs clone` failing or not.
+    KeepNewer { clone_fails: bool },
 }
 
 impl fmt::Display for Fault {
@@ -206,6 +209,15 @@ impl fmt::Display for Fault {
             Fault::Rollback { signal: Some(s) } => {
                 write!(f, "rollback SIG{} during zfs rollback", s.name())
             }
+            Fault::KeepNewer { clone_fails } => write!(
+                f,
+                "keep_newer rollback under the running VM{}",
+                if *clone_fails {
+                    ", zfs clone fails"
+                } else {
+                    ""
+                }
+            ),
             Fault::ZfsHangsTerm { rollback } => write!(
                 f,
                 "zfs {} hangs, SIGTERM",
@@ -229,7 +241,7 @@ impl Fault {
                 Sig::Term
             }
         };
-        match rng.below(17) {
+        match rng.below(18) {
             0..=4 => Fault::Orchestrator {
                 signal: signal(rng),
                 phase: Phase::ALL[rng.below(4) as usize],
@@ -273,6 +285,9 @@ impl Fault {
             13 => Fault::Concurrent,
             14 => Fault::ZfsHangsTerm {
                 rollback: rng.below(2) == 0,
+            },
+            15 => Fault::KeepNewer {
+                clone_fails: rng.below(2) == 0,
             },
             _ => Fault::Rollback {
                 signal: match rng.below(3) {

@@ -344,6 +344,7 @@ impl<'a> Trial<'a> {
                 Fault::Concurrent => self.concurrent(),
                 Fault::Rollback { signal } => self.rollback(*signal),
                 Fault::ZfsHangsTerm { rollback } => self.zfs_hangs_term(*rollback),
+                Fault::KeepNewer { clone_fails } => self.keep_newer(*clone_fails),
             }
         }
         self.cleanup();
