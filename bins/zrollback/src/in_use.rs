@@ -51,8 +51,8 @@ fn device_of(path: &Path) -> Option<u64> {
 
 /// Linux's `dev_t` split into major and minor (glibc's `gnu_dev_major`/`gnu_dev_minor`).
 fn split_dev(dev: u64) -> (u64, u64) {
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
     (major, minor)
 }
 
@@ -74,15 +74,16 @@ fn mounts_of(mountinfo: &str, major: u64, minor: u64) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// glibc's `gnu_dev_makedev`.
+    fn makedev(major: u64, minor: u64) -> u64 {
+        ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
+    }
+
     #[test]
     fn device_numbers_split_as_glibc_does() {
-        // makedev(230, 32) and makedev(259, 1048577).
-        assert_eq!(split_dev((230 << 8) | 32), (230, 32));
-        let dev = ((259 & 0xfff) << 8)
-            | ((259 & !0xfff) << 32)
-            | (1_048_577 & 0xff)
-            | ((1_048_577 & !0xff) << 12);
-        assert_eq!(split_dev(dev), (259, 1_048_577));
+        for (major, minor) in [(230, 32), (259, 1_048_577), (4099, 7)] {
+            assert_eq!(split_dev(makedev(major, minor)), (major, minor));
+        }
     }
 
     #[test]

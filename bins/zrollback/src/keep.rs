@@ -234,20 +234,20 @@ impl HasExit for KeepError {
 }
 
 /// Carries out the switches, all or none; first checks that no volume is in use here.
-pub fn execute(zfs: &Zfs, switches: &[Switch]) -> Result<RollbackReport, KeepError> {
+pub fn execute(zfs: &Zfs, switches: &[Switch]) -> Result<RollbackReport, Box<KeepError>> {
     for switch in switches.iter().filter(|s| s.volume) {
         let users = crate::in_use::zvol_users(&switch.dataset);
         if !users.is_empty() {
-            return Err(KeepError::InUse {
+            return Err(Box::new(KeepError::InUse {
                 dataset: switch.dataset.clone(),
                 users,
-            });
+            }));
         }
     }
     let mut journal = Vec::new();
     for switch in switches {
         if let Err((step, source)) = switch_one(zfs, switch, &mut journal) {
-            return Err(undo(zfs, journal, &switch.dataset, step, source));
+            return Err(Box::new(undo(zfs, journal, &switch.dataset, step, source)));
         }
     }
     let mut report = RollbackReport::default();

@@ -74,7 +74,7 @@ pub enum Failure {
     #[error(transparent)]
     Zfs(#[from] Error),
     #[error(transparent)]
-    Keep(#[from] keep::KeepError),
+    Keep(#[from] Box<keep::KeepError>),
 }
 
 impl HasExit for Failure {
