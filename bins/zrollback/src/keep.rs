@@ -29,7 +29,7 @@ use serde::Serialize;
 /// Infix of a kept state's name: `<dataset>.evesnap-kept-<YYYYMMDD-HHMMSSmmm>`.
 pub const KEPT_INFIX: &str = ".evesnap-kept-";
 /// Infix of the temporary clone's name, renamed to the dataset's at the end.
-const NEW_INFIX: &str = ".evesnap-new-";
+pub const NEW_INFIX: &str = ".evesnap-new-";
 
 /// One dataset's switch to the data of `to`.
 #[derive(Debug, Clone, Serialize)]
@@ -60,24 +60,41 @@ pub fn plan(zfs: &Zfs, datasets: &[String], name: &str) -> Result<Vec<Switch>, E
     let mut switches = Vec::new();
     let mut needed_in_pool: std::collections::BTreeMap<&str, u64> = Default::default();
     for d in &datasets {
-        let Some(lineage) = zfs.lineage(d)? else {
-            problems.push(Problem::Missing { dataset: d.clone() });
-            continue;
-        };
         let Some((parent, _)) = d.rsplit_once('/') else {
             return Err(Error::Unsupported(format!(
                 "keep the newer snapshots of {d}: a pool's root dataset cannot be renamed"
             )));
         };
-        let kept: Vec<String> = zfs
-            .descendants(parent)?
-            .into_iter()
-            .filter(|c| {
-                c.strip_prefix(d.as_str())
-                    .and_then(|rest| rest.strip_prefix(KEPT_INFIX))
-                    .is_some_and(|stamp| !stamp.contains('/'))
-            })
-            .collect();
+        let siblings = match zfs.descendants(parent) {
+            Ok(s) => s,
+            Err(Error::DoesNotExist { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let named = |infix: &str| -> Vec<String> {
+            siblings
+                .iter()
+                .filter(|c| {
+                    c.strip_prefix(d.as_str())
+                        .and_then(|rest| rest.strip_prefix(infix))
+                        .is_some_and(|stamp| !stamp.contains('/'))
+                })
+                .cloned()
+                .collect()
+        };
+        // A run killed half way (nothing undoes a SIGKILL) left its clone: repair first.
+        let leftovers = named(NEW_INFIX);
+        if !leftovers.is_empty() {
+            problems.push(Problem::Interrupted {
+                dataset: d.clone(),
+                clones: leftovers,
+            });
+            continue;
+        }
+        let Some(lineage) = zfs.lineage(d)? else {
+            problems.push(Problem::Missing { dataset: d.clone() });
+            continue;
+        };
+        let kept = named(KEPT_INFIX);
         let mut found = Vec::new();
         for place in std::iter::once(d).chain(&kept) {
             let wanted = format!("{place}@{name}");

@@ -139,6 +139,11 @@ pub enum Problem {
     },
     /// A name a rollback that keeps the newer snapshots would create is taken.
     DatasetExists { dataset: String },
+    /// A rollback that keeps the newer snapshots was killed half way and left its clones.
+    Interrupted {
+        dataset: String,
+        clones: Vec<String>,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -176,6 +181,15 @@ impl fmt::Display for Problem {
                 write!(f, "snapshot @{snapshot} exists in several places: {}", found.join(", "))
             }
             Problem::DatasetExists { dataset } => write!(f, "{dataset} exists already"),
+            Problem::Interrupted { dataset, clones } => write!(
+                f,
+                "a rollback of {dataset} that keeps the newer snapshots was cut short (killed) and \
+                 left {}: put it back by hand first: if {dataset} is missing, rename the \
+                 {dataset}.evesnap-kept-* of the same stamp back to it; `zfs promote` each \
+                 dataset whose origin is a snapshot of the clone, the oldest origin first; \
+                 then `zfs destroy` the clone",
+                clones.join(", ")
+            ),
         }
     }
 }

@@ -264,3 +264,28 @@ fn keep_newer_and_destroy_newer_exclude_each_other() {
     let err = snap_orchestrate::Plan::from_json(&plan.to_string()).expect_err("refused");
     assert!(err.to_string().contains("exclude each other"), "{err}");
 }
+
+/// A run killed half way (a SIGKILL is not undone) left its clone: the next one refuses,
+/// names it and changes nothing.
+#[test]
+fn a_clone_left_by_a_killed_run_is_refused_until_repaired() {
+    let mut state = history();
+    let leftover = format!("{DS0}.evesnap-new-20261129-080000000");
+    state["datasets"][&leftover] = state["datasets"][DS0].clone();
+    state["datasets"][&leftover]["origin"] = json!(format!("{DS0}@s1"));
+    let zfs = FakeZfs::new(&state);
+    let before = layout(&zfs);
+    let run = run(&keeping("s1"), &zfs);
+    assert_eq!(exit(&run), Exit::Preflight, "{:?}", run.error);
+    assert_eq!(
+        problems(&run),
+        [Problem::Interrupted {
+            dataset: DS0.into(),
+            clones: vec![leftover],
+        }]
+    );
+    let message = format!("{:#}", run.error.as_ref().expect("an error"));
+    assert!(message.contains("put it back by hand"), "{message}");
+    assert!(zfs.calls_of("clone").is_empty());
+    assert_eq!(layout(&zfs), before);
+}
