@@ -1304,3 +1304,71 @@ fn keep_newer_rolls_a_zvol_back_and_forward_on_openzfs() {
     assert_eq!(g.zfs_get("origin", &second), format!("{zvol}@{tag}-a"));
     assert_eq!(g.zfs_get("refreservation", &zvol), refreservation);
 }
+
+/// The orchestrator's `keep_newer` where the pool is (EVE's case): `guest_pre` unmounts the
+/// zvol, the "unmounted" check and the in-use check pass, the switch runs, `guest_post`
+/// mounts the zvol again by its name (now the rolled-back one): the file is the snapshot's,
+/// the kept state holds what the zvol held, with the newer snapshot.
+#[test]
+fn snap_orchestrate_keep_newer_rolls_back_a_mounted_zvol_and_keeps_its_state() {
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
+    let tag = unique("okn");
+    let zvol = lab.zvols[1].clone();
+    let mnt = lab.guest_mounts[&zvol].clone();
+    let file = format!("{mnt}/keep-{tag}");
+    let look = format!("/tmp/look-{tag}");
+    g.on_drop(remount(lab));
+    g.on_drop(forget(&tag));
+    g.on_drop(format!(
+        "umount {look} 2>/dev/null; \
+         for k in $(zfs list -H -o name -t volume -r persist | grep -e '.evesnap-kept-' -e '.evesnap-new-'); do \
+         zfs destroy -r \"$k\"; done; true"
+    ));
+    let write = |g: &mut Guest| -> String {
+        g.sh(&format!(
+            "dd if=/dev/urandom of={file} bs=64k count=8 2>/dev/null && sync && md5sum {file} | cut -d' ' -f1"
+        ))
+        .trim()
+        .to_string()
+    };
+    let at_a = write(&mut g);
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-a"));
+    write(&mut g);
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-b"));
+    let head = write(&mut g);
+
+    let plan = json!({
+        "version": 1, "action": "rollback", "agent": lab.guest_agent,
+        "datasets": [zvol], "rollback": {"to": format!("{tag}-a"), "keep_newer": true},
+        "disks": {zvol.as_str(): {"dev": format!("/dev/zvol/{zvol}")}},
+        "guest_pre": [{"path": "/bin/umount", "args": [mnt]}],
+        "guest_post": [{"path": "/bin/sh", "args": ["-c", mount_zvol(&zvol, &mnt)]}],
+    });
+    let run = g.tool("snap-orchestrate", &[], Some(&plan.to_string()));
+    assert_eq!(run.code, 0, "{}\n{}", run.doc, run.stderr);
+    assert_eq!(
+        tools(&run.doc),
+        [
+            "preflight",
+            "guest_pre",
+            "unmounted",
+            "zrollback",
+            "guest_post"
+        ]
+    );
+    let kept = step_of(&run.doc, "zrollback")["kept"][0].clone();
+    let kept_as = kept["kept_as"].as_str().expect("kept_as").to_string();
+    assert_eq!(strings(&kept["snapshots"]), [format!("{kept_as}@{tag}-b")]);
+    let now = g.sh(&format!("md5sum {file} | cut -d' ' -f1"));
+    assert_eq!(now.trim(), at_a, "the mounted zvol does not hold a's data");
+    let kept_data = g.sh(&format!(
+        "{} && md5sum {look}/keep-{tag} | cut -d' ' -f1; umount {look}",
+        mount_zvol(&kept_as, &look)
+    ));
+    assert_eq!(
+        kept_data.trim(),
+        head,
+        "the kept state lost the zvol's data"
+    );
+}
