@@ -1372,3 +1372,48 @@ fn snap_orchestrate_keep_newer_rolls_back_a_mounted_zvol_and_keeps_its_state() {
         "the kept state lost the zvol's data"
     );
 }
+
+/// A thick zvol's keep-newer rollback needs its `refreservation` again (its clone gets one):
+/// with a reservation of another zvol taking the pool's room, the preflight refuses with the
+/// missing bytes and nothing is created; without it, the same command goes through.
+#[test]
+fn keep_newer_of_a_thick_zvol_without_room_is_refused_before_anything_is_created() {
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
+    let tag = unique("knroom");
+    let zvol = lab.zvols[0].clone();
+    let filler = format!("{}/filler-{tag}", lab.pool);
+    g.on_drop(forget(&tag));
+    g.on_drop(format!("zfs destroy {filler} 2>/dev/null; true"));
+    let reservation: u64 = g.zfs_get("refreservation", &zvol).parse().expect("bytes");
+    assert!(reservation > 0, "{zvol} is not thick");
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-a"));
+    // Leave less than the reservation free outside the zvol's own reservation.
+    let free: u64 = g.zfs_get("available", &lab.pool).parse().expect("bytes");
+    let take = (free - reservation / 2) / (1 << 20);
+    g.sh(&format!("zfs create -V {take}M {filler}"));
+    let available: u64 = g.zfs_get("available", &lab.pool).parse().expect("bytes");
+    assert!(
+        available < reservation,
+        "{available} free, {reservation} needed"
+    );
+    let before = family(&mut g);
+    let to = format!("{tag}-a");
+    let args = [
+        "--dataset",
+        zvol.as_str(),
+        "--to",
+        to.as_str(),
+        "--keep-newer",
+    ];
+    let run = g.tool("zrollback", &args, None);
+    assert_eq!(run.code, 7, "{}\n{}", run.doc, run.stderr);
+    let problem = &run.step()["problems"][0];
+    assert_eq!(problem["problem"], "no-room-to-keep", "{}", run.doc);
+    assert_eq!(problem["needed"], json!(reservation), "{}", run.doc);
+    assert_eq!(
+        family(&mut g),
+        before,
+        "a refused keep-newer changed something"
+    );
+}
