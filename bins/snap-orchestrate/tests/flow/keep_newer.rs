@@ -289,3 +289,41 @@ fn a_clone_left_by_a_killed_run_is_refused_until_repaired() {
     assert!(zfs.calls_of("clone").is_empty());
     assert_eq!(layout(&zfs), before);
 }
+
+/// Two volumes: the second one's switch failing undoes the first one's, already complete.
+#[test]
+fn a_failure_on_the_second_volume_undoes_the_first() {
+    let mut state = history();
+    add_snapshot(&mut state, &format!("{DS1}@s1"), 10, json!({}));
+    add_snapshot(&mut state, &format!("{DS1}@s2"), 20, json!({}));
+    // Renames 1 and 2 are DS0's, 3 and 4 DS1's.
+    state["faults"]["rename"] = json!({"nth": 4, "stderr": "rename broke\n"});
+    let zfs = FakeZfs::new(&state);
+    let before = layout(&zfs);
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let plan = plan(
+        &agent.address.to_string(),
+        &[DS0, DS1],
+        json!({"action": "rollback",
+               "rollback": {"to": "s1", "keep_newer": true, "vm_stopped": true}}),
+    );
+    let run = run(&plan, &zfs);
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    let message = format!("{:#}", run.error.as_ref().expect("an error"));
+    assert!(
+        message.contains(&format!(
+            "keeping the newer snapshots of {DS1} failed at `zfs rename"
+        )) && message.contains("everything done was undone"),
+        "{message}"
+    );
+    assert_eq!(
+        layout(&zfs),
+        before,
+        "the first volume's switch was not undone"
+    );
+    assert_eq!(
+        zfs.calls_of("rename").len(),
+        4 + 2,
+        "two renames back for DS0"
+    );
+}
