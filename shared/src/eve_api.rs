@@ -195,6 +195,16 @@ fn of_problem(problem: &Problem) -> String {
             format!("with destroy_newer, or after the snapshots newer than {to} are destroyed")
         }
         Problem::NoSuchSnapshot { snapshot } => format!("never: {snapshot} does not exist"),
+        Problem::NoRoomToKeep {
+            dataset, missing, ..
+        } => format!("after {missing} bytes are freed for {dataset}, or without keep_newer"),
+        Problem::Ambiguous { snapshot, .. } => {
+            format!("never as it is: name which of the datasets holding {snapshot} to take")
+        }
+        Problem::DatasetExists { dataset } => format!("after {dataset} is renamed or destroyed"),
+        Problem::Interrupted { dataset, .. } => format!(
+            "after the interrupted keep_newer rollback of {dataset} is put back by hand (see the description)"
+        ),
     }
 }
 

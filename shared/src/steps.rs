@@ -158,6 +158,21 @@ pub struct RolledBack {
 pub struct RollbackReport {
     pub rolled_back: Vec<RolledBack>,
     pub destroyed: Vec<String>,
+    /// With `keep_newer`: where each dataset's previous state is kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<KeptState>,
+}
+
+/// A dataset's state before a rollback that kept the newer snapshots: renamed, with its
+/// snapshots newer than the target, to `kept_as`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptState {
+    pub dataset: String,
+    /// `kept_as`: `<dataset>.evesnap-kept-<YYYYMMDD-HHMMSSmmm>`.
+    pub kept_as: String,
+    /// The snapshots now under `kept_as` (those the dataset no longer has).
+    pub snapshots: Vec<String>,
 }
 
 impl StepRecord for RollbackReport {

@@ -27,6 +27,11 @@ pub fn eve_timestamp(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
+/// Now as [`eve_timestamp`].
+pub fn now_eve_timestamp() -> String {
+    eve_timestamp(OffsetDateTime::now_utc())
+}
+
 /// Now, in microseconds since the epoch: the clock every tool stamps the freeze window
 /// with, so a pipeline's window can be computed across processes.
 pub fn now_unix_us() -> u64 {

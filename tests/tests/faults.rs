@@ -192,6 +192,17 @@ fn a_rollback_terminated_half_way_still_remounts_the_volumes() {
     );
 }
 
+/// The running QEMU holds the volumes open: the switch is undone at `zfs unmount`.
+#[test]
+fn a_keep_newer_rollback_under_the_running_vm_is_undone_and_loses_nothing() {
+    run(Fault::KeepNewer { clone_fails: false }, false);
+}
+
+#[test]
+fn a_keep_newer_rollback_whose_clone_fails_is_undone_and_loses_nothing() {
+    run(Fault::KeepNewer { clone_fails: true }, false);
+}
+
 #[test]
 fn a_hung_zfs_destroy_in_retention_ends_on_sigterm_within_seconds() {
     run(Fault::ZfsHangsTerm { rollback: false }, false);

@@ -1121,3 +1121,299 @@ fn snap_orchestrate_in_the_guest_survives_a_pool_filling_up_inside_the_freeze() 
         ms(&report["freeze_window_ms"])
     );
 }
+
+/// A `zfs` shim in the guest that fails the `nth` call of `sub` (counting in its own file)
+/// and runs the real one otherwise.
+fn failing_zfs(g: &mut Guest, tag: &str, sub: &str, nth: u32) -> String {
+    let shim = format!("/tmp/zfs-fail-{tag}-{sub}-{nth}");
+    let count = format!("{shim}.count");
+    g.sh(&format!(
+        "printf '#!/bin/sh\\nif [ \"$1\" = {sub} ]; then echo x >> {count}; \
+         if [ $(wc -l < {count}) -eq {nth} ]; then echo \"{sub} broke\" >&2; exit 1; fi; fi\\n\
+         exec /sbin/zfs \"$@\"\\n' > {shim} && chmod 755 {shim} && rm -f {count}"
+    ));
+    g.on_drop(format!("rm -f {shim} {count}"));
+    shim
+}
+
+/// `zfs list` of the zvols' family: names, origins and holds (what a failure must keep).
+fn family(g: &mut Guest) -> String {
+    g.sh("zfs list -H -t all -r -o name,origin,userrefs,refreservation persist/vault/volumes")
+}
+
+/// Mounts `zvol`'s ext4 at `mnt` once udev shows its (renamed) device link.
+fn mount_zvol(zvol: &str, mnt: &str) -> String {
+    format!(
+        "for i in $(seq 50); do [ -e /dev/zvol/{zvol} ] && break; sleep 0.1; done; \
+         mkdir -p {mnt} && echo 3 > /proc/sys/vm/drop_caches && \
+         mount -t ext4 $(readlink -f /dev/zvol/{zvol}) {mnt}"
+    )
+}
+
+/// EVE's case: a thick zvol, mounted in the guest, rolled back with `--keep-newer` while
+/// unmounted, then forward again. Checksums prove each state: after going back the zvol has
+/// the target's file and the kept state (`<zvol>.evesnap-kept-*`) the data it had, with the
+/// held newer snapshot; going forward brings the newer snapshot's file and every snapshot
+/// back. A mounted zvol is refused before anything changes, and each zfs call failing
+/// leaves the family as it was.
+#[test]
+fn keep_newer_rolls_a_zvol_back_and_forward_on_openzfs() {
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
+    let tag = unique("kn");
+    let zvol = lab.zvols[0].clone();
+    let mnt = lab.guest_mounts[&zvol].clone();
+    let file = format!("{mnt}/keep-{tag}");
+    let look = format!("/tmp/look-{tag}");
+    g.on_drop(remount(lab));
+    g.on_drop(forget(&tag));
+    g.on_drop(format!(
+        "umount {look} 2>/dev/null; \
+         for k in $(zfs list -H -o name -t volume -r persist | grep -e '.evesnap-kept-' -e '.evesnap-new-'); do \
+         for s in $(zfs list -H -o name -t snapshot \"$k\"); do zfs release evesnap-test \"$s\" 2>/dev/null; done; \
+         zfs destroy -r \"$k\"; done; true"
+    ));
+    let write = |g: &mut Guest| -> String {
+        g.sh(&format!(
+            "dd if=/dev/urandom of={file} bs=64k count=16 2>/dev/null && sync && md5sum {file} | cut -d' ' -f1"
+        ))
+        .trim()
+        .to_string()
+    };
+    let refreservation = g.zfs_get("refreservation", &zvol);
+    let a = write(&mut g);
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-a"));
+    let b = write(&mut g);
+    g.sh(&format!(
+        "zfs snapshot {zvol}@{tag}-b && zfs hold evesnap-test {zvol}@{tag}-b"
+    ));
+    let head = write(&mut g);
+
+    // Mounted: refused before anything changes, naming the mount.
+    let before = family(&mut g);
+    let back = ["--dataset", zvol.as_str(), "--to", "", "--keep-newer"];
+    let mut args = back;
+    let to_a = format!("{tag}-a");
+    args[3] = &to_a;
+    let run = g.tool("zrollback", &args, None);
+    assert_eq!(run.code, 7, "{}\n{}", run.doc, run.stderr);
+    let error = run.step()["error"].as_str().unwrap_or("").to_string();
+    assert!(
+        error.contains("is in use") && error.contains(&format!("mounted at {mnt}")),
+        "{error}"
+    );
+    assert_eq!(family(&mut g), before);
+
+    // Each call failing, unmounted: undone, the family as it was.
+    g.sh(&format!("umount {mnt}"));
+    for (sub, nth) in [("clone", 1), ("promote", 1), ("rename", 1), ("rename", 2)] {
+        let shim = failing_zfs(&mut g, &tag, sub, nth);
+        let mut failing = vec!["--zfs", shim.as_str()];
+        failing.extend_from_slice(&args);
+        let run = g.tool("zrollback", &failing, None);
+        assert_eq!(run.code, 1, "{sub} #{nth}: {}\n{}", run.doc, run.stderr);
+        let error = run.step()["error"].as_str().unwrap_or("").to_string();
+        assert!(
+            error.contains(&format!("failed at `zfs {sub}"))
+                && error.contains("everything done was undone")
+                && error.contains(&format!("{sub} broke")),
+            "{sub} #{nth}: {error}"
+        );
+        assert_eq!(family(&mut g), before, "{sub} #{nth} left a change");
+    }
+    g.sh(&format!(
+        "{} && md5sum {file} | cut -d' ' -f1 > /tmp/md5-{tag} && umount {mnt}",
+        mount_zvol(&zvol, &mnt)
+    ));
+    assert_eq!(
+        g.sh(&format!("cat /tmp/md5-{tag}")).trim(),
+        head,
+        "a failure changed the data"
+    );
+
+    // Back to a.
+    let run = g.tool("zrollback", &args, None);
+    assert_eq!(run.code, 0, "{}\n{}", run.doc, run.stderr);
+    let kept = run.step()["kept"][0].clone();
+    let kept_as = kept["kept_as"].as_str().expect("kept_as").to_string();
+    assert!(
+        kept_as.starts_with(&format!("{zvol}.evesnap-kept-")),
+        "{kept}"
+    );
+    assert_eq!(strings(&kept["snapshots"]), [format!("{kept_as}@{tag}-b")]);
+    eprintln!(
+        "TIMING zrollback --keep-newer (thick zvol) in the guest: step {:.0} ms",
+        ms(&run.step()["duration_ms"])
+    );
+    assert_eq!(g.zfs_get("refreservation", &zvol), refreservation);
+    assert_eq!(g.zfs_get("userrefs", &format!("{kept_as}@{tag}-b")), "1");
+    assert_eq!(g.zfs_get("origin", &kept_as), format!("{zvol}@{tag}-a"));
+    let md5 = |g: &mut Guest, zvol: &str, at: &str| -> String {
+        g.sh(&format!(
+            "{} && md5sum {at}/keep-{tag} | cut -d' ' -f1; umount {at}",
+            mount_zvol(zvol, at)
+        ))
+        .trim()
+        .to_string()
+    };
+    assert_eq!(
+        md5(&mut g, &zvol, &mnt),
+        a,
+        "the zvol does not hold a's data"
+    );
+    assert_eq!(
+        md5(&mut g, &kept_as, &look),
+        head,
+        "the kept state lost its data"
+    );
+
+    // Forward to b, from the kept state, after writing on the rolled-back zvol.
+    g.sh(&format!(
+        "{} && rm -f {file} && sync && umount {mnt}",
+        mount_zvol(&zvol, &mnt)
+    ));
+    let to_b = format!("{tag}-b");
+    args[3] = &to_b;
+    let run = g.tool("zrollback", &args, None);
+    assert_eq!(run.code, 0, "{}\n{}", run.doc, run.stderr);
+    assert_eq!(
+        run.step()["rolled_back"][0]["to"],
+        json!(format!("{kept_as}@{tag}-b"))
+    );
+    let second = run.step()["kept"][0]["kept_as"]
+        .as_str()
+        .expect("kept_as")
+        .to_string();
+    assert_eq!(
+        md5(&mut g, &zvol, &mnt),
+        b,
+        "the zvol does not hold b's data"
+    );
+    assert_eq!(
+        md5(&mut g, &kept_as, &look),
+        head,
+        "the first kept state lost its data"
+    );
+    let snaps = g.sh(&format!("zfs list -H -o name -t snapshot {zvol}"));
+    assert!(
+        snaps.contains(&format!("{zvol}@{tag}-a")) && snaps.contains(&format!("{zvol}@{tag}-b")),
+        "{snaps}"
+    );
+    assert_eq!(g.zfs_get("userrefs", &format!("{zvol}@{tag}-b")), "1");
+    assert_eq!(g.zfs_get("origin", &zvol), "-");
+    assert_eq!(g.zfs_get("origin", &second), format!("{zvol}@{tag}-a"));
+    assert_eq!(g.zfs_get("refreservation", &zvol), refreservation);
+}
+
+/// The orchestrator's `keep_newer` where the pool is (EVE's case): `guest_pre` unmounts the
+/// zvol, the "unmounted" check and the in-use check pass, the switch runs, `guest_post`
+/// mounts the zvol again by its name (now the rolled-back one): the file is the snapshot's,
+/// the kept state holds what the zvol held, with the newer snapshot.
+#[test]
+fn snap_orchestrate_keep_newer_rolls_back_a_mounted_zvol_and_keeps_its_state() {
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
+    let tag = unique("okn");
+    let zvol = lab.zvols[1].clone();
+    let mnt = lab.guest_mounts[&zvol].clone();
+    let file = format!("{mnt}/keep-{tag}");
+    let look = format!("/tmp/look-{tag}");
+    g.on_drop(remount(lab));
+    g.on_drop(forget(&tag));
+    g.on_drop(format!(
+        "umount {look} 2>/dev/null; \
+         for k in $(zfs list -H -o name -t volume -r persist | grep -e '.evesnap-kept-' -e '.evesnap-new-'); do \
+         zfs destroy -r \"$k\"; done; true"
+    ));
+    let write = |g: &mut Guest| -> String {
+        g.sh(&format!(
+            "dd if=/dev/urandom of={file} bs=64k count=8 2>/dev/null && sync && md5sum {file} | cut -d' ' -f1"
+        ))
+        .trim()
+        .to_string()
+    };
+    let at_a = write(&mut g);
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-a"));
+    write(&mut g);
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-b"));
+    let head = write(&mut g);
+
+    let plan = json!({
+        "version": 1, "action": "rollback", "agent": lab.guest_agent,
+        "datasets": [zvol], "rollback": {"to": format!("{tag}-a"), "keep_newer": true},
+        "disks": {zvol.as_str(): {"dev": format!("/dev/zvol/{zvol}")}},
+        "guest_pre": [{"path": "/bin/umount", "args": [mnt]}],
+        "guest_post": [{"path": "/bin/sh", "args": ["-c", mount_zvol(&zvol, &mnt)]}],
+    });
+    let run = g.tool("snap-orchestrate", &[], Some(&plan.to_string()));
+    assert_eq!(run.code, 0, "{}\n{}", run.doc, run.stderr);
+    assert_eq!(
+        tools(&run.doc),
+        [
+            "preflight",
+            "guest_pre",
+            "unmounted",
+            "zrollback",
+            "guest_post"
+        ]
+    );
+    let kept = step_of(&run.doc, "zrollback")["kept"][0].clone();
+    let kept_as = kept["kept_as"].as_str().expect("kept_as").to_string();
+    assert_eq!(strings(&kept["snapshots"]), [format!("{kept_as}@{tag}-b")]);
+    let now = g.sh(&format!("md5sum {file} | cut -d' ' -f1"));
+    assert_eq!(now.trim(), at_a, "the mounted zvol does not hold a's data");
+    let kept_data = g.sh(&format!(
+        "{} && md5sum {look}/keep-{tag} | cut -d' ' -f1; umount {look}",
+        mount_zvol(&kept_as, &look)
+    ));
+    assert_eq!(
+        kept_data.trim(),
+        head,
+        "the kept state lost the zvol's data"
+    );
+}
+
+/// A thick zvol's keep-newer rollback needs its `refreservation` again (its clone gets one):
+/// with a reservation of another zvol taking the pool's room, the preflight refuses with the
+/// missing bytes and nothing is created; without it, the same command goes through.
+#[test]
+fn keep_newer_of_a_thick_zvol_without_room_is_refused_before_anything_is_created() {
+    let Some(mut g) = Guest::start() else { return };
+    let lab = g.lab;
+    let tag = unique("knroom");
+    let zvol = lab.zvols[0].clone();
+    let filler = format!("{}/filler-{tag}", lab.pool);
+    g.on_drop(forget(&tag));
+    g.on_drop(format!("zfs destroy {filler} 2>/dev/null; true"));
+    let reservation: u64 = g.zfs_get("refreservation", &zvol).parse().expect("bytes");
+    assert!(reservation > 0, "{zvol} is not thick");
+    g.sh(&format!("zfs snapshot {zvol}@{tag}-a"));
+    // Leave less than the reservation free outside the zvol's own reservation.
+    let free: u64 = g.zfs_get("available", &lab.pool).parse().expect("bytes");
+    let take = (free - reservation / 2) / (1 << 20);
+    g.sh(&format!("zfs create -V {take}M {filler}"));
+    let available: u64 = g.zfs_get("available", &lab.pool).parse().expect("bytes");
+    assert!(
+        available < reservation,
+        "{available} free, {reservation} needed"
+    );
+    let before = family(&mut g);
+    let to = format!("{tag}-a");
+    let args = [
+        "--dataset",
+        zvol.as_str(),
+        "--to",
+        to.as_str(),
+        "--keep-newer",
+    ];
+    let run = g.tool("zrollback", &args, None);
+    assert_eq!(run.code, 7, "{}\n{}", run.doc, run.stderr);
+    let problem = &run.step()["problems"][0];
+    assert_eq!(problem["problem"], "no-room-to-keep", "{}", run.doc);
+    assert_eq!(problem["needed"], json!(reservation), "{}", run.doc);
+    assert_eq!(
+        family(&mut g),
+        before,
+        "a refused keep-newer changed something"
+    );
+}

@@ -176,6 +176,12 @@ pub struct RollbackPlan {
     /// Destroy snapshots newer than `to` (after checking none is held or cloned).
     #[serde(default)]
     pub destroy_newer: bool,
+    /// Keep the snapshots newer than `to`: each dataset's current state, with them, is
+    /// renamed to `<dataset>.evesnap-kept-<YYYYMMDD-HHMMSSmmm>` and the dataset gets `to`'s
+    /// data (`zrollback --keep-newer`); a `to` found only in a kept state rolls forward to
+    /// it. Not with `destroy_newer`.
+    #[serde(default)]
+    pub keep_newer: bool,
     /// The controller states the VM is stopped (otherwise QMP or the guest decides).
     #[serde(default)]
     pub vm_stopped: bool,
@@ -278,6 +284,9 @@ impl Plan {
             (Action::Create, Some(_)) => {
                 invalid("`rollback` is given but `action` is `create`".into())
             }
+            (_, Some(r)) if r.keep_newer && r.destroy_newer => invalid(
+                "`rollback.keep_newer` and `rollback.destroy_newer` exclude each other".into(),
+            ),
             _ => Ok(()),
         }?;
         for (d, disk) in &self.disks {

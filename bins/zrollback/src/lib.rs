@@ -7,9 +7,17 @@
 //! `zfs rollback -r`: zfs-fuse and OpenZFS destroy some newer snapshots and then fail on a
 //! held one.
 //!
+//! With `--keep-newer` ([`plan_keeping`], module [`keep`]) nothing is destroyed: each
+//! dataset's previous state, with its newer snapshots, is kept under
+//! `<dataset>.evesnap-kept-<stamp>`, and naming one of those snapshots rolls forward to it.
+//!
 //! Step fields (`tool: "zrollback"`): `rolled_back: [{dataset, to}]`, `destroyed: [...]`,
-//! `dry_run`, and with `--dry-run` the `plan`; on failure `error` and `problems` (preflight)
-//! or what was done before the failure.
+//! `kept: [{dataset, kept_as, snapshots}]` (with `--keep-newer`), `dry_run`, and with
+//! `--dry-run` the `plan`; on failure `error` and `problems` (preflight) or what was done
+//! before the failure.
+
+mod in_use;
+pub mod keep;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -44,6 +52,9 @@ pub struct Target {
 #[derive(Debug, Clone, Serialize)]
 pub struct RollbackPlan {
     pub targets: Vec<Target>,
+    /// With `--keep-newer`: the switches (and no `targets`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<keep::Switch>,
 }
 
 pub use evesnap::steps::{RollbackReport, RolledBack};
@@ -54,7 +65,25 @@ pub use evesnap::steps::{RollbackReport, RolledBack};
 pub struct ExecuteError {
     pub report: RollbackReport,
     #[source]
-    pub source: Error,
+    pub source: Failure,
+}
+
+/// Why [`execute`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Zfs(#[from] Error),
+    #[error(transparent)]
+    Keep(#[from] Box<keep::KeepError>),
+}
+
+impl HasExit for Failure {
+    fn exit(&self) -> Exit {
+        match self {
+            Failure::Zfs(e) => e.exit(),
+            Failure::Keep(e) => e.exit(),
+        }
+    }
 }
 
 impl HasExit for ExecuteError {
@@ -162,28 +191,57 @@ pub fn plan(
         return Err(Error::Preflight { problems });
     }
     targets.extend(pending.into_iter().map(|(t, _)| t));
-    Ok(RollbackPlan { targets })
+    Ok(RollbackPlan {
+        targets,
+        keep: Vec::new(),
+    })
+}
+
+/// Plans a rollback of every dataset to `@name` that keeps the newer snapshots (see
+/// [`keep`]); `@name` may be a snapshot of a dataset's kept state, to roll forward.
+pub fn plan_keeping(zfs: &Zfs, datasets: &[String], name: &str) -> Result<RollbackPlan, Error> {
+    Ok(RollbackPlan {
+        targets: Vec::new(),
+        keep: keep::plan(zfs, datasets, name)?,
+    })
 }
 
 /// Carries out a plan: per dataset, destroys the newer snapshots (newest first), then rolls
 /// back. Stops at the first failure and says what had been done.
 pub fn execute(zfs: &Zfs, plan: &RollbackPlan) -> Result<RollbackReport, Box<ExecuteError>> {
     let mut report = RollbackReport::default();
+    if !plan.keep.is_empty() {
+        return keep::execute(zfs, &plan.keep).map_err(|e| {
+            Box::new(ExecuteError {
+                report,
+                source: e.into(),
+            })
+        });
+    }
     for target in &plan.targets {
         for snapshot in &target.newer {
             if let Err(source) = zfs.destroy_snapshot(snapshot) {
-                return Err(Box::new(ExecuteError { report, source }));
+                return Err(Box::new(ExecuteError {
+                    report,
+                    source: source.into(),
+                }));
             }
             report.destroyed.push(snapshot.clone());
         }
         for bookmark in &target.newer_bookmarks {
             if let Err(source) = zfs.destroy_bookmark(bookmark) {
-                return Err(Box::new(ExecuteError { report, source }));
+                return Err(Box::new(ExecuteError {
+                    report,
+                    source: source.into(),
+                }));
             }
             report.destroyed.push(bookmark.clone());
         }
         if let Err(source) = zfs.rollback(&target.to) {
-            return Err(Box::new(ExecuteError { report, source }));
+            return Err(Box::new(ExecuteError {
+                report,
+                source: source.into(),
+            }));
         }
         report.rolled_back.push(RolledBack {
             dataset: target.dataset.clone(),
@@ -201,7 +259,9 @@ pub fn execute(zfs: &Zfs, plan: &RollbackPlan) -> Result<RollbackReport, Box<Exe
     long_about = "Rolls every dataset given (or the job document's `datasets`) back to the snapshot \
         --to (or the document's `snapshot`). Checks all datasets before changing any. Refuses when \
         newer snapshots exist and lists them; --destroy-newer destroys them, but only if none is \
-        held or cloned. Reads the job document on stdin, writes it on stdout. A VM must not have \
+        held or cloned; --keep-newer keeps them (and the data the dataset has now) under \
+        `<dataset>.evesnap-kept-<stamp>`, from where naming one of them with --keep-newer rolls \
+        forward again. Reads the job document on stdin, writes it on stdout. A VM must not have \
         the dataset's filesystem mounted (or the volume open for writing) while it is rolled back."
 )]
 struct Cli {
@@ -226,8 +286,17 @@ struct Cli {
     #[arg(long, value_name = "NAME")]
     to: Option<String>,
     /// Destroy snapshots newer than the target (refused if any is held or has clones).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_newer")]
     destroy_newer: bool,
+    /// Keep the newer snapshots: the dataset's current state, with its snapshots newer than
+    /// the target, is renamed to `<dataset>.evesnap-kept-<YYYYMMDD-HHMMSSmmm>` (a clone of
+    /// the target, `zfs destroy -r` drops it) and the dataset gets the target's data and
+    /// history (zfs clone + promote + rename). With a name found only in a kept state, rolls
+    /// forward to it the same way (the state left is kept too). Nothing may use the dataset:
+    /// a mounted filesystem in use fails the step, a volume must not be open (stop the VM);
+    /// a thick volume needs room for its refreservation a second time.
+    #[arg(long)]
+    keep_newer: bool,
     /// Check and print the plan; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -293,7 +362,12 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
             return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
         }
     };
-    let plan = match plan(&zfs, &datasets, &name, cli.destroy_newer) {
+    let planned = if cli.keep_newer {
+        plan_keeping(&zfs, &datasets, &name)
+    } else {
+        plan(&zfs, &datasets, &name, cli.destroy_newer)
+    };
+    let plan = match planned {
         Ok(p) => p,
         Err(e) => {
             return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
@@ -318,6 +392,14 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                 report.rolled_back.len(),
                 report.destroyed.len()
             );
+            for kept in &report.kept {
+                evesnap::note!(
+                    "{} was kept as {} ({} snapshot(s))",
+                    kept.dataset,
+                    kept.kept_as,
+                    kept.snapshots.len()
+                );
+            }
             fields.extend(fields_of(&report));
             doc.datasets = datasets;
             doc.snapshot = Some(name);
@@ -340,7 +422,9 @@ mod tests {
         command().debug_assert();
         let help = command().render_long_help().to_string();
         assert!(
-            help.contains("Exit status:") && help.contains("--destroy-newer"),
+            help.contains("Exit status:")
+                && help.contains("--destroy-newer")
+                && help.contains("--keep-newer"),
             "{help}"
         );
     }
@@ -366,7 +450,10 @@ mod tests {
             destroyed: vec!["p/a@b".into()],
             ..Default::default()
         };
-        let err = evesnap::exit::wrap(ExecuteError { report, source });
+        let err = evesnap::exit::wrap(ExecuteError {
+            report,
+            source: source.into(),
+        });
         assert_eq!(evesnap::exit::exit_of(&err), Exit::StepFailed);
         assert!(err.to_string().contains("destroying 1 snapshot(s)"));
     }

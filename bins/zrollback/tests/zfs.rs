@@ -223,3 +223,147 @@ fn a_hung_zfs_is_killed_at_the_zfs_timeout() {
     );
     let _ = std::fs::remove_dir_all(fake.parent().expect("its folder"));
 }
+
+/// A `zfs` that fails the `nth` call of `sub` ("<sub> broke") and runs the real one
+/// otherwise; its folder goes with the tree's test.
+fn failing_zfs(dir: &Path, sub: &str, nth: u32) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).expect("shim folder");
+    let count = dir.join(format!("{sub}-{nth}.count"));
+    let path = dir.join(format!("zfs-{sub}-{nth}"));
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = {sub} ]; then echo x >> '{count}'; \
+         if [ $(wc -l < '{count}') -eq {nth} ]; then echo '{sub} broke' >&2; exit 1; fi; fi\n\
+         exec '{real}' \"$@\"\n",
+        count = count.display(),
+        real = real_zfs().display(),
+    );
+    std::fs::write(&path, script).expect("write the shim");
+    let mut perms = std::fs::metadata(&path).expect("shim").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&path, perms).expect("chmod the shim");
+    path
+}
+
+/// Names, origins, holds and mounts of the tree (what a failed switch must leave as it was).
+fn layout(root: &str) -> String {
+    zfs(&[
+        "list",
+        "-H",
+        "-t",
+        "all",
+        "-r",
+        "-o",
+        "name,origin,userrefs,mounted",
+        root,
+    ])
+}
+
+/// `--keep-newer` on zfs-fuse filesystems: back to s1 keeps the current data and the held s2
+/// under `<a>.evesnap-kept-*`; forward to s2 from there brings s2's data and every snapshot
+/// back. Checksums prove each state. Each zfs call failing in turn, and a file held open in
+/// the filesystem, leave the tree as it was with a clear error.
+#[test]
+fn keep_newer_goes_back_and_forward_with_every_snapshot_kept() {
+    let tree = Tree::new("zrollback-keep");
+    let a = tree.create("a");
+    let file = |dataset: &str| tree.mountpoint(dataset).join("disk.img");
+    write_file(&file(&a), 1, 1 << 20);
+    let at_s1 = checksum(&file(&a));
+    zfs(&["snapshot", &format!("{a}@s1")]);
+    write_file(&file(&a), 2, 1 << 20);
+    let at_s2 = checksum(&file(&a));
+    zfs(&["snapshot", &format!("{a}@s2")]);
+    tree.hold("evesnap-test", &format!("{a}@s2"));
+    write_file(&file(&a), 3, 1 << 20);
+    let head = checksum(&file(&a));
+    let back = ["-d", a.as_str(), "--to", "s1", "--keep-newer"];
+
+    let before = layout(&tree.root);
+    let shims = std::env::temp_dir().join(format!("evesnap-keep-{}", std::process::id()));
+    for (sub, nth) in [
+        ("clone", 1),
+        ("promote", 1),
+        ("unmount", 1),
+        ("unmount", 2),
+        ("rename", 1),
+        ("rename", 2),
+        ("mount", 1),
+        ("mount", 2),
+    ] {
+        let shim = failing_zfs(&shims, sub, nth);
+        let out = run(zrollback(), &back, None, &shim);
+        assert_eq!(out.code, 1, "{sub} #{nth}: {}", out.stderr);
+        let error = out.step()["error"].as_str().unwrap_or("").to_string();
+        assert!(
+            error.contains(&format!("failed at `zfs {sub}"))
+                && error.contains("everything done was undone")
+                && error.contains(&format!("{sub} broke")),
+            "{sub} #{nth}: {error}"
+        );
+        assert_eq!(layout(&tree.root), before, "{sub} #{nth} left a change");
+        assert_eq!(checksum(&file(&a)), head, "{sub} #{nth} changed the data");
+    }
+    let _ = std::fs::remove_dir_all(&shims);
+
+    // A file open in the filesystem: its unmount fails, nothing changes.
+    let open = std::fs::File::open(file(&a)).expect("open the file");
+    let out = run(zrollback(), &back, None, real_zfs().as_path());
+    drop(open);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("failed at `zfs unmount") && out.stderr.contains("stop the VM"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(layout(&tree.root), before);
+
+    // Back to s1.
+    let out = run(zrollback(), &back, None, real_zfs().as_path());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let kept_as = out.step()["kept"][0]["kept_as"]
+        .as_str()
+        .expect("kept_as")
+        .to_string();
+    assert!(
+        kept_as.starts_with(&format!("{a}.evesnap-kept-")),
+        "{kept_as}"
+    );
+    assert_eq!(checksum(&file(&a)), at_s1, "a has s1's data");
+    assert_eq!(
+        checksum(&file(&kept_as)),
+        head,
+        "the kept state has the data a had"
+    );
+    assert_eq!(snapshots(&a), [format!("{a}@s1")]);
+    assert_eq!(snapshots(&kept_as), [format!("{kept_as}@s2")]);
+    assert_eq!(support::get(&format!("{kept_as}@s2"), "userrefs"), "1");
+
+    // Write on, then forward to s2 (found in the kept state).
+    write_file(&file(&a), 4, 1 << 20);
+    let after_rollback = checksum(&file(&a));
+    let out = run(
+        zrollback(),
+        &["-d", &a, "--to", "s2", "--keep-newer"],
+        None,
+        real_zfs().as_path(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let second = out.step()["kept"][0]["kept_as"]
+        .as_str()
+        .expect("kept_as")
+        .to_string();
+    assert_eq!(checksum(&file(&a)), at_s2, "a has s2's data");
+    assert_eq!(snapshots(&a), [format!("{a}@s1"), format!("{a}@s2")]);
+    assert_eq!(support::get(&format!("{a}@s2"), "userrefs"), "1");
+    assert_eq!(
+        checksum(&file(&kept_as)),
+        head,
+        "the first kept state is intact"
+    );
+    assert_eq!(
+        checksum(&file(&second)),
+        after_rollback,
+        "what was written after the rollback is kept"
+    );
+    assert_eq!(support::get(&a, "origin"), "-");
+}

@@ -1,5 +1,6 @@
 //! What the zfs layer changes: snapshots taken, properties set, snapshots and bookmarks
-//! destroyed, rollbacks. Names and properties are checked before anything runs.
+//! destroyed, rollbacks, and the clone/promote/rename/mount calls of a rollback that keeps
+//! the newer snapshots. Names and properties are checked before anything runs.
 
 use super::{args, names, Error, Output, Zfs};
 
@@ -80,6 +81,63 @@ impl Zfs {
     }
 }
 
+impl Zfs {
+    /// `zfs clone [-o refreservation=N] <snapshot> <target>` (`refreservation`: for a thick
+    /// volume, whose clone is otherwise sparse).
+    pub fn clone_snapshot(
+        &self,
+        snapshot: &str,
+        target: &str,
+        refreservation: Option<u64>,
+    ) -> Result<(), Error> {
+        names::split_snapshot(snapshot)?;
+        names::check_dataset(target)?;
+        let mut argv = args(&["clone"]);
+        if let Some(bytes) = refreservation {
+            argv.push("-o".into());
+            argv.push(format!("refreservation={bytes}"));
+        }
+        argv.push(snapshot.into());
+        argv.push(target.into());
+        self.run(&argv, target).map(drop)
+    }
+
+    /// `zfs promote <clone>`: the clone takes its origin's snapshots up to the origin.
+    pub fn promote(&self, clone: &str) -> Result<(), Error> {
+        names::check_dataset(clone)?;
+        self.run(&args(&["promote", clone]), clone).map(drop)
+    }
+
+    /// `zfs rename <from> <to>` (filesystems and volumes; never `-f`, `-p` or `-r`).
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), Error> {
+        names::check_dataset(from)?;
+        names::check_dataset(to)?;
+        self.run(&args(&["rename", from, to]), from).map(drop)
+    }
+
+    /// `zfs mount <filesystem>`.
+    pub fn mount(&self, filesystem: &str) -> Result<(), Error> {
+        names::check_dataset(filesystem)?;
+        self.run(&args(&["mount", filesystem]), filesystem)
+            .map(drop)
+    }
+
+    /// `zfs unmount <filesystem>` (never `-f`: a filesystem in use stays mounted and the call
+    /// fails).
+    pub fn unmount(&self, filesystem: &str) -> Result<(), Error> {
+        names::check_dataset(filesystem)?;
+        self.run(&args(&["unmount", filesystem]), filesystem)
+            .map(drop)
+    }
+
+    /// `zfs destroy <filesystem|volume>` (never `-r`/`-R`: one with snapshots or clones
+    /// stays and the call fails).
+    pub fn destroy_dataset(&self, dataset: &str) -> Result<(), Error> {
+        names::check_dataset(dataset)?;
+        self.run(&args(&["destroy", dataset]), dataset).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +156,18 @@ mod tests {
             Err(Error::InvalidName { .. })
         ));
         assert!(matches!(zfs.rollback("-R"), Err(Error::InvalidName { .. })));
+        assert!(matches!(
+            zfs.rename("p/a", "-f"),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            zfs.clone_snapshot("p/a", "p/b", None),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            zfs.promote("p/a@s"),
+            Err(Error::InvalidName { .. })
+        ));
         assert!(matches!(
             zfs.snapshots("p/a b", &[]),
             Err(Error::InvalidName { .. })

@@ -124,6 +124,26 @@ pub enum Problem {
     },
     /// The snapshot does not exist.
     NoSuchSnapshot { snapshot: String },
+    /// A rollback that keeps the newer snapshots needs `needed` bytes it does not have (the
+    /// rolled-back volume's own `refreservation`, while the kept one keeps its own).
+    NoRoomToKeep {
+        dataset: String,
+        needed: u64,
+        available: u64,
+        missing: u64,
+    },
+    /// The snapshot name is found in more than one place a rollback could take it from.
+    Ambiguous {
+        snapshot: String,
+        found: Vec<String>,
+    },
+    /// A name a rollback that keeps the newer snapshots would create is taken.
+    DatasetExists { dataset: String },
+    /// A rollback that keeps the newer snapshots was killed half way and left its clones.
+    Interrupted {
+        dataset: String,
+        clones: Vec<String>,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -152,6 +172,24 @@ impl fmt::Display for Problem {
                 write!(f, " (--destroy-newer destroys them)")
             }
             Problem::NoSuchSnapshot { snapshot } => write!(f, "snapshot {snapshot} does not exist"),
+            Problem::NoRoomToKeep { dataset, needed, available, missing } => write!(
+                f,
+                "{dataset}: {missing} bytes missing to keep its newer snapshots (the rolled-back \
+                 volume needs its refreservation again, {needed} bytes; {available} are available)"
+            ),
+            Problem::Ambiguous { snapshot, found } => {
+                write!(f, "snapshot @{snapshot} exists in several places: {}", found.join(", "))
+            }
+            Problem::DatasetExists { dataset } => write!(f, "{dataset} exists already"),
+            Problem::Interrupted { dataset, clones } => write!(
+                f,
+                "a rollback of {dataset} that keeps the newer snapshots was cut short (killed) and \
+                 left {}: put it back by hand first: if {dataset} is missing, rename the \
+                 {dataset}.evesnap-kept-* of the same stamp back to it; `zfs promote` each \
+                 dataset whose origin is a snapshot of the clone, the oldest origin first; \
+                 then `zfs destroy` the clone",
+                clones.join(", ")
+            ),
         }
     }
 }

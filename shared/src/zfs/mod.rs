@@ -25,6 +25,7 @@
 mod change;
 mod classify;
 mod error;
+mod lineage;
 pub mod names;
 pub mod parse;
 mod process;
@@ -37,6 +38,7 @@ use std::time::{Duration, Instant};
 use crate::cancel::Cancel;
 pub use classify::{classify, listed_after};
 pub use error::{Error, Failure, Problem};
+pub use lineage::Lineage;
 pub use query::{SnapshotInfo, Space};
 
 /// The environment variable naming the `zfs` program.

@@ -154,6 +154,9 @@ pub enum Fault {
     /// The freeze comes up short (a volume frozen behind qemu-ga's back); the plan's
     /// `freeze.on_failure` is `crash` (a labelled crash snapshot) or `fail` (none).
     FreezeFails { crash: bool },
+    /// A rollback that keeps the newer snapshots under the running VM (QEMU holds the
+    /// volumes' images open, so the switch must be undone), `zfs clone` failing or not.
+    KeepNewer { clone_fails: bool },
 }
 
 impl fmt::Display for Fault {
@@ -214,6 +217,15 @@ impl fmt::Display for Fault {
                 "freeze fails, on_failure {}",
                 if *crash { "crash" } else { "fail" }
             ),
+            Fault::KeepNewer { clone_fails } => write!(
+                f,
+                "keep_newer rollback under the running VM{}",
+                if *clone_fails {
+                    ", zfs clone fails"
+                } else {
+                    ""
+                }
+            ),
             Fault::ZfsHangsTerm { rollback } => write!(
                 f,
                 "zfs {} hangs, SIGTERM",
@@ -237,7 +249,7 @@ impl Fault {
                 Sig::Term
             }
         };
-        match rng.below(18) {
+        match rng.below(19) {
             0..=4 => Fault::Orchestrator {
                 signal: signal(rng),
                 phase: Phase::ALL[rng.below(4) as usize],
@@ -284,6 +296,9 @@ impl Fault {
             },
             15 => Fault::FreezeFails {
                 crash: rng.below(2) == 0,
+            },
+            16 => Fault::KeepNewer {
+                clone_fails: rng.below(2) == 0,
             },
             _ => Fault::Rollback {
                 signal: match rng.below(3) {

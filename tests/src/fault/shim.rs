@@ -21,7 +21,8 @@ impl Shim {
         let r = real.display();
         // Config files in `dir`: snapshot.before / snapshot.after / rollback.before /
         // destroy.before (seconds to sleep; destroy.before only for a destroy naming
-        // destroy.match), snapshot.fail (stderr to fail with), noroom (report 4 KiB available).
+        // destroy.match), snapshot.fail / clone.fail (stderr to fail with), noroom (report
+        // 4 KiB available).
         let script = format!(
             r#"#!/bin/sh
 d='{d}'
@@ -44,6 +45,8 @@ case "$1" in
     if [ -f "$d/destroy.before" ]; then
       case "$*" in *"$(cat "$d/destroy.match")"*) sleep "$(cat "$d/destroy.before")";; esac
     fi;;
+  clone)
+    if [ -f "$d/clone.fail" ]; then cat "$d/clone.fail" >&2; exit 1; fi;;
   rollback)
     touch "$d/rollback-started"
     [ -f "$d/rollback.before" ] && sleep "$(cat "$d/rollback.before")"

@@ -345,6 +345,7 @@ impl<'a> Trial<'a> {
                 Fault::Rollback { signal } => self.rollback(*signal),
                 Fault::ZfsHangsTerm { rollback } => self.zfs_hangs_term(*rollback),
                 Fault::FreezeFails { crash } => self.freeze_fails(*crash),
+                Fault::KeepNewer { clone_fails } => self.keep_newer(*clone_fails),
             }
         }
         self.cleanup();

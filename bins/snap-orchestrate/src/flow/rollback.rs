@@ -42,12 +42,17 @@ impl Run<'_> {
         };
         // 1. Preflight: zrollback's checks, then whether the VM is stopped.
         let timer = StepTimer::start("preflight");
-        let target = match zrollback::plan(
-            self.zfs,
-            &plan.datasets,
-            &rollback.to,
-            rollback.destroy_newer,
-        ) {
+        let planned = if rollback.keep_newer {
+            zrollback::plan_keeping(self.zfs, &plan.datasets, &rollback.to)
+        } else {
+            zrollback::plan(
+                self.zfs,
+                &plan.datasets,
+                &rollback.to,
+                rollback.destroy_newer,
+            )
+        };
+        let target = match planned {
             Ok(t) => t,
             Err(e) => {
                 self.failed(timer);

@@ -262,6 +262,7 @@ impl Server {
                 plan.rollback = Some(RollbackPlan {
                     to: request.to.clone().unwrap_or_default(),
                     destroy_newer: false,
+                    keep_newer: false,
                     vm_stopped: false,
                 });
             }

@@ -9,6 +9,7 @@ mod create;
 mod create_failed;
 mod create_refused;
 mod eve_api;
+mod keep_newer;
 mod pending;
 mod rollback;
 mod serve;

@@ -173,3 +173,29 @@ fn sigterm_during_a_hung_rollback_ends_the_run() {
     let (took, code, report) = terminate(child);
     check(took, code, &report, &sim, &plan, "rollback");
 }
+
+/// A keep-newer switch cut short by SIGTERM in its `zfs promote` is undone (the clone
+/// destroyed, with calls the signal does not cut short) and the run ends within seconds.
+#[test]
+fn sigterm_during_a_hung_keep_newer_promote_undoes_the_switch() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    add_snapshot(&mut state, &format!("{DS0}@s1"), 10, json!({}));
+    add_snapshot(&mut state, &format!("{DS0}@s2"), 20, json!({}));
+    state["faults"] = json!({"promote": {"sleep": HANG}});
+    let zfs = FakeZfs::new(&state);
+    let before = zfs.state()["datasets"].clone();
+    let plan = plan_json(
+        &agent,
+        json!({"action": "rollback",
+               "rollback": {"to": "s1", "keep_newer": true, "vm_stopped": true}}),
+    );
+    let mut child = spawn(&zfs, &plan);
+    wait_for_call(&zfs, &mut child, "promote");
+    let (took, code, report) = terminate(child);
+    check(took, code, &report, &sim, &plan, "rollback");
+    let message = report["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("everything done was undone"), "{report}");
+    assert_eq!(zfs.state()["datasets"], before, "the clone is left");
+    assert_eq!(zfs.snapshots().len(), 2);
+}

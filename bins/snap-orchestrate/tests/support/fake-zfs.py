@@ -21,7 +21,14 @@ Tests run it through a `zfs` wrapper that passes DIR. The state:
 
 A fault named after a subcommand applies to its calls (not to the capability probes):
 sleep first, then, with `stderr`, fail with it (status 1 by default);
-with `sleep` alone, go on afterwards. An argv this fake does not know fails with status 2.
+with `sleep` alone, go on afterwards. With `"nth": N` it applies to the Nth call of the
+subcommand only (counted in calls.log); with `"after": true` the call does its work first
+and fails afterwards (a call cut short once its change was made). An argv this fake does
+not know fails with status 2.
+
+Datasets may carry `origin` (a clone's snapshot) and `mounted` (`yes`/`no`, filesystems);
+`clone`, `promote`, `rename`, `mount`, `unmount` and `destroy` of a dataset change them as
+zfs does; zfs-fuse renames no mounted filesystem ("dataset is busy").
 """
 
 import fcntl
@@ -49,6 +56,7 @@ DATASET_PROPS = (
     "refreservation",
     "usedbyrefreservation",
     "origin",
+    "mounted",
 )
 
 
@@ -216,6 +224,15 @@ def cmd_destroy(state, args):
     if len(args) != 1:
         raise Fail(f"fake zfs: unexpected destroy {args}\n", 2)
     name = args[0]
+    if name in state["datasets"]:
+        below = children(state, name, None)
+        if below:
+            raise Fail(
+                f"cannot destroy '{name}': filesystem has children\n"
+                "use '-r' to destroy the following datasets:\n" + "".join(b + "\n" for b in below)
+            )
+        del state["datasets"][name]
+        return "", "", 0
     if "#" in name:
         if state["bookmarks"].pop(name, None) is None:
             raise Fail(missing(name))
@@ -257,13 +274,116 @@ def cmd_rollback(state, args):
     return "", "", 0
 
 
-def fault(state, command):
+def cmd_clone(state, args):
+    _, values, operands = options(args, set(), {"-o"})
+    if len(operands) != 2:
+        raise Fail(f"fake zfs: unexpected clone {args}\n", 2)
+    snap, target = operands
+    if snap not in state["snapshots"]:
+        raise Fail(missing(snap))
+    if target in state["datasets"]:
+        raise Fail(f"cannot create '{target}': dataset already exists\n")
+    if target.rpartition("/")[0] not in state["datasets"]:
+        raise Fail(f"cannot create '{target}': parent does not exist\n")
+    source = state["datasets"][snap.partition("@")[0]]
+    props = dict(kv.split("=", 1) for kv in values.get("-o", []))
+    volume = source["type"] == "volume"
+    state["datasets"][target] = {
+        "type": source["type"],
+        "available": source["available"],
+        "referenced": state["snapshots"][snap]["referenced"],
+        "usedbydataset": 0,
+        "refreservation": int(props.get("refreservation", 0)),
+        "usedbyrefreservation": int(props.get("refreservation", 0)),
+        "origin": snap,
+        "mounted": "-" if volume else "yes",
+    }
+    return "", "", 0
+
+
+def cmd_promote(state, args):
+    if len(args) != 1 or args[0] not in state["datasets"]:
+        raise Fail(missing(args[0] if args else ""))
+    clone = args[0]
+    origin = state["datasets"][clone].get("origin", "-")
+    if origin == "-":
+        raise Fail(f"cannot promote '{clone}': not a cloned filesystem\n")
+    parent, _, _ = origin.partition("@")
+    txg = state["snapshots"][origin]["createtxg"]
+    moving = [
+        n for n, v in state["snapshots"].items()
+        if n.startswith(parent + "@") and v["createtxg"] <= txg
+    ]
+    for name in moving:
+        if f"{clone}@{name.partition('@')[2]}" in state["snapshots"]:
+            raise Fail(f"cannot promote '{clone}': conflicting snapshot names\n")
+    renamed = {n: f"{clone}@{n.partition('@')[2]}" for n in moving}
+    for old, new in renamed.items():
+        state["snapshots"][new] = state["snapshots"].pop(old)
+    for d in state["datasets"].values():
+        if d.get("origin", "-") in renamed:
+            d["origin"] = renamed[d["origin"]]
+    state["datasets"][clone]["origin"] = state["datasets"][parent].get("origin", "-")
+    state["datasets"][parent]["origin"] = renamed[origin]
+    return "", "", 0
+
+
+def cmd_rename(state, args):
+    if len(args) != 2:
+        raise Fail(f"fake zfs: unexpected rename {args}\n", 2)
+    old, new = args
+    if old not in state["datasets"]:
+        raise Fail(missing(old))
+    if new in state["datasets"]:
+        raise Fail(f"cannot rename to '{new}': dataset already exists\n")
+    if state["flavour"] == "zfs-fuse" and state["datasets"][old].get("mounted") == "yes":
+        raise Fail(f"cannot rename '{old}': dataset is busy\n")
+
+    def moved(name):
+        for mark in ("@", "#", "/"):
+            if name.startswith(old + mark):
+                return new + name[len(old):]
+        return new if name == old else name
+
+    for kind in ("datasets", "snapshots", "bookmarks"):
+        state[kind] = {moved(n): v for n, v in state[kind].items()}
+    for d in state["datasets"].values():
+        if d.get("origin", "-") != "-":
+            d["origin"] = moved(d["origin"])
+    return "", "", 0
+
+
+def mounting(mounted):
+    def cmd(state, args):
+        if len(args) != 1 or args[0] not in state["datasets"]:
+            raise Fail(missing(args[0] if args else ""))
+        dataset = state["datasets"][args[0]]
+        if dataset["type"] != "filesystem":
+            raise Fail(f"cannot mount '{args[0]}': not a filesystem\n")
+        dataset["mounted"] = mounted
+        return "", "", 0
+
+    return cmd
+
+
+def calls_so_far(folder, command):
+    """How many calls of `command` calls.log has (this one included), probes left out."""
+    with open(os.path.join(folder, "calls.log")) as log:
+        argvs = [json.loads(line) for line in log]
+    return sum(1 for a in argvs if a and a[0] == command and a not in PROBES)
+
+
+def fault(state, command, folder):
+    """The fault for this call, after its sleep; None when there is none."""
     f = state.get("faults", {}).get(command)
-    if not f:
-        return
+    if not f or ("nth" in f and calls_so_far(folder, command) != f["nth"]):
+        return None
     time.sleep(f.get("sleep", 0))
-    if "stderr" in f:
+    if "stderr" not in f:
+        return None
+    if not f.get("after"):
         raise Fail(f["stderr"], f.get("status", 1))
+    return f
 
 
 # The capability probes (shared/src/zfs/mod.rs, Zfs::capabilities): never faulted.
@@ -275,6 +395,11 @@ COMMANDS = {
     "set": cmd_set,
     "destroy": cmd_destroy,
     "rollback": cmd_rollback,
+    "clone": cmd_clone,
+    "promote": cmd_promote,
+    "rename": cmd_rename,
+    "mount": mounting("yes"),
+    "unmount": mounting("no"),
 }
 
 
@@ -291,9 +416,16 @@ def main():
         text = f.read()
         state = json.loads(text)
         try:
-            if args not in PROBES:
-                fault(state, args[0])
+            late = fault(state, args[0], folder) if args not in PROBES else None
             out, err, status = command(state, args[1:])
+            if late and status == 0:
+                # The change is made (and written below), then the call fails.
+                new = json.dumps(state, indent=1)
+                f.seek(0)
+                f.truncate()
+                f.write(new)
+                text = new
+                out, err, status = "", late["stderr"], late.get("status", 1)
         except Fail as e:
             out, err, status = "", e.stderr, e.status
         except (KeyError, IndexError, StopIteration, ValueError) as e:

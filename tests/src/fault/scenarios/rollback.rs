@@ -1,5 +1,5 @@
 //! Holds and rollbacks: a held snapshot against retention and a destroying rollback, a
-//! rollback interrupted half way.
+//! rollback interrupted half way, a rollback keeping the newer snapshots under the running VM.
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::fault::trial::{md5_pair, wait_for, DATA, MD5, MOUNTS};
 use crate::fault::{Sig, Trial};
-use crate::zfs::{zfs, zfs_get};
+use crate::zfs::{all_snapshots, zfs, zfs_get};
 
 impl Trial<'_> {
     pub(in crate::fault) fn held(&mut self) {
@@ -200,5 +200,74 @@ impl Trial<'_> {
             code == 0,
             format!("the run after the SIGTERM exits {code}: {}", stderr.trim()),
         );
+    }
+
+    /// `keep_newer` under the running VM: QEMU holds the volumes' images open in the
+    /// datasets, so the switch cannot unmount them and is undone (with `clone_fails`, it
+    /// fails earlier, at `zfs clone`). Invariants: exit 1 naming the undone step; every
+    /// snapshot still there; no `.evesnap-new-`/`.evesnap-kept-` dataset left; the data as
+    /// it was (not rolled back, not lost); the guest resumed and its volumes mounted again.
+    pub(in crate::fault) fn keep_newer(&mut self, clone_fails: bool) {
+        let target = format!("{}-k", self.name);
+        if !self.take_clean(&target) {
+            return;
+        }
+        let after = match self.sh(DATA) {
+            Ok(o) => md5_pair(&o),
+            Err(e) => return self.fail(e),
+        };
+        let parent = self.lab.datasets[0]
+            .rsplit_once('/')
+            .map_or(String::new(), |(p, _)| p.to_string());
+        let snapshots_before = all_snapshots(&parent);
+        if clone_fails {
+            self.shim
+                .set("clone.fail", "cannot create 'x': out of space\n");
+        }
+        let mut plan = self.rollback_plan(&target, false);
+        plan["rollback"]["keep_newer"] = json!(true);
+        let child = self.spawn_orchestrator(&plan);
+        let (code, report, stderr) = self.finish_checked(child);
+        let _ = std::fs::remove_file(self.shim.marker("clone.fail"));
+        self.check(
+            code == 1,
+            format!(
+                "keep_newer under a running VM exits {code}: {}",
+                stderr.trim()
+            ),
+        );
+        let error = report
+            .as_ref()
+            .and_then(|r| r["error"]["description"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        let step = if clone_fails {
+            "zfs clone"
+        } else {
+            "zfs unmount"
+        };
+        self.check(
+            error.contains(&format!("failed at `{step}")) && error.contains("was undone"),
+            format!("the error does not say `{step}` failed and was undone: {error}"),
+        );
+        self.check(
+            all_snapshots(&parent) == snapshots_before,
+            "the snapshots changed",
+        );
+        let leftovers: Vec<String> = crate::zfs::zfs(&["list", "-H", "-o", "name", "-r", &parent])
+            .stdout
+            .split(|b| *b == b'\n')
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .filter(|n| n.contains(".evesnap-new-") || n.contains(".evesnap-kept-"))
+            .collect();
+        self.check(leftovers.is_empty(), format!("left behind: {leftovers:?}"));
+        self.check_resumed(code);
+        match self.sh(MD5) {
+            Ok(o) => self.check(
+                md5_pair(&o) == after,
+                "an undone keep_newer changed the data",
+            ),
+            Err(e) => self.fail(format!("volumes not back: {e}")),
+        }
+        self.check_thawed_at_once();
     }
 }
