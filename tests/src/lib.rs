@@ -10,7 +10,10 @@ use std::path::PathBuf;
 
 /// The repository's top folder.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    // The parent, not `tests/..`: paths built on it name the lab's pool (`lab_pool_for`),
+    // which must match what scripts/test derives from `$PWD/target/lab-test`.
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
 /// A tool binary built in this workspace's target folder (`scripts/test` builds them all
