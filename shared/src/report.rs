@@ -71,6 +71,12 @@ pub enum Consistency {
     /// Not frozen (no agent, or a guest disk with no filesystem mounted): as if the power
     /// had been cut.
     Crash,
+    /// The VM was not running (no QEMU, or QEMU with its guest stopped) and no process held
+    /// the volumes open; how the guest stopped is not known (it may have crashed).
+    Halted,
+    /// The VM was not running, and its guest had powered itself off (QMP run state
+    /// `shutdown`) or the plan says it was shut down cleanly (`shutdown_clean`).
+    HaltedClean,
 }
 
 impl Consistency {
@@ -79,6 +85,8 @@ impl Consistency {
             Consistency::Application => "application",
             Consistency::Filesystem => "filesystem",
             Consistency::Crash => "crash",
+            Consistency::Halted => "halted",
+            Consistency::HaltedClean => "halted_clean",
         }
     }
 }
@@ -92,6 +100,8 @@ impl std::str::FromStr for Consistency {
             "application" => Ok(Consistency::Application),
             "filesystem" => Ok(Consistency::Filesystem),
             "crash" => Ok(Consistency::Crash),
+            "halted" => Ok(Consistency::Halted),
+            "halted_clean" => Ok(Consistency::HaltedClean),
             other => Err(format!("unknown consistency {other:?}")),
         }
     }
@@ -126,6 +136,19 @@ pub enum Action {
     #[default]
     Create,
     Rollback,
+    /// Destroys the snapshot set (by `id`, or by name); one already gone is success (EVE
+    /// deletes a snapshot by leaving its id out of the list).
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Rollback => "rollback",
+            Action::Delete => "delete",
+        }
+    }
 }
 
 /// What became of the plan's `guest_post` commands.
@@ -210,6 +233,21 @@ pub struct Report {
     /// Create: the snapshots taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotEntry>>,
+    /// The plan's app (EVE's `AppUUID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<uuid::Uuid>,
+    /// For a plan that names its volumes in EVE's terms: volume UUID → `dataset@name`
+    /// (eve-api's `VolumeSnapshotMeta`), the set created, found, rolled back to or deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshots: Option<std::collections::BTreeMap<uuid::Uuid, String>>,
+    /// Create: the set with this id already existed on every volume and is reported as it
+    /// was taken (nothing was frozen or snapshotted). Rollback: every volume already was at
+    /// the snapshot (nothing written since, nothing newer), so nothing was rolled back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub existing: bool,
+    /// Delete: the snapshots destroyed (empty when the set was already gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<Vec<String>>,
     /// Create: what the snapshot can claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
@@ -253,6 +291,10 @@ impl Report {
             origin: Origin::Controller,
             create_time: None,
             snapshots: None,
+            app: None,
+            volume_snapshots: None,
+            existing: false,
+            deleted: None,
             consistency: None,
             freeze_window_ms: None,
             expedited_rcu: None,

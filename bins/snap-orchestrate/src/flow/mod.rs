@@ -14,7 +14,9 @@
 //! The flow returns a typed [`Report`]; only the edge ([`Finished::into_outcome`]) turns it
 //! into the job document printed on stdout.
 
+mod byid;
 mod create;
+mod halted;
 mod rollback;
 mod window;
 
@@ -109,7 +111,7 @@ pub fn execute(plan: &Plan, zfs: &Zfs) -> Finished {
 
 fn new_report(plan: &Plan) -> Report {
     let snapshot = match plan.action {
-        Action::Create => plan.snapshot_name(),
+        Action::Create | Action::Delete => plan.snapshot_name(),
         Action::Rollback => plan
             .rollback
             .as_ref()
@@ -125,6 +127,7 @@ fn new_report(plan: &Plan) -> Report {
         &snapshot,
     );
     report.origin = plan.origin;
+    report.app = plan.app;
     report
 }
 
@@ -165,6 +168,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
     let result = match plan.action {
         Action::Create => run.create(),
         Action::Rollback => run.rollback(),
+        Action::Delete => run.delete(),
     };
     let post_left = std::mem::take(&mut run.post_left);
     let mut report = run.report;

@@ -213,6 +213,11 @@ impl Server {
             agent: self.agent_text.clone(),
             qmp: None,
             datasets: identified.datasets.clone(),
+            app: None,
+            volumes: Vec::new(),
+            volume_root: None,
+            retention: None,
+            shutdown_clean: false,
             snapshot: None,
             freeze: FreezePlan {
                 // Only the disk's own filesystems; none mounted: no freeze at all (an empty

@@ -4,9 +4,12 @@
 
 mod support;
 
+mod app_retention;
+mod by_id;
 mod create;
 mod create_failed;
 mod create_refused;
+mod halted;
 mod pending;
 mod rollback;
 mod serve;

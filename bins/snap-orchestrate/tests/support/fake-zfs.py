@@ -49,6 +49,8 @@ DATASET_PROPS = (
     "refreservation",
     "usedbyrefreservation",
     "origin",
+    "mountpoint",
+    "written",
 )
 
 
