@@ -2,14 +2,18 @@
 //! `qga_freeze::freeze_unverified`/`verify_frozen`, `zsnap::preflight`/`take`/`finish`,
 //! `qga_thaw::thaw`, `zsnap::prune`, `zrollback::plan`/`execute`.
 //!
-//! create ([`create`]): preflight → guest_pre → freeze → snapshot → thaw (always) →
-//! guest_post → retention → report. Everything that can be prepared (connection, name,
+//! create ([`create`]): the set with the plan's id, if it exists, is reported ([`byid`]) →
+//! the VM's state (not running: no agent, no freeze, [`halted`]) → retention before the
+//! create (EVE's order) → preflight → guest_pre → freeze → snapshot → thaw (always) →
+//! guest_post → retention after the create → report. Everything that can be prepared (connection, name,
 //! preflight, the zfs argv) is prepared before the freeze, so the window holds only
 //! freeze → snapshot → thaw.
 //!
 //! rollback ([`rollback`]): preflight (zrollback's checks, the VM's state) → guest_pre (e.g.
 //! stop the application, umount) → verify no guest filesystem sits on the volumes →
 //! rollback → guest_post (e.g. drop caches, mount, start the application) → report.
+//!
+//! delete ([`byid`]): the set with the plan's id (or name) destroyed, all or none.
 //!
 //! The flow returns a typed [`Report`]; only the edge ([`Finished::into_outcome`]) turns it
 //! into the job document printed on stdout.
