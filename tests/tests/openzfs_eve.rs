@@ -327,14 +327,19 @@ fn a_halted_vms_zvols_are_snapshotted_as_halted_unless_mounted_or_open() {
     let tag = unique("halted");
     let pidfile = format!("/tmp/{tag}.pid");
     g.on_drop(g.remount());
-    g.on_drop(format!("kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"));
+    g.on_drop(format!(
+        "kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"
+    ));
     g.on_drop(forget(&id));
     // No QEMU answers on this socket: the VM is not running.
     let plan = g.plan(&app, &id, json!({"qmp": format!("/tmp/{tag}-qmp.sock")}));
 
     let (code, mounted, err) = g.orchestrate(&plan);
     assert_eq!(code, 7, "{mounted}\n{err}");
-    let message = mounted["error"]["message"].as_str().unwrap_or("").to_string();
+    let message = mounted["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     assert!(message.contains("mounted at"), "{message}");
     assert_eq!(step(&mounted, "vm_state")["in_use"], true);
 
@@ -349,13 +354,18 @@ fn a_halted_vms_zvols_are_snapshotted_as_halted_unless_mounted_or_open() {
     assert!(message.contains("(sleep) has /dev/zd"), "{message}");
     assert!(g.snapshots().iter().all(|s| !s.contains(&id)));
 
-    g.sh(&format!("kill $(cat {pidfile}); rm -f {pidfile}; sleep 0.5"));
+    g.sh(&format!(
+        "kill $(cat {pidfile}); rm -f {pidfile}; sleep 0.5"
+    ));
     let (code, report, err) = g.orchestrate(&plan);
     assert_eq!(code, 0, "{report}\n{err}");
     assert_eq!(report["consistency"], "halted", "{report}");
     assert_eq!(tools(&report), ["vm_state", "preflight", "zsnap"]);
     assert_eq!(
-        g.zfs_get("org.lfedge.evesnap:consistency", &format!("{zvol0}@evesnap-{id}")),
+        g.zfs_get(
+            "org.lfedge.evesnap:consistency",
+            &format!("{zvol0}@evesnap-{id}")
+        ),
         "halted"
     );
 }

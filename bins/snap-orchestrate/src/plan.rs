@@ -428,11 +428,11 @@ mod tests {
             RetentionOrder::AfterCreate
         );
         for (bad, needle) in [
+            (text.replacen('{', r#"{"datasets":["p/a"],"#, 1), "one way"),
             (
-                text.replacen('{', r#"{"datasets":["p/a"],"#, 1),
-                "one way",
+                text.replacen('{', r#"{"volume_root":"/x"#, 1),
+                "volume_root",
             ),
-            (text.replacen('{', r#"{"volume_root":"/x"#, 1), "volume_root"),
             (
                 r#"{"version":1,"agent":"a","datasets":["p/a"],"volume_root":"p"}"#.into(),
                 "volumes",

@@ -235,10 +235,12 @@ impl Run<'_> {
         }
     }
 
-    /// The name of the snapshot a rollback's `to` means: a UUID is an id, found by its
-    /// `org.lfedge.evesnap:id` (one name across the volumes); anything else is a name.
+    /// The name of the snapshot a rollback's `to` means: from the controller, a UUID is an
+    /// id, found by its `org.lfedge.evesnap:id` (one name across the volumes); anything
+    /// else, and whatever the guest sends (`serve`), is a name.
     pub(super) fn rollback_name(&self, to: &str) -> Result<String, anyhow::Error> {
-        let Ok(id) = to.parse::<uuid::Uuid>() else {
+        let parsed = to.parse::<uuid::Uuid>();
+        let (Ok(id), Origin::Controller) = (parsed, self.plan.origin) else {
             return Ok(to.to_string());
         };
         let id = id.to_string();

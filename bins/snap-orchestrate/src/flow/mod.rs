@@ -21,6 +21,7 @@
 mod byid;
 mod create;
 mod halted;
+mod landing;
 mod rollback;
 mod window;
 

@@ -201,6 +201,7 @@ impl Run<'_> {
         let timer = StepTimer::start(zrollback::TOOL);
         let result = match zrollback::execute(self.zfs, &target) {
             Ok(report) => {
+                self.record_landing(&target);
                 self.report.rolled_back = Some(report.rolled_back.clone());
                 self.report.destroyed = Some(report.destroyed.clone());
                 self.done(timer, &report);
@@ -230,41 +231,5 @@ impl Run<'_> {
             VmState::Running => Ok(false),
             VmState::Halted { qemu, .. } => self.check_unheld(&qemu).map(|()| true),
         }
-    }
-
-    /// Every volume at the target already: it is the newest snapshot (nothing to destroy)
-    /// and nothing was written since (`written` is 0). `None` when not, or when `written`
-    /// cannot be read (zfs-fuse has no such property): then the rollback is done.
-    fn already_there(
-        &self,
-        target: &zrollback::RollbackPlan,
-    ) -> Option<Vec<evesnap::steps::RolledBack>> {
-        if target
-            .targets
-            .iter()
-            .any(|t| !t.newer.is_empty() || !t.newer_bookmarks.is_empty())
-        {
-            return None;
-        }
-        let (table, missing) = self.zfs.get(&self.plan.datasets, &["written"]).ok()?;
-        if !missing.is_empty() {
-            return None;
-        }
-        let unwritten = target.targets.iter().all(|t| {
-            table.iter().any(|(name, props)| {
-                name == &t.dataset
-                    && props.get("written").cloned().flatten().as_deref() == Some("0")
-            })
-        });
-        unwritten.then(|| {
-            target
-                .targets
-                .iter()
-                .map(|t| evesnap::steps::RolledBack {
-                    dataset: t.dataset.clone(),
-                    to: t.to.clone(),
-                })
-                .collect()
-        })
     }
 }

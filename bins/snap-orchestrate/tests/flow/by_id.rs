@@ -318,3 +318,45 @@ fn a_rollback_to_where_the_volumes_already_are_touches_nothing() {
     assert_eq!(exit(&run), Exit::Usage, "{:?}", run.error);
     assert!(!run.report.existing);
 }
+
+#[test]
+fn the_same_rollback_again_finds_the_volumes_where_the_first_left_them() {
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = two_sets();
+    for (v, g) in [(VOL0, 1), (VOL1, 3)] {
+        state["datasets"][zvol(v, g)]["written"] = json!(8192);
+    }
+    let zfs = FakeZfs::new(&state);
+    let plan = eve_plan(
+        &agent.address.to_string(),
+        json!({"id": "0f0f0f0f-0000-4000-8000-00000000000f", "action": "rollback",
+               "rollback": {"to": ID, "destroy_newer": true, "vm_stopped": true}}),
+    );
+    let first = run(&plan, &zfs);
+    assert_eq!(exit(&first), Exit::Success, "{:?}", first.error);
+    assert!(!first.report.existing);
+    // Where it left each volume: the target's guid and `written` just after (1024 here, as
+    // OpenZFS reports for a rolled-back zvol).
+    let state = zfs.state();
+    let landed = &state["datasets"][zvol(VOL0, 1)]["props"];
+    let s0 = format!("{}@s0", zvol(VOL0, 1));
+    assert_eq!(
+        landed["org.lfedge.evesnap:rolled-back-to"],
+        state["snapshots"][&s0]["guid"]
+    );
+    assert_eq!(landed["org.lfedge.evesnap:written-after-rollback"], "1024");
+
+    let again = run(&plan, &zfs);
+    assert_eq!(exit(&again), Exit::Success, "{:?}", again.error);
+    assert!(again.report.existing);
+    assert_eq!(zfs.calls_of("rollback").len(), 2, "one per volume, once");
+
+    // The guest wrote since: rolled back again.
+    let mut state = zfs.state();
+    state["datasets"][zvol(VOL1, 3)]["written"] = json!(5120);
+    let zfs = FakeZfs::new(&state);
+    let third = run(&plan, &zfs);
+    assert_eq!(exit(&third), Exit::Success, "{:?}", third.error);
+    assert!(!third.report.existing);
+    assert_eq!(zfs.calls_of("rollback").len(), 2);
+}
