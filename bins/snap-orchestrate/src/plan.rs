@@ -430,14 +430,14 @@ mod tests {
         for (bad, needle) in [
             (text.replacen('{', r#"{"datasets":["p/a"],"#, 1), "one way"),
             (
-                text.replacen('{', r#"{"volume_root":"/x"#, 1),
+                text.replacen('{', r#"{"volume_root":"/x","#, 1),
                 "volume_root",
             ),
             (
                 r#"{"version":1,"agent":"a","datasets":["p/a"],"volume_root":"p"}"#.into(),
                 "volumes",
             ),
-            (text.replace(v0, "vol0"), "uuid"),
+            (text.replace(v0, "vol0"), "UUID parsing failed"),
         ] {
             let err = Plan::from_json(&bad).unwrap_err();
             let all = format!("{err}: {:?}", std::error::Error::source(&err));
