@@ -51,7 +51,6 @@ impl Run<'_> {
             return Ok(());
         }
         let halted = self.halted_vm()?;
-        self.retention(RetentionOrder::BeforeCreate)?;
         // The freeze window's own cancel: the snapshot inside it gets the signal grace, and
         // is cancelled once the guest was thawed without it.
         let window = Cancel::new().map_err(|e| {
@@ -117,6 +116,9 @@ impl Run<'_> {
             frozen: false,
             origin: plan.origin,
         };
+        // EVE's order: room is made before the create (and before the space check), once
+        // the guest is known to be ready; its step goes before the preflight's.
+        self.retention(RetentionOrder::BeforeCreate)?;
         let mut prepared = match zsnap::preflight(
             self.zfs,
             &plan.datasets,

@@ -3,8 +3,8 @@
 //! `qga_thaw::thaw`, `zsnap::prune`, `zrollback::plan`/`execute`.
 //!
 //! create ([`create`]): the set with the plan's id, if it exists, is reported ([`byid`]) →
-//! the VM's state (not running: no agent, no freeze, [`halted`]) → retention before the
-//! create (EVE's order) → preflight → guest_pre → freeze → snapshot → thaw (always) →
+//! the VM's state (not running: no agent, no freeze, [`halted`]) → preflight (retention
+//! before the create, EVE's order, between its agent and space checks) → guest_pre → freeze → snapshot → thaw (always) →
 //! guest_post → retention after the create → report. Everything that can be prepared (connection, name,
 //! preflight, the zfs argv) is prepared before the freeze, so the window holds only
 //! freeze → snapshot → thaw.

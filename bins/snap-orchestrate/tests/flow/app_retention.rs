@@ -111,13 +111,14 @@ fn retention_after_the_create_is_the_plans_other_order() {
 }
 
 #[test]
-fn a_failed_create_after_eves_retention_still_made_room() {
-    // EVE's order: the room is made first; a create refused afterwards does not bring the
-    // destroyed set back (documented).
+fn a_create_refused_for_its_agent_destroys_nothing() {
+    // Room is made once the agent and the guest's freeze state have passed the preflight:
+    // a create refused there keeps every set.
     let zfs = FakeZfs::new(&crowded());
     let extra = json!({"max_snapshots": 3, "freeze": {"timeout_s": 0.3}});
     let run = run(&eve_plan(&no_agent(), extra), &zfs);
 
     assert_eq!(exit(&run), Exit::AgentUnreachable, "{:?}", run.error);
-    assert_eq!(left(&zfs), ["b", "c", "guest", "h", "manual"]);
+    assert_eq!(left(&zfs), ["a", "b", "c", "guest", "h", "manual"]);
+    assert!(zfs.calls_of("destroy").is_empty());
 }
