@@ -84,6 +84,7 @@ impl Run<'_> {
             .get(&self.plan.datasets, &["mountpoint"])
             .map_err(evesnap::exit::wrap)?
             .0;
+        let files = open_files();
         let mut held = Vec::new();
         for dataset in &self.plan.datasets {
             let zvol = Path::new("/dev/zvol").join(dataset);
@@ -99,11 +100,11 @@ impl Run<'_> {
                     || target == zvol
                     || mountpoint.as_deref().is_some_and(|m| target.starts_with(m))
             };
-            for (pid, target) in open_files() {
-                if !qemu.contains(&pid) && uses(&target) {
+            for (pid, target) in &files {
+                if !qemu.contains(pid) && uses(target) {
                     held.push(format!(
                         "{dataset}: process {pid} ({}) has {} open",
-                        command_name(pid),
+                        command_name(*pid),
                         target.display()
                     ));
                 }
