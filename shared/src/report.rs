@@ -183,7 +183,7 @@ pub struct ReportError {
     pub description: String,
     pub severity: Severity,
     /// The step that failed: `preflight`, `guest_pre`, `freeze`, `snapshot`, `thaw`,
-    /// `guest_post`, `retention`, `unmounted`, `rollback`.
+    /// `guest_post`, `retention`, `unmounted`, `rollback`, `delete`.
     pub step: String,
     /// RFC 3339, UTC.
     pub timestamp: String,
