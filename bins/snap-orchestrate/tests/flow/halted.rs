@@ -166,3 +166,23 @@ fn a_guest_that_powered_itself_off_is_halted_clean_and_a_running_one_is_not_halt
     assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
     assert_eq!(run.report.consistency, Some(Consistency::Filesystem));
 }
+
+#[test]
+fn a_vm_without_qemu_is_rolled_back_without_the_agent_when_nothing_holds_it() {
+    let dir = TempDir::new("rollback");
+    let mountpoint = dir.0.join("mnt");
+    std::fs::create_dir_all(&mountpoint).expect("mountpoint");
+    let mut state = image_pool(&mountpoint);
+    add_snapshot(&mut state, &snap(DS0), 10, json!({}));
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"action": "rollback", "rollback": {"to": NAME}});
+    let run = run(&halted_plan(&dir.0, extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(steps(&run), [("preflight", true), ("zrollback", true)]);
+    assert_eq!(run.report.steps[0].fields["vm_stopped"], true);
+    assert_eq!(
+        zfs.calls_of("rollback"),
+        [vec!["rollback".to_string(), snap(DS0)]]
+    );
+}
