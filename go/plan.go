@@ -13,8 +13,8 @@ type Plan struct {
 	// ConfigID and ConfigVersion are passed through to ZInfoSnapshot.
 	ConfigID      string `json:"config_id,omitempty"`
 	ConfigVersion string `json:"config_version,omitempty"`
-	// AppUUID and AppName name the app instance in the error's entities.
-	AppUUID             string               `json:"app_uuid,omitempty"`
+	// App (its UUID) and AppName name the app instance in the error's entities.
+	App                 string               `json:"app,omitempty"`
 	AppName             string               `json:"app_name,omitempty"`
 	Action              Action               `json:"action,omitempty"`
 	Agent               string               `json:"agent"`

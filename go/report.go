@@ -21,7 +21,7 @@ type Report struct {
 	Consistency    Consistency     `json:"consistency,omitempty"`
 	FreezeWindowMs *float64        `json:"freeze_window_ms,omitempty"`
 	ExpeditedRCU   *ExpeditedRCU   `json:"expedited_rcu,omitempty"`
-	AppUUID        string          `json:"app_uuid,omitempty"`
+	App            string          `json:"app,omitempty"`
 	AppName        string          `json:"app_name,omitempty"`
 	// ZInfoSnapshot is eve-api's view of the run.
 	ZInfoSnapshot ZInfoSnapshot `json:"zinfo_snapshot"`

@@ -76,7 +76,7 @@ func TestAFailedRunMapsToEveAPIsSnapErr(t *testing.T) {
 		t.Fatalf("the first run: %v", err)
 	}
 	again := first
-	again.ID, again.AppUUID, again.AppName = newUUID(t), newUUID(t), "vault-app"
+	again.ID, again.App, again.AppName = newUUID(t), newUUID(t), "vault-app"
 
 	report, err := runner(t, binary).Run(context.Background(), again)
 	if !errors.Is(err, ErrPreflight) || errors.Is(err, ErrBusy) {
@@ -96,7 +96,7 @@ func TestAFailedRunMapsToEveAPIsSnapErr(t *testing.T) {
 	if e.Description != report.Error.Message || time.Since(e.Timestamp) > 10*time.Minute {
 		t.Fatalf("description %q, timestamp %v", e.Description, e.Timestamp)
 	}
-	want := []DeviceEntity{{Entity: EntityAppInstance, EntityID: again.AppUUID, EntityName: "vault-app"}}
+	want := []DeviceEntity{{Entity: EntityAppInstance, EntityID: again.App, EntityName: "vault-app"}}
 	for _, d := range l.Datasets {
 		want = append(want, DeviceEntity{Entity: EntityVolume, EntityName: d})
 	}

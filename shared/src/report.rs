@@ -73,6 +73,12 @@ pub enum Consistency {
     /// Not frozen (no agent, or a guest disk with no filesystem mounted): as if the power
     /// had been cut.
     Crash,
+    /// The VM was not running (no QEMU, or QEMU with its guest stopped) and no process held
+    /// the volumes open; how the guest stopped is not known (it may have crashed).
+    Halted,
+    /// The VM was not running, and its guest had powered itself off (QMP run state
+    /// `shutdown`) or the plan says it was shut down cleanly (`shutdown_clean`).
+    HaltedClean,
 }
 
 impl Consistency {
@@ -81,6 +87,8 @@ impl Consistency {
             Consistency::Application => "application",
             Consistency::Filesystem => "filesystem",
             Consistency::Crash => "crash",
+            Consistency::Halted => "halted",
+            Consistency::HaltedClean => "halted_clean",
         }
     }
 }
@@ -94,6 +102,8 @@ impl std::str::FromStr for Consistency {
             "application" => Ok(Consistency::Application),
             "filesystem" => Ok(Consistency::Filesystem),
             "crash" => Ok(Consistency::Crash),
+            "halted" => Ok(Consistency::Halted),
+            "halted_clean" => Ok(Consistency::HaltedClean),
             other => Err(format!("unknown consistency {other:?}")),
         }
     }
@@ -128,6 +138,19 @@ pub enum Action {
     #[default]
     Create,
     Rollback,
+    /// Destroys the snapshot set (by `id`, or by name); one already gone is success (EVE
+    /// deletes a snapshot by leaving its id out of the list).
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Rollback => "rollback",
+            Action::Delete => "delete",
+        }
+    }
 }
 
 /// What became of the plan's `guest_post` commands.
@@ -154,7 +177,7 @@ pub struct ReportError {
     pub message: String,
     pub description: String,
     /// The step that failed: `preflight`, `guest_pre`, `freeze`, `snapshot`, `thaw`,
-    /// `guest_post`, `retention`, `unmounted`, `rollback`.
+    /// `guest_post`, `retention`, `unmounted`, `rollback`, `delete`.
     pub step: String,
     /// RFC 3339, UTC.
     pub timestamp: String,
@@ -226,6 +249,21 @@ pub struct Report {
     /// Create: the snapshots taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotEntry>>,
+    /// The plan's app (EVE's `AppUUID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<uuid::Uuid>,
+    /// For a plan that names its volumes in EVE's terms: volume UUID → `dataset@name`
+    /// (eve-api's `VolumeSnapshotMeta`), the set created, found, rolled back to or deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshots: Option<std::collections::BTreeMap<uuid::Uuid, String>>,
+    /// Create: the set with this id already existed on every volume and is reported as it
+    /// was taken (nothing was frozen or snapshotted). Rollback: every volume already was at
+    /// the snapshot (nothing written since, nothing newer), so nothing was rolled back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub existing: bool,
+    /// Delete: the snapshots destroyed (empty when the set was already gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<Vec<String>>,
     /// Create: what the snapshot can claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
@@ -234,10 +272,7 @@ pub struct Report {
     pub freeze_window_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expedited_rcu: Option<ExpeditedRcu>,
-    /// The plan's app instance (`app_uuid`), for eve-api's entities.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_uuid: Option<uuid::Uuid>,
-    /// The plan's app instance name (`app_name`).
+    /// The plan's app instance name (`app_name`), for eve-api's app entity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_name: Option<String>,
     /// eve-api's `ZInfoSnapshot` of this run, in protojson with proto field names.
@@ -280,10 +315,13 @@ impl Report {
             origin: Origin::Controller,
             create_time: None,
             snapshots: None,
+            app: None,
+            volume_snapshots: None,
+            existing: false,
+            deleted: None,
             consistency: None,
             freeze_window_ms: None,
             expedited_rcu: None,
-            app_uuid: None,
             app_name: None,
             zinfo_snapshot: ZInfoSnapshot {
                 id,
@@ -308,7 +346,7 @@ impl Report {
 
     /// The eve-api entities of this run: the app instance, when named, and every volume.
     pub fn entities(&self) -> Vec<DeviceEntity> {
-        DeviceEntity::app(self.app_uuid, self.app_name.as_deref())
+        DeviceEntity::app(self.app, self.app_name.as_deref())
             .into_iter()
             .chain(self.datasets.iter().map(|d| DeviceEntity::volume(d)))
             .collect()

@@ -28,13 +28,6 @@ pub struct Plan {
     /// eve-api `ZInfoSnapshot.config_version`, passed through like `config_id`.
     #[serde(default)]
     pub config_version: Option<String>,
-    /// The app instance whose volumes these are (EVE's `AppUUID`): named in the report's
-    /// eve-api entities (`ENTITY_APP_INSTANCE`).
-    #[serde(default)]
-    pub app_uuid: Option<uuid::Uuid>,
-    /// The app instance's display name, for the same entity.
-    #[serde(default)]
-    pub app_name: Option<String>,
     #[serde(default)]
     pub action: Action,
     /// Guest agent address: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
@@ -42,9 +35,38 @@ pub struct Plan {
     /// QMP socket of the VM, to learn whether it runs (used for rollback).
     #[serde(default)]
     pub qmp: Option<String>,
-    /// The VM's volumes.
+    /// The VM's volumes, by dataset name. A plan names its volumes either here or, in EVE's
+    /// terms, in `volumes`.
+    #[serde(default)]
     pub datasets: Vec<String>,
-    /// Snapshot name; default `evesnap-<id>`.
+    /// EVE's app instance (`AppUUID`) whose volumes these are. A plan with an `app` gets
+    /// EVE's retention: `max_snapshots` counts the app's snapshot sets, and room is made
+    /// before the create (see `retention`); the report's eve-api entities name it
+    /// (`ENTITY_APP_INSTANCE`).
+    #[serde(default)]
+    pub app: Option<uuid::Uuid>,
+    /// The app instance's display name, for the same entity.
+    #[serde(default)]
+    pub app_name: Option<String>,
+    /// The app's volumes in EVE's terms: each is the zvol `<volume_root>/<uuid>.<generation>`
+    /// (pillar's volumemgr naming); the report maps each volume's UUID to its snapshot
+    /// (`volume_snapshots`, as eve-api's `VolumeSnapshotMeta`).
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// Where EVE's volumes live; default `persist/vault/volumes` (for a pool of another name,
+    /// such as a lab's).
+    #[serde(default)]
+    pub volume_root: Option<String>,
+    /// When `max_snapshots` makes room: `before_create` (EVE's order, the default for plans
+    /// with an `app`) or `after_create` (the default otherwise).
+    #[serde(default)]
+    pub retention: Option<RetentionOrder>,
+    /// The controller states the VM shut itself down cleanly: a snapshot of it while it is not
+    /// running is `halted_clean` instead of `halted`.
+    #[serde(default)]
+    pub shutdown_clean: bool,
+    /// Snapshot name; default `evesnap-<id>`. The `id` is the snapshot's handle: create,
+    /// rollback and delete find it by `org.lfedge.evesnap:id` whatever its name.
     #[serde(default)]
     pub snapshot: Option<String>,
     #[serde(default)]
@@ -53,8 +75,10 @@ pub struct Plan {
     pub guest_pre: Vec<GuestCommand>,
     #[serde(default)]
     pub guest_post: Vec<GuestCommand>,
-    /// Retention after a create: keep at most this many snapshots per dataset (eve-api
-    /// `max_snapshots`), oldest removed first, never a held one.
+    /// Retention (eve-api `max_snapshots`): keep at most this many snapshot sets, oldest
+    /// removed first; held snapshots and snapshots evesnap did not take are never counted
+    /// or removed. With an `app`: per app, room made before the create (EVE's way); without:
+    /// per dataset, after the create.
     #[serde(default)]
     pub max_snapshots: Option<u32>,
     /// Who asks: `controller` (default) or `guest` (`serve`'s plans). Recorded on the
@@ -168,10 +192,38 @@ fn default_true() -> bool {
     true
 }
 
+/// One of EVE's volumes: the zvol `<volume_root>/<uuid>.<generation>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// The volume's UUID (eve-api `VolumeConfig.uuid`).
+    pub uuid: uuid::Uuid,
+    /// Its generation counter (the zvol name's suffix).
+    #[serde(default = "default_generation")]
+    pub generation: u32,
+}
+
+fn default_generation() -> u32 {
+    1
+}
+
+/// EVE's volumes' home (pillar: `persist/vault/volumes/<uuid>.<generation>`).
+pub const DEFAULT_VOLUME_ROOT: &str = "persist/vault/volumes";
+
+/// When retention makes room (`retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionOrder {
+    /// Keep `max_snapshots - 1` before snapshotting (EVE's order: the new one always fits).
+    BeforeCreate,
+    /// Keep `max_snapshots` after snapshotting (nothing is removed if the create fails).
+    AfterCreate,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackPlan {
-    /// The snapshot to go back to.
+    /// The snapshot to go back to: its id (a UUID, EVE's `active_snapshot`) or its name.
     pub to: String,
     /// Destroy snapshots newer than `to` (after checking none is held or cloned).
     #[serde(default)]
@@ -229,7 +281,13 @@ impl Plan {
         if plan.version != VERSION {
             return Err(Error::Version(plan.version));
         }
+        if plan.action == Action::Delete && plan.id.is_none() && plan.snapshot.is_none() {
+            return Err(Error::Invalid(
+                "`action` is `delete` but neither `id` nor `snapshot` says which".into(),
+            ));
+        }
         plan.id.get_or_insert_with(uuid::Uuid::new_v4);
+        plan.derive_datasets()?;
         plan.check()?;
         Ok(plan)
     }
@@ -238,11 +296,19 @@ impl Plan {
     /// builds a plan as a value calls this.
     pub fn check(&self) -> Result<(), Error> {
         let invalid = |m: String| Err(Error::Invalid(m));
+        if let Some(root) = &self.volume_root {
+            if self.volumes.is_empty() {
+                return invalid("`volume_root` is given but `volumes` is empty".into());
+            }
+            if let Err(e) = evesnap::zfs::names::check_dataset(root) {
+                return invalid(format!("`volume_root`: {e}"));
+            }
+        }
         if self.agent.trim().is_empty() {
             return invalid("`agent` is empty".into());
         }
         if self.datasets.is_empty() {
-            return invalid("`datasets` is empty: name at least one volume".into());
+            return invalid("`datasets` and `volumes` are empty: name at least one volume".into());
         }
         let mut seen = std::collections::HashSet::new();
         for d in &self.datasets {
@@ -281,9 +347,10 @@ impl Plan {
             (Action::Rollback, None) => {
                 invalid("`action` is `rollback` but `rollback.to` is missing".into())
             }
-            (Action::Create, Some(_)) => {
-                invalid("`rollback` is given but `action` is `create`".into())
-            }
+            (Action::Create | Action::Delete, Some(_)) => invalid(format!(
+                "`rollback` is given but `action` is `{}`",
+                self.action.as_str()
+            )),
             (_, Some(r)) if r.keep_newer && r.destroy_newer => invalid(
                 "`rollback.keep_newer` and `rollback.destroy_newer` exclude each other".into(),
             ),
@@ -308,6 +375,43 @@ impl Plan {
             return invalid("`max_snapshots` must be at least 1 (the snapshot just taken)".into());
         }
         Ok(())
+    }
+
+    /// Fills `datasets` from `volumes` (EVE's names); a plan names them one way only.
+    fn derive_datasets(&mut self) -> Result<(), Error> {
+        if self.volumes.is_empty() {
+            return Ok(());
+        }
+        if !self.datasets.is_empty() {
+            return Err(Error::Invalid(
+                "`datasets` and `volumes` are both given: name the volumes one way".into(),
+            ));
+        }
+        self.datasets = self.volumes.iter().map(|v| self.dataset_of(v)).collect();
+        Ok(())
+    }
+
+    /// The dataset of one of EVE's volumes.
+    pub fn dataset_of(&self, volume: &Volume) -> String {
+        let root = self.volume_root.as_deref().unwrap_or(DEFAULT_VOLUME_ROOT);
+        format!("{root}/{}.{}", volume.uuid, volume.generation)
+    }
+
+    /// The volume UUID a dataset stands for, when the plan names its volumes in EVE's terms.
+    pub fn volume_of(&self, dataset: &str) -> Option<uuid::Uuid> {
+        self.volumes
+            .iter()
+            .find(|v| self.dataset_of(v) == dataset)
+            .map(|v| v.uuid)
+    }
+
+    /// When retention makes room: the plan's choice, else before the create for an app.
+    pub fn retention_order(&self) -> RetentionOrder {
+        self.retention.unwrap_or(if self.app.is_some() {
+            RetentionOrder::BeforeCreate
+        } else {
+            RetentionOrder::AfterCreate
+        })
     }
 
     pub fn id(&self) -> uuid::Uuid {
@@ -356,6 +460,52 @@ mod tests {
         let err = with(r#""skip""#).unwrap_err();
         let cause = std::error::Error::source(&err).expect("cause").to_string();
         assert!(cause.contains("skip"), "{cause}");
+    }
+
+    #[test]
+    fn eves_volumes_become_datasets_under_the_root() {
+        let v0 = "1b3e4f5a-6c7d-4e8f-9a0b-1c2d3e4f5a6b";
+        let v1 = "2c4d6e8f-0a1b-4c3d-8e5f-6a7b8c9d0e1f";
+        let text = format!(
+            r#"{{"version":1,"agent":"a","app":"8a5c0f4e-2d35-4c1f-9d27-0b7c3c1e9a11",
+                "volumes":[{{"uuid":"{v0}"}},{{"uuid":"{v1}","generation":2}}]}}"#
+        );
+        let plan = Plan::from_json(&text).expect("valid");
+        assert_eq!(
+            plan.datasets,
+            [
+                format!("persist/vault/volumes/{v0}.1"),
+                format!("persist/vault/volumes/{v1}.2")
+            ]
+        );
+        assert_eq!(
+            plan.volume_of(&plan.datasets[1]).map(|u| u.to_string()),
+            Some(v1.to_string())
+        );
+        assert_eq!(plan.retention_order(), RetentionOrder::BeforeCreate);
+        let rooted = text.replacen('{', r#"{"volume_root":"lab/vols","#, 1);
+        let plan = Plan::from_json(&rooted).expect("valid");
+        assert_eq!(plan.datasets[0], format!("lab/vols/{v0}.1"));
+        assert_eq!(
+            Plan::from_json(MINIMAL).expect("valid").retention_order(),
+            RetentionOrder::AfterCreate
+        );
+        for (bad, needle) in [
+            (text.replacen('{', r#"{"datasets":["p/a"],"#, 1), "one way"),
+            (
+                text.replacen('{', r#"{"volume_root":"/x","#, 1),
+                "volume_root",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"volume_root":"p"}"#.into(),
+                "volumes",
+            ),
+            (text.replace(v0, "vol0"), "UUID parsing failed"),
+        ] {
+            let err = Plan::from_json(&bad).unwrap_err();
+            let all = format!("{err}: {:?}", std::error::Error::source(&err));
+            assert!(all.contains(needle), "{bad}: {all}");
+        }
     }
 
     #[test]

@@ -13,9 +13,20 @@ use evesnap::steps::{Method, SnapshotEntry, SnapshotReport};
 use qga_freeze::{CleanupThaw, FreezeOptions};
 use serde::Serialize;
 
+use super::halted::VmState;
 use super::window::WhileFrozen;
 use super::{thaw_step, Consistency, Run, StepError, CONSISTENCY_PROPERTY};
 use crate::guest;
+use crate::plan::RetentionOrder;
+
+/// The `vm_state` step's record, for a VM found not running.
+#[derive(Debug, Serialize)]
+struct Halted {
+    running: bool,
+    clean: bool,
+    /// The volumes were checked: no process on the host has them open.
+    in_use: bool,
+}
 
 /// The create preflight's record.
 #[derive(Debug, Serialize)]
@@ -35,6 +46,11 @@ struct SnapshotFailed {
 impl Run<'_> {
     pub(super) fn create(&mut self) -> Result<(), StepError> {
         let plan = self.plan;
+        // 0. The set may exist already (the same config handled again): reported, not retaken.
+        if self.existing()? {
+            return Ok(());
+        }
+        let halted = self.halted_vm()?;
         // The freeze window's own cancel: the snapshot inside it gets the signal grace, and
         // is cancelled once the guest was thawed without it.
         let window = Cancel::new().map_err(|e| {
@@ -58,8 +74,9 @@ impl Run<'_> {
         if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() {
             exec.extend(["guest-exec", "guest-exec-status"]);
         }
-        // `freeze.enabled: false` (a disk nothing is mounted from): no agent, no freeze.
-        let connected = if plan.freeze.enabled {
+        // `freeze.enabled: false` (a disk nothing is mounted from) or a VM that is not
+        // running: no agent, no freeze.
+        let connected = if plan.freeze.enabled && halted.is_none() {
             self.connect_agent(&[], plan.freeze.required)
         } else {
             Ok(None)
@@ -99,6 +116,9 @@ impl Run<'_> {
             frozen: false,
             origin: plan.origin,
         };
+        // EVE's order: room is made before the create (and before the space check), once
+        // the guest is known to be ready; its step goes before the preflight's.
+        self.retention(RetentionOrder::BeforeCreate)?;
         let mut prepared = match zsnap::preflight(
             self.zfs,
             &plan.datasets,
@@ -124,7 +144,7 @@ impl Run<'_> {
         self.check_signal("guest_pre")?;
 
         let Some((mut client, info)) = agent.take() else {
-            return self.create_unfrozen(prepared);
+            return self.create_unfrozen(prepared, halted.unwrap_or(Consistency::Crash));
         };
 
         // 2. Application hooks.
@@ -294,7 +314,7 @@ impl Run<'_> {
         self.check_signal("retention")?;
 
         // 7. Retention.
-        self.retention()?;
+        self.retention(RetentionOrder::AfterCreate)?;
         evesnap::note!(
             "took {} snapshot(s) {}@{} ({}), freeze window {:.1} ms",
             snapshot.snapshots.len(),
@@ -312,33 +332,71 @@ impl Run<'_> {
 
     /// The report's `snapshots` and `create_time`.
     fn record_snapshots(&mut self, report: &SnapshotReport) {
-        self.report.set_create_time(create_time(&report.snapshots));
-        self.report.snapshots = Some(report.snapshots.clone());
+        self.record_snapshots_of(report.snapshots.clone());
     }
 
-    /// No agent, and the plan allows it: the snapshot is taken unfrozen.
+    /// The report's `snapshots`, `volume_snapshots` and `create_time`.
+    pub(super) fn record_snapshots_of(&mut self, snapshots: Vec<SnapshotEntry>) {
+        self.report.set_create_time(create_time(&snapshots));
+        self.report.volume_snapshots = self.by_volume(snapshots.iter().map(|s| s.name.as_str()));
+        self.report.snapshots = Some(snapshots);
+    }
+
+    /// A VM found not running (QMP): the consistency its snapshot claims, once no process on
+    /// the host holds its volumes (exit 7 otherwise). `None`: it runs.
+    fn halted_vm(&mut self) -> Result<Option<Consistency>, StepError> {
+        let timer = StepTimer::start("vm_state");
+        let state = match self.vm_state() {
+            Ok(state) => state,
+            Err(e) => {
+                self.failed(timer);
+                return Err(("preflight", e));
+            }
+        };
+        let VmState::Halted { clean, qemu } = &state else {
+            return Ok(None);
+        };
+        let record = |in_use| Halted {
+            running: false,
+            clean: *clean,
+            in_use,
+        };
+        if let Err(e) = self.check_unheld(qemu) {
+            self.report.push(timer.finish_with(false, &record(true)));
+            return Err(("preflight", e));
+        }
+        self.done(timer, &record(false));
+        Ok(state.consistency())
+    }
+
+    /// No agent and the plan allows it, or the VM is not running: the snapshot is taken
+    /// unfrozen, claiming `consistency`.
     fn create_unfrozen(
         &mut self,
         mut prepared: zsnap::PreparedSnapshot<'_>,
+        consistency: Consistency,
     ) -> Result<(), StepError> {
-        if !self.plan.guest_pre.is_empty() || !self.plan.guest_post.is_empty() {
+        if consistency == Consistency::Crash
+            && (!self.plan.guest_pre.is_empty() || !self.plan.guest_post.is_empty())
+        {
             evesnap::warn!("the guest commands are skipped: there is no agent to run them");
         }
-        self.snapshot_unfrozen(&mut prepared, None)?;
-        self.retention()
+        self.snapshot_unfrozen(&mut prepared, consistency, None)?;
+        self.retention(RetentionOrder::AfterCreate)
     }
 
-    /// Takes the snapshot without a freeze, labelled `crash` (`frozen=false`, and the
-    /// `crash_reason` when given), and records it.
+    /// Takes the snapshot without a freeze, labelled `consistency` (`crash` or `halted*`;
+    /// `frozen=false`, and the `crash_reason` when given), and records it.
     pub(super) fn snapshot_unfrozen(
         &mut self,
         prepared: &mut zsnap::PreparedSnapshot<'_>,
+        consistency: Consistency,
         crash_reason: Option<&str>,
     ) -> Result<(), StepError> {
         // Properties, not claims: what it says holds however the snapshot call ends.
         let labelled = prepared
             .set_property(zsnap::meta::FROZEN, "false")
-            .and_then(|()| prepared.set_property(CONSISTENCY_PROPERTY, Consistency::Crash.as_str()))
+            .and_then(|()| prepared.set_property(CONSISTENCY_PROPERTY, consistency.as_str()))
             .and_then(|()| match crash_reason {
                 Some(reason) => prepared.set_property(
                     zsnap::meta::CRASH_REASON,
@@ -351,7 +409,7 @@ impl Run<'_> {
         match prepared.take().and_then(|taken| prepared.finish(taken)) {
             Ok(report) => {
                 self.record_snapshots(&report);
-                self.report.consistency = Some(Consistency::Crash);
+                self.report.consistency = Some(consistency);
                 self.done(timer, &report);
                 Ok(())
             }
@@ -362,12 +420,31 @@ impl Run<'_> {
         }
     }
 
-    pub(super) fn retention(&mut self) -> Result<(), StepError> {
-        let Some(keep) = self.plan.max_snapshots else {
+    /// `max_snapshots`, when the plan's order says `when`: an app's sets
+    /// ([`Run::app_retention`]), or each dataset's ([`zsnap::prune`]). Before the create it
+    /// keeps one fewer, so that the new set fits.
+    pub(super) fn retention(&mut self, when: RetentionOrder) -> Result<(), StepError> {
+        let Some(max) = self.plan.max_snapshots else {
             return Ok(());
         };
+        if self.plan.retention_order() != when {
+            return Ok(());
+        }
+        let keep = match when {
+            RetentionOrder::BeforeCreate => max as usize - 1,
+            RetentionOrder::AfterCreate => max as usize,
+        };
         let timer = StepTimer::start("retention");
-        match zsnap::prune(self.zfs, &self.plan.datasets, keep as usize, false, false) {
+        let pruned = if self.plan.app.is_some() {
+            self.app_retention(keep)
+        } else {
+            zsnap::prune(self.zfs, &self.plan.datasets, keep, false, false)
+        };
+        let taken = match when {
+            RetentionOrder::BeforeCreate => "the snapshot was not taken yet",
+            RetentionOrder::AfterCreate => "the snapshot was taken",
+        };
+        match pruned {
             Ok(report) => {
                 self.done(timer, &report);
                 // A signal cancelled the destroys still to come: the run did not finish.
@@ -376,7 +453,7 @@ impl Run<'_> {
                     return Err((
                         "retention",
                         anyhow!(
-                            "interrupted by signal {signal} during retention: the snapshot was taken, {} old \
+                            "interrupted by signal {signal} during retention: {taken}, {} old \
                              snapshot(s) were not pruned",
                             report.failed.len()
                         ),
@@ -389,7 +466,7 @@ impl Run<'_> {
                 Err((
                     "retention",
                     evesnap::exit::wrap(e)
-                        .context("the snapshot was taken, but pruning old ones failed"),
+                        .context(format!("pruning old snapshots failed ({taken})")),
                 ))
             }
         }

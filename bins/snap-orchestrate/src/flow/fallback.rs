@@ -10,6 +10,8 @@ use evesnap::report::WarningKind;
 
 use super::{Run, StepError};
 use crate::plan::OnFreezeFailure;
+use crate::plan::RetentionOrder;
+use evesnap::report::Consistency;
 
 impl Run<'_> {
     /// Whether a failed freeze falls back to a crash-consistent snapshot: the plan allows
@@ -36,11 +38,11 @@ impl Run<'_> {
             .fall_back(WarningKind::CrashFallback, "freeze", reason.clone());
         // Nothing was frozen for this snapshot.
         self.report.freeze_window_ms = None;
-        let taken = self.snapshot_unfrozen(prepared, Some(&reason));
+        let taken = self.snapshot_unfrozen(prepared, Consistency::Crash, Some(&reason));
         let post = self.run_post(client);
         taken?;
         post?;
         self.check_signal("retention")?;
-        self.retention()
+        self.retention(RetentionOrder::AfterCreate)
     }
 }

@@ -2,8 +2,10 @@
 //! `qga_freeze::freeze_unverified`/`verify_frozen`, `zsnap::preflight`/`take`/`finish`,
 //! `qga_thaw::thaw`, `zsnap::prune`, `zrollback::plan`/`execute`.
 //!
-//! create ([`create`]): preflight → guest_pre → freeze → snapshot → thaw (always) →
-//! guest_post → retention → report. Everything that can be prepared (connection, name,
+//! create ([`create`]): the set with the plan's id, if it exists, is reported ([`byid`]) →
+//! the VM's state (not running: no agent, no freeze, [`halted`]) → preflight (retention
+//! before the create, EVE's order, between its agent and space checks) → guest_pre → freeze → snapshot → thaw (always) →
+//! guest_post → retention after the create → report. Everything that can be prepared (connection, name,
 //! preflight, the zfs argv) is prepared before the freeze, so the window holds only
 //! freeze → snapshot → thaw.
 //!
@@ -11,11 +13,16 @@
 //! stop the application, umount) → verify no guest filesystem sits on the volumes →
 //! rollback → guest_post (e.g. drop caches, mount, start the application) → report.
 //!
+//! delete ([`byid`]): the set with the plan's id (or name) destroyed, all or none.
+//!
 //! The flow returns a typed [`Report`]; only the edge ([`Finished::into_outcome`]) turns it
 //! into the job document printed on stdout.
 
+mod byid;
 mod create;
 mod fallback;
+mod halted;
+mod landing;
 mod rollback;
 mod window;
 
@@ -110,7 +117,7 @@ pub fn execute(plan: &Plan, zfs: &Zfs) -> Finished {
 
 fn new_report(plan: &Plan) -> Report {
     let snapshot = match plan.action {
-        Action::Create => plan.snapshot_name(),
+        Action::Create | Action::Delete => plan.snapshot_name(),
         Action::Rollback => plan
             .rollback
             .as_ref()
@@ -126,7 +133,7 @@ fn new_report(plan: &Plan) -> Report {
         &snapshot,
     );
     report.origin = plan.origin;
-    report.app_uuid = plan.app_uuid;
+    report.app = plan.app;
     report.app_name = plan.app_name.clone();
     report.zinfo_snapshot.config_id = plan.config_id.clone();
     report.zinfo_snapshot.config_version = plan.config_version.clone();
@@ -170,6 +177,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
     let result = match plan.action {
         Action::Create => run.create(),
         Action::Rollback => run.rollback(),
+        Action::Delete => run.delete(),
     };
     let post_left = std::mem::take(&mut run.post_left);
     let mut report = run.report;

@@ -7,8 +7,16 @@ use evesnap::document::StepTimer;
 use evesnap::exit::{coded, Exit};
 use serde::Serialize;
 
+use super::halted::VmState;
 use super::{Run, StepError};
 use crate::guest;
+
+/// The `existing` step's record: every volume already is at the snapshot.
+#[derive(Debug, Serialize)]
+struct AlreadyThere<'a> {
+    /// Each dataset's `written` (0) and its snapshot (the newest).
+    at: &'a [evesnap::steps::RolledBack],
+}
 
 /// The rollback preflight's record.
 #[derive(Debug, Serialize)]
@@ -40,17 +48,21 @@ impl Run<'_> {
                 coded(Exit::Usage, "`rollback` is missing from the plan"),
             ));
         };
-        // 1. Preflight: zrollback's checks, then whether the VM is stopped.
+        // 1. Preflight: zrollback's checks (`to` an id or a name), then whether the VM is
+        // stopped.
         let timer = StepTimer::start("preflight");
+        let name = match self.rollback_name(&rollback.to) {
+            Ok(name) => name,
+            Err(e) => {
+                self.failed(timer);
+                return Err(("preflight", e));
+            }
+        };
+        self.report.snapshot = name.clone();
         let planned = if rollback.keep_newer {
-            zrollback::plan_keeping(self.zfs, &plan.datasets, &rollback.to)
+            zrollback::plan_keeping(self.zfs, &plan.datasets, &name)
         } else {
-            zrollback::plan(
-                self.zfs,
-                &plan.datasets,
-                &rollback.to,
-                rollback.destroy_newer,
-            )
+            zrollback::plan(self.zfs, &plan.datasets, &name, rollback.destroy_newer)
         };
         let target = match planned {
             Ok(t) => t,
@@ -59,6 +71,17 @@ impl Run<'_> {
                 return Err(("preflight", evesnap::exit::wrap(e)));
             }
         };
+        self.report.volume_snapshots = self.by_volume(target.targets.iter().map(|t| t.to.as_str()));
+        if let Some(at) = self.already_there(&target) {
+            // Nothing would change: the guest is not touched (EVE handles the same
+            // `active_snapshot` again after a reboot).
+            self.done(timer, &AlreadyThere { at: &at });
+            evesnap::note!("every volume already is at {name}: nothing to roll back");
+            self.report.existing = true;
+            self.report.rolled_back = Some(at);
+            self.report.destroyed = Some(Vec::new());
+            return Ok(());
+        }
         let vm_stopped = match self.vm_stopped(rollback.vm_stopped) {
             Ok(stopped) => stopped,
             Err(e) => {
@@ -182,6 +205,7 @@ impl Run<'_> {
         let timer = StepTimer::start(zrollback::TOOL);
         let result = match zrollback::execute(self.zfs, &target) {
             Ok(report) => {
+                self.record_landing(&target);
                 self.report.rolled_back = Some(report.rolled_back.clone());
                 self.report.destroyed = Some(report.destroyed.clone());
                 self.done(timer, &report);
@@ -200,21 +224,16 @@ impl Run<'_> {
         result.and(post)
     }
 
-    /// Whether the VM is stopped: the plan says so, or QMP reports it shut down.
+    /// Whether the VM is stopped: the plan says so, or QMP reports it not running (no QEMU,
+    /// or its guest stopped) and no process on the host holds its volumes (exit 7 if one
+    /// does). A paused VM resumes with its caches: it counts as running.
     fn vm_stopped(&self, plan_says: bool) -> Result<bool, anyhow::Error> {
         if plan_says {
             return Ok(true);
         }
-        let Some(qmp) = &self.plan.qmp else {
-            return Ok(false);
-        };
-        let status = evesnap::qmp::Qmp::connect(std::path::Path::new(qmp), self.timeout)
-            .and_then(|mut q| q.status())
-            .map_err(|e| evesnap::exit::wrap(e).context("plan field `qmp`"))?;
-        // A paused VM resumes with its caches: only a VM that is not running at all counts.
-        Ok(matches!(
-            status.state.as_str(),
-            "shutdown" | "prelaunch" | "guest-panicked"
-        ))
+        match self.vm_state()? {
+            VmState::Running => Ok(false),
+            VmState::Halted { qemu, .. } => self.check_unheld(&qemu).map(|()| true),
+        }
     }
 }

@@ -211,12 +211,16 @@ impl Server {
             kind: SnapshotType::Immediate,
             config_id: None,
             config_version: None,
-            app_uuid: None,
             app_name: None,
             action: Action::Create,
             agent: self.agent_text.clone(),
             qmp: None,
             datasets: identified.datasets.clone(),
+            app: None,
+            volumes: Vec::new(),
+            volume_root: None,
+            retention: None,
+            shutdown_clean: false,
             snapshot: None,
             freeze: FreezePlan {
                 // Only the disk's own filesystems; none mounted: no freeze at all (an empty

@@ -26,7 +26,7 @@ fn a_run_reports_eve_apis_zinfo_snapshot_with_the_plans_config() {
     let (agent, _sim) = with_app();
     let zfs = FakeZfs::new(&pool(&[DS0]));
     let extra = json!({"type": "app_update", "config_id": "cfg-1", "config_version": "12",
-                       "app_uuid": APP});
+                       "app": APP});
     let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
 
     assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
@@ -58,7 +58,7 @@ fn a_run_reports_eve_apis_zinfo_snapshot_with_the_plans_config() {
 #[test]
 fn an_unreachable_agent_is_a_warning_retried_when_the_agent_answers() {
     let zfs = FakeZfs::new(&pool(&[DS0]));
-    let extra = json!({"freeze": {"timeout_s": 0.3}, "app_uuid": APP, "app_name": "vault"});
+    let extra = json!({"freeze": {"timeout_s": 0.3}, "app": APP, "app_name": "vault"});
     let run = run(&plan(&no_agent(), &[DS0], extra), &zfs);
 
     assert_eq!(exit(&run), Exit::AgentUnreachable, "{:?}", run.error);

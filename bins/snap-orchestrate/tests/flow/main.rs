@@ -4,11 +4,14 @@
 
 mod support;
 
+mod app_retention;
+mod by_id;
 mod crash_fallback;
 mod create;
 mod create_failed;
 mod create_refused;
 mod eve_api;
+mod halted;
 mod keep_newer;
 mod pending;
 mod rollback;
