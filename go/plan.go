@@ -14,12 +14,22 @@ type Plan struct {
 	ConfigID      string `json:"config_id,omitempty"`
 	ConfigVersion string `json:"config_version,omitempty"`
 	// App (its UUID) and AppName name the app instance in the error's entities.
-	App                 string               `json:"app,omitempty"`
-	AppName             string               `json:"app_name,omitempty"`
-	Action              Action               `json:"action,omitempty"`
-	Agent               string               `json:"agent"`
-	QMP                 string               `json:"qmp,omitempty"`
-	Datasets            []string             `json:"datasets,omitempty"`
+	App      string   `json:"app,omitempty"`
+	AppName  string   `json:"app_name,omitempty"`
+	Action   Action   `json:"action,omitempty"`
+	Agent    string   `json:"agent"`
+	QMP      string   `json:"qmp,omitempty"`
+	Datasets []string `json:"datasets,omitempty"`
+	// Volumes name the app's volumes in EVE's terms (instead of Datasets): each is the
+	// zvol <VolumeRoot>/<uuid>.<generation>, VolumeRoot defaulting to persist/vault/volumes.
+	Volumes    []Volume `json:"volumes,omitempty"`
+	VolumeRoot string   `json:"volume_root,omitempty"`
+	// Retention is when MaxSnapshots makes room; empty: before the create for plans with an
+	// App (EVE's order), after it otherwise.
+	Retention RetentionOrder `json:"retention,omitempty"`
+	// ShutdownClean states the VM shut itself down cleanly (a halted snapshot is then
+	// "halted_clean").
+	ShutdownClean       bool                 `json:"shutdown_clean,omitempty"`
 	Snapshot            string               `json:"snapshot,omitempty"`
 	Freeze              *FreezePlan          `json:"freeze,omitempty"`
 	GuestPre            []GuestCommand       `json:"guest_pre,omitempty"`
@@ -46,6 +56,31 @@ type Action string
 const (
 	Create   Action = "create"
 	Rollback Action = "rollback"
+	Delete   Action = "delete"
+)
+
+// Volume is one of EVE's volumes (eve-api VolumeConfig.uuid and its generation counter).
+type Volume struct {
+	UUID       string  `json:"uuid"`
+	Generation *uint32 `json:"generation,omitempty"`
+}
+
+// RetentionOrder is when retention makes room.
+type RetentionOrder string
+
+const (
+	BeforeCreate RetentionOrder = "before_create"
+	AfterCreate  RetentionOrder = "after_create"
+)
+
+// OnFreezeFailure is what a failed freeze leads to.
+type OnFreezeFailure string
+
+const (
+	// FailOnFreezeFailure fails the run; nothing is taken (the default).
+	FailOnFreezeFailure OnFreezeFailure = "fail"
+	// CrashOnFreezeFailure thaws, verifies, and takes a snapshot labelled crash.
+	CrashOnFreezeFailure OnFreezeFailure = "crash"
 )
 
 // Origin is who asked for a snapshot.
@@ -64,6 +99,8 @@ type FreezePlan struct {
 	ThawAfterS  *float64 `json:"thaw_after_s,omitempty"`
 	Required    *bool    `json:"required,omitempty"`
 	ExpediteRCU bool     `json:"expedite_rcu,omitempty"`
+	// OnFailure is what a failed freeze leads to; empty: fail.
+	OnFailure OnFreezeFailure `json:"on_failure,omitempty"`
 }
 
 // GuestCommand is a program run in the guest through guest-exec (no shell).
@@ -78,7 +115,10 @@ type GuestCommand struct {
 type RollbackPlan struct {
 	To           string `json:"to"`
 	DestroyNewer bool   `json:"destroy_newer,omitempty"`
-	VMStopped    bool   `json:"vm_stopped,omitempty"`
+	// KeepNewer keeps the volume's state and its newer snapshots under
+	// <dataset>.evesnap-kept-<stamp>, to roll forward to later.
+	KeepNewer bool `json:"keep_newer,omitempty"`
+	VMStopped bool `json:"vm_stopped,omitempty"`
 }
 
 // GuestDisk is how the guest sees a dataset.

@@ -29,6 +29,22 @@ type Report struct {
 	GuestPost  string       `json:"guest_post,omitempty"`
 	RolledBack []RolledBack `json:"rolled_back,omitempty"`
 	Destroyed  []string     `json:"destroyed,omitempty"`
+	// Deleted lists what a delete destroyed (empty when the set was already gone).
+	Deleted []string `json:"deleted,omitempty"`
+	// Existing: the create found its id's set already whole, or the rollback found every
+	// volume already there; nothing was done.
+	Existing bool `json:"existing,omitempty"`
+	// VolumeSnapshots maps volume UUID to "dataset@name" (eve-api VolumeSnapshotMeta).
+	VolumeSnapshots map[string]string `json:"volume_snapshots,omitempty"`
+	// Warnings are failures the run went on from (a crash-consistent fallback).
+	Warnings []ReportWarning `json:"warnings,omitempty"`
+}
+
+// ReportWarning is a failure the run went on from, as its plan allows.
+type ReportWarning struct {
+	Kind    string `json:"kind"`
+	Step    string `json:"step"`
+	Message string `json:"message"`
 }
 
 // ReportError is the run's first failure as evesnap records it.
@@ -48,6 +64,9 @@ const (
 	ApplicationConsistent Consistency = "application"
 	FilesystemConsistent  Consistency = "filesystem"
 	CrashConsistent       Consistency = "crash"
+	// Halted: the VM was not running; HaltedClean: it shut itself down cleanly.
+	Halted      Consistency = "halted"
+	HaltedClean Consistency = "halted_clean"
 )
 
 // SnapshotEntry is one snapshot taken.

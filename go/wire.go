@@ -25,6 +25,8 @@ type Request struct {
 	To         string  `json:"to,omitempty"`
 	Quiesced   bool    `json:"quiesced,omitempty"`
 	DeadlineMs *uint64 `json:"deadline_ms,omitempty"`
+	// AcceptCrash: a failed freeze gives a crash-consistent snapshot instead of an error.
+	AcceptCrash bool `json:"accept_crash,omitempty"`
 }
 
 // DiskRef is the guest's description of one of its disks.
@@ -48,7 +50,9 @@ type Reply struct {
 	Consistency    Consistency    `json:"consistency,omitempty"`
 	FreezeWindowMs *float64       `json:"freeze_window_ms,omitempty"`
 	Destroyed      []string       `json:"destroyed,omitempty"`
-	Error          *ReplyError    `json:"error,omitempty"`
+	// CrashReason says why a snapshot is crash-consistent after a failed freeze.
+	CrashReason string      `json:"crash_reason,omitempty"`
+	Error       *ReplyError `json:"error,omitempty"`
 }
 
 // WireSnapshot is a snapshot of a guest disk, as the guest sees it.
