@@ -24,6 +24,7 @@
 pub mod flow;
 pub mod guest;
 pub mod lock;
+pub mod placement;
 pub mod plan;
 pub mod recover;
 pub mod schema;

@@ -15,6 +15,7 @@
 //! into the job document printed on stdout.
 
 mod create;
+mod placing;
 mod rollback;
 mod window;
 
