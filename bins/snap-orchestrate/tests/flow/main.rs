@@ -8,6 +8,7 @@ mod create;
 mod create_failed;
 mod create_refused;
 mod pending;
+mod qmp;
 mod rollback;
 mod serve;
 mod signal;

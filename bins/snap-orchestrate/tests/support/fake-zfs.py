@@ -49,6 +49,7 @@ DATASET_PROPS = (
     "refreservation",
     "usedbyrefreservation",
     "origin",
+    "mountpoint",
 )
 
 
