@@ -277,7 +277,8 @@ impl Plan {
                     ));
                 }
             }
-            if disk.needs_qmp() && self.qmp.is_none() {
+            // Only a rollback reads `disks` (a create's plan may carry them unused).
+            if disk.needs_qmp() && self.qmp.is_none() && self.action == Action::Rollback {
                 return invalid(format!(
                     "`disks.{d}` names a QEMU device, root port or WWN: the plan needs `qmp` to place it in the guest"
                 ));
@@ -365,6 +366,15 @@ mod tests {
             (
                 r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/b":{"serial":"x"}}}"#,
                 "p/b",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"action":"rollback","rollback":{"to":"s"},
+                    "disks":{"p/a":{"qdev":"virtio-disk0"}}}"#,
+                "needs `qmp`",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"wwn":"0xgg"}}}"#,
+                "disks.p/a.wwn",
             ),
             (
                 r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"zd0"}}}"#,
