@@ -4,6 +4,7 @@ remembers that it started it), pool `evesnap` on a sparse file in the lab folder
 images as disks in EVE's shape (disks.py: q35, one pcie-root-port each, no serial; mounted at
 /dataN by label), the real qemu-ga, and a second virtio-serial port for VM-initiated requests."""
 
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from .profile import Profile
 from .vm import launch_qemu, qemu_argv, runs_with
 
 
+@functools.cache
 def lab_disks():
     """(name, guest mountpoint, Disk) of each data disk: `diskN` at /dataN (disks.py places
     it). EVESNAP_LAB_DISKS (default 2, at most 20) sets how many; it is fixed when the VM boots."""
@@ -29,7 +31,6 @@ def lab_disks():
     return [(name, f"/data{i}", disk) for i, (name, disk) in enumerate(zip(names, disks(names)))]
 
 
-DISKS = lab_disks()
 DISK_IMAGE = "disk.img"
 DISK_SIZE_MB = 64
 POOL_SIZE = "2G"
@@ -164,7 +165,7 @@ def ensure_pool(lab, pool):
     # Datasets can be unmounted after a daemon restart; mount what is ours.
     run(["zfs", "mount", "-a"], check=False)
     datasets = []
-    for disk, _, _ in DISKS:
+    for disk, _, _ in lab_disks():
         ds = f"{pool}/lab/vm0/{disk}"
         if zfs_get("mounted", ds) is None:
             run(["zfs", "create", "-p", ds])
@@ -192,11 +193,11 @@ def lab_object(lab, pool, datasets, pid):
         "request_channel": str(lab / "request.sock"),
         "pool": pool,
         "datasets": [ds for ds, _ in datasets],
-        "guest_mounts": {ds: mnt for (ds, _), (_, mnt, _) in zip(datasets, DISKS)},
+        "guest_mounts": {ds: mnt for (ds, _), (_, mnt, _) in zip(datasets, lab_disks())},
         "shape": shape(),
         # Each dataset's disk as the host knows it (plan field `disks`): in EVE's shape the
         # QEMU device id, its root port's id and, behind a SCSI HBA, the WWN.
-        "disks": {ds: describe(disk) for (ds, _), (_, _, disk) in zip(datasets, DISKS)},
+        "disks": {ds: describe(disk) for (ds, _), (_, _, disk) in zip(datasets, lab_disks())},
         # The same map as a file, for `snap-orchestrate serve --volumes` (VM-initiated snapshots).
         "volumes": str(lab / "volumes.json"),
         "qemu_pid": pid,
@@ -218,7 +219,7 @@ class Default(Profile):
 
     def check_running(self, pid, guest):
         wanted = ["-machine", machine(), str(guest / "initramfs.gz")]
-        for (_, _, disk), (_, image) in zip(DISKS, self.datasets):
+        for (_, _, disk), (_, image) in zip(lab_disks(), self.datasets):
             wanted += disk_devices(disk, image)
         if not runs_with(pid, wanted):
             log("the running VM has another guest build or disk shape: restarting it")
@@ -229,11 +230,11 @@ class Default(Profile):
         lab = self.lab
         hook = os.environ.get("EVESNAP_LAB_FSFREEZE_HOOK") == "1"
         argv = qemu_argv(lab, qemu_root, guest, "evesnap-lab", 256,
-                         f"console=ttyS0 panic=-1 quiet evesnap.disks={len(DISKS)}"
+                         f"console=ttyS0 panic=-1 quiet evesnap.disks={len(lab_disks())}"
                          + (" evesnap.fsfreeze_hook" if hook else ""))
         argv += ["-chardev", f"socket,path={lab / 'request.sock'},server=on,wait=off,id=req0",
                  "-device", f"virtserialport,bus=vser0.0,chardev=req0,name={REQUEST_PORT}"]
-        for (_, _, disk), (_, image) in zip(DISKS, self.datasets):
+        for (_, _, disk), (_, image) in zip(lab_disks(), self.datasets):
             argv += disk_devices(disk, image)
         return launch_qemu(lab, qemu_root, argv)
 
