@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod cli;
 pub mod document;
+pub mod eve_api;
 pub mod exit;
 pub mod log;
 pub mod pending;

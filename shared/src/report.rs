@@ -1,14 +1,16 @@
 //! The orchestrator's report: a job document whose own fields are typed.
 //!
 //! `snap-orchestrate` prints it, `snap-orchestrate serve` records it and builds the guest's
-//! reply from it, EVE forwards its `error` as eve-api's `snap_err`. Its JSON Schema is
+//! reply from it. Its `zinfo_snapshot` is eve-api's `ZInfoSnapshot` (see [`crate::eve_api`]),
+//! which EVE forwards as it is; every other field is evesnap's own, so the two can never
+//! collide. Its JSON Schema is
 //! generated from these types (`snap-orchestrate --print-schema report`, checked in as
 //! `bins/snap-orchestrate/report.schema.json`).
 
 use serde::{Deserialize, Serialize};
 
 use crate::document::{Step, VERSION};
-use crate::exit::Exit;
+use crate::eve_api::{DeviceEntity, ErrorInfo, Severity, ZInfoSnapshot};
 use crate::steps::{RolledBack, SnapshotEntry};
 
 /// Who asked for a snapshot, recorded on it as `org.lfedge.evesnap:origin`: the controller
@@ -140,25 +142,17 @@ pub enum GuestPost {
     Pending,
 }
 
-/// How bad a failure is: `critical` when the guest may still be frozen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    Error,
-    Critical,
-}
-
-/// The first failure, with eve-api's `snap_err` fields (`description`, `severity`,
-/// `timestamp`) beside the job document's (`tool`, `kind`, `message`) and the failed `step`.
+/// The first failure as evesnap records it: the job document's fields (`tool`, `kind`,
+/// `message`), the failed `step`, and `description` and `timestamp` as in eve-api's
+/// `snap_err` (`zinfo_snapshot.snap_err`, which adds severity, entities and retry condition).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportError {
     pub tool: String,
-    /// The exit code's name ([`Exit::kind`]).
+    /// The exit code's name (`thaw-failed`, `preflight-failed`, …: `Exit::kind`).
     pub kind: String,
     pub message: String,
     pub description: String,
-    pub severity: Severity,
     /// The step that failed: `preflight`, `guest_pre`, `freeze`, `snapshot`, `thaw`,
     /// `guest_post`, `retention`, `unmounted`, `rollback`.
     pub step: String,
@@ -218,6 +212,14 @@ pub struct Report {
     pub freeze_window_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expedited_rcu: Option<ExpeditedRcu>,
+    /// The plan's app instance (`app_uuid`), for eve-api's entities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_uuid: Option<uuid::Uuid>,
+    /// The plan's app instance name (`app_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_name: Option<String>,
+    /// eve-api's `ZInfoSnapshot` of this run, in protojson with proto field names.
+    pub zinfo_snapshot: ZInfoSnapshot,
     /// Absent when the plan has no `guest_post` or the run never got to need it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_post: Option<GuestPost>,
@@ -256,10 +258,34 @@ impl Report {
             consistency: None,
             freeze_window_ms: None,
             expedited_rcu: None,
+            app_uuid: None,
+            app_name: None,
+            zinfo_snapshot: ZInfoSnapshot {
+                id,
+                config_id: None,
+                config_version: None,
+                create_time: None,
+                kind: kind.into(),
+                snap_err: None,
+            },
             guest_post: None,
             rolled_back: None,
             destroyed: None,
         }
+    }
+
+    /// Sets `create_time` (RFC 3339), here and in `zinfo_snapshot`.
+    pub fn set_create_time(&mut self, at: String) {
+        self.zinfo_snapshot.create_time = Some(at.clone());
+        self.create_time = Some(at);
+    }
+
+    /// The eve-api entities of this run: the app instance, when named, and every volume.
+    pub fn entities(&self) -> Vec<DeviceEntity> {
+        DeviceEntity::app(self.app_uuid, self.app_name.as_deref())
+            .into_iter()
+            .chain(self.datasets.iter().map(|d| DeviceEntity::volume(d)))
+            .collect()
     }
 
     /// Appends a step.
@@ -275,24 +301,30 @@ impl Report {
         self.steps.insert(index.min(self.steps.len()), step);
     }
 
-    /// Records the run's failure in `step` (the first one counts).
-    pub fn fail(&mut self, tool: &str, step: &str, exit: Exit, message: String) {
+    /// Records the run's failure in `step` (the first one counts), here and as eve-api's
+    /// `snap_err`.
+    pub fn fail(&mut self, tool: &str, step: &str, error: &anyhow::Error) {
         self.ok = false;
         if self.error.is_some() {
             return;
         }
+        let exit = crate::exit::exit_of(error);
+        let message = crate::exit::chain(error);
+        let timestamp = crate::time::now_rfc3339();
+        self.zinfo_snapshot.snap_err = Some(ErrorInfo {
+            description: message.clone(),
+            timestamp: timestamp.clone(),
+            severity: Severity::of(exit),
+            entities: self.entities(),
+            retry_condition: crate::eve_api::retry_condition(error),
+        });
         self.error = Some(ReportError {
             tool: tool.to_string(),
             kind: exit.kind().to_string(),
             description: message.clone(),
             message,
-            severity: if exit == Exit::ThawFailed {
-                Severity::Critical
-            } else {
-                Severity::Error
-            },
             step: step.to_string(),
-            timestamp: crate::time::now_rfc3339(),
+            timestamp,
         });
     }
 }

@@ -10,8 +10,11 @@
 //!   `consistency` (`application` | `filesystem` | `crash`), `freeze_window_ms` (from the
 //!   freeze returning to the thaw returning);
 //! - rollback: `rolled_back: [{dataset, to}]`, `destroyed: [...]`;
-//! - `error`: `null`, or `{tool, kind, message, description, severity, step, timestamp}`:
-//!   eve-api's `snap_err` fields, so EVE can forward them as they are.
+//! - `error`: `null`, or `{tool, kind, message, description, step, timestamp}`;
+//! - `zinfo_snapshot`: eve-api's `ZInfoSnapshot` of the run (`id`, `config_id`,
+//!   `config_version`, `create_time`, `type`, and on failure `snap_err` with its severity,
+//!   entities and retry condition), in protojson, so EVE can forward it as it is
+//!   ([`evesnap::eve_api`]).
 //!
 //! Steps: `preflight`, `guest_pre`, `qga-freeze`, `zsnap`, `qga-thaw`, `guest_post`,
 //! `retention` (create); `preflight`, `guest_pre`, `unmounted`, `zrollback`, `guest_post`
@@ -51,7 +54,8 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
     long_about = "Runs a plan from the controller: preflight (agent, freeze state, datasets, room), the \
         plan's guest_pre commands in the guest, freeze, one atomic ZFS snapshot of every volume, thaw \
         (always, also on errors and SIGINT/SIGTERM), guest_post commands, retention (max_snapshots), \
-        and prints one JSON report on stdout whose error fields match eve-api's snap_err.\n\n\
+        and prints one JSON report on stdout whose zinfo_snapshot is eve-api's ZInfoSnapshot (snap_err \
+        included), ready to forward.\n\n\
         For action \"rollback\", the volumes are rolled back only when the VM is stopped (QMP or the \
         plan says so) or when guest_pre released them and the guest agent shows no filesystem mounted \
         on them (a filesystem the agent cannot place counts as mounted). Which guest disk each \

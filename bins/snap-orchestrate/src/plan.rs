@@ -21,6 +21,20 @@ pub struct Plan {
     pub id: Option<uuid::Uuid>,
     #[serde(default, rename = "type")]
     pub kind: SnapshotType,
+    /// eve-api `ZInfoSnapshot.config_id`, passed through to the report's `zinfo_snapshot`
+    /// (EVE sets it for locally triggered snapshots: the latest `EdgeDevConfig.id`).
+    #[serde(default)]
+    pub config_id: Option<String>,
+    /// eve-api `ZInfoSnapshot.config_version`, passed through like `config_id`.
+    #[serde(default)]
+    pub config_version: Option<String>,
+    /// The app instance whose volumes these are (EVE's `AppUUID`): named in the report's
+    /// eve-api entities (`ENTITY_APP_INSTANCE`).
+    #[serde(default)]
+    pub app_uuid: Option<uuid::Uuid>,
+    /// The app instance's display name, for the same entity.
+    #[serde(default)]
+    pub app_name: Option<String>,
     #[serde(default)]
     pub action: Action,
     /// Guest agent address: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use evesnap::eve_api::Severity;
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::testing::{FakeAgent, SimState};
 use evesnap::report::{Consistency, ExpeditedRcu, Report};
@@ -304,6 +305,12 @@ fn a_failing_guest_pre_leaves_no_snapshot_and_a_thawed_guest() {
         "{}",
         error.description
     );
+    // eve-api's view: a warning (the guest runs, thawed) on both volumes, retry once fixed.
+    let snap_err = r.zinfo_snapshot.snap_err.as_ref().expect("snap_err");
+    assert_eq!(snap_err.severity, Severity::Warning);
+    assert_eq!(snap_err.description, error.message);
+    assert_eq!(snap_err.entities.len(), lab.datasets.len());
+    assert!(snap_err.retry_condition.starts_with("after the cause"));
     let pre = step(&r, "guest_pre");
     assert_eq!(pre["commands"][1]["stderr"], "cannot quiesce\n");
     assert!(r

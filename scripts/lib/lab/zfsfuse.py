@@ -135,6 +135,12 @@ def pool_files(pool):
             if word.startswith("/")]
 
 
+def pool_on(vdev):
+    """The imported pool whose file is `vdev`, if any."""
+    names = run(["zpool", "list", "-H", "-o", "name"], check=False).stdout.split()
+    return next((name for name in names if vdev in pool_files(name)), None)
+
+
 def forget_if_stale(pool):
     """A pool that zfs-fuse imported from its cache but whose files are all gone (a deleted
     checkout's lab) holds nothing: export it so that its name can be used again."""
@@ -151,8 +157,15 @@ def ensure_pool(lab, pool):
         forget_if_stale(pool)
     health = pool_health(pool)
     if health is None and vdev.exists():
+        owner = pool_on(vdev)
+        if owner is not None:
+            raise LabError(f"{vdev} holds pool {owner}, not {pool}: use EVESNAP_LAB_POOL={owner}, "
+                           f"or remove that lab with EVESNAP_LAB_POOL={owner} scripts/lab down --purge")
         run(["zpool", "import", "-d", str(lab), pool], check=False)
         health = pool_health(pool)
+        if health is None:
+            raise LabError(f"{vdev} exists but holds no pool {pool} to import; "
+                           "it is left alone: remove it (or the lab folder) to start afresh")
     if health is None:
         log(f"creating pool {pool} on {vdev}")
         run(["truncate", "-s", POOL_SIZE, str(vdev)])

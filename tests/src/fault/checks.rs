@@ -45,6 +45,24 @@ impl Trial<'_> {
             self.check(!step.is_empty(), "the error names no step");
             let description = report["error"]["description"].as_str().unwrap_or("");
             self.check(!description.is_empty(), "the error has no description");
+            // eve-api's view agrees: its worst severity exactly when the guest may be frozen.
+            let snap_err = &report["zinfo_snapshot"]["snap_err"];
+            let severity = snap_err["severity"].as_str().unwrap_or("");
+            let worst = if code == 6 {
+                "SEVERITY_ERROR"
+            } else {
+                "SEVERITY_WARNING"
+            };
+            self.check(
+                severity == worst,
+                format!("exit {code} but snap_err.severity {severity:?}"),
+            );
+            self.check(
+                snap_err["retry_condition"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty()),
+                "snap_err has no retry_condition",
+            );
             self.check(
                 !stderr.trim().is_empty(),
                 "a failure said nothing on stderr",

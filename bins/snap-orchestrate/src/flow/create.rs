@@ -300,7 +300,7 @@ impl Run<'_> {
 
     /// The report's `snapshots` and `create_time`.
     fn record_snapshots(&mut self, report: &SnapshotReport) {
-        self.report.create_time = Some(create_time(&report.snapshots));
+        self.report.set_create_time(create_time(&report.snapshots));
         self.report.snapshots = Some(report.snapshots.clone());
     }
 

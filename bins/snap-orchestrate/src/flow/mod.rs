@@ -99,7 +99,7 @@ pub fn execute(plan: &Plan, zfs: &Zfs) -> Finished {
         Err(e) => {
             let mut report = new_report(plan);
             let error = anyhow::Error::new(e).context("cannot install signal handlers");
-            report.fail(TOOL, "preflight", exit_of(&error), chain(&error));
+            report.fail(TOOL, "preflight", &error);
             Finished {
                 report,
                 error: Some(error),
@@ -126,6 +126,10 @@ fn new_report(plan: &Plan) -> Report {
         &snapshot,
     );
     report.origin = plan.origin;
+    report.app_uuid = plan.app_uuid;
+    report.app_name = plan.app_name.clone();
+    report.zinfo_snapshot.config_id = plan.config_id.clone();
+    report.zinfo_snapshot.config_version = plan.config_version.clone();
     report
 }
 
@@ -144,7 +148,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
     let lock = match locked {
         Ok(lock) => lock,
         Err(error) => {
-            report.fail(TOOL, "preflight", exit_of(&error), chain(&error));
+            report.fail(TOOL, "preflight", &error);
             return Finished {
                 report,
                 error: Some(error),
@@ -176,7 +180,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
     let error = match result {
         Ok(()) => None,
         Err((step, error)) => {
-            report.fail(TOOL, step, exit_of(&error), chain(&error));
+            report.fail(TOOL, step, &error);
             Some(error)
         }
     };

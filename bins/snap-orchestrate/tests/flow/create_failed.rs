@@ -1,9 +1,10 @@
 //! `action: create` failing once the guest was touched: whatever fails, the guest is
 //! thawed and gets its `guest_post`, and no snapshot claims a freeze it did not have.
 
+use evesnap::eve_api::{Entity, Severity};
 use evesnap::exit::Exit;
 use evesnap::qga::testing::{FakeAgent, Program, SimState};
-use evesnap::report::{Consistency, Severity};
+use evesnap::report::Consistency;
 use serde_json::json;
 
 use crate::support::*;
@@ -186,7 +187,7 @@ fn a_hung_zfs_snapshot_is_thawed_at_the_timeout_then_cut_short() {
 }
 
 #[test]
-fn a_refused_thaw_is_critical_and_the_snapshot_stays() {
+fn a_refused_thaw_is_eve_apis_worst_severity_and_the_snapshot_stays() {
     let (agent, sim) = with_app();
     sim.state().failing = vec![(
         "guest-fsfreeze-thaw".into(),
@@ -201,8 +202,24 @@ fn a_refused_thaw_is_critical_and_the_snapshot_stays() {
     assert_eq!(exit(&run), Exit::ThawFailed, "{:?}", run.error);
     let error = run.report.error.as_ref().expect("error");
     assert_eq!(
-        (error.step.as_str(), error.kind.as_str(), error.severity),
-        ("thaw", "thaw-failed", Severity::Critical)
+        (error.step.as_str(), error.kind.as_str()),
+        ("thaw", "thaw-failed")
+    );
+    let snap_err = run
+        .report
+        .zinfo_snapshot
+        .snap_err
+        .as_ref()
+        .expect("snap_err");
+    assert_eq!(snap_err.severity, Severity::Error);
+    assert!(snap_err.retry_condition.contains("thawed"), "{snap_err:?}");
+    assert_eq!(
+        snap_err
+            .entities
+            .iter()
+            .map(|e| (e.entity, e.entity_name.as_deref()))
+            .collect::<Vec<_>>(),
+        [(Entity::Volume, Some(DS0))]
     );
     assert!(sim.state().frozen > 0, "the fake guest stays frozen");
     // Taken while frozen, it stays and says what it is.

@@ -7,6 +7,7 @@ mod support;
 mod create;
 mod create_failed;
 mod create_refused;
+mod eve_api;
 mod pending;
 mod qmp;
 mod rollback;

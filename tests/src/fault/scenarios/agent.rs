@@ -93,11 +93,15 @@ impl Trial<'_> {
     /// "pending"`; the watchdog thaws once the agent is back and runs `guest_post`, once.
     pub(in crate::fault) fn agent_away(&mut self, away: Duration) {
         let posts = self.posts();
+        // Timed by the guest's clock (/proc/uptime in centiseconds), not by a count of
+        // rounds: on a loaded host each `pidof`/`kill` round takes far longer than its 50 ms.
         let script = format!(
             "( i=0; while [ ! -e /run/qga.state.isfrozen ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
-             [ $i -lt 600 ] || exit 0; usleep 300000; n=0; while [ $n -lt {} ]; do kill -9 $(pidof qemu-ga) 2>/dev/null; usleep 50000; n=$((n+1)); done ) \
+             [ $i -lt 600 ] || exit 0; usleep 300000; \
+             cs() {{ u=$(cut -d' ' -f1 /proc/uptime); echo $(( ${{u%.*}}${{u#*.}} )); }}; end=$(( $(cs) + {} )); \
+             while [ $(cs) -lt $end ]; do kill -9 $(pidof qemu-ga) 2>/dev/null; usleep 50000; done ) \
              </dev/null >/dev/null 2>&1 &",
-            away.as_millis() / 50
+            away.as_millis() / 10
         );
         if let Err(e) = self.sh(&script) {
             self.fail(format!("cannot start the agent killer: {e}"));

@@ -1,0 +1,3 @@
+module evesnap
+
+go 1.19
