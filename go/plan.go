@@ -123,6 +123,11 @@ type RollbackPlan struct {
 
 // GuestDisk is how the guest sees a dataset.
 type GuestDisk struct {
+	// QDev, Port and WWN say it as the host attached it (the QEMU device id, its
+	// pcie-root-port's id, a SCSI disk's WWN); they need the plan's QMP.
+	QDev   string `json:"qdev,omitempty"`
+	Port   string `json:"port,omitempty"`
+	WWN    string `json:"wwn,omitempty"`
 	Serial string `json:"serial,omitempty"`
 	PCI    string `json:"pci,omitempty"`
 	Dev    string `json:"dev,omitempty"`

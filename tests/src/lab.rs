@@ -25,7 +25,10 @@ pub struct Lab {
     pub pool: String,
     pub datasets: Vec<String>,
     pub guest_mounts: BTreeMap<String, String>,
-    /// How the guest sees each dataset: `{"serial": "disk0", "pci": "0000:00:07.0"}`.
+    /// How the disks are attached: `eve` (q35, a root port each, no serial) or `serial`.
+    pub shape: String,
+    /// Each dataset's disk as the host knows it: `{"qdev": "virtio-disk0", "port": "pci.8"}`
+    /// (a SCSI disk adds `wwn`), or `{"serial": "disk0", "pci": "0000:00:07.0"}`.
     pub disks: BTreeMap<String, serde_json::Value>,
     /// The VM's volumes map for `snap-orchestrate serve --volumes` (`disks` as a file).
     #[serde(default)]
@@ -152,6 +155,10 @@ pub struct OpenZfsLab {
     pub guest_bin_host: PathBuf,
     /// The agent address tools inside the guest use, e.g. `vsock:1:10000`.
     pub guest_agent: String,
+    /// How the pool disk is attached: `eve` or `serial`.
+    pub shape: String,
+    /// The pool disk as the host knows it, keyed by the pool.
+    pub disks: BTreeMap<String, serde_json::Value>,
     pub qemu_pid: u32,
 }
 

@@ -63,3 +63,59 @@ fn lab_status_prints_the_same_object_as_up() {
     assert_eq!(status.qemu_pid, lab.qemu_pid);
     assert_eq!(status.agent, lab.agent);
 }
+
+/// The lab is in EVE's shape (unless EVESNAP_LAB_SHAPE=serial): no serial anywhere, each disk
+/// behind its own root port, and QEMU's view (query-pci, QOM) places every disk exactly where
+/// the guest agent reports the filesystem mounted on it.
+#[test]
+fn the_disks_have_no_serials_and_qemu_places_them_where_the_agent_sees_them() {
+    let lab = test_lab();
+    if lab.shape != "eve" {
+        eprintln!("SKIPPED: the test lab is in the {} shape", lab.shape);
+        return;
+    }
+    let _vm = vm_lock();
+    let topology = evesnap::qmp::Qmp::connect(&lab.qmp, Duration::from_secs(5))
+        .and_then(|mut q| q.topology())
+        .expect("QMP topology");
+    let mut agent = evesnap_tests::guest::connect(lab);
+    let fsinfo = agent.fsinfo().expect("guest-get-fsinfo");
+    let serials =
+        evesnap_tests::guest::guest_sh(&mut agent, "cat /sys/block/*/serial 2>/dev/null; true");
+    assert_eq!(serials.trim(), "", "the guest sees serials");
+    for (dataset, disk) in &lab.disks {
+        assert!(disk.get("serial").is_none(), "{dataset}: {disk}");
+        let qdev = disk["qdev"].as_str().expect("qdev");
+        let port = disk["port"].as_str().expect("port");
+        let place = topology.place_of_device(qdev).expect("placed");
+        assert_eq!(
+            topology
+                .place_behind_port(port)
+                .expect("behind its port")
+                .pci,
+            place.pci,
+            "{dataset}"
+        );
+        assert_ne!(
+            place.pci.bus, 0,
+            "{dataset}: behind a root port, not on the root bus"
+        );
+        if let Some(wwn) = disk.get("wwn").and_then(|w| w.as_str()) {
+            let wwn = evesnap::qmp::topology::parse_wwn(wwn).expect("hex");
+            assert_eq!(topology.scsi_by_wwn(wwn).expect("by WWN").qdev, qdev);
+            assert!(place.scsi.is_some(), "{dataset}: a SCSI address");
+        }
+        let mountpoint = &lab.guest_mounts[dataset];
+        let fs = fsinfo
+            .iter()
+            .find(|f| &f.mountpoint == mountpoint)
+            .unwrap_or_else(|| panic!("{mountpoint} not mounted: {fsinfo:?}"));
+        let seen = &fs.disk[0];
+        assert_eq!(
+            (seen.pci_controller.bus, seen.pci_controller.slot),
+            (place.pci.bus, place.pci.slot),
+            "{dataset}: {fs:?}"
+        );
+        assert!(seen.serial.as_deref().unwrap_or("").is_empty(), "{fs:?}");
+    }
+}

@@ -339,3 +339,56 @@ fn the_tools_run_in_the_guest_against_the_vsock_agent() {
         r#"{"return": "thawed"}"#
     );
 }
+
+/// The pool disk is attached in EVE's shape (unless EVESNAP_LAB_SHAPE=serial): no serial,
+/// behind its own root port, and QEMU places it where the guest sees the pool's disk.
+#[test]
+fn the_pool_disk_is_attached_in_eves_shape() {
+    let lab = openzfs_lab();
+    if lab.shape != "eve" {
+        eprintln!("SKIPPED: the OpenZFS lab is in the {} shape", lab.shape);
+        return;
+    }
+    let _vm = openzfs_vm_lock();
+    let disk = &lab.disks[&lab.pool];
+    assert!(disk.get("serial").is_none(), "{disk}");
+    let topology = evesnap::qmp::Qmp::connect(&lab.qmp, Duration::from_secs(5))
+        .and_then(|mut q| q.topology())
+        .expect("QMP topology");
+    let place = topology
+        .place_behind_port(disk["port"].as_str().expect("port"))
+        .expect("placed");
+    assert_ne!(place.pci.bus, 0, "behind a root port");
+    // The guest's pool disk sits at that PCI address (its sysfs path ends there).
+    let mut agent = control_agent(lab);
+    let pool_disk = guest(
+        &mut agent,
+        &[
+            "/bin/sh",
+            "-c",
+            &format!(
+                "zpool status -P {} | grep -o '/dev/[a-z]*' | head -n1",
+                lab.pool
+            ),
+        ],
+    );
+    let name = pool_disk.trim().trim_start_matches("/dev/");
+    let sysfs = guest(
+        &mut agent,
+        &["/bin/readlink", "-f", &format!("/sys/block/{name}")],
+    );
+    let pci = format!(
+        "{:04x}:{:02x}:{:02x}.{:x}",
+        place.pci.domain, place.pci.bus, place.pci.slot, place.pci.function
+    );
+    assert!(sysfs.contains(&pci), "{name}: {sysfs} is not behind {pci}");
+    let serial = guest(
+        &mut agent,
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("cat /sys/block/{name}/serial 2>/dev/null; true"),
+        ],
+    );
+    assert_eq!(serial.trim(), "", "the pool disk has a serial");
+}

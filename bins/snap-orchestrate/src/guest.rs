@@ -6,7 +6,8 @@ use std::time::Duration;
 use evesnap::qga::commands as qga;
 use evesnap::qga::Client;
 
-use crate::plan::{GuestCommand, GuestDisk};
+use crate::placement::{compare_address, Located};
+use crate::plan::GuestCommand;
 
 pub use evesnap::steps::CommandRun;
 
@@ -173,25 +174,26 @@ fn kernel_name(dev: &str) -> &str {
     dev.rsplit('/').next().unwrap_or(dev)
 }
 
-/// Does the agent's description of a disk designate `disk`? By serial where both sides
-/// have one, else by device node (`dev`, resolved in the guest), else by PCI address;
-/// `None` when nothing can tell.
-fn same_disk(address: &qga::GuestDiskAddress, disk: &GuestDisk, dev: Option<&str>) -> Option<bool> {
-    if let (Some(want), Some(have)) = (&disk.serial, &address.serial) {
-        return Some(want == have);
-    }
-    if let (Some(want), Some(have)) = (dev, address.dev.as_deref()) {
+/// May the agent's description of a disk be the volume `located`? Where serial, PCI or
+/// SCSI address tell, any of them agreeing says yes; else the device node (`dev`, resolved in
+/// the guest) decides; with nothing to compare, yes.
+fn may_be_disk(address: &qga::GuestDiskAddress, located: &Located, dev: Option<&str>) -> bool {
+    let same_dev = match (dev, address.dev.as_deref()) {
         // The agent names the whole disk; the plan may name one of its partitions.
-        return Some(same_device(kernel_name(want), kernel_name(have)));
+        (Some(want), Some(have)) => Some(same_device(kernel_name(want), kernel_name(have))),
+        _ => None,
+    };
+    let c = compare_address(located, address);
+    if c.agree + c.disagree > 0 {
+        return c.may_be() || same_dev == Some(true);
     }
-    let (domain, bus, slot, function) = parse_pci(disk.pci.as_deref()?)?;
-    let pci = &address.pci_controller;
-    Some(pci.domain == domain && pci.bus == bus && pci.slot == slot && pci.function == function)
+    same_dev.unwrap_or(true)
 }
 
-/// The guest's mountpoints that sit on `disk`, from `guest-get-fsinfo`; `dev` is the
-/// device node `disk.dev` resolved to in the guest ([`resolve_dev`]). An entry that cannot
-/// be told apart from `disk` counts as on it: a rollback must never guess.
+/// The guest's mountpoints that sit on the volume `located` (placed by [`crate::placement`]),
+/// from `guest-get-fsinfo`; `dev` is the device node the plan's `disks.*.dev` resolved to in
+/// the guest ([`resolve_dev`]). An entry that cannot be told apart from the volume counts as
+/// on it: a rollback must never guess.
 ///
 /// The agent reports a filesystem on a device without a bus address (a zvol `zdN`, a loop
 /// or zram device) with an empty `disk` list: only its kernel name (`name`) can tie it to
@@ -199,7 +201,7 @@ fn same_disk(address: &qga::GuestDiskAddress, disk: &GuestDisk, dev: Option<&str
 /// so it counts as on the disk.
 pub fn mounts_on(
     filesystems: &[qga::GuestFilesystemInfo],
-    disk: &GuestDisk,
+    located: &Located,
     dev: Option<&str>,
 ) -> Vec<String> {
     filesystems
@@ -212,7 +214,7 @@ pub fn mounts_on(
                     || fs
                         .disk
                         .iter()
-                        .any(|address| same_disk(address, disk, dev) != Some(false))
+                        .any(|address| may_be_disk(address, located, dev))
             }
         })
         .map(|fs| format!("{} ({})", fs.mountpoint, fs.name))
@@ -222,6 +224,11 @@ pub fn mounts_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::GuestDisk;
+
+    fn at(disk: &GuestDisk) -> Located {
+        crate::placement::locate(disk, None).expect("placed")
+    }
 
     fn fsinfo(json: &str) -> Vec<qga::GuestFilesystemInfo> {
         serde_json::from_str(json).expect("fsinfo")
@@ -237,14 +244,16 @@ mod tests {
             serial: Some("disk0".into()),
             pci: Some("0000:00:07.0".into()),
             dev: None,
+            ..GuestDisk::default()
         };
-        assert_eq!(mounts_on(&fs, &disk0, None), vec!["/data0 (vda)"]);
+        assert_eq!(mounts_on(&fs, &at(&disk0), None), vec!["/data0 (vda)"]);
         let elsewhere = GuestDisk {
             serial: None,
             pci: Some("0000:00:09.0".into()),
             dev: None,
+            ..GuestDisk::default()
         };
-        assert!(mounts_on(&fs, &elsewhere, None).is_empty());
+        assert!(mounts_on(&fs, &at(&elsewhere), None).is_empty());
     }
 
     #[test]
@@ -259,15 +268,17 @@ mod tests {
             serial: Some("disk0".into()),
             pci: Some("0000:00:09.0".into()),
             dev: None,
+            ..GuestDisk::default()
         };
-        assert_eq!(mounts_on(&fs, &disk0, None), vec!["/data0 (vda)"]);
+        assert_eq!(mounts_on(&fs, &at(&disk0), None), vec!["/data0 (vda)"]);
         // Nothing to compare: both filesystems may be on it.
         let unknown = GuestDisk {
             serial: Some("diskX".into()),
             pci: None,
             dev: None,
+            ..GuestDisk::default()
         };
-        assert_eq!(mounts_on(&fsinfo(LAB), &unknown, None).len(), 2);
+        assert_eq!(mounts_on(&fsinfo(LAB), &at(&unknown), None).len(), 2);
     }
 
     // Verbatim from qemu-ga 7.2 inside the OpenZFS lab guest (vsock agent, udev running): the
@@ -281,19 +292,20 @@ mod tests {
             serial: None,
             pci: None,
             dev: Some("/dev/zvol/persist/vault/volumes/6f1e.1".into()),
+            ..GuestDisk::default()
         };
         assert_eq!(
-            mounts_on(&fs, &thick, Some("/dev/zd0")),
+            mounts_on(&fs, &at(&thick), Some("/dev/zd0")),
             vec!["/mnt/6f1e0a52-3c8d-4b7a-9e21-5d4c3b2a1f00 (zd0)"]
         );
         assert_eq!(
-            mounts_on(&fs, &thick, Some("/dev/zd16")),
+            mounts_on(&fs, &at(&thick), Some("/dev/zd16")),
             vec!["/mnt/a3b9c7d1-2e4f-4a6b-8c0d-1e2f3a4b5c6d (zd16)"]
         );
         // zd1 is not zd16's prefix-sibling; zd0p1 is zd0's partition.
-        assert!(mounts_on(&fs, &thick, Some("/dev/zd1")).is_empty());
+        assert!(mounts_on(&fs, &at(&thick), Some("/dev/zd1")).is_empty());
         let part = fsinfo(&ZVOLS.replace(r#""name": "zd0""#, r#""name": "zd0p1""#));
-        assert_eq!(mounts_on(&part, &thick, Some("/dev/zd0")).len(), 1);
+        assert_eq!(mounts_on(&part, &at(&thick), Some("/dev/zd0")).len(), 1);
     }
 
     /// Serial and PCI address cannot see a zvol's filesystem (the agent reports it with
@@ -306,13 +318,14 @@ mod tests {
             serial: Some("persist0".into()),
             pci: Some("0000:00:07.0".into()),
             dev: None,
+            ..GuestDisk::default()
         };
-        assert_eq!(mounts_on(&fs, &by_pci, None).len(), fs.len());
+        assert_eq!(mounts_on(&fs, &at(&by_pci), None).len(), fs.len());
         let both = GuestDisk {
             dev: Some("/dev/zvol/p/v".into()),
             ..by_pci
         };
-        assert_eq!(mounts_on(&fs, &both, Some("/dev/zd16")).len(), 1);
+        assert_eq!(mounts_on(&fs, &at(&both), Some("/dev/zd16")).len(), 1);
     }
 
     #[test]
@@ -322,16 +335,17 @@ mod tests {
             serial: None,
             pci: None,
             dev: Some("/dev/disk/by-id/virtio-disk1".into()),
+            ..GuestDisk::default()
         };
         assert_eq!(
-            mounts_on(&fs, &by_id, Some("/dev/vdb")),
+            mounts_on(&fs, &at(&by_id), Some("/dev/vdb")),
             vec!["/data1 (vdb)"]
         );
         assert_eq!(
-            mounts_on(&fs, &by_id, Some("/dev/vdb1")),
+            mounts_on(&fs, &at(&by_id), Some("/dev/vdb1")),
             vec!["/data1 (vdb)"]
         );
-        assert!(mounts_on(&fs, &by_id, Some("/dev/vdc")).is_empty());
+        assert!(mounts_on(&fs, &at(&by_id), Some("/dev/vdc")).is_empty());
     }
 
     #[test]

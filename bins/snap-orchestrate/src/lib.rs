@@ -29,6 +29,7 @@
 pub mod flow;
 pub mod guest;
 pub mod lock;
+pub mod placement;
 pub mod plan;
 pub mod recover;
 pub mod schema;
@@ -59,9 +60,12 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
         included), ready to forward.\n\n\
         For action \"rollback\", the volumes are rolled back only when the VM is stopped (QMP or the \
         plan says so) or when guest_pre released them and the guest agent shows no filesystem mounted \
-        on them (matched from the plan's `disks`: by the device path `dev` resolved in the guest, \
-        which zvols need, else by serial, else by PCI address; a filesystem the agent cannot place \
-        counts as mounted).\n\n\
+        on them (a filesystem the agent cannot place counts as mounted). Which guest disk each \
+        volume is comes from the plan's `disks`: the QEMU device id (`qdev`), root port id (`port`) \
+        or WWN, placed in the guest through `qmp` (query-pci: the bus numbers the guest gave the \
+        root ports), or a serial, PCI address or device path (`dev`, resolved in the guest, for \
+        zvols). With `qmp`, a volume left out of `disks` is the QEMU disk whose image or zvol is \
+        on it (query-block).\n\n\
         One orchestration per VM runs at a time (a lock keyed by the agent address).\n\n\
         The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema (--print-schema report|request|reply: of the report, and of the VM wire).\n\n\
         `snap-orchestrate serve` is the host end of VM-initiated snapshots (eve-guest-agent in the guest).",
@@ -98,8 +102,9 @@ enum Sub {
             requests of eve-guest-agent in the guest, one at a time: create (freeze through the guest \
             agent, one snapshot, thaw; refused without room, with the preflight's numbers), list, and \
             rollback (refused while the disk is mounted in the guest). The guest can only name disks of \
-            --volumes, identified through guest-get-fsinfo (mounted) or by serial and PCI address \
-            (unmounted); it never names a dataset. Garbage, unknown fields and lines over 64 KiB get an \
+            --volumes, identified through guest-get-fsinfo (mounted) or by the PCI address and serial \
+            the guest read from sysfs (unmounted), against where --qmp says the guest sees each volume; \
+            it never names a dataset. Garbage, unknown fields and lines over 64 KiB get an \
             error reply; the listener reads on.\n\n\
             A create claims what was proven: `application` only when the guest said it quiesced its \
             application (eve-guest-agent --quiesced) and the snapshot returned before the guest's \

@@ -104,9 +104,11 @@ pub struct Plan {
     /// For `action: rollback`.
     #[serde(default)]
     pub rollback: Option<RollbackPlan>,
-    /// How the guest sees each dataset, for the "not mounted in the guest" check before a
-    /// rollback: by virtio serial, by PCI address where the agent reports no serial, or by a
-    /// device path resolved in the guest (zvols, which the agent reports with neither).
+    /// Which disk of the VM each dataset is, for the "not mounted in the guest" check before
+    /// a rollback: as the host attached it (QEMU device id, root port id, WWN; placed in the
+    /// guest through `qmp`), by serial or PCI address, or by a device path resolved in the
+    /// guest (zvols, which the agent reports without address). With `qmp`, a dataset left
+    /// out is found through QEMU (the disk whose image or zvol is on it).
     #[serde(default)]
     pub disks: BTreeMap<String, GuestDisk>,
 }
@@ -239,9 +241,22 @@ pub struct RollbackPlan {
     pub vm_stopped: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestDisk {
+    /// The QEMU device id of the disk (`-device virtio-blk-pci,id=…` or `scsi-hd,id=…`):
+    /// placed in the guest through QMP (`query-pci`; a SCSI disk through its HBA).
+    #[serde(default)]
+    pub qdev: Option<String>,
+    /// The id of the `pcie-root-port` the disk (or its own SCSI HBA) sits behind, in slot 0:
+    /// placed through QMP (the bus number the guest gave the port).
+    #[serde(default)]
+    pub port: Option<String>,
+    /// The disk's WWN (`scsi-hd,wwn=…`, EVE's `vhost-scsi-pci` `wwpn`), hex: the SCSI disk
+    /// carrying it, placed through QMP.
+    #[serde(default)]
+    pub wwn: Option<String>,
+    /// The disk's serial, where it has one: an extra check where the agent reports it.
     #[serde(default)]
     pub serial: Option<String>,
     /// PCI address `domain:bus:slot.function` in hex, e.g. `0000:00:07.0`.
@@ -254,6 +269,13 @@ pub struct GuestDisk {
     /// agent that runs where the pool is.
     #[serde(default)]
     pub dev: Option<String>,
+}
+
+impl GuestDisk {
+    /// Whether only QEMU can tell where the guest sees this disk.
+    pub fn needs_qmp(&self) -> bool {
+        self.qdev.is_some() || self.port.is_some() || self.wwn.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +381,19 @@ impl Plan {
         for (d, disk) in &self.disks {
             if !self.datasets.contains(d) {
                 return invalid(format!("`disks` names `{d}`, which is not in `datasets`"));
+            }
+            if let Some(wwn) = &disk.wwn {
+                if evesnap::qmp::topology::parse_wwn(wwn).is_none() {
+                    return invalid(format!(
+                        "`disks.{d}.wwn` must be up to 16 hex digits (0x optional), not `{wwn}`"
+                    ));
+                }
+            }
+            // Only a rollback reads `disks` (a create's plan may carry them unused).
+            if disk.needs_qmp() && self.qmp.is_none() && self.action == Action::Rollback {
+                return invalid(format!(
+                    "`disks.{d}` names a QEMU device, root port or WWN: the plan needs `qmp` to place it in the guest"
+                ));
             }
             if let Some(dev) = &disk.dev {
                 if !dev.starts_with('/') || dev.chars().any(char::is_whitespace) {
@@ -547,6 +582,15 @@ mod tests {
             (
                 r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/b":{"serial":"x"}}}"#,
                 "p/b",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"action":"rollback","rollback":{"to":"s"},
+                    "disks":{"p/a":{"qdev":"virtio-disk0"}}}"#,
+                "needs `qmp`",
+            ),
+            (
+                r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"wwn":"0xgg"}}}"#,
+                "disks.p/a.wwn",
             ),
             (
                 r#"{"version":1,"agent":"a","datasets":["p/a"],"disks":{"p/a":{"dev":"zd0"}}}"#,

@@ -209,7 +209,47 @@ fn create_with_hooks_then_rollback_restores_the_data() {
         at_snapshot
     );
 
-    // With guest_pre unmounting and guest_post remounting: the data is the snapshot's.
+    // The same without the plan's `disks`: QEMU says which disk holds each volume
+    // (query-block) and where the guest sees it (query-pci); still refused.
+    let mut from_qemu = mounted.clone();
+    from_qemu.as_object_mut().expect("object").remove("disks");
+    let out = orchestrate(&guard, &from_qemu, &[]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    let r = report(&out);
+    assert!(step(&r, "unmounted")["mounted"][0]
+        .as_str()
+        .unwrap_or("")
+        .contains("/data0"));
+    assert_eq!(
+        step(&r, "preflight")["disks_from_qemu"]
+            .as_object()
+            .map(|m| m.len()),
+        Some(lab.datasets.len()),
+        "{:?}",
+        step(&r, "preflight")
+    );
+
+    // A plan that names the wrong disk for a volume (disk1's device for disk0's dataset, as
+    // if the mount had moved) is refused before anything changes: the two volumes land at
+    // one place in the guest.
+    if let (Some(d0), Some(d1)) = (
+        lab.disks.get(&lab.datasets[0]),
+        lab.disks.get(&lab.datasets[1]),
+    ) {
+        let mut swapped = mounted.clone();
+        swapped["disks"] = json!({lab.datasets[0].clone(): d1, lab.datasets[1].clone(): d1});
+        let out = orchestrate(&guard, &swapped, &[]);
+        assert_eq!(code(&out), 7, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("cannot place the volumes"),
+            "{}",
+            stderr(&out)
+        );
+        let _ = d0;
+    }
+
+    // With guest_pre unmounting and guest_post remounting (disks found by their ext4
+    // label: a SCSI disk is sdX), and no `disks` in the plan: the data is the snapshot's.
     let released = plan(
         lab,
         json!({
@@ -217,11 +257,16 @@ fn create_with_hooks_then_rollback_restores_the_data() {
             "rollback": {"to": name},
             "guest_pre": [{"path": "/bin/umount", "args": ["/data0"]}, {"path": "/bin/umount", "args": ["/data1"]}],
             "guest_post": [
-                {"path": "/bin/sh", "args": ["-c", "echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 /dev/vda /data0"]},
-                {"path": "/bin/mount", "args": ["-t", "ext4", "/dev/vdb", "/data1"]},
+                {"path": "/bin/sh", "args": ["-c", "echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 $(findfs LABEL=disk0) /data0"]},
+                {"path": "/bin/sh", "args": ["-c", "mount -t ext4 $(findfs LABEL=disk1) /data1"]},
             ],
         }),
     );
+    let released = {
+        let mut p = released;
+        p.as_object_mut().expect("object").remove("disks");
+        p
+    };
     let out = orchestrate(&guard, &released, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = report(&out);

@@ -521,8 +521,8 @@ impl Drop for Cleanup<'_> {
                 "/bin/sh",
                 &[
                     "-c",
-                    "grep -q ' /data0 ' /proc/mounts || mount -t ext4 /dev/vda /data0; \
-                         grep -q ' /data1 ' /proc/mounts || mount -t ext4 /dev/vdb /data1; true",
+                    "grep -q ' /data0 ' /proc/mounts || mount -t ext4 $(findfs LABEL=disk0) /data0; \
+                         grep -q ' /data1 ' /proc/mounts || mount -t ext4 $(findfs LABEL=disk1) /data1; true",
                 ],
                 Duration::from_secs(30),
             );
@@ -555,12 +555,30 @@ impl Drop for Quota {
     }
 }
 
-fn dataset_of<'l>(lab: &'l Lab, serial: &str) -> &'l str {
-    lab.disks
+/// The lab dataset of disk `name` (`disk0`: `<pool>/lab/vm0/disk0`).
+fn dataset_of<'l>(lab: &'l Lab, name: &str) -> &'l str {
+    lab.datasets
         .iter()
-        .find(|(_, d)| d["serial"] == serial)
-        .map(|(ds, _)| ds.as_str())
-        .unwrap_or_else(|| panic!("no lab disk with serial {serial}"))
+        .find(|ds| ds.rsplit('/').next() == Some(name))
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no lab disk {name}"))
+}
+
+/// The name the host gives disk `name` in replies: its serial, else its QEMU device id.
+fn label_of(lab: &Lab, name: &str) -> String {
+    let disk = &lab.disks[dataset_of(lab, name)];
+    disk["serial"]
+        .as_str()
+        .or(disk["qdev"].as_str())
+        .expect("a serial or a QEMU device id")
+        .to_string()
+}
+
+/// The guest's device node of disk `name` (found by its ext4 label: a SCSI disk is sdX).
+fn device_of(lab: &Lab, name: &str) -> String {
+    guest_sh(&mut connect(lab), &format!("findfs LABEL={name}"))
+        .trim()
+        .to_string()
 }
 
 /// A lab test of the listener: exclusive use of the VM, the guest tool installed, the
@@ -615,6 +633,10 @@ impl InLab {
             std::fs::set_permissions(&shim, perms).expect("chmod");
             env.push(("EVESNAP_ZFS", &shim));
         }
+        // The lab's map names disks as EVE knows them (QEMU device, root port): --qmp.
+        let qmp = lab.qmp.display().to_string();
+        let mut args = extra.to_vec();
+        args.extend(["--qmp", qmp.as_str()]);
         let serve = Serve::start_with(
             guard.run_dir.path(),
             &lab.request_channel,
@@ -622,7 +644,7 @@ impl InLab {
             &volumes,
             "20",
             &env,
-            extra,
+            &args,
         );
         InLab {
             serve,
@@ -643,13 +665,13 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
     assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
     assert_eq!(run.stdout["ok"], true, "{run:?}");
     assert_eq!(run.stdout["id"], record["request"]["id"]);
-    assert_eq!(reply.disks, ["disk0"]);
+    assert_eq!(reply.disks, [label_of(lab, "disk0")]);
     assert_eq!(reply.snapshot.as_deref(), Some(name.as_str()));
     let taken = reply.snapshots.as_ref().expect("snapshots");
     assert_eq!(taken.len(), 1, "{reply:?}");
     assert_eq!(
         (taken[0].disk.as_str(), taken[0].name.as_str()),
-        ("disk0", name.as_str())
+        (label_of(lab, "disk0").as_str(), name.as_str())
     );
     // Without --quiesced the guest said nothing about its application: a verified freeze
     // proves the filesystem only.
@@ -671,9 +693,17 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         record["request"]["deadline_ms"].as_u64().is_some(),
         "{record}"
     );
-    // The guest described its disk as sysfs shows it.
-    assert_eq!(record["request"]["disk"]["serial"], "disk0", "{record}");
-    assert_eq!(record["request"]["disk"]["pci"], "0000:00:07.0", "{record}");
+    // The guest described its disk as sysfs shows it: EVE's disks have no serial.
+    let disk0 = dataset_of(lab, "disk0");
+    assert_eq!(
+        record["request"]["disk"]["serial"], lab.disks[disk0]["serial"],
+        "{record}"
+    );
+    assert_eq!(
+        record["request"]["disk"]["pci"],
+        placed_pci(lab, disk0),
+        "{record}"
+    );
     // Only /data0 was frozen, and the guest is thawed.
     let steps = record["report"]["steps"].as_array().expect("steps");
     let freeze = steps
@@ -719,16 +749,22 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         "true"
     );
 
-    let (run, _, reply) = guest_request(lab, serve, "--list /dev/vda");
+    let (run, _, reply) = guest_request(lab, serve, &format!("--list {}", device_of(lab, "disk0")));
     assert_eq!(run.code, 0, "{run:?}");
     let listed = reply.snapshots.expect("list");
     assert!(
-        listed.iter().any(|s| s.name == name && s.disk == "disk0"),
+        listed
+            .iter()
+            .any(|s| s.name == name && s.disk == label_of(lab, "disk0")),
         "{listed:?}"
     );
 
     // A name taken already: refused by the preflight, the guest says 1.
-    let (run, _, reply) = guest_request(lab, serve, &format!("--create /dev/vda --name {name}"));
+    let (run, _, reply) = guest_request(
+        lab,
+        serve,
+        &format!("--create {} --name {name}", device_of(lab, "disk0")),
+    );
     assert_eq!(run.code, 1, "{run:?}");
     let error = reply.error.expect("error");
     assert_eq!(
@@ -737,7 +773,9 @@ fn a_guest_request_takes_a_snapshot_of_its_disk_and_lists_it() {
         "{error:?}"
     );
     assert!(
-        error.message.contains(&format!("disk0@{name}")),
+        error
+            .message
+            .contains(&format!("{}@{name}", label_of(lab, "disk0"))),
         "{error:?}"
     );
     assert!(run.stderr.contains("the host refused"), "{run:?}");
@@ -751,15 +789,16 @@ fn an_unmounted_disk_is_snapshotted_without_freezing_anything_and_claims_crash()
     let t = InLab::start("serve-unmounted", "t-unmounted", None);
     let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
     // /data1 unmounted (the cleanup mounts it again), /data0 stays mounted.
+    let disk1 = device_of(lab, "disk1");
     guest_sh(&mut connect(lab), "sync; umount /data1");
 
     let (run, record, reply) = guest_request(
         lab,
         serve,
-        &format!("--create /dev/vdb --name {name} --quiesced"),
+        &format!("--create {disk1} --name {name} --quiesced"),
     );
     assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
-    assert_eq!(reply.disks, ["disk1"]);
+    assert_eq!(reply.disks, [label_of(lab, "disk1")]);
     // Nothing was frozen: no freeze step, no freeze window; /data0 (mounted) was not
     // frozen either, which an empty mountpoint list would have done.
     assert_eq!(reply.consistency, Some(Consistency::Crash), "{reply:?}");
@@ -898,6 +937,23 @@ fn no_room_in_the_pool_is_reported_to_the_guest_and_nothing_is_created() {
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 }
 
+/// The PCI address the guest sees `dataset`'s disk at (its controller's, for a SCSI disk),
+/// from `guest-get-fsinfo` of its mountpoint.
+fn placed_pci(lab: &Lab, dataset: &str) -> String {
+    let mountpoint = &lab.guest_mounts[dataset];
+    let fsinfo: Vec<evesnap::qga::commands::GuestFilesystemInfo> =
+        connect(lab).fsinfo().expect("guest-get-fsinfo");
+    let fs = fsinfo
+        .iter()
+        .find(|f| &f.mountpoint == mountpoint)
+        .expect("mounted");
+    let p = &fs.disk[0].pci_controller;
+    format!(
+        "{:04x}:{:02x}:{:02x}.{:x}",
+        p.domain, p.bus, p.slot, p.function
+    )
+}
+
 #[test]
 fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_on() {
     let lab = test_lab();
@@ -933,6 +989,9 @@ fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_
                "disk": {"path": "/dev/vdb", "device": "/dev/vdb", "serial": "disk0", "pci": "0000:00:08.0"}, "to": name}),
         json!({"version": 1, "id": "forged3", "op": "create", "disk": {"path": "/data1", "mountpoint": "/data1",
                "serial": "disk0"}, "name": name}),
+        // disk1 claiming disk0's PCI address as the guest numbered it: the agent says otherwise.
+        json!({"version": 1, "id": "forged4", "op": "create", "disk": {"path": "/data1", "mountpoint": "/data1",
+               "pci": placed_pci(lab, disk0)}, "name": name}),
     ];
     let mut script = format!(
         "exec 3>{port}; printf 'garbage\\n\\377\\376{{\"half\\n' >&3; head -c 70000 /dev/zero | tr '\\0' x >&3; echo >&3; "
@@ -946,7 +1005,7 @@ fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_
     script.push_str("exec 3>&-");
     guest_sh(&mut connect(lab), &script);
     let mut replies = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..forged.len() + 3 {
         replies.push(serve.reply(Duration::from_secs(60)).1);
     }
     let kinds: Vec<(Option<&str>, &str)> = replies
@@ -967,6 +1026,7 @@ fn unknown_disks_forged_requests_and_garbage_are_refused_and_the_listener_lives_
             (Some("forged1"), "bad-request"),
             (Some("forged2"), "unknown-disk"),
             (Some("forged3"), "unknown-disk"),
+            (Some("forged4"), "unknown-disk"),
         ],
         "{replies:?}"
     );
@@ -1003,7 +1063,8 @@ fn a_rollback_from_the_guest_after_umount_restores_the_data() {
     );
 
     // Still mounted: the flow's check refuses, nothing changes.
-    let (run, _, reply) = guest_request(lab, serve, &format!("--rollback /dev/vda --to {name}"));
+    let disk0 = device_of(lab, "disk0");
+    let (run, _, reply) = guest_request(lab, serve, &format!("--rollback {disk0} --to {name}"));
     assert_eq!(run.code, 1, "{run:?}");
     let error = reply.error.expect("error");
     assert_eq!(
@@ -1017,14 +1078,15 @@ fn a_rollback_from_the_guest_after_umount_restores_the_data() {
         at_snapshot
     );
 
-    // Unmounted (the agent no longer lists it: the guest's serial and PCI address name it).
+    // Unmounted (the agent no longer lists it: the PCI address the guest read from sysfs
+    // names it, checked against where QEMU says the guest sees disk0).
     guest_sh(&mut connect(lab), "umount /data0");
     let (run, record, reply) =
-        guest_request(lab, serve, &format!("--rollback /dev/vda --to {name}"));
+        guest_request(lab, serve, &format!("--rollback {disk0} --to {name}"));
     assert_eq!(run.code, 0, "{run:?}\n{record}");
     assert_eq!(
         (reply.disks.as_slice(), reply.snapshot.as_deref()),
-        (&["disk0".to_string()][..], Some(name.as_str()))
+        (&[label_of(lab, "disk0")][..], Some(name.as_str()))
     );
     assert_eq!(
         record["report"]["rolled_back"][0]["dataset"],
@@ -1033,7 +1095,7 @@ fn a_rollback_from_the_guest_after_umount_restores_the_data() {
     );
     guest_sh(
         &mut connect(lab),
-        "echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 /dev/vda /data0",
+        &format!("echo 3 > /proc/sys/vm/drop_caches; mount -t ext4 {disk0} /data0"),
     );
     assert_eq!(
         guest_sh(&mut connect(lab), "md5sum /data0/app.bin"),
@@ -1198,6 +1260,8 @@ fn a_guest_overwriting_and_snapshotting_in_a_loop_stays_within_its_budget() {
         "20",
         &[],
         &[
+            "--qmp",
+            &lab.qmp.display().to_string(),
             "--guest-max-snapshots",
             &max_snapshots.to_string(),
             "--guest-min-interval",

@@ -15,7 +15,10 @@ from .common import LabError, lab_file, run
 from .debs import apt_show, dep_names, extract
 
 GUEST_PACKAGES = ["qemu-guest-agent", "busybox-static"]
-GUEST_MODULE_TARGETS = ["virtio_pci", "virtio_console", "virtio_blk", "ext4", "vsock", "vsock_loopback"]
+# virtio_scsi and sd_mod: the disks EVESNAP_LAB_SCSI puts behind a virtio-scsi HBA (the q35
+# pcie-root-ports need nothing: Debian builds the PCIe port driver in).
+GUEST_MODULE_TARGETS = ["virtio_pci", "virtio_console", "virtio_blk", "virtio_scsi", "sd_mod", "ext4", "vsock",
+                        "vsock_loopback"]
 
 
 def kernel_package():

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from qga import Agent, AgentError
 
+from .disks import describe, disk_devices, disks, machine, shape
 from .common import LabError, key_of, lab_file, log, run
 from .debs import AptSource, apt_install, apt_show, dep_names, extract, fetch_debs
 from .guest import GUEST_MODULE_TARGETS, GUEST_PACKAGES, build_guest, copy_with_libs, kernel_package, \
     shutdown_script, write_files
 from .profile import Profile
-from .vm import launch_qemu, qemu_argv
+from .vm import launch_qemu, qemu_argv, runs_with
 
 ZFS_SOURCE = ("bookworm-backports", "contrib")
 # Extracted into the guest, never installed: zfsutils-linux Conflicts with the host's zfs-fuse.
@@ -30,7 +31,7 @@ ZFS_USERLAND = ["zfsutils-linux", "libzfs6linux", "libzpool6linux", "libnvpair3l
 
 OZ_POOL = "persist"
 OZ_POOL_SIZE = "1G"
-OZ_POOL_SERIAL = "persist0"
+OZ_POOL_DISK = "persist0"  # the pool disk's name (its serial in the serial shape)
 # EVE-style volumes: persist/vault/volumes/<uuid>.<generation>; (uuid, kind, size).
 OZ_ZVOLS = [("6f1e0a52-3c8d-4b7a-9e21-5d4c3b2a1f00", "thick", "128M"),
             ("a3b9c7d1-2e4f-4a6b-8c0d-1e2f3a4b5c6d", "sparse", "256M")]
@@ -38,6 +39,12 @@ OZ_VSOCK_PORT = 10000
 OZ_GUEST_BIN = "/opt/evesnap/bin"
 OZ_BIN_TAG = "evesnap_bin"
 OZ_MODULE_TARGETS = GUEST_MODULE_TARGETS + ["9pnet_virtio", "9p", "zfs"]
+
+
+def oz_disk():
+    """The pool disk, placed like a data disk (disks.py: EVE's shape unless
+    EVESNAP_LAB_SHAPE=serial; EVESNAP_LAB_SCSI=persist0 or all puts it behind a SCSI HBA)."""
+    return disks([OZ_POOL_DISK])[0]
 OZ_UDEV_RULES = ["50-udev-default.rules", "60-block.rules", "60-persistent-storage.rules"]
 # Bump when ensure_openzfs_guest() puts something else into the guest: a new cache key.
 OZ_RECIPE = 2
@@ -103,7 +110,7 @@ def oz_scripts():
     """The guest's /init, /etc/inittab and /sbin/lab-persist (scripts/lab.d/guest-openzfs)."""
     init = lab_file("guest-openzfs/init", GUEST_BIN=OZ_GUEST_BIN, BIN_TAG=OZ_BIN_TAG)
     inittab = lab_file("guest-openzfs/inittab", VSOCK_PORT=OZ_VSOCK_PORT)
-    persist = lab_file("guest-openzfs/lab-persist", SERIAL=OZ_POOL_SERIAL)
+    persist = lab_file("guest-openzfs/lab-persist")
     return init, inittab, persist
 
 
@@ -218,11 +225,19 @@ def oz_guest_agent(agent):
         time.sleep(0.5)
 
 
+def oz_pool_disk_in_guest():
+    """How lab-persist finds the pool disk in the guest: by WWN behind a SCSI HBA, by serial in
+    the serial shape, else as the only virtio disk."""
+    if shape() == "serial":
+        return f"/dev/disk/by-id/virtio-{OZ_POOL_DISK}"
+    return f"wwn={oz_disk().wwn}" if oz_disk().scsi else "/dev/vda"
+
+
 def oz_prepare_guest(lab, pool, seconds=300):
     """Pool and zvols ready in the guest (idempotent), the in-guest agent checked."""
     specs = [f"{uuid}:{kind}:{size}" for uuid, kind, size in OZ_ZVOLS]
     with Agent(lab / "qga.sock", 30) as agent:
-        code, out, err = agent.exec(["/sbin/lab-persist", pool, *specs], timeout=seconds)
+        code, out, err = agent.exec(["/sbin/lab-persist", pool, oz_pool_disk_in_guest(), *specs], timeout=seconds)
         if code != 0:
             raise LabError(f"lab-persist in the guest exited {code}: {err.strip()}")
         got = {}
@@ -248,6 +263,9 @@ def oz_object(lab, pool, guest_agent, bin_dir, pid):
         "guest_bin": OZ_GUEST_BIN,
         "guest_bin_host": str(bin_dir),
         "guest_agent": guest_agent,
+        "shape": shape(),
+        # The pool disk as the host knows it (disks.py), keyed by the pool.
+        "disks": {pool: describe(oz_disk())},
         "qemu_pid": pid,
     }
 
@@ -271,8 +289,9 @@ class OpenZfs(Profile):
             run(["truncate", "-s", OZ_POOL_SIZE, str(vdev)])
 
     def check_running(self, pid, guest):
-        if str(guest / "initramfs.gz").encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            log("the running VM boots an older guest build: restarting it")
+        if not runs_with(pid, [str(guest / "initramfs.gz"), "-machine", machine(),
+                               *disk_devices(oz_disk(), self.lab / "pool.img")]):
+            log("the running VM boots an older guest build or another disk shape: restarting it")
             return False
         if oz_running_bin_dir(pid) != self.bin_dir:
             raise LabError(f"the running VM shares {oz_running_bin_dir(pid)} as {OZ_GUEST_BIN}, not {self.bin_dir}: "
@@ -282,9 +301,8 @@ class OpenZfs(Profile):
     def start(self, qemu_root, guest):
         lab = self.lab
         argv = qemu_argv(lab, qemu_root, guest, "evesnap-openzfs", 1024, "console=ttyS0 panic=-1 quiet")
-        argv += ["-drive", f"file={lab / 'pool.img'},format=raw,if=none,id=persist0,cache=writeback",
-                 "-device", f"virtio-blk-pci,drive=persist0,serial={OZ_POOL_SERIAL},addr=0x7",
-                 "-fsdev", f"local,id=gbin,path={self.bin_dir},security_model=none,readonly=on",
+        argv += disk_devices(oz_disk(), lab / "pool.img")
+        argv += ["-fsdev", f"local,id=gbin,path={self.bin_dir},security_model=none,readonly=on",
                  "-device", f"virtio-9p-pci,fsdev=gbin,mount_tag={OZ_BIN_TAG},addr=0x9"]
         return launch_qemu(lab, qemu_root, argv)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import qga  # scripts/lib/qga.py, the lab scripts' QGA client
 
+from . import disks
 from .common import LabError, key_of, log, pid_alive, read_pid
 from .debs import apt_install, dep_names, extract, fetch_debs
 
@@ -67,11 +68,12 @@ def qemu_running(lab):
 
 def qemu_argv(lab, qemu_root, guest, name, memory_mb, append):
     """The VM every profile boots: PVH kernel + initramfs, serial log, QMP, and the control
-    agent on virtio-serial port org.qemu.guest_agent.0 (socket <lab>/qga.sock)."""
+    agent on virtio-serial port org.qemu.guest_agent.0 (socket <lab>/qga.sock); q35 in EVE's
+    shape (disks.machine())."""
     mode = accel()
     return [str(qemu_root / "usr/bin/qemu-system-x86_64"),
             "-L", str(qemu_root / "usr/share/qemu"), "-L", str(qemu_root / "usr/share/seabios"),
-            "-name", name, "-machine", "pc", "-accel", mode,
+            "-name", name, "-machine", disks.machine(), "-accel", mode,
             "-cpu", "host" if mode == "kvm" else "max",
             "-m", str(memory_mb), "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown",
             "-kernel", str(guest / "vmlinux"), "-initrd", str(guest / "initramfs.gz"),
@@ -81,6 +83,16 @@ def qemu_argv(lab, qemu_root, guest, name, memory_mb, append):
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,path={lab / 'qga.sock'},server=on,wait=off,id=qga0",
             "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT}"]
+
+
+def runs_with(pid, args):
+    """Whether the running QEMU `pid` was started with every one of `args` (e.g. the disk
+    devices of the shape asked for now)."""
+    try:
+        running = set(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0"))
+    except OSError:
+        return False
+    return all(a in running for a in args)
 
 
 def launch_qemu(lab, qemu_root, argv):

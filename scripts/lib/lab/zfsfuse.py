@@ -1,9 +1,10 @@
 """The default profile: the zfs-fuse daemon on the host (started if none runs; the lab
 remembers that it started it), pool `evesnap` on a sparse file in the lab folder, datasets
-<pool>/lab/vm0/diskN each holding a raw ext4 image, and a VM that has those images as
-virtio disks (serial diskN, PCI slot 7+N, mounted at /dataN), the real qemu-ga, and a second
-virtio-serial port for VM-initiated requests."""
+<pool>/lab/vm0/diskN each holding a raw ext4 image labelled diskN, and a VM that has those
+images as disks in EVE's shape (disks.py: q35, one pcie-root-port each, no serial; mounted at
+/dataN by label), the real qemu-ga, and a second virtio-serial port for VM-initiated requests."""
 
+import functools
 import json
 import os
 import signal
@@ -11,23 +12,25 @@ import subprocess
 import time
 from pathlib import Path
 
+from .disks import describe, disk_devices, disks, machine, shape
 from .common import LabError, key_of, lab_file, log, pid_alive, read_pid, run
 from .debs import apt_install, dep_names, fetch_debs
 from .guest import GUEST_MODULE_TARGETS, GUEST_PACKAGES, build_guest, kernel_package, shutdown_script, write_files
 from .profile import Profile
-from .vm import launch_qemu, qemu_argv
+from .vm import launch_qemu, qemu_argv, runs_with
 
 
+@functools.cache
 def lab_disks():
-    """(serial, guest mountpoint, PCI slot) of each data disk: `diskN` at /dataN in slot 7+N.
-    EVESNAP_LAB_DISKS (default 2, at most 20) sets how many; it is fixed when the VM boots."""
+    """(name, guest mountpoint, Disk) of each data disk: `diskN` at /dataN (disks.py places
+    it). EVESNAP_LAB_DISKS (default 2, at most 20) sets how many; it is fixed when the VM boots."""
     text = os.environ.get("EVESNAP_LAB_DISKS", "2")
     if not text.isdigit() or not 1 <= int(text) <= 20:
         raise SystemExit(f"lab: error: EVESNAP_LAB_DISKS must be a number from 1 to 20, not {text!r}")
-    return [(f"disk{i}", f"/data{i}", 0x7 + i) for i in range(int(text))]
+    names = [f"disk{i}" for i in range(int(text))]
+    return [(name, f"/data{i}", disk) for i, (name, disk) in enumerate(zip(names, disks(names)))]
 
 
-DISKS = lab_disks()
 DISK_IMAGE = "disk.img"
 DISK_SIZE_MB = 64
 POOL_SIZE = "2G"
@@ -175,7 +178,7 @@ def ensure_pool(lab, pool):
     # Datasets can be unmounted after a daemon restart; mount what is ours.
     run(["zfs", "mount", "-a"], check=False)
     datasets = []
-    for disk, _, _ in DISKS:
+    for disk, _, _ in lab_disks():
         ds = f"{pool}/lab/vm0/{disk}"
         if zfs_get("mounted", ds) is None:
             run(["zfs", "create", "-p", ds])
@@ -203,9 +206,11 @@ def lab_object(lab, pool, datasets, pid):
         "request_channel": str(lab / "request.sock"),
         "pool": pool,
         "datasets": [ds for ds, _ in datasets],
-        "guest_mounts": {ds: mnt for (ds, _), (_, mnt, _) in zip(datasets, DISKS)},
-        # How the guest sees each dataset: virtio serial and PCI address (plan field `disks`).
-        "disks": {ds: {"serial": disk, "pci": f"0000:00:{slot:02x}.0"} for (ds, _), (disk, _, slot) in zip(datasets, DISKS)},
+        "guest_mounts": {ds: mnt for (ds, _), (_, mnt, _) in zip(datasets, lab_disks())},
+        "shape": shape(),
+        # Each dataset's disk as the host knows it (plan field `disks`): in EVE's shape the
+        # QEMU device id, its root port's id and, behind a SCSI HBA, the WWN.
+        "disks": {ds: describe(disk) for (ds, _), (_, _, disk) in zip(datasets, lab_disks())},
         # The same map as a file, for `snap-orchestrate serve --volumes` (VM-initiated snapshots).
         "volumes": str(lab / "volumes.json"),
         "qemu_pid": pid,
@@ -225,16 +230,25 @@ class Default(Profile):
         ensure_zfs_fuse(self.lab)
         self.datasets = ensure_pool(self.lab, self.pool)
 
+    def check_running(self, pid, guest):
+        wanted = ["-machine", machine(), str(guest / "initramfs.gz")]
+        for (_, _, disk), (_, image) in zip(lab_disks(), self.datasets):
+            wanted += disk_devices(disk, image)
+        if not runs_with(pid, wanted):
+            log("the running VM has another guest build or disk shape: restarting it")
+            return False
+        return True
+
     def start(self, qemu_root, guest):
         lab = self.lab
         hook = os.environ.get("EVESNAP_LAB_FSFREEZE_HOOK") == "1"
         argv = qemu_argv(lab, qemu_root, guest, "evesnap-lab", 256,
-                         "console=ttyS0 panic=-1 quiet" + (" evesnap.fsfreeze_hook" if hook else ""))
+                         f"console=ttyS0 panic=-1 quiet evesnap.disks={len(lab_disks())}"
+                         + (" evesnap.fsfreeze_hook" if hook else ""))
         argv += ["-chardev", f"socket,path={lab / 'request.sock'},server=on,wait=off,id=req0",
                  "-device", f"virtserialport,bus=vser0.0,chardev=req0,name={REQUEST_PORT}"]
-        for (disk, _, slot), (_, image) in zip(DISKS, self.datasets):
-            argv += ["-drive", f"file={image},format=raw,if=none,id={disk},cache=writeback",
-                     "-device", f"virtio-blk-pci,drive={disk},serial={disk},addr={slot:#x}"]
+        for (_, _, disk), (_, image) in zip(lab_disks(), self.datasets):
+            argv += disk_devices(disk, image)
         return launch_qemu(lab, qemu_root, argv)
 
     def ready(self, pid):

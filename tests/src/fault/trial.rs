@@ -101,12 +101,11 @@ pub(super) const DATA: &str = "echo running > /run/app.state && dd if=/dev/urand
     dd if=/dev/urandom of=/data1/fault.bin bs=64k count=4 2>/dev/null && sync && \
     md5sum /data0/fault.bin /data1/fault.bin";
 pub(super) const MD5: &str = "md5sum /data0/fault.bin /data1/fault.bin";
-/// Remounts what a killed rollback left unmounted.
+/// Remounts what a killed rollback left unmounted (the disks by their ext4 label: EVE's
+/// disks have no serial).
 pub(super) const MOUNTS: &str =
-    "grep -q ' /data0 ' /proc/mounts || mount -t ext4 \"/dev/$(for b in /sys/block/vd*; do \
-    [ \"$(cat $b/serial)\" = disk0 ] && echo ${b##*/}; done)\" /data0; \
-    grep -q ' /data1 ' /proc/mounts || mount -t ext4 \"/dev/$(for b in /sys/block/vd*; do \
-    [ \"$(cat $b/serial)\" = disk1 ] && echo ${b##*/}; done)\" /data1; \
+    "grep -q ' /data0 ' /proc/mounts || mount -t ext4 \"$(findfs LABEL=disk0)\" /data0; \
+    grep -q ' /data1 ' /proc/mounts || mount -t ext4 \"$(findfs LABEL=disk1)\" /data1; \
     grep -q ' /data0 ' /proc/mounts && grep -q ' /data1 ' /proc/mounts";
 
 /// One trial on the lab. The caller holds the VM lock.

@@ -23,6 +23,7 @@ mod create;
 mod fallback;
 mod halted;
 mod landing;
+mod placing;
 mod rollback;
 mod window;
 

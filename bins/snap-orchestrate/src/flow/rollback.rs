@@ -25,6 +25,12 @@ struct Preflight<'a> {
     plan: &'a zrollback::RollbackPlan,
     /// `disks.*.dev` as resolved in the guest.
     devices: &'a BTreeMap<&'a str, String>,
+    /// Where the guest sees each volume's disk (`PCI 0000:01:00.0`, `… SCSI 0:0:0`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    places: BTreeMap<String, String>,
+    /// The volumes the plan's `disks` left out, as QEMU knows them (`qdev`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    disks_from_qemu: BTreeMap<String, crate::plan::GuestDisk>,
 }
 
 /// The `unmounted` step's record: guest filesystems found on the volumes.
@@ -90,6 +96,7 @@ impl Run<'_> {
             }
         };
         let mut agent = None;
+        let mut placed = None;
         if !vm_stopped {
             let mut needed = vec!["guest-get-fsinfo"];
             let resolves = plan.disks.values().any(|d| d.dev.is_some());
@@ -104,18 +111,12 @@ impl Run<'_> {
                     return Err(e);
                 }
             }
-            if let Some(missing) = plan.datasets.iter().find(|d| !plan.disks.contains_key(*d)) {
-                self.failed(timer);
-                return Err((
-                    "preflight",
-                    coded(
-                        Exit::Usage,
-                        format!(
-                            "the VM is running and the plan's `disks` does not say how the guest sees {missing}: \
-                             cannot check that it is unmounted"
-                        ),
-                    ),
-                ));
+            match self.place_volumes() {
+                Ok(p) => placed = Some(p),
+                Err(e) => {
+                    self.failed(timer);
+                    return Err(("preflight", e));
+                }
             }
         }
         // `disks.*.dev` resolved in the guest, before anything changes there.
@@ -150,6 +151,14 @@ impl Run<'_> {
                 vm_stopped,
                 plan: &target,
                 devices: &devices,
+                places: placed
+                    .as_ref()
+                    .map(|p| p.places.clone())
+                    .unwrap_or_default(),
+                disks_from_qemu: placed
+                    .as_ref()
+                    .map(|p| p.from_qemu.clone())
+                    .unwrap_or_default(),
             },
         );
         self.check_signal("guest_pre")?;
@@ -169,10 +178,11 @@ impl Run<'_> {
                     .iter()
                     .filter_map(|d| {
                         let dev = devices.get(d.as_str()).map(String::as_str);
-                        let mounts = plan
-                            .disks
-                            .get(d)
-                            .map(|disk| guest::mounts_on(&filesystems, disk, dev))
+                        // Every volume is placed once the VM runs (place_volumes).
+                        let mounts = placed
+                            .as_ref()
+                            .and_then(|p| p.located.get(d))
+                            .map(|located| guest::mounts_on(&filesystems, located, dev))
                             .unwrap_or_default();
                         (!mounts.is_empty()).then(|| format!("{d}: {}", mounts.join(", ")))
                     })

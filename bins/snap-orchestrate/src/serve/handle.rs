@@ -14,10 +14,11 @@ use serde_json::Value;
 
 use super::budget::{self, Budget};
 use super::deadline::{deadline_of, GuestClock};
-use super::identify::{identify, refuse, Identified};
+use super::identify::{identify, refuse, Identified, Placed};
 use super::redact::Redactor;
 use super::volumes::{label, Volumes};
 use crate::flow::{self, Finished, Signals};
+use crate::placement;
 use crate::plan::{FreezePlan, GuestDisk, OnFreezeFailure, Plan, RollbackPlan};
 
 /// What one served request produced, for the host's records on stdout.
@@ -31,6 +32,8 @@ pub struct Served {
 /// The listener's state.
 pub struct Server {
     pub(super) volumes: Volumes,
+    /// The VM's QMP socket (`--qmp`): places the volumes in the guest for each request.
+    pub(super) qmp: Option<std::path::PathBuf>,
     pub(super) agent_text: String,
     pub(super) agent: Address,
     pub(super) zfs: Zfs,
@@ -134,7 +137,11 @@ impl Server {
             Ok(deadline) => deadline,
             Err(error) => return (fail(error), None),
         };
-        let identified = match identify(&self.volumes, &request.disk, fsinfo.as_deref()) {
+        let placed = match self.place_volumes() {
+            Ok(placed) => placed,
+            Err(error) => return (fail(error), None),
+        };
+        let identified = match identify(&placed, &request.disk, fsinfo.as_deref()) {
             Ok(identified) => identified,
             Err(error) => return (fail(error), None),
         };
@@ -154,6 +161,35 @@ impl Server {
         };
         reply.disks = labels;
         (reply, report)
+    }
+
+    /// This VM's volumes placed in the guest, asking QEMU (the guest may have renumbered its
+    /// buses since the last request) when the map names disks as QEMU knows them.
+    fn place_volumes(&self) -> Result<Placed, ReplyError> {
+        let topology = match &self.qmp {
+            Some(path) if self.volumes.values().any(GuestDisk::needs_qmp) => Some(
+                evesnap::qmp::Qmp::connect(path, self.timeout)
+                    .and_then(|mut q| q.topology())
+                    .map_err(|e| {
+                        let error = evesnap::exit::wrap(e);
+                        let exit = exit_of(&error);
+                        let message = self.redactor.text(&chain(
+                            &error.context("cannot ask QEMU where the guest sees the volumes"),
+                        ));
+                        refuse(exit.kind(), exit, message)
+                    })?,
+            ),
+            _ => None,
+        };
+        placement::locate_all(&self.volumes, topology.as_ref()).map_err(|why| {
+            refuse(
+                "unknown-disk",
+                Exit::Preflight,
+                self.redactor.text(&format!(
+                    "cannot place this VM's volumes in the guest: {why}"
+                )),
+            )
+        })
     }
 
     fn list(&self, request: &Request, identified: &Identified) -> Reply {
@@ -214,7 +250,7 @@ impl Server {
             app_name: None,
             action: Action::Create,
             agent: self.agent_text.clone(),
-            qmp: None,
+            qmp: self.qmp.as_ref().map(|p| p.display().to_string()),
             datasets: identified.datasets.clone(),
             app: None,
             volumes: Vec::new(),

@@ -3,42 +3,18 @@
 //! decide; the guest's claims (serial, PCI address) may only narrow, never widen, and a
 //! claim that contradicts the agent is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use evesnap::exit::Exit;
-use evesnap::qga::commands::{GuestDiskAddress, GuestFilesystemInfo};
+use evesnap::qga::commands::GuestFilesystemInfo;
+use evesnap::qmp::topology::GuestPci;
 use evesnap::request::{DiskRef, ReplyError};
 
-use super::volumes::Volumes;
 use crate::guest::parse_pci;
-use crate::plan::GuestDisk;
+use crate::placement::{agent_pci, compare, compare_address, Located};
 
-type Pci = (i64, i64, i64, i64);
-
-/// Does `entry` agree with what is known of a disk? Every identifier both sides have
-/// must be equal, and at least one must be compared.
-fn designates(entry: &GuestDisk, serial: Option<&str>, pci: Option<Pci>) -> bool {
-    let mut compared = false;
-    if let (Some(want), Some(have)) = (entry.serial.as_deref(), serial) {
-        if want != have {
-            return false;
-        }
-        compared = true;
-    }
-    if let (Some(want), Some(have)) = (entry.pci.as_deref().and_then(parse_pci), pci) {
-        if want != have {
-            return false;
-        }
-        compared = true;
-    }
-    compared
-}
-
-fn agent_pci(address: &GuestDiskAddress) -> Option<Pci> {
-    let p = &address.pci_controller;
-    let pci = (p.domain, p.bus, p.slot, p.function);
-    (pci.0 >= 0 && pci.1 >= 0 && pci.2 >= 0 && pci.3 >= 0).then_some(pci)
-}
+/// This VM's volumes, placed in the guest (`placement::locate_all`).
+pub type Placed = BTreeMap<String, Located>;
 
 /// The volumes the request is about, and the guest mountpoints on them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,23 +43,32 @@ fn unknown(message: String) -> ReplyError {
 /// guest agent's `guest-get-fsinfo` (`None` when it could not be asked: only the guest's
 /// sysfs claims are left then).
 pub fn identify(
-    volumes: &Volumes,
+    volumes: &Placed,
     disk: &DiskRef,
     fsinfo: Option<&[GuestFilesystemInfo]>,
 ) -> Result<Identified, ReplyError> {
     let claimed_pci = match disk.pci.as_deref() {
-        Some(text) => Some(parse_pci(text).ok_or_else(|| {
-            refuse(
-                "bad-request",
-                Exit::Usage,
-                format!("`disk.pci` {text:?} is not domain:bus:slot.function"),
-            )
-        })?),
+        Some(text) => Some(
+            parse_pci(text)
+                .map(|(domain, bus, slot, function)| GuestPci {
+                    domain,
+                    bus,
+                    slot,
+                    function,
+                })
+                .ok_or_else(|| {
+                    refuse(
+                        "bad-request",
+                        Exit::Usage,
+                        format!("`disk.pci` {text:?} is not domain:bus:slot.function"),
+                    )
+                })?,
+        ),
         None => None,
     };
     let claimed: Vec<&String> = volumes
         .iter()
-        .filter(|(_, e)| designates(e, disk.serial.as_deref(), claimed_pci))
+        .filter(|(_, e)| compare(e, disk.serial.as_deref(), claimed_pci, None).designates())
         .map(|(d, _)| d)
         .collect();
     let describe_claim = || {
@@ -123,7 +108,7 @@ pub fn identify(
                     let pci = agent_pci(address);
                     let found: Vec<&String> = volumes
                         .iter()
-                        .filter(|(_, e)| designates(e, serial, pci))
+                        .filter(|(_, e)| compare_address(e, address).designates())
                         .map(|(d, _)| d)
                         .collect();
                     match found.as_slice() {
@@ -131,9 +116,7 @@ pub fn identify(
                             datasets.insert((*dataset).clone());
                         }
                         _ => {
-                            let pci = pci.map_or("(none)".to_string(), |(d, b, s, f)| {
-                                format!("{d:04x}:{b:02x}:{s:02x}.{f:x}")
-                            });
+                            let pci = pci.map_or("(none)".to_string(), |p| p.to_string());
                             return Err(unknown(format!(
                                 "{} is on a disk that is not one of this VM's volumes (the guest agent reports serial {}, PCI address {pci})",
                                 disk.path,
@@ -152,14 +135,13 @@ pub fn identify(
                     describe_claim()
                 )));
             }
-            let entries: Vec<&GuestDisk> = datasets.iter().filter_map(|d| volumes.get(d)).collect();
+            let entries: Vec<&Located> = datasets.iter().filter_map(|d| volumes.get(d)).collect();
             let mountpoints: Vec<String> = fsinfo
                 .iter()
                 .filter(|fs| {
-                    fs.disk.iter().any(|a| {
-                        let serial = a.serial.as_deref().filter(|s| !s.is_empty());
-                        entries.iter().any(|e| designates(e, serial, agent_pci(a)))
-                    })
+                    fs.disk
+                        .iter()
+                        .any(|a| entries.iter().any(|e| compare_address(e, a).designates()))
                 })
                 .map(|fs| fs.mountpoint.clone())
                 .collect::<BTreeSet<_>>()
@@ -200,6 +182,11 @@ pub fn identify(
 mod tests {
     use super::*;
     use crate::serve::volumes::tests::volumes;
+    use crate::serve::Volumes;
+
+    fn placed(volumes: &Volumes) -> Placed {
+        crate::placement::locate_all(volumes, None).expect("placed")
+    }
 
     // Verbatim from qemu-ga 7.2 in the lab guest (no udev: no serial).
     const LAB: &str = r#"[{"name": "vdb", "total-bytes": 52685824, "mountpoint": "/data1", "disk": [{"bus-type": "virtio", "bus": 0, "unit": 0, "pci-controller": {"bus": 0, "slot": 8, "domain": 0, "function": 0}, "dev": "/dev/vdb", "target": 0}], "used-bytes": 14336, "type": "ext4"}, {"name": "vda", "total-bytes": 52685824, "mountpoint": "/data0", "disk": [{"bus-type": "virtio", "bus": 0, "unit": 0, "pci-controller": {"bus": 0, "slot": 7, "domain": 0, "function": 0}, "dev": "/dev/vda", "target": 0}], "used-bytes": 14336, "type": "ext4"}]"#;
@@ -234,7 +221,7 @@ mod tests {
             Some("disk0"),
             Some("0000:00:07.0"),
         );
-        let id = identify(&volumes(), &d, Some(&fs)).expect("identified");
+        let id = identify(&placed(&volumes()), &d, Some(&fs)).expect("identified");
         assert_eq!(
             id,
             Identified {
@@ -245,7 +232,7 @@ mod tests {
         // By device, without claims.
         let d = disk("/dev/vdb", "/dev/vdb", None, None, None);
         assert_eq!(
-            identify(&volumes(), &d, Some(&fs))
+            identify(&placed(&volumes()), &d, Some(&fs))
                 .expect("identified")
                 .datasets,
             ["pool/vm0/disk1"]
@@ -256,7 +243,7 @@ mod tests {
     fn claims_that_contradict_the_agent_are_refused() {
         let fs = fsinfo(LAB);
         let d = disk("/data0", "/dev/vda", Some("/data0"), Some("disk1"), None);
-        let e = identify(&volumes(), &d, Some(&fs)).expect_err("contradiction");
+        let e = identify(&placed(&volumes()), &d, Some(&fs)).expect_err("contradiction");
         assert_eq!((e.kind.as_str(), e.code), ("unknown-disk", 7));
         assert!(
             e.message.contains("not the one the guest agent reports"),
@@ -280,7 +267,7 @@ mod tests {
             Some("0000:00:07.0"),
         );
         assert_eq!(
-            identify(&volumes(), &d, Some(&fs))
+            identify(&placed(&volumes()), &d, Some(&fs))
                 .expect("identified")
                 .datasets,
             ["pool/vm0/disk0"]
@@ -294,30 +281,36 @@ mod tests {
             Some("0000:00:08.0"),
         );
         assert_eq!(
-            identify(&volumes(), &d, Some(&fs)).expect_err("mixed").kind,
+            identify(&placed(&volumes()), &d, Some(&fs))
+                .expect_err("mixed")
+                .kind,
             "unknown-disk"
         );
         // Another VM's serial: no.
         let d = disk("/dev/vdc", "/dev/vdc", None, Some("other-vm-disk"), None);
-        assert!(identify(&volumes(), &d, Some(&fs))
+        assert!(identify(&placed(&volumes()), &d, Some(&fs))
             .expect_err("foreign")
             .message
             .contains("not one of this VM's volumes"));
         // Nothing to go by: no.
         let d = disk("/dev/vdc", "/dev/vdc", None, None, None);
         assert_eq!(
-            identify(&volumes(), &d, None).expect_err("nothing").kind,
+            identify(&placed(&volumes()), &d, None)
+                .expect_err("nothing")
+                .kind,
             "unknown-disk"
         );
         // A mountpoint the agent does not know: no.
         let d = disk("/data9", "/dev/vda", Some("/data9"), Some("disk0"), None);
-        assert!(identify(&volumes(), &d, Some(&fs))
+        assert!(identify(&placed(&volumes()), &d, Some(&fs))
             .expect_err("unknown mount")
             .message
             .contains("/data9"));
         let d = disk("/dev/vda", "/dev/vda", None, None, Some("07"));
         assert_eq!(
-            identify(&volumes(), &d, None).expect_err("bad pci").kind,
+            identify(&placed(&volumes()), &d, None)
+                .expect_err("bad pci")
+                .kind,
             "bad-request"
         );
     }
@@ -326,7 +319,7 @@ mod tests {
     fn a_filesystem_on_a_foreign_disk_is_refused() {
         let fs = fsinfo(&LAB.replace("\"slot\": 8", "\"slot\": 9"));
         let d = disk("/data1", "/dev/vdb", Some("/data1"), None, None);
-        let e = identify(&volumes(), &d, Some(&fs)).expect_err("foreign");
+        let e = identify(&placed(&volumes()), &d, Some(&fs)).expect_err("foreign");
         assert!(e.message.contains("0000:00:09.0"), "{}", e.message);
     }
 
@@ -468,7 +461,7 @@ mod tests {
             ),
         ];
         for (what, agent, volumes, claim, expected) in rows {
-            let got = identify(volumes, &claim, agent);
+            let got = identify(&placed(volumes), &claim, agent);
             match (got, expected) {
                 (Ok(found), Ok(dataset)) => assert_eq!(found.datasets, [dataset], "{what}"),
                 (Err(e), Err(kind)) => assert_eq!(e.kind, kind, "{what}: {}", e.message),

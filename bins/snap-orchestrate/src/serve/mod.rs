@@ -77,10 +77,16 @@ pub struct ServeArgs {
     /// The VM's guest agent: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
     #[arg(long, value_name = "ADDRESS")]
     pub agent: String,
-    /// JSON map of this VM's volumes: `{"<dataset>": {"serial": "disk0", "pci":
-    /// "0000:00:07.0"}, ...}` (the plan's `disks`). Only these can be named by the guest.
+    /// JSON map of this VM's volumes (the plan's `disks`): `{"<dataset>": {"qdev":
+    /// "virtio-disk0", "port": "pci.8"}, ...}` as the host attached them (QEMU device id,
+    /// root port id, `wwn` of a SCSI disk: needs --qmp), or by `serial` / `pci`. Only these
+    /// can be named by the guest.
     #[arg(long, value_name = "FILE")]
     pub volumes: PathBuf,
+    /// The VM's QMP socket: places the volumes in the guest (the bus numbers the guest gave
+    /// the root ports, `query-pci`) for each request, and tells a rollback whether the VM runs.
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: Option<PathBuf>,
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     pub zfs: Option<PathBuf>,
@@ -251,6 +257,9 @@ fn host_paths(args: &ServeArgs, agent: &Address, zfs: &Zfs) -> Vec<String> {
     if let Address::Unix(path) = agent {
         paths.push(path.display().to_string());
     }
+    if let Some(qmp) = &args.qmp {
+        paths.push(qmp.display().to_string());
+    }
     paths
 }
 
@@ -284,6 +293,16 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
     evesnap::time::seconds(args.thaw_after)
         .map_err(|why| coded(Exit::Usage, format!("--thaw-after: {why}")))?;
     let volumes = load_volumes(&args.volumes)?;
+    if args.qmp.is_none() {
+        if let Some((dataset, _)) = volumes.iter().find(|(_, d)| d.needs_qmp()) {
+            return Err(coded(
+                Exit::Usage,
+                format!(
+                    "the volumes map names {dataset} by QEMU device, root port or WWN: --qmp is needed to place it"
+                ),
+            ));
+        }
+    }
     let zfs = Zfs::locate(args.zfs.as_deref()).map_err(evesnap::exit::wrap)?;
     let _lock = lock_channel(&args.channel)?;
     let signals = Signals::install()
@@ -291,6 +310,7 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
     let mut server = Server {
         redactor: Redactor::new(&volumes, &host_paths(args, &agent, &zfs)),
         volumes,
+        qmp: args.qmp.clone(),
         agent_text: args.agent.clone(),
         agent,
         zfs,

@@ -55,11 +55,34 @@ pub fn check_volumes(volumes: &Volumes) -> Result<(), String> {
         return Err("it names no volume".into());
     }
     let mut serials = BTreeSet::new();
+    let mut ids = BTreeSet::new();
     let mut pcis = BTreeSet::new();
     for (dataset, disk) in volumes {
         zfs::names::check_dataset(dataset).map_err(|e| e.to_string())?;
-        if disk.serial.is_none() && disk.pci.is_none() {
-            return Err(format!("{dataset} has neither `serial` nor `pci`"));
+        if disk.serial.is_none() && disk.pci.is_none() && !disk.needs_qmp() {
+            return Err(format!(
+                "{dataset} has none of `qdev`, `port`, `wwn`, `serial`, `pci`"
+            ));
+        }
+        for (what, id) in [("qdev", &disk.qdev), ("port", &disk.port)] {
+            if let Some(id) = id {
+                if id.is_empty() || id.chars().any(|c| c.is_control() || c == '/') {
+                    return Err(format!(
+                        "{dataset}: `{what}` is empty or has '/' or control characters"
+                    ));
+                }
+                if !ids.insert((what, id.clone())) {
+                    return Err(format!("{what} {id} is given to two volumes"));
+                }
+            }
+        }
+        if let Some(wwn) = &disk.wwn {
+            let Some(number) = evesnap::qmp::topology::parse_wwn(wwn) else {
+                return Err(format!("{dataset}: `wwn` {wwn:?} is not hex"));
+            };
+            if !ids.insert(("wwn", format!("{number:x}"))) {
+                return Err(format!("WWN {wwn} is given to two volumes"));
+            }
         }
         if let Some(serial) = &disk.serial {
             if serial.is_empty() || serial.chars().any(char::is_control) {
@@ -85,10 +108,19 @@ pub fn check_volumes(volumes: &Volumes) -> Result<(), String> {
     Ok(())
 }
 
-/// The name a disk has for the guest: its serial, else `pci:<address>`.
+/// The name a disk has for the guest: its serial, else its QEMU device id, root port id,
+/// `wwn:<WWN>` or `pci:<address>`.
 pub fn label(disk: &GuestDisk) -> String {
-    match (&disk.serial, &disk.pci) {
-        (Some(serial), _) => serial.clone(),
+    if let Some(name) = disk
+        .serial
+        .as_ref()
+        .or(disk.qdev.as_ref())
+        .or(disk.port.as_ref())
+    {
+        return name.clone();
+    }
+    match (&disk.wwn, &disk.pci) {
+        (Some(wwn), _) => format!("wwn:{wwn}"),
         (None, Some(pci)) => format!("pci:{pci}"),
         (None, None) => "?".into(),
     }
@@ -112,7 +144,17 @@ pub(super) mod tests {
         assert!(check_volumes(&volumes()).is_ok());
         for (json, needle) in [
             (r#"{}"#, "no volume"),
-            (r#"{"pool/a": {}}"#, "neither"),
+            (r#"{"pool/a": {}}"#, "none of"),
+            (
+                r#"{"pool/a": {"qdev": "virtio-disk0"}, "pool/b": {"qdev": "virtio-disk0"}}"#,
+                "two volumes",
+            ),
+            (
+                r#"{"pool/a": {"wwn": "0x5001405e7a5b0001"}, "pool/b": {"wwn": "5001405E7A5B0001"}}"#,
+                "two volumes",
+            ),
+            (r#"{"pool/a": {"wwn": "0xnothex"}}"#, "not hex"),
+            (r#"{"pool/a": {"port": "/machine/pci.8"}}"#, "'/'"),
             (
                 r#"{"pool/a": {"serial": "x"}, "pool/b": {"serial": "x"}}"#,
                 "two volumes",

@@ -14,6 +14,7 @@ mod eve_api;
 mod halted;
 mod keep_newer;
 mod pending;
+mod qmp;
 mod rollback;
 mod serve;
 mod signal;

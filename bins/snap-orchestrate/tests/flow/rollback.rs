@@ -302,3 +302,125 @@ fn a_failed_zfs_rollback_still_brings_the_guest_back() {
     assert!(at(&sim, "guest-get-fsinfo") < at(&sim, "guest-exec /bin/mount"));
     assert_eq!(rollback_calls(&zfs).len(), 1);
 }
+
+/// qemu-ga 7.2's `guest-get-fsinfo` in the lab guest in EVE's shape, verbatim (no serials):
+/// `/data0` on vda behind the root port the guest numbered bus 1, `/data1` on the SCSI disk
+/// sda of the HBA on bus 2.
+const EVE_FSINFO: &str = r#"[{"name": "sda", "total-bytes": 52685824, "mountpoint": "/data1", "disk": [{"bus-type": "scsi", "bus": 0, "unit": 0, "pci-controller": {"bus": 2, "slot": 0, "domain": 0, "function": 0}, "dev": "/dev/sda", "target": 0}], "used-bytes": 14336, "type": "ext4"}, {"name": "vda", "total-bytes": 52685824, "mountpoint": "/data0", "disk": [{"bus-type": "virtio", "bus": 0, "unit": 0, "pci-controller": {"bus": 1, "slot": 0, "domain": 0, "function": 0}, "dev": "/dev/vda", "target": 0}], "used-bytes": 14336, "type": "ext4"}]"#;
+
+/// The EVE-shaped guest, `/bin/umount` unmounting `/data0` when `releases`.
+fn eve_guest(releases: bool) -> (FakeAgent, Sim) {
+    let umount = if releases {
+        umount_data0()
+    } else {
+        Program::exits(0)
+    };
+    FakeAgent::simulated(SimState {
+        fsinfo: serde_json::from_str(EVE_FSINFO).expect("fsinfo"),
+        programs: vec![
+            ("/bin/umount".into(), umount),
+            ("/bin/mount".into(), Program::exits(0)),
+        ],
+        ..SimState::default()
+    })
+}
+
+/// [`running`] with the VM's QMP (the fake EVE-shaped QEMU) and `disks` as given.
+fn running_eve(agent: &FakeAgent, disks: Value) -> snap_orchestrate::Plan {
+    let qmp = crate::qmp::fake_qmp(crate::qmp::eve_shaped());
+    running(agent, json!({"qmp": qmp, "disks": disks}))
+}
+
+#[test]
+fn disks_named_as_qemu_knows_them_are_placed_through_qmp() {
+    for disks in [
+        json!({DS0: {"qdev": "virtio-disk0", "port": "pci.8"}}),
+        json!({DS0: {"port": "pci.8"}}),
+        json!({}), // QEMU says which disk reads DS0's zvol
+    ] {
+        // Still mounted (guest_pre does not release it): refused, nothing rolled back.
+        let (agent, _sim) = eve_guest(false);
+        let zfs = FakeZfs::new(&two_snapshots());
+        let refused = run(&running_eve(&agent, disks.clone()), &zfs);
+        assert_eq!(
+            exit(&refused),
+            Exit::Preflight,
+            "{disks}: {:?}",
+            refused.error
+        );
+        assert_eq!(failed_step(&refused), Some("unmounted"), "{disks}");
+        let error = refused.report.error.as_ref().expect("error");
+        assert!(error.description.contains("/data0"), "{error:?}");
+        assert!(!error.description.contains("/data1"), "{error:?}");
+        assert!(rollback_calls(&zfs).is_empty());
+
+        // Released: rolled back.
+        let (agent, _sim) = eve_guest(true);
+        let zfs = FakeZfs::new(&two_snapshots());
+        let done = run(&running_eve(&agent, disks.clone()), &zfs);
+        assert_eq!(exit(&done), Exit::Success, "{disks}: {:?}", done.error);
+        assert_eq!(rollback_calls(&zfs).len(), 1);
+        let preflight = &done
+            .report
+            .steps
+            .iter()
+            .find(|s| s.tool == "preflight")
+            .expect("preflight")
+            .fields;
+        let preflight = Value::Object(preflight.clone());
+        assert_eq!(preflight["places"][DS0], "PCI 0000:01:00.0", "{preflight}");
+        if disks == json!({}) {
+            assert_eq!(
+                preflight["disks_from_qemu"][DS0]["qdev"], "virtio-disk0",
+                "{preflight}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_scsi_disk_is_placed_by_its_hba_and_address() {
+    // DS1 is the SCSI disk (by its WWN) and /data1 is mounted on it: refused, and /data0 on
+    // the virtio disk is not counted against it.
+    let (agent, _sim) = eve_guest(true);
+    let mut state = two_snapshots();
+    add_snapshot(&mut state, &format!("{DS1}@s1"), 10, json!({}));
+    let zfs = FakeZfs::new(&state);
+    let qmp = crate::qmp::fake_qmp(crate::qmp::eve_shaped());
+    let plan = plan(
+        &agent.address.to_string(),
+        &[DS0, DS1],
+        json!({"action": "rollback", "rollback": {"to": "s1", "destroy_newer": true}, "qmp": qmp,
+               "guest_pre": [{"path": "/bin/umount", "args": ["/data0"]}],
+               "disks": {DS0: {"qdev": "virtio-disk0"}, DS1: {"wwn": "0x5001405e7a5b0001"}}}),
+    );
+    let run = run(&plan, &zfs);
+    assert_eq!(exit(&run), Exit::Preflight, "{:?}", run.error);
+    let error = run.report.error.as_ref().expect("error");
+    assert!(error.description.contains("/data1"), "{error:?}");
+    assert!(!error.description.contains("/data0"), "{error:?}");
+}
+
+#[test]
+fn a_disk_qemu_does_not_have_or_the_wrong_one_is_refused_before_the_guest_is_touched() {
+    for (disks, needle) in [
+        (
+            json!({DS0: {"qdev": "virtio-disk7"}}),
+            "no device with id `virtio-disk7`",
+        ),
+        (
+            json!({DS0: {"qdev": "virtio-disk0", "port": "pci.9"}}),
+            "but root port `pci.9`",
+        ),
+    ] {
+        let (agent, sim) = eve_guest(true);
+        let zfs = FakeZfs::new(&two_snapshots());
+        let run = run(&running_eve(&agent, disks.clone()), &zfs);
+        assert_eq!(exit(&run), Exit::Preflight, "{disks}: {:?}", run.error);
+        assert_eq!(failed_step(&run), Some("preflight"));
+        let error = run.report.error.as_ref().expect("error");
+        assert!(error.description.contains(needle), "{error:?}");
+        assert!(!got(&sim, "guest-exec"), "{:?}", sim.state().log);
+        assert!(rollback_calls(&zfs).is_empty());
+    }
+}

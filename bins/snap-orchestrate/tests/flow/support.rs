@@ -20,7 +20,7 @@ pub const NAME: &str = "s1";
 pub const APP_CTL: &str = "/usr/bin/app-ctl";
 
 /// A fresh name for a temporary folder or socket.
-fn unique(what: &str) -> PathBuf {
+pub fn unique(what: &str) -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     std::env::temp_dir().join(format!(
         "evesnap-flow-{what}-{}-{}",

@@ -1,4 +1,5 @@
-//! A small QMP client (the VM's monitor socket): is the VM running, stop it, resume it.
+//! A small QMP client (the VM's monitor socket): is the VM running, stop it, resume it,
+//! and where the guest sees the VM's disks ([`topology`]).
 //!
 //! Typed commands and replies come from the `qapi` crate; the greeting is read here so a
 //! socket that closes early is an error, not a panic.
@@ -12,6 +13,10 @@ use qapi::qmp;
 
 use crate::exit::{Exit, HasExit};
 
+pub mod topology;
+
+use topology::{QomGet, QomList, QueryBlock, QueryPci, ScsiAddress, ScsiDisk, Topology};
+
 type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,8 @@ pub enum Error {
     NoGreeting,
     #[error("QMP command `{0}` failed")]
     Command(&'static str, #[source] qapi::ExecuteError),
+    #[error("QMP reports {0} without a usable `{1}`")]
+    Property(String, &'static str),
 }
 
 impl HasExit for Error {
@@ -94,6 +101,74 @@ impl Qmp {
             .execute(&qmp::stop {})
             .map(drop)
             .map_err(|e| Error::Command("stop", e))
+    }
+
+    /// The VM's PCI functions as the guest numbered them (`query-pci`), its SCSI disks with
+    /// their HBA, address and WWN (QOM, `/machine/peripheral/<id>`), and which file each
+    /// disk device reads (`query-block`).
+    pub fn topology(&mut self) -> Result<Topology, Error> {
+        let pci = self
+            .inner
+            .execute(&QueryPci {})
+            .map_err(|e| Error::Command("query-pci", e))?;
+        let blocks = self
+            .inner
+            .execute(&QueryBlock {})
+            .map_err(|e| Error::Command("query-block", e))?;
+        let children = self
+            .inner
+            .execute(&QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .map_err(|e| Error::Command("qom-list", e))?;
+        let mut scsi = Vec::new();
+        for child in children {
+            if !matches!(child.kind.as_str(), "child<scsi-hd>" | "child<scsi-block>") {
+                continue;
+            }
+            scsi.push(self.scsi_disk(&child.name)?);
+        }
+        Ok(Topology {
+            pci: topology::pci_functions(pci),
+            scsi,
+            blocks: topology::block_backends(blocks),
+        })
+    }
+
+    fn qom_get(&mut self, id: &str, property: &str) -> Result<serde_json::Value, Error> {
+        self.inner
+            .execute(&QomGet {
+                path: format!("/machine/peripheral/{id}"),
+                property: property.into(),
+            })
+            .map_err(|e| Error::Command("qom-get", e))
+    }
+
+    /// The SCSI disk device `id`: its HBA (the device owning its bus), address and WWN.
+    fn scsi_disk(&mut self, id: &str) -> Result<ScsiDisk, Error> {
+        let what = || format!("SCSI disk `{id}`");
+        let bus = self.qom_get(id, "parent_bus")?;
+        let hba = bus
+            .as_str()
+            .and_then(topology::device_id)
+            .ok_or_else(|| Error::Property(what(), "parent_bus"))?;
+        let mut number = |property: &'static str| {
+            self.qom_get(id, property)?
+                .as_i64()
+                .ok_or_else(|| Error::Property(what(), property))
+        };
+        let address = ScsiAddress {
+            channel: number("channel")?,
+            target: number("scsi-id")?,
+            lun: number("lun")?,
+        };
+        let wwn = self.qom_get(id, "wwn")?.as_u64().filter(|w| *w != 0);
+        Ok(ScsiDisk {
+            qdev: id.to_string(),
+            hba,
+            address,
+            wwn,
+        })
     }
 
     /// Resumes the guest's CPUs (QMP `cont`).
