@@ -15,6 +15,7 @@
 //! into the job document printed on stdout.
 
 mod create;
+mod group;
 mod rollback;
 mod window;
 
@@ -38,6 +39,7 @@ use crate::plan::{GuestCommand, Plan};
 use evesnap::signals::Events;
 
 pub use evesnap::report::Consistency;
+pub use group::execute_group;
 
 pub const TOOL: &str = "snap-orchestrate";
 

@@ -7,6 +7,7 @@ mod support;
 mod create;
 mod create_failed;
 mod create_refused;
+mod group;
 mod pending;
 mod rollback;
 mod serve;
