@@ -195,7 +195,7 @@ fn reason(error: &Error) -> String {
 /// A plan of either kind, told apart by the `vms` field.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AnyPlan {
-    Single(Plan),
+    Single(Box<Plan>),
     Group(GroupPlan),
 }
 
@@ -206,7 +206,7 @@ impl AnyPlan {
         if is_group {
             GroupPlan::from_json(text).map(AnyPlan::Group)
         } else {
-            Plan::from_json(text).map(AnyPlan::Single)
+            Plan::from_json(text).map(|plan| AnyPlan::Single(Box::new(plan)))
         }
     }
 }

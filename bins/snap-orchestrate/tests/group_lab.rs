@@ -27,9 +27,7 @@ fn two_vms(name: &str) -> (ThawGuard<'static>, ThawGuard<'static>) {
 
 /// A group plan of both VMs, every volume, snapshot `name`; `extra` merged into VM 1's.
 fn group_plan(lab: &Lab, name: &str, freeze: Value, vm1: Value) -> Value {
-    let vm = |vm: &Lab| {
-        json!({"agent": vm.agent, "qmp": vm.qmp, "datasets": vm.datasets, "disks": vm.disks})
-    };
+    let vm = |vm: &Lab| json!({"agent": vm.agent, "qmp": vm.qmp, "datasets": vm.datasets, "disks": vm.disks});
     let mut second = vm(&lab.vms[1]);
     for (k, v) in vm1.as_object().expect("object") {
         second[k] = v.clone();
@@ -154,9 +152,15 @@ fn a_group_of_two_vms_is_one_atomic_snapshot_taken_while_both_were_frozen() {
         .flat_map(|vm| vm.datasets.iter().map(|d| format!("{d}@{name}")))
         .collect();
     expected.sort();
-    assert_eq!(taken, expected, "nothing else is left (no lab@, vm0@, vm1@)");
+    assert_eq!(
+        taken, expected,
+        "nothing else is left (no lab@, vm0@, vm1@)"
+    );
     for s in snapshots {
-        assert_eq!(zfs_get("createtxg", &s.name), snapshots[0].createtxg.to_string());
+        assert_eq!(
+            zfs_get("createtxg", &s.name),
+            snapshots[0].createtxg.to_string()
+        );
         assert_eq!(s.creation, snapshots[0].creation);
         assert_eq!(zfs_get("org.lfedge.evesnap:frozen", &s.name), "true");
         // Frozen when taken: the ext4 inside is clean, in both VMs' volumes.
