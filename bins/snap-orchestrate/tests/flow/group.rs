@@ -324,3 +324,32 @@ fn a_hung_group_snapshot_thaws_every_vm_at_the_timeout_and_leaves_nothing() {
     assert!(window < 1400.0, "thawed before zfs returned: {window} ms");
     assert!(zfs.snapshots().is_empty(), "{:?}", zfs.snapshots());
 }
+
+#[test]
+fn sigterm_while_the_group_snapshot_hangs_thaws_every_vm_and_ends_the_run() {
+    use crate::signal::{spawn, terminate, wait_for_call, BOUND, HANG};
+    let (a, sim_a) = FakeAgent::simulated(SimState::default());
+    let (b, sim_b) = FakeAgent::simulated(SimState::default());
+    let mut state = two_vm_pool();
+    state["faults"]["snapshot"] = json!({"sleep": HANG});
+    let zfs = FakeZfs::new(&state);
+    let mut plan = group(&[
+        (&a.address.to_string(), &[DS0, DS1], json!({})),
+        (&b.address.to_string(), &[VM1_DS0, VM1_DS1], json!({})),
+    ]);
+    plan.freeze.timeout_s = 30.0;
+    let mut child = spawn(&zfs, &serde_json::to_value(&plan).expect("plan"));
+    wait_for_call(&zfs, &mut child, "snapshot");
+    let (took, code, report) = terminate(child);
+
+    assert!(took < BOUND, "ended {took:?} after SIGTERM: {report}");
+    assert_ne!(code, 0, "{report}");
+    assert_eq!(report["error"]["step"], "snapshot", "{report}");
+    for sim in [&sim_a, &sim_b] {
+        assert!(thawed_after_freezing(sim));
+    }
+    assert!(zfs.snapshots().is_empty(), "{:?}", zfs.snapshots());
+    for i in 0..2 {
+        drop(hold_lock(&plan.member(i)));
+    }
+}
