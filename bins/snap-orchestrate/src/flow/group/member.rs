@@ -76,7 +76,13 @@ impl<'a> Member<'a> {
             exec.extend(["guest-exec", "guest-exec-status"]);
         }
         let checked = self.run.connect_agent(&[], true).and_then(|agent| {
-            let (mut client, info) = agent.expect("a required agent or an error");
+            // Asked as required: no agent is an error, never `None`.
+            let Some((mut client, info)) = agent else {
+                return Err((
+                    "preflight",
+                    evesnap::exit::coded(Exit::AgentUnreachable, "no guest agent"),
+                ));
+            };
             match qga_freeze::check(&mut client, &self.options, &info, &exec) {
                 Ok(qga::GuestFsfreezeStatus::thawed) => Ok((client, info)),
                 Ok(qga::GuestFsfreezeStatus::frozen) => Err((
