@@ -10,6 +10,9 @@
 //!   `consistency` (`application` | `filesystem` | `crash`), `freeze_window_ms` (from the
 //!   freeze returning to the thaw returning);
 //! - rollback: `rolled_back: [{dataset, to}]`, `destroyed: [...]`;
+//! - a consistency group (a plan with `vms`, [`GroupPlan`]): `vms: [{agent, datasets,
+//!   required, ok, steps, frozen, consistency, freeze_window_ms, guest_post, error}]`, each
+//!   VM's own steps; `agent` is then empty and `freeze_window_ms` the group's;
 //! - `error`: `null`, or `{tool, kind, message, description, severity, step, timestamp}`:
 //!   eve-api's `snap_err` fields, so EVE can forward them as they are.
 //!
