@@ -353,3 +353,46 @@ fn sigterm_while_the_group_snapshot_hangs_thaws_every_vm_and_ends_the_run() {
         drop(hold_lock(&plan.member(i)));
     }
 }
+
+#[test]
+fn a_group_takes_its_vms_locks_in_one_order_whatever_the_plans_order() {
+    let (a, sim_a) = FakeAgent::simulated(SimState::default());
+    let (b, sim_b) = FakeAgent::simulated(SimState::default());
+    let zfs = FakeZfs::new(&two_vm_pool());
+    let (a, b) = (a.address.to_string(), b.address.to_string());
+    // The order locks are taken in: by the normalised address.
+    let (first, last) = if a < b { (&a, &b) } else { (&b, &a) };
+    let datasets = |agent: &str| {
+        if agent == a {
+            [DS0, DS1]
+        } else {
+            [VM1_DS0, VM1_DS1]
+        }
+    };
+    let mut plan = group(&[
+        (last, &datasets(last), json!({})),
+        (first, &datasets(first), json!({})),
+    ]);
+    plan.lock_wait_s = 30.0;
+    let held = hold_lock(&plan.member(0));
+    let vm = |agent: &str| agent.parse::<evesnap::qga::Address>().expect("address");
+    let run = std::thread::scope(|scope| {
+        let run = scope.spawn(|| run_group(&plan, &zfs));
+        // It waits for the VM held, holding the one before it in the order: two groups
+        // sharing VMs never hold one each of what the other waits for.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while snap_orchestrate::lock::lock_vm(&vm(first)).is_ok() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the first VM is never locked"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!got(&sim_a, "guest-fsfreeze") && !got(&sim_b, "guest-fsfreeze"));
+        drop(held);
+        run.join().expect("the group")
+    });
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert!(thawed_after_freezing(&sim_a) && thawed_after_freezing(&sim_b));
+}
