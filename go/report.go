@@ -38,6 +38,22 @@ type Report struct {
 	VolumeSnapshots map[string]string `json:"volume_snapshots,omitempty"`
 	// Warnings are failures the run went on from (a crash-consistent fallback).
 	Warnings []ReportWarning `json:"warnings,omitempty"`
+	// VMs is a consistency group's per-VM part (a plan with "vms"); Agent is then empty.
+	VMs []VMReport `json:"vms,omitempty"`
+}
+
+// VMReport is one VM of a consistency group.
+type VMReport struct {
+	Agent          string       `json:"agent"`
+	Datasets       []string     `json:"datasets"`
+	Required       bool         `json:"required"`
+	OK             bool         `json:"ok"`
+	Steps          []Step       `json:"steps"`
+	Frozen         *int64       `json:"frozen,omitempty"`
+	Consistency    Consistency  `json:"consistency,omitempty"`
+	FreezeWindowMs *float64     `json:"freeze_window_ms,omitempty"`
+	GuestPost      string       `json:"guest_post,omitempty"`
+	Error          *ReportError `json:"error,omitempty"`
 }
 
 // ReportWarning is a failure the run went on from, as its plan allows.

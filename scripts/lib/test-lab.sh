@@ -25,4 +25,6 @@ use_test_lab() {
   export EVESNAP_TEST_LAB_POOL
 }
 
-lab() { EVESNAP_LAB_DIR="$EVESNAP_TEST_LAB_DIR" EVESNAP_LAB_POOL="$EVESNAP_TEST_LAB_POOL" scripts/lab "$@"; }
+# Two VMs by default (tests/src/lab.rs test_lab_vms: the consistency group tests).
+lab() { EVESNAP_LAB_DIR="$EVESNAP_TEST_LAB_DIR" EVESNAP_LAB_POOL="$EVESNAP_TEST_LAB_POOL" \
+  EVESNAP_LAB_VMS="${EVESNAP_TEST_LAB_VMS:-2}" scripts/lab "$@"; }

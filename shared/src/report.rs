@@ -289,6 +289,41 @@ pub struct Report {
     /// Failures the run went on from (a failed freeze with `freeze.on_failure: "crash"`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<ReportWarning>,
+    /// A consistency group (a plan with `vms`): each VM's own part, in the plan's order.
+    /// The report's `agent` is then empty, `datasets` every VM's, `consistency` the
+    /// weakest VM's and `freeze_window_ms` the group's (first freeze to last thaw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<VmReport>>,
+}
+
+/// One VM of a consistency group: its own steps (`preflight`, `guest_pre`, `qga-freeze`,
+/// `qga-thaw`, `guest_post`) and what its snapshots can claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmReport {
+    /// The VM's guest agent address.
+    pub agent: String,
+    /// The VM's volumes.
+    pub datasets: Vec<String>,
+    /// The plan's `required`: whether this VM's failure fails the group.
+    pub required: bool,
+    /// Every step of this VM succeeded.
+    pub ok: bool,
+    pub steps: Vec<Step>,
+    /// Filesystems frozen in this VM (absent: not frozen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<i64>,
+    /// What this VM's snapshots claim (absent when no snapshot was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+    /// This VM's freeze command's return to its thaw command's return.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_post: Option<GuestPost>,
+    /// Why this VM failed (for a VM that is not `required`, the group goes on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReportError>,
 }
 
 impl Report {
@@ -335,6 +370,7 @@ impl Report {
             rolled_back: None,
             destroyed: None,
             warnings: Vec::new(),
+            vms: None,
         }
     }
 

@@ -75,10 +75,16 @@ pub enum Method {
     Multi,
     /// `zfs snapshot -r parent@n`: one call, atomic, where the datasets are exactly `parent`'s
     /// descendants (a zfs without multi-name snapshots, e.g. zfs-fuse). When `parent` is not
-    /// one of the datasets, its own snapshot (`extra`) is destroyed after the freeze window.
+    /// one of the datasets, its own snapshot (`extra`) is destroyed after the freeze window;
+    /// so are those of datasets between `parent` and the datasets (`between`).
     Recursive {
         parent: String,
         extra: Option<String>,
+        /// The snapshots of datasets between `parent` and the datasets (e.g. `pool/vm0`
+        /// for `pool/vm0/disk0` in a group of several VMs' volumes under `pool`), which the
+        /// recursive call makes too: destroyed with `extra`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        between: Vec<String>,
     },
     /// One call per dataset, not atomic; a failure destroys what this run created.
     OneByOne,

@@ -1,4 +1,4 @@
-//! The test lab: one QEMU VM with the real qemu-ga and a zfs-fuse pool, brought up once
+//! The test lab: QEMU VMs (two by default) with the real qemu-ga and a zfs-fuse pool, brought up once
 //! per test process by `scripts/lab up` in its own folder and pool, so it never collides
 //! with a user's lab.
 //!
@@ -34,6 +34,19 @@ pub struct Lab {
     #[serde(default)]
     pub volumes: Option<PathBuf>,
     pub qemu_pid: u32,
+    /// In `vms`: the VM's name (`vm0`, `vm1`, …).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Every VM of the lab (`EVESNAP_LAB_VMS`), VM 0 first (the top-level fields are its
+    /// own), each with its own agent, QMP, request channel, folder and datasets.
+    #[serde(default)]
+    pub vms: Vec<Lab>,
+}
+
+/// How many VMs the test lab boots: `EVESNAP_TEST_LAB_VMS`, default 2 (the consistency
+/// group tests freeze two at once).
+pub fn test_lab_vms() -> String {
+    std::env::var("EVESNAP_TEST_LAB_VMS").unwrap_or_else(|_| "2".into())
 }
 
 /// The test lab's folder: `EVESNAP_TEST_LAB_DIR` or `target/lab-test`.
@@ -68,6 +81,7 @@ pub fn lab_command(args: &[&str]) -> std::process::Output {
         .args(args)
         .env("EVESNAP_LAB_DIR", test_lab_dir())
         .env("EVESNAP_LAB_POOL", test_lab_pool())
+        .env("EVESNAP_LAB_VMS", test_lab_vms())
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run scripts/lab")

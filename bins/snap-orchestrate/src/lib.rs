@@ -12,6 +12,9 @@
 //!   run went on from a failure (`crash-fallback`: the freeze failed, the plan's
 //!   `freeze.on_failure` is `crash`, the snapshot was taken unfrozen);
 //! - rollback: `rolled_back: [{dataset, to}]`, `destroyed: [...]`;
+//! - a consistency group (a plan with `vms`, [`GroupPlan`]): `vms: [{agent, datasets,
+//!   required, ok, steps, frozen, consistency, freeze_window_ms, guest_post, error}]`, each
+//!   VM's own steps; `agent` is then empty and `freeze_window_ms` the group's;
 //! - `error`: `null`, or `{tool, kind, message, description, step, timestamp}`;
 //! - `zinfo_snapshot`: eve-api's `ZInfoSnapshot` of the run (`id`, `config_id`,
 //!   `config_version`, `create_time`, `type`, and on failure `snap_err` with its severity,
@@ -27,6 +30,7 @@
 //! the requests of `eve-guest-agent` in the guest with the same flow.
 
 pub mod flow;
+pub mod group_plan;
 pub mod guest;
 pub mod lock;
 pub mod placement;
@@ -43,6 +47,7 @@ use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
 use evesnap::zfs::{self, Zfs};
 
+pub use group_plan::{AnyPlan, GroupPlan};
 pub use plan::Plan;
 
 /// Upper bound on a plan, so a runaway producer cannot exhaust memory.
@@ -67,7 +72,10 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
         zvols). With `qmp`, a volume left out of `disks` is the QEMU disk whose image or zvol is \
         on it (query-block).\n\n\
         One orchestration per VM runs at a time (a lock keyed by the agent address).\n\n\
-        The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema (--print-schema report|request|reply: of the report, and of the VM wire).\n\n\
+        A plan with `vms` is a consistency group: every VM is frozen in parallel, one atomic snapshot \
+        covers all their volumes (one pool), every VM is thawed in parallel; a required VM that fails \
+        fails the group with every VM thawed and no snapshot left.\n\n\
+        The plan is JSON on stdin or in --plan FILE; --print-schema prints its JSON Schema (--print-schema group-plan|report|request|reply: of a group plan, the report, and the VM wire).\n\n\
         `snap-orchestrate serve` is the host end of VM-initiated snapshots (eve-guest-agent in the guest).",
     after_help = Exit::table(),
     args_conflicts_with_subcommands = true
@@ -164,10 +172,14 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
         Ok(zfs) => zfs,
         Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
     };
-    flow::execute(&plan, &zfs).into_outcome()
+    match plan {
+        AnyPlan::Single(plan) => flow::execute(&plan, &zfs),
+        AnyPlan::Group(plan) => flow::execute_group(&plan, &zfs),
+    }
+    .into_outcome()
 }
 
-fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
+fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<AnyPlan> {
     let mut text = String::new();
     match path {
         Some(path) => {
@@ -201,5 +213,5 @@ fn read_plan(path: Option<&PathBuf>) -> anyhow::Result<Plan> {
     if text.trim().is_empty() {
         return Err(coded(Exit::Usage, "the plan is empty"));
     }
-    Plan::from_json(&text).map_err(evesnap::exit::wrap)
+    AnyPlan::from_json(&text).map_err(evesnap::exit::wrap)
 }

@@ -7,6 +7,8 @@
 pub enum Kind {
     /// The plan (stdin of `snap-orchestrate`).
     Plan,
+    /// A consistency group's plan (a plan with `vms`).
+    GroupPlan,
     /// The report (stdout of `snap-orchestrate`).
     Report,
     /// A request from the guest (`snap-orchestrate serve`).
@@ -16,12 +18,19 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Plan, Kind::Report, Kind::Request, Kind::Reply];
+    pub const ALL: [Kind; 5] = [
+        Kind::Plan,
+        Kind::GroupPlan,
+        Kind::Report,
+        Kind::Request,
+        Kind::Reply,
+    ];
 
     /// The checked-in file's name.
     pub fn file_name(self) -> &'static str {
         match self {
             Kind::Plan => "plan.schema.json",
+            Kind::GroupPlan => "group-plan.schema.json",
             Kind::Report => "report.schema.json",
             Kind::Request => "request.schema.json",
             Kind::Reply => "reply.schema.json",
@@ -32,6 +41,7 @@ impl Kind {
     pub fn text(self) -> String {
         let schema = match self {
             Kind::Plan => schemars::schema_for!(crate::Plan),
+            Kind::GroupPlan => schemars::schema_for!(crate::GroupPlan),
             Kind::Report => schemars::schema_for!(evesnap::report::Report),
             Kind::Request => schemars::schema_for!(evesnap::request::Request),
             Kind::Reply => schemars::schema_for!(evesnap::request::Reply),

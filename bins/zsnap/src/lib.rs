@@ -37,7 +37,8 @@ use crate::cli::{Action, Cli, TakeArgs};
 pub use manage::{destroy, list, prune, DestroyReport, Kept};
 pub use meta::Metadata;
 pub use take::{
-    common_parent, preflight, Method, PreparedSnapshot, SnapshotEntry, SnapshotReport, Taken,
+    common_parent, confirm_claims, preflight, Method, PreparedSnapshot, SnapshotEntry,
+    SnapshotReport, Taken,
 };
 
 pub const TOOL: &str = "zsnap";

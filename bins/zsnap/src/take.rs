@@ -87,11 +87,8 @@ pub fn preflight<'z>(
 
     let method = choose_method(zfs, caps, &datasets, &pools, name)?;
     let mut probe = snapshots.clone();
-    if let Method::Recursive {
-        extra: Some(extra), ..
-    } = &method
-    {
-        probe.push(extra.clone());
+    if let Method::Recursive { extra, between, .. } = &method {
+        probe.extend(extra.iter().chain(between).cloned());
     }
     for taken in zfs.existing(&probe)? {
         problems.push(Problem::NameTaken { snapshot: taken });
@@ -170,14 +167,29 @@ fn choose_method(
     let parent = common_parent(datasets);
     let below = zfs.descendants(&parent)?;
     let set: BTreeSet<&str> = datasets.iter().map(String::as_str).collect();
-    let exact = below
+    // A dataset between the parent and the set (an ancestor of one of them) is snapshotted
+    // by the recursive call too, and destroyed again; any other is not ours to snapshot.
+    let holds_one = |d: &str| {
+        datasets
+            .iter()
+            .any(|s| s.strip_prefix(d).is_some_and(|rest| rest.starts_with('/')))
+    };
+    let mut between = Vec::new();
+    for d in below
         .iter()
-        .all(|d| set.contains(d.as_str()) || *d == parent);
-    if !exact {
-        return Ok(Method::OneByOne);
+        .filter(|d| !set.contains(d.as_str()) && **d != parent)
+    {
+        if !holds_one(d) {
+            return Ok(Method::OneByOne);
+        }
+        between.push(format!("{d}@{name}"));
     }
     let extra = (!set.contains(parent.as_str())).then(|| format!("{parent}@{name}"));
-    Ok(Method::Recursive { parent, extra })
+    Ok(Method::Recursive {
+        parent,
+        extra,
+        between,
+    })
 }
 
 /// The deepest dataset that is or contains every one of `datasets` (same pool assumed).
@@ -226,11 +238,14 @@ impl<'z> PreparedSnapshot<'z> {
         confirm_claims(self.zfs, &self.snapshots, &self.claims)
     }
 
-    /// The recursive parent's own snapshot, when it is not one of the datasets.
-    fn extra(&self) -> Option<String> {
+    /// The snapshots the recursive call makes beyond the set: the parent's own, when it is
+    /// not one of the datasets, and those of the datasets between.
+    fn extra(&self) -> Vec<String> {
         match &self.method {
-            Method::Recursive { extra, .. } => extra.clone(),
-            _ => None,
+            Method::Recursive { extra, between, .. } => {
+                extra.iter().chain(between).cloned().collect()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -341,7 +356,7 @@ impl<'z> PreparedSnapshot<'z> {
     /// properties where `snapshot -o` is missing, and reads back guid, createtxg, creation.
     pub fn finish(&self, taken: Taken) -> Result<SnapshotReport, Error> {
         let mut left_behind = Vec::new();
-        if let Some(extra) = self.extra() {
+        for extra in self.extra() {
             if let Err(e) = self.zfs.destroy_snapshot(&extra) {
                 evesnap::warn!("cannot destroy {extra}, made by the recursive snapshot: {e}");
                 left_behind.push(extra);
@@ -357,7 +372,7 @@ impl<'z> PreparedSnapshot<'z> {
     /// in `destroy_after_output` for [`destroy_after_output`] once the document is out.
     pub fn finish_for_output(&self, taken: Taken) -> Result<SnapshotReport, Error> {
         let mut report = self.report(taken)?;
-        report.destroy_after_output = self.extra().into_iter().collect();
+        report.destroy_after_output = self.extra();
         Ok(report)
     }
 

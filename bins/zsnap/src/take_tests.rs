@@ -83,7 +83,8 @@ fn atomicity() {
     assert!(Method::Multi.atomic());
     assert!(Method::Recursive {
         parent: "p".into(),
-        extra: None
+        extra: None,
+        between: Vec::new()
     }
     .atomic());
     assert!(!Method::OneByOne.atomic());

@@ -2,7 +2,9 @@
 remembers that it started it), pool `evesnap` on a sparse file in the lab folder, datasets
 <pool>/lab/vm0/diskN each holding a raw ext4 image labelled diskN, and a VM that has those
 images as disks in EVE's shape (disks.py: q35, one pcie-root-port each, no serial; mounted at
-/dataN by label), the real qemu-ga, and a second virtio-serial port for VM-initiated requests."""
+/dataN by label), the real qemu-ga, and a second virtio-serial port for VM-initiated requests.
+EVESNAP_LAB_VMS=N boots N such VMs, VM i on <pool>/lab/vm<i>/diskN with its folder <dir>/vm<i>
+(VM 0: <dir> itself)."""
 
 import functools
 import json
@@ -17,7 +19,7 @@ from .common import LabError, key_of, lab_file, log, pid_alive, read_pid, run
 from .debs import apt_install, dep_names, fetch_debs
 from .guest import GUEST_MODULE_TARGETS, GUEST_PACKAGES, build_guest, kernel_package, shutdown_script, write_files
 from .profile import Profile
-from .vm import launch_qemu, qemu_argv, runs_with
+from .vm import ensure_qemu, launch_qemu, qemu_argv, qemu_running, runs_with, stop_qemu, wait_for_agent
 
 
 @functools.cache
@@ -29,6 +31,18 @@ def lab_disks():
         raise SystemExit(f"lab: error: EVESNAP_LAB_DISKS must be a number from 1 to 20, not {text!r}")
     names = [f"disk{i}" for i in range(int(text))]
     return [(name, f"/data{i}", disk) for i, (name, disk) in enumerate(zip(names, disks(names)))]
+
+
+def lab_vms():
+    """How many VMs the lab boots: EVESNAP_LAB_VMS (default 1, at most 8). VM 0 lives in the
+    lab folder itself (as with one VM), VM i > 0 in <dir>/vm<i>/ with the same file names."""
+    text = os.environ.get("EVESNAP_LAB_VMS", "1")
+    if not text.isdigit() or not 1 <= int(text) <= 8:
+        raise SystemExit(f"lab: error: EVESNAP_LAB_VMS must be a number from 1 to 8, not {text!r}")
+    return int(text)
+
+
+VMS = lab_vms()
 
 
 DISK_IMAGE = "disk.img"
@@ -177,9 +191,14 @@ def ensure_pool(lab, pool):
         raise LabError(f"pool {pool} is {health}; `scripts/lab down --purge` and retry")
     # Datasets can be unmounted after a daemon restart; mount what is ours.
     run(["zfs", "mount", "-a"], check=False)
+    return ensure_vm_datasets(pool, 0)
+
+
+def ensure_vm_datasets(pool, vm):
+    """VM `vm`'s datasets <pool>/lab/vm<vm>/diskN, each holding a formatted raw image."""
     datasets = []
     for disk, _, _ in lab_disks():
-        ds = f"{pool}/lab/vm0/{disk}"
+        ds = f"{pool}/lab/vm{vm}/{disk}"
         if zfs_get("mounted", ds) is None:
             run(["zfs", "create", "-p", ds])
         mountpoint = zfs_get("mountpoint", ds)
@@ -194,6 +213,11 @@ def ensure_pool(lab, pool):
             tmp.rename(image)
         datasets.append((ds, image))
     return datasets
+
+
+def vm_dir(lab, vm):
+    """Where VM `vm` keeps its sockets, pid file and serial log."""
+    return lab if vm == 0 else lab / f"vm{vm}"
 
 
 # ---------------------------------------------------------------- the profile
@@ -224,11 +248,13 @@ class Default(Profile):
     boot_seconds = 180
 
     def ensure_guest(self):
-        return ensure_guest(self.cache)
+        self.guest = ensure_guest(self.cache)  # also for VMs 1.. (more_vms_ready)
+        return self.guest
 
     def prepare_host(self):
         ensure_zfs_fuse(self.lab)
         self.datasets = ensure_pool(self.lab, self.pool)
+        self.more = [ensure_vm_datasets(self.pool, vm) for vm in range(1, VMS)]
 
     def check_running(self, pid, guest):
         wanted = ["-machine", machine(), str(guest / "initramfs.gz")]
@@ -240,21 +266,17 @@ class Default(Profile):
         return True
 
     def start(self, qemu_root, guest):
-        lab = self.lab
-        hook = os.environ.get("EVESNAP_LAB_FSFREEZE_HOOK") == "1"
-        argv = qemu_argv(lab, qemu_root, guest, "evesnap-lab", 256,
-                         f"console=ttyS0 panic=-1 quiet evesnap.disks={len(lab_disks())}"
-                         + (" evesnap.fsfreeze_hook" if hook else ""))
-        argv += ["-chardev", f"socket,path={lab / 'request.sock'},server=on,wait=off,id=req0",
-                 "-device", f"virtserialport,bus=vser0.0,chardev=req0,name={REQUEST_PORT}"]
-        for (_, _, disk), (_, image) in zip(lab_disks(), self.datasets):
-            argv += disk_devices(disk, image)
-        return launch_qemu(lab, qemu_root, argv)
+        self.qemu_root = qemu_root
+        return start_vm(self.lab, qemu_root, guest, "evesnap-lab", self.datasets)
 
     def ready(self, pid):
         obj = lab_object(self.lab, self.pool, self.datasets, pid)
         (self.lab / "volumes.json").write_text(json.dumps(obj["disks"], indent=2) + "\n")
+        obj["vms"] = [dict(obj, name="vm0")] + more_vms_ready(self)
         return obj
+
+    def before_stop(self):
+        stop_more_vms(self.lab)
 
     def check_pool(self):
         if not zfs_ready() or pool_health(self.pool) != "ONLINE":
@@ -262,6 +284,7 @@ class Default(Profile):
 
     def purge(self):
         lab, pool = self.lab, self.pool
+        stop_more_vms(lab)
         vdev = lab / "pool.img"
         if zfs_ready() and pool_health(pool) is not None:
             if pool_is_ours(pool, vdev):
@@ -298,3 +321,48 @@ class Default(Profile):
                     pass
             else:
                 p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- more than one VM
+
+def start_vm(lab, qemu_root, guest, name, datasets):
+    """Boots one lab VM from folder `lab` with `datasets`' images as its disks; its pid."""
+    hook = os.environ.get("EVESNAP_LAB_FSFREEZE_HOOK") == "1"
+    argv = qemu_argv(lab, qemu_root, guest, name, 256,
+                     f"console=ttyS0 panic=-1 quiet evesnap.disks={len(lab_disks())}"
+                     + (" evesnap.fsfreeze_hook" if hook else ""))
+    argv += ["-chardev", f"socket,path={lab / 'request.sock'},server=on,wait=off,id=req0",
+             "-device", f"virtserialport,bus=vser0.0,chardev=req0,name={REQUEST_PORT}"]
+    for (_, _, disk), (_, image) in zip(lab_disks(), datasets):
+        argv += disk_devices(disk, image)
+    return launch_qemu(lab, qemu_root, argv)
+
+
+def more_vms_ready(p):
+    """VMs 1..VMS-1 (EVESNAP_LAB_VMS): started where not running (all at once, then each
+    waited for), each one's lab object with its name."""
+    pids = {}
+    for vm, datasets in enumerate(p.more, start=1):
+        folder = vm_dir(p.lab, vm)
+        folder.mkdir(parents=True, exist_ok=True)
+        pid = qemu_running(folder)
+        if pid is None:
+            if not hasattr(p, "qemu_root"):
+                p.qemu_root = ensure_qemu(p.cache)
+            pid = start_vm(folder, p.qemu_root, p.guest, f"evesnap-lab-vm{vm}", datasets)
+        pids[vm] = pid
+    objects = []
+    for vm, datasets in enumerate(p.more, start=1):
+        folder = vm_dir(p.lab, vm)
+        wait_for_agent(folder, pids[vm], p.boot_seconds)
+        obj = lab_object(folder, p.pool, datasets, pids[vm])
+        (folder / "volumes.json").write_text(json.dumps(obj["disks"], indent=2) + "\n")
+        objects.append(dict(obj, name=f"vm{vm}"))
+    return objects
+
+
+def stop_more_vms(lab):
+    """Stops every VM i > 0 this lab folder holds (whatever EVESNAP_LAB_VMS says now)."""
+    for folder in sorted(lab.glob("vm[0-9]*")):
+        if folder.is_dir():
+            stop_qemu(folder)

@@ -474,7 +474,7 @@ impl Run<'_> {
 }
 
 /// `create_time` for the report: the snapshots' creation, RFC 3339.
-fn create_time(snapshots: &[SnapshotEntry]) -> String {
+pub(super) fn create_time(snapshots: &[SnapshotEntry]) -> String {
     let secs = snapshots.iter().map(|s| s.creation).min().unwrap_or(0);
     time::OffsetDateTime::from_unix_timestamp(secs as i64)
         .map(evesnap::time::rfc3339)

@@ -21,6 +21,7 @@
 mod byid;
 mod create;
 mod fallback;
+mod group;
 mod halted;
 mod landing;
 mod placing;
@@ -47,6 +48,7 @@ use crate::plan::{GuestCommand, Plan};
 use evesnap::signals::Events;
 
 pub use evesnap::report::Consistency;
+pub use group::execute_group;
 
 pub const TOOL: &str = "snap-orchestrate";
 

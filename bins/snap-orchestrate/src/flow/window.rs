@@ -137,7 +137,7 @@ pub(super) struct WhileFrozen {
 /// After an early thaw: waits for the snapshot worker (cancelled, so it ends at once) and
 /// destroys what it created, since it may postdate the thaw. A signal does not stop this
 /// cleanup; each call's deadline bounds it. Says what was destroyed.
-fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) -> String {
+pub(super) fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) -> String {
     let zfs = zfs.for_cleanup();
     // No result (the worker is gone): it created nothing.
     let created = loop {

@@ -11,6 +11,7 @@ mod create;
 mod create_failed;
 mod create_refused;
 mod eve_api;
+mod group;
 mod halted;
 mod keep_newer;
 mod pending;

@@ -15,9 +15,9 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 /// Far longer than any bound below: the faulted call never returns by itself.
-const HANG: f64 = 3600.0;
+pub(crate) const HANG: f64 = 3600.0;
 /// Within this of the signal the run has ended (the snapshot's grace is 2 s).
-const BOUND: Duration = Duration::from_secs(8);
+pub(crate) const BOUND: Duration = Duration::from_secs(8);
 
 /// The plan as JSON: agent calls get 30 s, so nothing but the signal ends the run early.
 fn plan_json(agent: &FakeAgent, extra: Value) -> Value {
@@ -29,7 +29,7 @@ fn plan_json(agent: &FakeAgent, extra: Value) -> Value {
     plan
 }
 
-fn spawn(zfs: &FakeZfs, plan: &Value) -> Child {
+pub(crate) fn spawn(zfs: &FakeZfs, plan: &Value) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_snap-orchestrate"))
         .arg("--zfs")
         .arg(zfs.path())
@@ -44,7 +44,7 @@ fn spawn(zfs: &FakeZfs, plan: &Value) -> Child {
 }
 
 /// Waits until the fake got a `sub` call (which then hangs).
-fn wait_for_call(zfs: &FakeZfs, child: &mut Child, sub: &str) {
+pub(crate) fn wait_for_call(zfs: &FakeZfs, child: &mut Child, sub: &str) {
     let until = Instant::now() + Duration::from_secs(30);
     while zfs.calls_of(sub).is_empty() {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -58,7 +58,7 @@ fn wait_for_call(zfs: &FakeZfs, child: &mut Child, sub: &str) {
 }
 
 /// SIGTERM, then how long the run took to end, and its report.
-fn terminate(mut child: Child) -> (Duration, i32, Value) {
+pub(crate) fn terminate(mut child: Child) -> (Duration, i32, Value) {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let signalled = Instant::now();
     let status = loop {

@@ -1,0 +1,116 @@
+"""`scripts/bench --vms N`: many VMs on one host.
+
+On a lab of N VMs (EVESNAP_LAB_VMS=N, 2 disks each; target/lab-bench-vms, pool
+evesnap-bench-vms unless EVESNAP_LAB_DIR / EVESNAP_LAB_POOL say otherwise), `reps` times each:
+
+  alone       one `snap-orchestrate` of each VM by itself (every volume of the VM)
+  concurrent  N orchestrations at once, one per VM: each VM's window against its window alone
+  group       one consistency-group plan of all N VMs: the group's window (first freeze to
+              last thaw) against one VM's window alone
+
+Results: `ratios.concurrent_vm_over_alone` (the worst VM's median concurrent window over its
+median alone) and `ratios.group_over_single` (the group's median window over VM 0's alone),
+in bench/results/<UTC time>-vms<N>.json and bench/results/latest-vms.json.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def say(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def median(values):
+    return round(statistics.median(values), 3) if values else None
+
+
+def lab_env(repo, vms):
+    return dict(os.environ, EVESNAP_LAB_DIR=os.environ.get("EVESNAP_LAB_DIR", str(repo / "target/lab-bench-vms")),
+                EVESNAP_LAB_POOL=os.environ.get("EVESNAP_LAB_POOL", "evesnap-bench-vms"),
+                EVESNAP_LAB_VMS=str(vms), EVESNAP_LAB_DISKS="2")
+
+
+def vm_plan(vm, name):
+    return {"version": 1, "agent": vm["agent"], "datasets": vm["datasets"], "snapshot": name,
+            "freeze": {"timeout_s": 30, "thaw_after_s": 60}}
+
+
+def group_plan(vms, name):
+    return {"version": 1, "snapshot": name, "freeze": {"timeout_s": 30, "thaw_after_s": 60},
+            "vms": [{"agent": vm["agent"], "datasets": vm["datasets"]} for vm in vms]}
+
+
+def start(bin_dir, plan, run_dir):
+    proc = subprocess.Popen([str(bin_dir / "snap-orchestrate")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, EVESNAP_RUN_DIR=run_dir, EVESNAP_LOG="quiet"))
+    proc.stdin.write(json.dumps(plan))
+    proc.stdin.close()
+    return proc
+
+
+def window(proc):
+    out, err = proc.stdout.read(), proc.stderr.read()
+    if proc.wait() != 0:
+        raise SystemExit(f"bench: snap-orchestrate failed: {err}")
+    return json.loads(out)["freeze_window_ms"]
+
+
+def destroy_named(pool, prefix):
+    listed = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", f"{pool}/lab"],
+                            capture_output=True, text=True).stdout.split()
+    for snapshot in listed:
+        if snapshot.split("@", 1)[1].startswith(prefix):
+            subprocess.run(["zfs", "destroy", snapshot], capture_output=True)
+
+
+def run(repo, bin_dir, vms, reps, keep_lab):
+    env = lab_env(repo, vms)
+    say(f"bringing a lab of {vms} VMs up ({env['EVESNAP_LAB_DIR']})")
+    lab = json.loads(subprocess.run([str(repo / "scripts/lab"), "up"], env=env, check=True, capture_output=True,
+                                    text=True, stdin=subprocess.DEVNULL).stdout)
+    machines = lab["vms"][:vms]
+    run_dir = tempfile.mkdtemp(prefix="evesnap-bench-vms-")
+    alone = {vm["name"]: [] for vm in machines}
+    concurrent = {vm["name"]: [] for vm in machines}
+    group = []
+    try:
+        for i in range(reps):
+            for vm in machines:
+                alone[vm["name"]].append(window(start(bin_dir, vm_plan(vm, f"bv-alone-{i}"), run_dir)))
+            procs = [(vm["name"], start(bin_dir, vm_plan(vm, f"bv-conc-{i}"), run_dir)) for vm in machines]
+            for name, proc in procs:
+                concurrent[name].append(window(proc))
+            group.append(window(start(bin_dir, group_plan(machines, f"bv-group-{i}"), run_dir)))
+            destroy_named(lab["pool"], "bv-")
+            say(f"round {i + 1}/{reps}: alone {[alone[n][-1] for n in alone]}, concurrent "
+                f"{[concurrent[n][-1] for n in concurrent]}, group {group[-1]} ms")
+    finally:
+        destroy_named(lab["pool"], "bv-")
+        if not keep_lab:
+            subprocess.run([str(repo / "scripts/lab"), "down", "--purge"], env=env, capture_output=True,
+                           stdin=subprocess.DEVNULL)
+    med_alone = {n: median(v) for n, v in alone.items()}
+    med_conc = {n: median(v) for n, v in concurrent.items()}
+    single = med_alone[machines[0]["name"]]
+    ratios = {"concurrent_vm_over_alone": max(round(med_conc[n] / med_alone[n], 3) for n in med_alone),
+              "concurrent_by_vm": {n: round(med_conc[n] / med_alone[n], 3) for n in med_alone},
+              "group_over_single": round(median(group) / single, 3)}
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    result = {"stamp": stamp, "reps": reps, "vms": vms, "machine": f"{os.cpu_count()} cores, TCG guests, zfs-fuse",
+              "alone_ms": med_alone, "concurrent_ms": med_conc, "group_ms": median(group), "ratios": ratios,
+              "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group}}
+    out = repo / "bench/results"
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    (out / f"{stamp}-vms{vms}.json").write_text(text)
+    (out / "latest-vms.json").write_text(text)
+    print(text, end="")
+    say(f"results in {out}/{stamp}-vms{vms}.json")
