@@ -248,7 +248,7 @@ fn host_paths(args: &ServeArgs, agent: &Address, zfs: &Zfs) -> Vec<String> {
         evesnap::runtime::dir().display().to_string(),
         zfs.program().display().to_string(),
     ];
-    if let Address::Unix(path) = agent {
+    if let Address::Unix(path) | Address::HybridVsock { path, .. } = agent {
         paths.push(path.display().to_string());
     }
     paths

@@ -259,7 +259,7 @@ fn vm_gone(error: &qga::ThawError) -> bool {
 /// guest that is not frozen), so there is nothing to wait for.
 fn socket_gone(address: &Address) -> bool {
     match address {
-        Address::Unix(path) => !path.exists(),
+        Address::Unix(path) | Address::HybridVsock { path, .. } => !path.exists(),
         _ => false,
     }
 }
