@@ -15,7 +15,8 @@ from .common import LabError, key_of, lab_file, log, pid_alive, read_pid, run
 from .debs import apt_install, dep_names, fetch_debs
 from .guest import GUEST_MODULE_TARGETS, GUEST_PACKAGES, build_guest, kernel_package, shutdown_script, write_files
 from .profile import Profile
-from .vm import launch_qemu, qemu_argv
+from .vm import agent_ping, launch_qemu, qemu_argv
+from . import vsock
 
 
 def lab_disks():
@@ -30,8 +31,10 @@ def lab_disks():
 DISKS = lab_disks()
 DISK_IMAGE = "disk.img"
 DISK_SIZE_MB = 64
+MEMORY_MB = 256
 POOL_SIZE = "2G"
 REQUEST_PORT = "org.lfedge.eve.snapshot.0"
+MODULE_TARGETS = GUEST_MODULE_TARGETS + vsock.GUEST_MODULES
 # Host tools the lab itself runs; everything that goes into the VM is only extracted.
 HOST_PACKAGES = {"zfs-fuse": "/usr/sbin/zfs-fuse", "kmod": "/usr/sbin/depmod", "cpio": "/usr/bin/cpio",
                  "e2fsprogs": "/usr/sbin/mkfs.ext4"}
@@ -45,8 +48,11 @@ def ensure_guest(cache):
     apt_install(sorted(set(dep_names(debs["qemu-guest-agent"][2].get("Depends", "")))))
     # scripts/lab.d/guest/; the inittab's `{hook}` is qemu-ga's fsfreeze-hook option or nothing
     # (EVESNAP_LAB_FSFREEZE_HOOK=1 makes /init pick inittab.hook).
-    init, inittab, shutdown = lab_file("guest/init"), lab_file("guest/inittab"), shutdown_script()
-    script_hash = key_of(init, inittab, shutdown, GUEST_MODULE_TARGETS)
+    # A second qemu-ga listens on vsock (any CID, vsock.AGENT_PORT), reached through the hybrid
+    # vsock device.
+    init, shutdown = lab_file("guest/init"), shutdown_script()
+    inittab = lab_file("guest/inittab", VSOCK_PORT=vsock.AGENT_PORT)
+    script_hash = key_of(init, inittab, shutdown, MODULE_TARGETS)
     guest = cache / f"guest-{key_of(*(v for v, _, _ in debs.values()), script_hash)}"
     if (guest / ".complete").exists():
         return guest
@@ -59,7 +65,7 @@ def ensure_guest(cache):
                            "etc/inittab.hook": (inittab.format(hook=" -F/etc/qemu/fsfreeze-hook"), 0o644),
                            "sbin/shutdown": (shutdown, 0o755)})
 
-    return build_guest(cache, guest, debs, kernel_pkg, GUEST_MODULE_TARGETS, populate)
+    return build_guest(cache, guest, debs, kernel_pkg, MODULE_TARGETS, populate)
 
 
 # ---------------------------------------------------------------- zfs-fuse and the pool
@@ -182,6 +188,16 @@ def ensure_pool(lab, pool):
 
 # ---------------------------------------------------------------- the profile
 
+def wait_for_vsock_agent(lab, seconds):
+    """The guest's second qemu-ga, on vsock through the hybrid vsock device, answers."""
+    deadline = time.monotonic() + seconds
+    while not agent_ping(lab / vsock.DEVICE_SOCKET, 1.0, vsock.AGENT_PORT):
+        if time.monotonic() > deadline:
+            raise LabError(f"the guest agent on vsock port {vsock.AGENT_PORT} did not answer within {seconds} s "
+                           f"through {lab / vsock.DEVICE_SOCKET}; see {lab / 'vhost-vsock.log'}")
+        time.sleep(0.2)
+
+
 def lab_object(lab, pool, datasets, pid):
     return {
         "dir": str(lab),
@@ -196,6 +212,7 @@ def lab_object(lab, pool, datasets, pid):
         # The same map as a file, for `snap-orchestrate serve --volumes` (VM-initiated snapshots).
         "volumes": str(lab / "volumes.json"),
         "qemu_pid": pid,
+        **vsock.lab_fields(lab),
     }
 
 
@@ -211,20 +228,28 @@ class Default(Profile):
     def prepare_host(self):
         ensure_zfs_fuse(self.lab)
         self.datasets = ensure_pool(self.lab, self.pool)
+        self.vsock_daemon = vsock.ensure_daemon(self.cache)
+
+    def check_running(self, pid, guest):
+        # A VM whose vsock backend died cannot get it back: restart it.
+        return vsock.daemon_running(self.lab) is not None
 
     def start(self, qemu_root, guest):
         lab = self.lab
         hook = os.environ.get("EVESNAP_LAB_FSFREEZE_HOOK") == "1"
-        argv = qemu_argv(lab, qemu_root, guest, "evesnap-lab", 256,
+        argv = qemu_argv(lab, qemu_root, guest, "evesnap-lab", MEMORY_MB,
                          "console=ttyS0 panic=-1 quiet" + (" evesnap.fsfreeze_hook" if hook else ""))
         argv += ["-chardev", f"socket,path={lab / 'request.sock'},server=on,wait=off,id=req0",
                  "-device", f"virtserialport,bus=vser0.0,chardev=req0,name={REQUEST_PORT}"]
         for (disk, _, slot), (_, image) in zip(DISKS, self.datasets):
             argv += ["-drive", f"file={image},format=raw,if=none,id={disk},cache=writeback",
                      "-device", f"virtio-blk-pci,drive={disk},serial={disk},addr={slot:#x}"]
+        argv += vsock.qemu_vsock_argv(lab, MEMORY_MB)
+        vsock.start_daemon(lab, self.vsock_daemon)
         return launch_qemu(lab, qemu_root, argv)
 
     def ready(self, pid):
+        wait_for_vsock_agent(self.lab, 60)
         obj = lab_object(self.lab, self.pool, self.datasets, pid)
         (self.lab / "volumes.json").write_text(json.dumps(obj["disks"], indent=2) + "\n")
         return obj
@@ -232,6 +257,9 @@ class Default(Profile):
     def check_pool(self):
         if not zfs_ready() or pool_health(self.pool) != "ONLINE":
             raise LabError(f"pool {self.pool} is not online")
+
+    def after_stop(self):
+        vsock.stop_daemon(self.lab)
 
     def purge(self):
         lab, pool = self.lab, self.pool
