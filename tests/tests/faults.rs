@@ -8,10 +8,13 @@
 use std::time::{Duration, Instant};
 
 use evesnap_tests::fault::{trial, Fault, Outcome, Phase, Rng, Sig, Tool};
-use evesnap_tests::lab::{test_lab, vm_lock};
+use evesnap_tests::lab::{test_lab, test_lab_vsock, vm_lock, Lab};
 
 fn run(fault: Fault, verify_rollback: bool) {
-    let lab = test_lab();
+    run_on(test_lab(), fault, verify_rollback);
+}
+
+fn run_on(lab: &Lab, fault: Fault, verify_rollback: bool) {
     let _vm = vm_lock();
     let outcome = trial(lab, 0, &fault, verify_rollback);
     eprintln!("{}\n{}", Outcome::header(), outcome.row());
@@ -200,6 +203,66 @@ fn a_hung_zfs_destroy_in_retention_ends_on_sigterm_within_seconds() {
 #[test]
 fn a_hung_zfs_rollback_ends_on_sigterm_within_seconds_and_remounts() {
     run(Fault::ZfsHangsTerm { rollback: true }, false);
+}
+
+/// Over vsock (the guest's second agent through the hybrid vsock device), the faults whose
+/// handling depends on the transport: the watchdog reconnecting (a new `CONNECT`) after the
+/// orchestrator's death, the pipeline's kept connection handed between processes, qemu-ga
+/// killed under a vsock connection (the guest resets it: the device closes the stream),
+/// and a paused VM, whose device cannot answer `CONNECT` (the retries must time out and go
+/// on until `cont`). The other families exercise zfs, rollback and the flow, which do not
+/// see the transport.
+mod over_vsock {
+    use super::*;
+
+    #[test]
+    fn orchestrator_sigkill_while_frozen_is_thawed_by_the_watchdog() {
+        run_on(
+            test_lab_vsock(),
+            Fault::Orchestrator {
+                signal: Sig::Kill,
+                phase: Phase::Frozen,
+                jitter: Duration::from_millis(100),
+            },
+            false,
+        );
+    }
+
+    #[test]
+    fn pipeline_zsnap_killed_while_frozen_is_thawed_by_the_watchdog() {
+        run_on(
+            test_lab_vsock(),
+            Fault::Pipeline {
+                tool: Tool::Zsnap,
+                signal: Sig::Kill,
+                jitter: Duration::from_millis(100),
+            },
+            false,
+        );
+    }
+
+    #[test]
+    fn qemu_ga_killed_while_frozen() {
+        run_on(
+            test_lab_vsock(),
+            Fault::AgentKilled {
+                signal: Sig::Kill,
+                after: Duration::from_millis(300),
+            },
+            false,
+        );
+    }
+
+    #[test]
+    fn vm_paused_past_the_deadline_while_frozen() {
+        run_on(
+            test_lab_vsock(),
+            Fault::VmPaused {
+                paused: Duration::from_secs(7),
+            },
+            false,
+        );
+    }
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

@@ -74,7 +74,8 @@ pub struct ServeArgs {
     /// behind `virtserialport,name=org.lfedge.eve.snapshot.0`.
     #[arg(long, value_name = "SOCKET")]
     pub channel: PathBuf,
-    /// The VM's guest agent: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
+    /// The VM's guest agent: `unix:<path>`, a plain path, `vsock:<cid>:<port>` (AF_VSOCK) or
+    /// `hvsock:<path>:<port>` (guest vsock port through a hybrid vsock device's Unix socket).
     #[arg(long, value_name = "ADDRESS")]
     pub agent: String,
     /// JSON map of this VM's volumes: `{"<dataset>": {"serial": "disk0", "pci":
