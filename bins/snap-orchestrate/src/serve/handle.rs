@@ -28,15 +28,22 @@ pub struct Served {
     pub report: Option<Report>,
 }
 
-/// The listener's state.
-pub struct Server {
+/// The VM a request is served for: its volumes, its agent, what its replies must not name.
+#[derive(Debug, Clone)]
+pub struct Vm {
     pub(super) volumes: Volumes,
     pub(super) agent_text: String,
     pub(super) agent: Address,
+    pub(super) redactor: Redactor,
+}
+
+/// The listener's state.
+pub struct Server {
+    /// The VM of the connection being served (one VM unless the listener serves a CID map).
+    pub(super) vm: Vm,
     pub(super) zfs: Zfs,
     pub(super) timeout: Duration,
     pub(super) thaw_after: f64,
-    pub(super) redactor: Redactor,
     pub(super) signals: Signals,
     pub(super) budget: Budget,
 }
@@ -44,8 +51,8 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("agent", &self.agent_text)
-            .field("volumes", &self.volumes)
+            .field("agent", &self.vm.agent_text)
+            .field("volumes", &self.vm.volumes)
             .finish()
     }
 }
@@ -78,11 +85,11 @@ impl Server {
         &self,
         request: &Request,
     ) -> Result<(Vec<GuestFilesystemInfo>, Option<GuestClock>), evesnap::qga::Error> {
-        let mut client = Client::connect(&self.agent, Instant::now() + self.timeout)?;
+        let mut client = Client::connect(&self.vm.agent, Instant::now() + self.timeout)?;
         client.set_timeout(self.timeout);
         // The agent answers again: what a run could not run before goes first.
-        if evesnap::pending::any(&self.agent) {
-            match evesnap::pending::run(&mut client, &self.agent) {
+        if evesnap::pending::any(&self.vm.agent) {
+            match evesnap::pending::run(&mut client, &self.vm.agent) {
                 Ok(Some(ran)) => evesnap::note!(
                     "ran {} pending guest_post command(s) of run {} ({} failed, {} still pending)",
                     ran.commands.len(),
@@ -124,7 +131,7 @@ impl Server {
             Err(e) => {
                 let error = evesnap::exit::wrap(e);
                 let exit = exit_of(&error);
-                let message = self.redactor.text(&chain(
+                let message = self.vm.redactor.text(&chain(
                     &error.context("cannot ask the guest agent which disk that is"),
                 ));
                 return (fail(refuse(exit.kind(), exit, message)), None);
@@ -134,14 +141,14 @@ impl Server {
             Ok(deadline) => deadline,
             Err(error) => return (fail(error), None),
         };
-        let identified = match identify(&self.volumes, &request.disk, fsinfo.as_deref()) {
+        let identified = match identify(&self.vm.volumes, &request.disk, fsinfo.as_deref()) {
             Ok(identified) => identified,
             Err(error) => return (fail(error), None),
         };
         let labels: Vec<String> = identified
             .datasets
             .iter()
-            .filter_map(|d| self.volumes.get(d))
+            .filter_map(|d| self.vm.volumes.get(d))
             .map(label)
             .collect();
         let (mut reply, report) = match request.op {
@@ -161,7 +168,7 @@ impl Server {
         for dataset in &identified.datasets {
             match self.zfs.snapshots(dataset, &[flow::CONSISTENCY_PROPERTY]) {
                 Ok(list) => {
-                    let disk = self.volumes.get(dataset).map(label).unwrap_or_default();
+                    let disk = self.vm.volumes.get(dataset).map(label).unwrap_or_default();
                     entries.extend(list.into_iter().map(|s| {
                         SnapshotEntry {
                             disk: disk.clone(),
@@ -178,7 +185,7 @@ impl Server {
                 Err(e) => {
                     let error = evesnap::exit::wrap(e);
                     let exit = exit_of(&error);
-                    let message = self.redactor.text(&chain(&error));
+                    let message = self.vm.redactor.text(&chain(&error));
                     return Reply::failure(
                         Some(request.id.clone()),
                         Some(request.op),
@@ -202,7 +209,7 @@ impl Server {
         let disks: BTreeMap<String, GuestDisk> = identified
             .datasets
             .iter()
-            .filter_map(|d| self.volumes.get_key_value(d))
+            .filter_map(|d| self.vm.volumes.get_key_value(d))
             .map(|(d, disk)| (d.clone(), disk.clone()))
             .collect();
         let mut plan = Plan {
@@ -210,7 +217,7 @@ impl Server {
             id: Some(uuid::Uuid::new_v4()),
             kind: SnapshotType::Immediate,
             action: Action::Create,
-            agent: self.agent_text.clone(),
+            agent: self.vm.agent_text.clone(),
             qmp: None,
             datasets: identified.datasets.clone(),
             snapshot: None,
@@ -271,7 +278,7 @@ impl Server {
         let plan = match self.plan(request, identified, deadline) {
             Ok(plan) => plan,
             Err(e) => {
-                let message = self.redactor.text(&chain_of(&e));
+                let message = self.vm.redactor.text(&chain_of(&e));
                 return (fail(refuse("bad-request", Exit::Usage, message)), None);
             }
         };
@@ -288,11 +295,11 @@ impl Server {
             let mut reply = fail(ReplyError {
                 kind: exit.kind().into(),
                 code: exit.code(),
-                message: self.redactor.text(&chain(error)),
+                message: self.vm.redactor.text(&chain(error)),
                 step: report.error.as_ref().map(|e| e.step.clone()),
                 problems: problems_of(error)
                     .into_iter()
-                    .map(|p| self.redactor.value(p))
+                    .map(|p| self.vm.redactor.value(p))
                     .collect(),
                 ..ReplyError::default()
             });
@@ -311,7 +318,12 @@ impl Server {
                     taken
                         .iter()
                         .map(|s| SnapshotEntry {
-                            disk: self.volumes.get(s.dataset()).map(label).unwrap_or_default(),
+                            disk: self
+                                .vm
+                                .volumes
+                                .get(s.dataset())
+                                .map(label)
+                                .unwrap_or_default(),
                             name: s.short_name().to_string(),
                             guid: s.guid.clone(),
                             creation: s.creation,
@@ -324,7 +336,8 @@ impl Server {
             }
             Op::Rollback => {
                 let destroyed = report.destroyed.as_deref().unwrap_or_default();
-                reply.destroyed = Some(destroyed.iter().map(|s| self.redactor.text(s)).collect());
+                reply.destroyed =
+                    Some(destroyed.iter().map(|s| self.vm.redactor.text(s)).collect());
             }
             Op::List => {}
         }
@@ -334,7 +347,7 @@ impl Server {
     /// A `busy` refusal of a create or rollback while a controller run waits for the VM
     /// ([`crate::lock`]): it goes first, and the agent is left to it.
     fn controller_first(&self, op: Op) -> Option<ReplyError> {
-        if op == Op::List || !crate::lock::controller_waiting(&self.agent) {
+        if op == Op::List || !crate::lock::controller_waiting(&self.vm.agent) {
             return None;
         }
         let mut error = refuse(
@@ -348,7 +361,7 @@ impl Server {
 
     /// The guest budget's refusal of a create on `identified`, if any ([`budget::decide`]).
     fn over_budget(&self, identified: &Identified) -> Option<ReplyError> {
-        let volumes: Vec<String> = self.volumes.keys().cloned().collect();
+        let volumes: Vec<String> = self.vm.volumes.keys().cloned().collect();
         match budget::facts(&self.zfs, &volumes, &identified.datasets) {
             Ok(facts) => budget::decide(&self.budget, &facts)
                 .err()
@@ -356,7 +369,7 @@ impl Server {
             Err(e) => {
                 let error = evesnap::exit::wrap(e);
                 let exit = exit_of(&error);
-                let message = self.redactor.text(&chain(
+                let message = self.vm.redactor.text(&chain(
                     &error.context("cannot check this VM's snapshot budget"),
                 ));
                 Some(refuse(exit.kind(), exit, message))
