@@ -213,14 +213,19 @@ fn set_timeouts(fd: &impl AsFd) -> std::io::Result<()> {
 impl Server {
     /// Serves the requests on one connection. `one_request` (the vsock transports): the
     /// connection ends after its first reply, or unanswered after
-    /// [`listen::CONNECTION_IDLE`] without one.
-    fn session<S: Read + Write + AsFd>(&mut self, mut stream: S, one_request: bool) -> End {
+    /// [`listen::CONNECTION_IDLE`] without one; `throttle` then outlives the connection
+    /// (the VM's), so that garbage spread over many connections is rated as one flood.
+    fn session<S: Read + Write + AsFd>(
+        &mut self,
+        mut stream: S,
+        one_request: bool,
+        throttle: &mut Throttle,
+    ) -> End {
         if let Err(e) = set_timeouts(&stream) {
             return End::Broken(e);
         }
         let opened = Instant::now();
         let mut lines = Lines::new(MAX_REQUEST_LINE);
-        let mut throttle = Throttle::new(BAD_LINES_PER_SECOND);
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if self.stop_requested() {
@@ -446,7 +451,7 @@ fn serve_channel(server: &mut Server, channel: &Path) {
             Ok(stream) => {
                 evesnap::note!("connected to {}", channel.display());
                 waiting = false;
-                match server.session(stream, false) {
+                match server.session(stream, false, &mut Throttle::new(BAD_LINES_PER_SECOND)) {
                     End::Stop => {
                         evesnap::note!("stopping on a signal");
                         return;
