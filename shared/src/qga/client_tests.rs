@@ -471,7 +471,11 @@ mod hybrid_vsock {
         let device = forwarding(&agent, 10000);
         let started = Instant::now();
         let err = Client::connect(&device.address(10001), soon(0.7)).expect_err("refused");
-        assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+        let Error::Unreachable { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        // The device is there: the watchdog keeps trying (a paused VM, an agent restarting).
+        assert!(crate::qga::stream::is_hybrid_refusal(source), "{source:?}");
         assert_eq!(err.exit(), Exit::AgentUnreachable);
         let chain = chain(err);
         assert!(chain.contains("hvsock:"), "{chain}");
@@ -516,5 +520,9 @@ mod hybrid_vsock {
         let missing = Address::hybrid_vsock(device.path.with_file_name("none.sock"), 1);
         let err = Client::connect(&missing, soon(0.3)).expect_err("missing");
         assert_eq!(err.exit(), Exit::AgentUnreachable);
+        let Error::Unreachable { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(!crate::qga::stream::is_hybrid_refusal(source), "{source:?}");
     }
 }

@@ -52,6 +52,15 @@ pub(crate) struct HybridRefused {
     pub reply: String,
 }
 
+/// Whether `error` is a hybrid vsock device's refusal of a guest port: the device (and so
+/// the VM) is there, the port in the guest does not answer (its agent restarting, the VM
+/// paused).
+pub(crate) fn is_hybrid_refusal(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<HybridRefused>())
+}
+
 /// A connected stream socket (AF_UNIX or AF_VSOCK), non-blocking, close-on-exec.
 #[derive(Debug)]
 pub(crate) struct Stream {

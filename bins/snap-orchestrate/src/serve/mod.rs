@@ -35,7 +35,8 @@
 //!
 //! The jobs live apart: [`volumes`] (the map), [`identify`] (which volume a request is
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
-//! and this file (the session on the channel and the reconnect loop).
+//! [`listen`] (the vsock listeners), [`cids`] (the CID → VM map), and this file (the
+//! session on a connection, the virtio-serial reconnect loop, the choice of source).
 
 mod budget;
 pub mod cids;
