@@ -207,11 +207,15 @@ fn a_hung_zfs_rollback_ends_on_sigterm_within_seconds_and_remounts() {
 
 /// Over vsock (the guest's second agent through the hybrid vsock device), the faults whose
 /// handling depends on the transport: the watchdog reconnecting (a new `CONNECT`) after the
-/// orchestrator's death, the pipeline's kept connection handed between processes, qemu-ga
-/// killed under a vsock connection (the guest resets it: the device closes the stream),
-/// and a paused VM, whose device cannot answer `CONNECT` (the retries must time out and go
-/// on until `cont`). The other families exercise zfs, rollback and the flow, which do not
-/// see the transport.
+/// orchestrator's death, the pipeline's kept connection handed between processes, and
+/// qemu-ga killed under a vsock connection (the guest resets it: the device closes the
+/// stream, and `CONNECT` is refused until init respawns it). The other families exercise
+/// zfs, rollback and the flow, which do not see the transport. Not here: the VM paused
+/// while frozen. vhost-device-vsock 0.3.0 never answers a `CONNECT` sent while the VM is
+/// paused, and no later one either, even after `cont` (docs/lab.md#hybrid-vsock): the lab's
+/// device, not the tools, cannot survive it; the tools' side of it (a `CONNECT` never
+/// answered times out, a refusal while the device is there keeps the watchdog trying) is
+/// covered by the scripted device in `shared/src/qga/client_tests.rs`.
 mod over_vsock {
     use super::*;
 
@@ -248,17 +252,6 @@ mod over_vsock {
             Fault::AgentKilled {
                 signal: Sig::Kill,
                 after: Duration::from_millis(300),
-            },
-            false,
-        );
-    }
-
-    #[test]
-    fn vm_paused_past_the_deadline_while_frozen() {
-        run_on(
-            test_lab_vsock(),
-            Fault::VmPaused {
-                paused: Duration::from_secs(7),
             },
             false,
         );
