@@ -1312,7 +1312,15 @@ fn the_guest_tells_an_absent_host_a_silent_host_and_a_busy_port_apart() {
     let busy = client
         .guest_exec(
             GUEST_BIN,
-            &["snapshot", "--list", "/data0", "--timeout", "2"],
+            &[
+                "snapshot",
+                "--channel",
+                evesnap::request::SERIAL_CHANNEL,
+                "--list",
+                "/data0",
+                "--timeout",
+                "2",
+            ],
             Duration::from_secs(30),
         )
         .expect("guest-exec");
