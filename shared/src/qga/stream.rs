@@ -154,7 +154,12 @@ impl Stream {
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) if reply.len() < MAX_HYBRID_REPLY => reply.push(byte[0]),
                 Ok(_) => return Err(refused(&reply)),
-                Err(WaitError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(WaitError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
                     return Err(refused(&reply))
                 }
                 Err(e) => return Err(e),
