@@ -121,12 +121,15 @@ impl Trial<'_> {
     pub(in crate::fault) fn agent_away(&mut self, away: Duration) {
         let posts = self.posts();
         let agent = self.guest_agent();
+        // Away for `away` on the guest's clock (/proc/uptime in centiseconds, read by the
+        // shell itself), however long finding the agent's pid takes each time round.
         let script = format!(
             "( i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
-             [ $i -lt 600 ] || exit 0; usleep 300000; n=0; while [ $n -lt {} ]; do kill -9 {} 2>/dev/null; usleep 50000; n=$((n+1)); done ) \
+             [ $i -lt 600 ] || exit 0; usleep 300000; read up _ < /proc/uptime; end=$((${{up%.*}}${{up#*.}} + {})); \
+             while read up _ < /proc/uptime && [ ${{up%.*}}${{up#*.}} -lt $end ]; do kill -9 {} 2>/dev/null; usleep 50000; done ) \
              </dev/null >/dev/null 2>&1 &",
             agent.frozen_marker,
-            away.as_millis() / 50,
+            away.as_millis() / 10,
             agent.pid
         );
         if let Err(e) = self.sh(&script) {
