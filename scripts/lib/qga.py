@@ -16,11 +16,26 @@ class AgentError(Exception):
 
 
 class Agent:
-    def __init__(self, path, timeout=10.0):
+    """`vsock_port`: `path` is a hybrid vsock device's socket and the agent listens on that
+    guest port (`CONNECT <port>`, answered `OK <n>`; docs/lab.md#hybrid-vsock)."""
+
+    def __init__(self, path, timeout=10.0, vsock_port=None):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self.buf = b""
+        if vsock_port is not None:
+            self.sock.sendall(f"CONNECT {vsock_port}\n".encode())
+            reply = b""
+            while not reply.endswith(b"\n"):
+                byte = self.sock.recv(1)
+                if not byte or len(reply) > 64:
+                    self.close()
+                    raise AgentError(f"{path} did not open guest port {vsock_port}: {reply!r}")
+                reply += byte
+            if not reply.startswith(b"OK "):
+                self.close()
+                raise AgentError(f"{path} answered CONNECT {vsock_port} with {reply!r}")
         ident = random.randrange(1, 2**31)
         self._send({"execute": "guest-sync-delimited", "arguments": {"id": ident}}, prefix=b"\xff")
         deadline = time.monotonic() + timeout
@@ -98,10 +113,10 @@ class Agent:
         return out
 
 
-def ping(path, timeout):
+def ping(path, timeout, vsock_port=None):
     """True when the agent answers guest-ping."""
     try:
-        with Agent(path, timeout) as agent:
+        with Agent(path, timeout, vsock_port) as agent:
             return agent.execute("guest-ping") == {}
     except (OSError, AgentError, ValueError):
         return False

@@ -84,7 +84,17 @@ use serde_json::Value;
 pub const PORT_NAME: &str = "org.lfedge.eve.snapshot.0";
 
 /// Where the guest finds the port (a udev rule, or the lab's init, makes the link).
-pub const DEFAULT_CHANNEL: &str = "/dev/virtio-ports/org.lfedge.eve.snapshot.0";
+pub const SERIAL_CHANNEL: &str = "/dev/virtio-ports/org.lfedge.eve.snapshot.0";
+
+/// The host's vsock CID (`VMADDR_CID_HOST`).
+pub const HOST_CID: u32 = 2;
+
+/// The vsock port of the host's listener: the guest connects to CID 2 on it, one
+/// connection per request.
+pub const VSOCK_PORT: u32 = 10001;
+
+/// The guest's default channel: the host over vsock.
+pub const DEFAULT_CHANNEL: &str = "vsock:2:10001";
 
 /// The protocol version of requests and replies.
 pub const VERSION: u32 = 1;

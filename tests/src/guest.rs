@@ -10,7 +10,7 @@ use evesnap::qga::commands::{guest_fsfreeze_thaw, GuestFsfreezeStatus};
 use evesnap::qga::{Address, Client};
 use evesnap::qmp::Qmp;
 
-use crate::lab::{test_lab, vm_lock, Lab, VmLock};
+use crate::lab::{test_lab, test_lab_vsock, vm_lock, Lab, VmLock};
 use crate::run::RunDir;
 pub use crate::run::{code, doc_of, stderr};
 
@@ -160,6 +160,18 @@ impl ThawGuard<'static> {
     /// exclusive use of its VM ([`vm_lock`]) until the guard is dropped.
     pub fn lock(name: &str) -> ThawGuard<'static> {
         let lab = test_lab();
+        let vm = vm_lock();
+        ThawGuard {
+            lab,
+            run_dir: RunDir::new(name),
+            _vm: Some(vm),
+        }
+    }
+
+    /// [`lock`](Self::lock) with the lab seen over vsock ([`test_lab_vsock`]): its `agent`,
+    /// and the thaw on drop, go through the guest's vsock agent.
+    pub fn lock_vsock(name: &str) -> ThawGuard<'static> {
+        let lab = test_lab_vsock();
         let vm = vm_lock();
         ThawGuard {
             lab,

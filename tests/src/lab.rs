@@ -41,6 +41,25 @@ pub struct Lab {
     /// own), each with its own agent, QMP, request channel, folder and datasets.
     #[serde(default)]
     pub vms: Vec<Lab>,
+    /// The guest's second qemu-ga, on vsock, through the hybrid vsock device:
+    /// `hvsock:<dir>/vsock.sock:10000`.
+    pub agent_vsock: String,
+    pub vsock: Vsock,
+}
+
+/// The lab VM's vsock device (vhost-device-vsock behind vhost-user-vsock-pci).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    pub guest_cid: u32,
+    /// The device's Unix socket: `CONNECT <port>` reaches a guest listener.
+    pub uds: PathBuf,
+    /// Where the guest's second qemu-ga listens.
+    pub agent_port: u32,
+    /// The port VM-initiated requests go to (guest → CID 2).
+    pub request_port: u32,
+    /// Where the host listens for them: `<uds>_<request_port>`.
+    pub request_listener: PathBuf,
 }
 
 /// How many VMs the test lab boots: `EVESNAP_TEST_LAB_VMS`, default 2 (the consistency
@@ -93,6 +112,21 @@ pub fn test_lab() -> &'static Lab {
     LAB.get_or_init(|| {
         let _guard = lock_in(&test_lab_dir(), "up.lock");
         lab_object("scripts/lab up", &lab_command(&["up"]))
+    })
+}
+
+/// The test lab seen through its vsock agent: the same VM, with `agent` the guest's second
+/// qemu-ga reached through the hybrid vsock device (`agent_vsock`). Everything that takes a
+/// [`Lab`] (guards, the fault harness) then talks to the guest over vsock; the two agents
+/// keep their own freeze state, so a test uses one of them throughout.
+pub fn test_lab_vsock() -> &'static Lab {
+    static LAB: OnceLock<Lab> = OnceLock::new();
+    LAB.get_or_init(|| {
+        let lab = test_lab();
+        Lab {
+            agent: lab.agent_vsock.clone(),
+            ..lab.clone()
+        }
     })
 }
 

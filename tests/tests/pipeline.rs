@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::{Address, Client};
 use evesnap_tests::bin;
-use evesnap_tests::lab::{test_lab, vm_lock};
+use evesnap_tests::lab::{test_lab, test_lab_vsock, vm_lock, Lab};
 
 /// A broken pipeline must have thawed the guest within this long after it broke.
 const PROMPT: Duration = Duration::from_secs(2);
@@ -84,7 +84,16 @@ fn tools() -> [String; 3] {
 
 #[test]
 fn a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so() {
-    let lab = test_lab();
+    a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so_on(test_lab());
+}
+
+/// The same over vsock: the guest's second agent, through the hybrid vsock device.
+#[test]
+fn over_vsock_a_mistyped_middle_step_thaws_at_once() {
+    a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so_on(test_lab_vsock());
+}
+
+fn a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so_on(lab: &Lab) {
     let _vm = vm_lock();
     let run_dir = RunDir::new("typo-middle");
     let [freeze, zsnap, thaw] = tools();
@@ -140,7 +149,16 @@ fn a_mistyped_last_step_thaws_at_once() {
 
 #[test]
 fn a_middle_step_killed_while_it_snapshots_thaws_at_once() {
-    let lab = test_lab();
+    a_middle_step_killed_while_it_snapshots_thaws_at_once_on(test_lab());
+}
+
+/// The same over vsock: the guest's second agent, through the hybrid vsock device.
+#[test]
+fn over_vsock_a_middle_step_killed_while_it_snapshots_thaws_at_once() {
+    a_middle_step_killed_while_it_snapshots_thaws_at_once_on(test_lab_vsock());
+}
+
+fn a_middle_step_killed_while_it_snapshots_thaws_at_once_on(lab: &Lab) {
     let _vm = vm_lock();
     let run_dir = RunDir::new("killed-middle");
     // A zfs whose `snapshot` hangs: the marker says zsnap is inside it, with its pid group.

@@ -1,5 +1,10 @@
-//! The guest end of the request channel: the virtio-serial port (a character device), or
-//! a Unix socket whose server plays the host (tests, and guests where a proxy listens).
+//! The guest end of the request channel: a vsock connection to the host (the default:
+//! CID 2, one connection per request), the virtio-serial port (a character device), or a
+//! Unix socket whose server plays the host (tests, and guests where a proxy listens).
+//!
+//! vsock: the connection is made by `deadline`; a host that resets it (nothing listens on
+//! the port yet) is retried until then. A guest without a vsock device cannot open the
+//! socket or reach CID 2 at all: that is told apart (exit 3 both).
 //!
 //! A virtio-serial port has no connection of its own: the Linux driver reports whether
 //! the host end is open. While it is not, `poll` says `POLLHUP` and writes would block;
@@ -20,8 +25,11 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use serde_json::Value;
 
+use crate::target::Target;
+use crate::vsock;
+
 /// Pause between checks while the host end of the port is not open.
-const HOST_POLL: Duration = Duration::from_millis(50);
+pub(crate) const HOST_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,6 +49,14 @@ pub enum Error {
     Timeout { after: Duration },
     #[error("the request channel failed")]
     Io(#[source] io::Error),
+    #[error("no vsock transport to the host in this guest (does the VM have a vsock device?)")]
+    NoVsock(#[source] io::Error),
+    #[error("no listener on vsock port {port} of CID {cid} within {:.1}s", after.as_secs_f64())]
+    NoVsockListener {
+        cid: u32,
+        port: u32,
+        after: Duration,
+    },
 }
 
 impl evesnap::exit::HasExit for Error {
@@ -53,7 +69,9 @@ impl evesnap::exit::HasExit for Error {
             | Error::Open(..)
             | Error::NoListener { .. }
             | Error::HostGone
-            | Error::Io(_) => Exit::AgentUnreachable,
+            | Error::Io(_)
+            | Error::NoVsock(_)
+            | Error::NoVsockListener { .. } => Exit::AgentUnreachable,
         }
     }
 }
@@ -67,7 +85,7 @@ pub struct Channel {
     discarding: bool,
 }
 
-fn poll(fd: &OwnedFd, events: PollFlags, wait: Duration) -> io::Result<PollFlags> {
+pub(crate) fn poll(fd: &OwnedFd, events: PollFlags, wait: Duration) -> io::Result<PollFlags> {
     let millis = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
     let mut fds = [PollFd::new(fd.as_fd(), events)];
     loop {
@@ -84,8 +102,26 @@ fn poll(fd: &OwnedFd, events: PollFlags, wait: Duration) -> io::Result<PollFlags
 }
 
 impl Channel {
-    /// Opens the channel and waits until the host end is there, by `deadline`.
-    pub fn open(path: &Path, deadline: Instant) -> Result<Channel, Error> {
+    /// Opens the channel to `target` and waits until the host end is there, by `deadline`.
+    pub fn open(target: &Target, deadline: Instant) -> Result<Channel, Error> {
+        match target {
+            Target::Vsock { cid, port } => {
+                Ok(Channel::over(vsock::connect(*cid, *port, deadline)?))
+            }
+            Target::Path(path) => Channel::open_path(path, deadline),
+        }
+    }
+
+    fn over(fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            buf: Vec::new(),
+            discarding: false,
+        }
+    }
+
+    /// Opens a virtio-serial port or a Unix socket.
+    fn open_path(path: &Path, deadline: Instant) -> Result<Channel, Error> {
         let started = Instant::now();
         let is_socket = std::fs::metadata(path)
             .map_err(|e| Error::Missing(path.to_path_buf(), e))?
@@ -132,11 +168,7 @@ impl Channel {
                 std::thread::sleep(HOST_POLL.min(left));
             }
         }
-        Ok(Channel {
-            fd,
-            buf: Vec::new(),
-            discarding: false,
-        })
+        Ok(Channel::over(fd))
     }
 
     /// Writes all of `data` by `deadline`.
@@ -263,7 +295,7 @@ mod tests {
             got[..n].to_vec()
         });
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut channel = Channel::open(&path, deadline).expect("open");
+        let mut channel = Channel::open(&Target::Path(path.clone()), deadline).expect("open");
         channel
             .send(b"\n{\"id\":\"mine\"}\n", deadline)
             .expect("send");
@@ -286,16 +318,16 @@ mod tests {
             drop(second);
         });
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut channel = Channel::open(&path, deadline).expect("open");
+        let mut channel = Channel::open(&Target::Path(path.clone()), deadline).expect("open");
         let err = channel.await_reply("x", 100, deadline).expect_err("gone");
         assert!(matches!(err, Error::HostGone), "{err}");
-        let mut channel = Channel::open(&path, deadline).expect("open");
+        let mut channel = Channel::open(&Target::Path(path.clone()), deadline).expect("open");
         let err = channel
             .await_reply("x", 100, Instant::now() + Duration::from_millis(200))
             .expect_err("silent");
         assert!(matches!(err, Error::Timeout { .. }), "{err}");
         host.join().expect("host");
-        let err = Channel::open(&dir.join("none"), deadline).expect_err("missing");
+        let err = Channel::open(&Target::Path(dir.join("none")), deadline).expect_err("missing");
         assert!(matches!(err, Error::Missing(..)), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }

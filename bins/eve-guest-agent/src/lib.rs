@@ -1,4 +1,5 @@
-//! `eve-guest-agent`: runs inside a VM and asks the host, over the virtio-serial port
+//! `eve-guest-agent`: runs inside a VM and asks the host, over vsock (CID 2, port
+//! [`request::VSOCK_PORT`], one connection per request) or the virtio-serial port
 //! `org.lfedge.eve.snapshot.0`, to snapshot one of the VM's disks, list its snapshots, or
 //! roll it back. The host (`snap-orchestrate serve`) decides whether the disk is one of
 //! this VM's volumes, freezes the guest through qemu-ga, takes the snapshot, thaws, and
@@ -8,9 +9,10 @@
 
 pub mod channel;
 pub mod disk;
+pub mod target;
+mod vsock;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -24,8 +26,8 @@ const EXIT_STATUS: &str = "Exit status:
   1   the host refused the request or the operation failed; the reply on stdout says why
       (error.kind, error.code: the host's exit code, e.g. 7 preflight such as no room)
   2   bad command line, or the named disk cannot be identified in this guest
-  3   the host is unreachable: no channel, no listener on the host end, or it went away
-      before answering
+  3   the host is unreachable: no channel (no vsock device, no port), no listener on the
+      host end, or it went away before answering
   4   no reply within --timeout (the host may still carry the request out)
   8   another request is using the channel in this guest
 
@@ -37,9 +39,10 @@ written by this tool (kinds host-unreachable, host-timeout, busy, bad-input).";
     name = "eve-guest-agent",
     version,
     about = "Ask the host for a snapshot or rollback of one of this VM's disks",
-    long_about = "Runs inside the VM. Sends one request over the virtio-serial port \
-        org.lfedge.eve.snapshot.0 to the host's listener (snap-orchestrate serve), waits for the \
-        reply that carries the request's id, and prints it as one JSON line on stdout.\n\n\
+    long_about = "Runs inside the VM. Sends one request to the host's listener (snap-orchestrate \
+        serve) over vsock, to the host (CID 2) on port 10001 (one connection per request), or with \
+        --channel over the virtio-serial port org.lfedge.eve.snapshot.0; waits for the reply that \
+        carries the request's id, and prints it as one JSON line on stdout.\n\n\
         The host only acts on disks that belong to this VM; it identifies a mounted disk \
         through the guest agent (qemu-ga) and an unmounted one by the serial and PCI address \
         this tool reads from sysfs.",
@@ -101,13 +104,16 @@ struct SnapshotArgs {
     /// (`consistency`, `crash_reason`). Without it such a request fails and nothing is taken.
     #[arg(long, requires = "create")]
     accept_crash: bool,
-    /// The request channel: the virtio-serial port, or a Unix socket.
-    #[arg(long, value_name = "PATH", default_value = request::DEFAULT_CHANNEL)]
-    channel: PathBuf,
+    /// The request channel: vsock:CID:PORT (the host is CID 2), or a path: the
+    /// virtio-serial port /dev/virtio-ports/org.lfedge.eve.snapshot.0 (the fallback for VMs
+    /// without vsock) or a Unix socket.
+    #[arg(long, value_name = "CHANNEL", default_value = request::DEFAULT_CHANNEL)]
+    channel: target::Target,
     /// Seconds to wait for the reply (a snapshot takes about a second; a busy host longer).
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
     timeout: f64,
-    /// Seconds to wait for a listener on the host end of the channel.
+    /// Seconds to wait for a listener on the host end of the channel (vsock: for the
+    /// connection to be accepted).
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     connect_timeout: f64,
 }

@@ -218,3 +218,28 @@ fn the_host_answers_refuses_is_missing_or_stays_silent() {
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("went away"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_bad_vsock_channel_is_usage_and_no_vsock_host_is_unreachable() {
+    let out = tool(&["snapshot", "--list", "/dev/vda", "--channel", "vsock:x:1"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("vsock:<cid>:<port>"),
+        "{}",
+        stderr(&out)
+    );
+    let Some(device) = some_block_device() else {
+        eprintln!("SKIP a_bad_vsock_channel_is_usage_and_no_vsock_host_is_unreachable: no block device in /sys/dev/block here");
+        return;
+    };
+    // This machine is no guest: whether it has a vsock transport or not, nothing listens
+    // for a guest on CID 2 here. The default channel is vsock; the tool gives up by its
+    // connect timeout with exit 3.
+    let started = std::time::Instant::now();
+    let out = tool(&["snapshot", "--list", &device, "--connect-timeout", "1"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let reply = stdout_json(&out);
+    assert_eq!(reply["error"]["kind"], "host-unreachable", "{reply}");
+    assert!(stderr(&out).contains("vsock"), "{}", stderr(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -77,8 +77,10 @@ else the document's `agent`; the output document's `agent` is set to it.";
 #[derive(Debug, Parser)]
 #[command(name = "qga-freeze", version, about = "Freeze a guest's filesystems through its guest agent", long_about = LONG_ABOUT)]
 pub struct Args {
-    /// The guest agent: unix:PATH (or a plain path) for the virtio-serial socket, or
-    /// vsock:CID:PORT [default: the upstream document's `agent`]
+    /// The guest agent: unix:PATH (or a plain path) for the virtio-serial socket,
+    /// vsock:CID:PORT (AF_VSOCK through the host kernel), or hvsock:PATH:PORT (guest vsock
+    /// port PORT through a hybrid vsock device's Unix socket PATH: `CONNECT PORT`, `OK`)
+    /// [default: the upstream document's `agent`]
     #[arg(long, value_name = "ADDR")]
     pub agent: Option<String>,
     /// Freeze only this mountpoint of the guest (repeatable) [default: every filesystem]

@@ -51,7 +51,16 @@ fn fsinfo_and_guest_exec_work_on_the_real_agent() {
 
 #[test]
 fn freeze_all_blocks_a_guest_write_until_the_thaw() {
-    let guard = ThawGuard::lock("all");
+    freeze_all_blocks_a_guest_write_until_the_thaw_through(ThawGuard::lock("all"));
+}
+
+/// The same over vsock: the guest's second agent, through the hybrid vsock device.
+#[test]
+fn freeze_all_over_vsock_blocks_a_guest_write_until_the_thaw() {
+    freeze_all_blocks_a_guest_write_until_the_thaw_through(ThawGuard::lock_vsock("all-vsock"));
+}
+
+fn freeze_all_blocks_a_guest_write_until_the_thaw_through(guard: ThawGuard<'static>) {
     let lab = guard.lab;
     {
         let mut client = connect(lab);

@@ -100,6 +100,22 @@ mod tests {
         assert!(err.to_string().contains("in progress"));
         let other = lock_vm(&address("unix:/tmp/b.sock")).expect("another VM is independent");
         drop((first, other));
+        // A hybrid vsock address: a relative path and its absolute form are one VM; another
+        // guest port of the same device is another agent, hence another key.
+        let cwd = std::env::current_dir().expect("cwd");
+        let hybrid = lock_vm(&address("hvsock:v.sock:10000")).expect("hvsock lock");
+        let err = lock_vm(&address(&format!(
+            "hvsock:{}:10000",
+            cwd.join("v.sock").display()
+        )))
+        .unwrap_err();
+        assert_eq!(
+            err.exit(),
+            Exit::Busy,
+            "the same device written another way"
+        );
+        let port = lock_vm(&address("hvsock:v.sock:10001")).expect("another guest port");
+        drop((hybrid, port));
         lock_vm(&address("unix:/tmp/a.sock")).expect("released on drop");
 
         // The controller goes first: a controller that found the VM busy (and waits, or

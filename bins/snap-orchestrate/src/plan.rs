@@ -30,7 +30,8 @@ pub struct Plan {
     pub config_version: Option<String>,
     #[serde(default)]
     pub action: Action,
-    /// Guest agent address: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
+    /// Guest agent address: `unix:<path>`, a plain path, `vsock:<cid>:<port>` (AF_VSOCK), or
+    /// `hvsock:<path>:<port>` (guest vsock port through a hybrid vsock device's Unix socket).
     pub agent: String,
     /// QMP socket of the VM, to learn whether it runs (used for rollback).
     #[serde(default)]

@@ -21,7 +21,8 @@ use serde::Serialize;
 /// `snap-orchestrate recover`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct RecoverArgs {
-    /// The guest agent: `unix:PATH` (QEMU's chardev socket) or `vsock:CID:PORT`.
+    /// The guest agent: `unix:PATH` (QEMU's chardev socket), `vsock:CID:PORT` (AF_VSOCK) or
+    /// `hvsock:PATH:PORT` (guest vsock port PORT through a hybrid vsock device's Unix socket).
     #[arg(long, value_name = "ADDRESS")]
     pub agent: String,
     /// Seconds to wait for the agent (to connect and for each call).

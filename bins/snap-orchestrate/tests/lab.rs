@@ -119,7 +119,18 @@ impl Drop for Cleanup<'_> {
 
 #[test]
 fn create_with_hooks_then_rollback_restores_the_data() {
-    let guard = ThawGuard::lock("orch-create");
+    create_with_hooks_then_rollback_restores_the_data_through(ThawGuard::lock("orch-create"));
+}
+
+/// The same over vsock: the guest's second agent, through the hybrid vsock device.
+#[test]
+fn over_vsock_create_with_hooks_then_rollback_restores_the_data() {
+    create_with_hooks_then_rollback_restores_the_data_through(ThawGuard::lock_vsock(
+        "orch-create-vsock",
+    ));
+}
+
+fn create_with_hooks_then_rollback_restores_the_data_through(guard: ThawGuard<'static>) {
     let lab = guard.lab;
     let name = format!("t-create-{}", std::process::id());
     let _cleanup = Cleanup(lab, vec![name.clone()]);
@@ -528,7 +539,20 @@ fn a_second_orchestration_of_the_same_vm_is_refused_at_once() {
 
 #[test]
 fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
-    let guard = ThawGuard::lock("orch-pipe");
+    the_pipeline_and_the_orchestrator_take_equivalent_snapshots_through(ThawGuard::lock(
+        "orch-pipe",
+    ));
+}
+
+/// The same over vsock: the guest's second agent, through the hybrid vsock device.
+#[test]
+fn over_vsock_the_pipeline_and_the_orchestrator_take_equivalent_snapshots() {
+    the_pipeline_and_the_orchestrator_take_equivalent_snapshots_through(ThawGuard::lock_vsock(
+        "orch-pipe-vsock",
+    ));
+}
+
+fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots_through(guard: ThawGuard<'static>) {
     let lab = guard.lab;
     let piped = format!("t-pipe-{}", std::process::id());
     let orchestrated = format!("t-orch-{}", std::process::id());

@@ -22,7 +22,7 @@ use evesnap_tests::guest::{
     connect, freeze_behind_the_agent, guest_background, guest_sh, guest_upload, status,
     try_connect, unfreeze_in_guest, ThawGuard,
 };
-use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, Lab};
+use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, test_lab_vsock, Lab};
 use evesnap_tests::run::RunDir;
 use evesnap_tests::zfs::zfs_get;
 use serde_json::{json, Value};
@@ -58,11 +58,25 @@ impl Serve {
         env: &[(&str, &Path)],
         extra: &[&str],
     ) -> Serve {
+        let source = ("--channel", channel);
+        Serve::start_on(source, run_dir, agent, volumes, timeout, env, extra)
+    }
+
+    /// A listener on `source`: `("--channel", socket)` or `("--listen-hvsock", socket)`.
+    fn start_on(
+        source: (&str, &Path),
+        run_dir: &Path,
+        agent: &str,
+        volumes: &Path,
+        timeout: &str,
+        env: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Serve {
         let stderr = run_dir.join(format!("serve-{}.err", std::process::id()));
         let mut child = Command::new(evesnap_tests::bin("snap-orchestrate"))
             .arg("serve")
-            .arg("--channel")
-            .arg(channel)
+            .arg(source.0)
+            .arg(source.1)
             .args(["--agent", agent, "--timeout", timeout])
             .arg("--volumes")
             .arg(volumes)
@@ -331,6 +345,160 @@ fn garbage_on_the_channel_gets_error_replies_and_the_listener_reads_on() {
     );
 }
 
+/// One reply per vsock connection, then the listener closes it.
+fn exchange_once(listen: &Path, bytes: &[u8]) -> Value {
+    let stream = UnixStream::connect(listen).expect("connect to the vsock listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    writer.write_all(bytes).expect("write");
+    let mut reader = BufReader::new(stream);
+    let reply = read_line(&mut reader);
+    let mut rest = String::new();
+    assert_eq!(
+        reader.read_line(&mut rest).expect("read to the end"),
+        0,
+        "the listener closes the connection after its reply: {rest:?}"
+    );
+    reply
+}
+
+#[test]
+fn the_hybrid_vsock_listener_serves_one_request_per_connection_and_reads_on() {
+    let run_dir = RunDir::new("serve-hvsock");
+    // Where vhost-device-vsock delivers the guest's connections to host port 10001.
+    let listen = run_dir.path().join("vsock.sock_10001");
+    let volumes = write_volumes(
+        run_dir.path(),
+        &serde_json::from_str(FAKE_VOLUMES).expect("json"),
+    );
+    let agent = format!("unix:{}", run_dir.path().join("no-agent.sock").display());
+    let mut serve = Serve::start_on(
+        ("--listen-hvsock", &listen),
+        run_dir.path(),
+        &agent,
+        &volumes,
+        "2",
+        &[("EVESNAP_ZFS", Path::new("/bin/true"))],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listen.exists() {
+        assert!(
+            Instant::now() < deadline && serve.running(),
+            "{}",
+            serve.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Garbage, twice: a bad-request reply each time, then the connection is closed.
+    for garbage in [&b"garbage\n"[..], b"\xff{\"execute\":\"guest-sync\"}\n"] {
+        let reply = exchange_once(&listen, garbage);
+        assert_eq!(reply["error"]["kind"], "bad-request", "{reply}");
+        let (_, record) = serve.reply(Duration::from_secs(10));
+        assert_eq!(record.error.expect("error").kind, "bad-request");
+    }
+    // A peer that leaves at once does not stop it.
+    drop(UnixStream::connect(&listen).expect("connect"));
+    // A valid request on a fresh connection is served (the agent is missing: it says so).
+    let disk = json!({"path": "/data0", "serial": "disk0"});
+    let request = json!({"version": 1, "id": "v1", "op": "create", "disk": disk});
+    let reply = exchange_once(&listen, format!("\n{request}\n").as_bytes());
+    assert_eq!(reply["id"], "v1", "{reply}");
+    assert_eq!(reply["error"]["kind"], "agent-unreachable", "{reply}");
+    // No host path reaches the guest.
+    assert!(!reply.to_string().contains("no-agent.sock"), "{reply}");
+
+    // One listener per socket.
+    let second = Command::new(evesnap_tests::bin("snap-orchestrate"))
+        .arg("serve")
+        .arg("--listen-hvsock")
+        .arg(&listen)
+        .args(["--agent", &agent])
+        .arg("--volumes")
+        .arg(&volumes)
+        .env("EVESNAP_RUN_DIR", run_dir.path())
+        .env("EVESNAP_ZFS", "/bin/true")
+        .output()
+        .expect("second serve");
+    assert_eq!(
+        second.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(serve.stop(), 0, "{}", serve.stderr());
+    assert!(!listen.exists(), "the listener removes its socket");
+}
+
+#[test]
+fn the_listener_needs_exactly_one_source_and_a_cid_map_for_kernel_vsock() {
+    let run_dir = RunDir::new("serve-sources");
+    let volumes = write_volumes(
+        run_dir.path(),
+        &serde_json::from_str(FAKE_VOLUMES).expect("json"),
+    );
+    let volumes = volumes.to_str().expect("utf-8");
+    let map = run_dir.path().join("cids.json");
+    std::fs::write(
+        &map,
+        format!(r#"{{"2": {{"agent": "/q.sock", "volumes": "{volumes}"}}}}"#),
+    )
+    .expect("write the CID map");
+    let map = map.to_str().expect("utf-8");
+    for (args, needle) in [
+        (
+            &["--agent", "/q.sock", "--volumes", volumes][..],
+            "--channel",
+        ),
+        (
+            &[
+                "--channel",
+                "/c",
+                "--listen-hvsock",
+                "/h",
+                "--agent",
+                "/q",
+                "--volumes",
+                volumes,
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "--listen-vsock",
+                "10001",
+                "--agent",
+                "/q",
+                "--volumes",
+                volumes,
+            ],
+            "--cid-map",
+        ),
+        (
+            &["--listen-vsock", "10001", "--cid-map", map, "--agent", "/q"],
+            "cannot be used with",
+        ),
+        (
+            &["--listen-vsock", "10001", "--cid-map", map],
+            "CID 2 is reserved",
+        ),
+    ] {
+        let out = Command::new(evesnap_tests::bin("snap-orchestrate"))
+            .arg("serve")
+            .args(args)
+            .env("EVESNAP_RUN_DIR", run_dir.path())
+            .env("EVESNAP_ZFS", "/bin/true")
+            .stdin(Stdio::null())
+            .output()
+            .expect("serve");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {needle}: {err}");
+    }
+}
+
 #[test]
 fn bad_command_lines_and_volume_maps_are_refused() {
     let run_dir = RunDir::new("serve-usage");
@@ -386,6 +554,8 @@ fn bad_command_lines_and_volume_maps_are_refused() {
 // ------------------------------------------------------------------ in the lab
 
 const GUEST_BIN: &str = "/run/eve-guest-agent";
+/// The guest tool's virtio-serial channel (its default is vsock).
+const SERIAL: &str = "--channel /dev/virtio-ports/org.lfedge.eve.snapshot.0";
 
 /// The statically linked guest tool (built by `scripts/test`, or by
 /// `RUSTFLAGS='-C target-feature=+crt-static' cargo build -p eve-guest-agent --target
@@ -459,11 +629,23 @@ struct GuestRun {
 }
 
 /// Starts `eve-guest-agent snapshot ARGS` in the guest, in the background (the agent
-/// connection is closed at once, as the listener needs the agent).
+/// connection is closed at once, as the listener needs the agent), on the virtio-serial
+/// channel unless ARGS name one.
 fn guest_start(lab: &Lab, args: &str) {
+    let channel = if args.contains("--channel") {
+        ""
+    } else {
+        SERIAL
+    };
+    guest_start_on(lab, channel, args);
+}
+
+/// Starts `eve-guest-agent snapshot CHANNEL ARGS` in the guest (an empty CHANNEL: the
+/// tool's default, vsock).
+fn guest_start_on(lab: &Lab, channel: &str, args: &str) {
     guest_background(
         &mut connect(lab),
-        &format!("rm -f /tmp/ega.*; {GUEST_BIN} snapshot {args} >/tmp/ega.out 2>/tmp/ega.err; echo $? >/tmp/ega.rc"),
+        &format!("rm -f /tmp/ega.*; {GUEST_BIN} snapshot {channel} {args} >/tmp/ega.out 2>/tmp/ega.err; echo $? >/tmp/ega.rc"),
     );
 }
 
@@ -496,7 +678,22 @@ fn guest_finish(lab: &Lab) -> GuestRun {
 /// Runs a request from the guest through the listener: the guest's result and the
 /// listener's record of it.
 fn guest_request(lab: &Lab, serve: &Serve, args: &str) -> (GuestRun, Value, Reply) {
-    guest_start(lab, args);
+    let channel = if args.contains("--channel") {
+        ""
+    } else {
+        SERIAL
+    };
+    guest_request_on(lab, serve, channel, args)
+}
+
+/// [`guest_request`] on `channel` (empty: the tool's default, vsock).
+fn guest_request_on(
+    lab: &Lab,
+    serve: &Serve,
+    channel: &str,
+    args: &str,
+) -> (GuestRun, Value, Reply) {
+    guest_start_on(lab, channel, args);
     let (record, reply) = serve.reply(Duration::from_secs(120));
     let run = guest_finish(lab);
     eprintln!(
@@ -654,6 +851,88 @@ impl InLab {
             lab,
         }
     }
+}
+
+/// VM-initiated over vsock, end to end: `eve-guest-agent` in the guest connects to the
+/// host (CID 2) on port 10001 (its default channel); vhost-device-vsock delivers the
+/// connection to `<uds>_10001`, where `serve --listen-hvsock` listens and freezes through
+/// the guest's vsock agent. Garbage and a peer that leaves at once are refused first.
+#[test]
+fn over_vsock_a_guest_request_is_served_after_garbage_is_refused() {
+    let guard = ThawGuard::lock("serve-vsock");
+    let lab = guard.lab;
+    // The freeze goes through the vsock agent: thawed through it too, whatever happens.
+    let _thaw_vsock = ThawGuard::new(test_lab_vsock(), "serve-vsock-thaw");
+    install_guest_tool(lab, guard.run_dir.path());
+    let name = format!("t-vsock-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![name.clone()]);
+    let volumes = lab_volumes(lab, guard.run_dir.path());
+    let listen = &lab.vsock.request_listener;
+    assert_eq!(
+        lab.vsock.request_port, 10001,
+        "eve-guest-agent's default port"
+    );
+    let serve = Serve::start_on(
+        ("--listen-hvsock", listen),
+        guard.run_dir.path(),
+        &lab.agent_vsock,
+        &volumes,
+        "20",
+        &[],
+        &["--guest-min-interval", "0"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listen.exists() {
+        assert!(Instant::now() < deadline, "{}", serve.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reply = exchange_once(listen, b"\xff\xfe not a request\n");
+    assert_eq!(reply["error"]["kind"], "bad-request", "{reply}");
+    let _ = serve.reply(Duration::from_secs(10));
+    drop(UnixStream::connect(listen).expect("connect"));
+
+    let (run, record, reply) =
+        guest_request_on(lab, &serve, "", &format!("--create /data0 --name {name}"));
+    assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
+    assert_eq!(run.stdout["ok"], true, "{run:?}");
+    assert_eq!(run.stdout["id"], record["request"]["id"]);
+    assert_eq!(reply.disks, ["disk0"]);
+    assert_eq!(
+        reply.consistency,
+        Some(Consistency::Filesystem),
+        "{reply:?}"
+    );
+    assert!(
+        reply.freeze_window_ms.is_some_and(|ms| ms > 0.0),
+        "{reply:?}"
+    );
+    assert_eq!(
+        record["report"]["agent"],
+        lab.agent_vsock.as_str(),
+        "{record}"
+    );
+    let steps = record["report"]["steps"].as_array().expect("steps");
+    let freeze = steps
+        .iter()
+        .find(|s| s["tool"] == "qga-freeze")
+        .expect("freeze step");
+    assert_eq!(freeze["frozen"], 1, "{freeze}");
+    assert_eq!(
+        snapshots_named(lab, &name),
+        [format!("{}@{name}", dataset_of(lab, "disk0"))]
+    );
+    assert_eq!(status(test_lab_vsock()), GuestFsfreezeStatus::thawed);
+    assert!(
+        !run.stdout.to_string().contains(&lab.pool),
+        "{}",
+        run.stdout
+    );
+
+    // The next request on a new connection: the list shows it.
+    let (run, _, reply) = guest_request_on(lab, &serve, "", "--list /data0");
+    assert_eq!(run.code, 0, "{run:?}");
+    let listed = reply.snapshots.as_ref().expect("snapshots");
+    assert!(listed.iter().any(|s| s.name == name), "{reply:?}");
 }
 
 #[test]
@@ -1135,7 +1414,15 @@ fn the_guest_tells_an_absent_host_a_silent_host_and_a_busy_port_apart() {
     let busy = client
         .guest_exec(
             GUEST_BIN,
-            &["snapshot", "--list", "/data0", "--timeout", "2"],
+            &[
+                "snapshot",
+                "--channel",
+                evesnap::request::SERIAL_CHANNEL,
+                "--list",
+                "/data0",
+                "--timeout",
+                "2",
+            ],
             Duration::from_secs(30),
         )
         .expect("guest-exec");
@@ -1487,7 +1774,9 @@ fn a_controller_run_during_a_guest_create_storm_is_served_within_one_guest_opera
     // The storm: the guest asks again as soon as it has its answer.
     let script = storm[1..]
         .iter()
-        .map(|n| format!("{GUEST_BIN} snapshot --create /data0 --name {n} >/dev/null 2>&1"))
+        .map(|n| {
+            format!("{GUEST_BIN} snapshot {SERIAL} --create /data0 --name {n} >/dev/null 2>&1")
+        })
         .collect::<Vec<_>>()
         .join("; ");
     guest_background(&mut connect(lab), &script);

@@ -46,6 +46,9 @@ class Profile:
     def before_stop(self):
         """Called while the VM still runs, before `down` stops it."""
 
+    def after_stop(self):
+        """Called by `down` once the VM has stopped (or was not running)."""
+
     def purge(self):
         """`down --purge`, after the VM has stopped: the pool and the folder's files."""
         raise NotImplementedError
@@ -105,5 +108,6 @@ def down(p, purge):
     if qemu_running(p.lab) is not None:
         p.before_stop()
     stop_qemu(p.lab)
+    p.after_stop()
     if purge:
         p.purge()

@@ -112,10 +112,10 @@ def launch_qemu(lab, qemu_root, argv):
     return pid
 
 
-def agent_ping(sock_path, timeout):
+def agent_ping(sock_path, timeout, vsock_port=None):
     """One handshake as the real agent needs it (docs/lab.md#the-agent-on-the-wire,
-    scripts/lib/qga.py), then guest-ping."""
-    return qga.ping(sock_path, timeout)
+    scripts/lib/qga.py), then guest-ping; with `vsock_port`, through a hybrid vsock device."""
+    return qga.ping(sock_path, timeout, vsock_port)
 
 
 def wait_for_agent(lab, pid, seconds):

@@ -19,7 +19,8 @@ from .common import LabError, key_of, lab_file, log, pid_alive, read_pid, run
 from .debs import apt_install, dep_names, fetch_debs
 from .guest import GUEST_MODULE_TARGETS, GUEST_PACKAGES, build_guest, kernel_package, shutdown_script, write_files
 from .profile import Profile
-from .vm import ensure_qemu, launch_qemu, qemu_argv, qemu_running, runs_with, stop_qemu, wait_for_agent
+from .vm import agent_ping, ensure_qemu, launch_qemu, qemu_argv, qemu_running, runs_with, stop_qemu, wait_for_agent
+from . import vsock
 
 
 @functools.cache
@@ -47,8 +48,10 @@ VMS = lab_vms()
 
 DISK_IMAGE = "disk.img"
 DISK_SIZE_MB = 64
+MEMORY_MB = 256
 POOL_SIZE = "2G"
 REQUEST_PORT = "org.lfedge.eve.snapshot.0"
+MODULE_TARGETS = GUEST_MODULE_TARGETS + vsock.GUEST_MODULES
 # Host tools the lab itself runs; everything that goes into the VM is only extracted.
 HOST_PACKAGES = {"zfs-fuse": "/usr/sbin/zfs-fuse", "kmod": "/usr/sbin/depmod", "cpio": "/usr/bin/cpio",
                  "e2fsprogs": "/usr/sbin/mkfs.ext4"}
@@ -62,8 +65,11 @@ def ensure_guest(cache):
     apt_install(sorted(set(dep_names(debs["qemu-guest-agent"][2].get("Depends", "")))))
     # scripts/lab.d/guest/; the inittab's `{hook}` is qemu-ga's fsfreeze-hook option or nothing
     # (EVESNAP_LAB_FSFREEZE_HOOK=1 makes /init pick inittab.hook).
-    init, inittab, shutdown = lab_file("guest/init"), lab_file("guest/inittab"), shutdown_script()
-    script_hash = key_of(init, inittab, shutdown, GUEST_MODULE_TARGETS)
+    # A second qemu-ga listens on vsock (any CID, vsock.AGENT_PORT), reached through the hybrid
+    # vsock device.
+    init, shutdown = lab_file("guest/init"), shutdown_script()
+    inittab = lab_file("guest/inittab", VSOCK_PORT=vsock.AGENT_PORT)
+    script_hash = key_of(init, inittab, shutdown, MODULE_TARGETS)
     guest = cache / f"guest-{key_of(*(v for v, _, _ in debs.values()), script_hash)}"
     if (guest / ".complete").exists():
         return guest
@@ -76,7 +82,7 @@ def ensure_guest(cache):
                            "etc/inittab.hook": (inittab.format(hook=" -F/etc/qemu/fsfreeze-hook"), 0o644),
                            "sbin/shutdown": (shutdown, 0o755)})
 
-    return build_guest(cache, guest, debs, kernel_pkg, GUEST_MODULE_TARGETS, populate)
+    return build_guest(cache, guest, debs, kernel_pkg, MODULE_TARGETS, populate)
 
 
 # ---------------------------------------------------------------- zfs-fuse and the pool
@@ -222,6 +228,16 @@ def vm_dir(lab, vm):
 
 # ---------------------------------------------------------------- the profile
 
+def wait_for_vsock_agent(lab, seconds):
+    """The guest's second qemu-ga, on vsock through the hybrid vsock device, answers."""
+    deadline = time.monotonic() + seconds
+    while not agent_ping(lab / vsock.DEVICE_SOCKET, 1.0, vsock.AGENT_PORT):
+        if time.monotonic() > deadline:
+            raise LabError(f"the guest agent on vsock port {vsock.AGENT_PORT} did not answer within {seconds} s "
+                           f"through {lab / vsock.DEVICE_SOCKET}; see {lab / 'vhost-vsock.log'}")
+        time.sleep(0.2)
+
+
 def lab_object(lab, pool, datasets, pid):
     return {
         "dir": str(lab),
@@ -238,6 +254,7 @@ def lab_object(lab, pool, datasets, pid):
         # The same map as a file, for `snap-orchestrate serve --volumes` (VM-initiated snapshots).
         "volumes": str(lab / "volumes.json"),
         "qemu_pid": pid,
+        **vsock.lab_fields(lab),
     }
 
 
@@ -255,8 +272,12 @@ class Default(Profile):
         ensure_zfs_fuse(self.lab)
         self.datasets = ensure_pool(self.lab, self.pool)
         self.more = [ensure_vm_datasets(self.pool, vm) for vm in range(1, VMS)]
+        self.vsock_daemon = vsock.ensure_daemon(self.cache)
 
     def check_running(self, pid, guest):
+        # A VM whose vsock backend died cannot get it back: restart it.
+        if vsock.daemon_running(self.lab) is None:
+            return False
         wanted = ["-machine", machine(), str(guest / "initramfs.gz")]
         for (_, _, disk), (_, image) in zip(lab_disks(), self.datasets):
             wanted += disk_devices(disk, image)
@@ -267,9 +288,10 @@ class Default(Profile):
 
     def start(self, qemu_root, guest):
         self.qemu_root = qemu_root
-        return start_vm(self.lab, qemu_root, guest, "evesnap-lab", self.datasets)
+        return start_vm(self.lab, qemu_root, guest, "evesnap-lab", self.datasets, self.vsock_daemon)
 
     def ready(self, pid):
+        wait_for_vsock_agent(self.lab, 60)
         obj = lab_object(self.lab, self.pool, self.datasets, pid)
         (self.lab / "volumes.json").write_text(json.dumps(obj["disks"], indent=2) + "\n")
         obj["vms"] = [dict(obj, name="vm0")] + more_vms_ready(self)
@@ -281,6 +303,9 @@ class Default(Profile):
     def check_pool(self):
         if not zfs_ready() or pool_health(self.pool) != "ONLINE":
             raise LabError(f"pool {self.pool} is not online")
+
+    def after_stop(self):
+        vsock.stop_daemon(self.lab)
 
     def purge(self):
         lab, pool = self.lab, self.pool
@@ -325,16 +350,19 @@ class Default(Profile):
 
 # ---------------------------------------------------------------- more than one VM
 
-def start_vm(lab, qemu_root, guest, name, datasets):
+def start_vm(lab, qemu_root, guest, name, datasets, vsock_daemon):
     """Boots one lab VM from folder `lab` with `datasets`' images as its disks; its pid."""
     hook = os.environ.get("EVESNAP_LAB_FSFREEZE_HOOK") == "1"
-    argv = qemu_argv(lab, qemu_root, guest, name, 256,
+    argv = qemu_argv(lab, qemu_root, guest, name, MEMORY_MB,
                      f"console=ttyS0 panic=-1 quiet evesnap.disks={len(lab_disks())}"
                      + (" evesnap.fsfreeze_hook" if hook else ""))
     argv += ["-chardev", f"socket,path={lab / 'request.sock'},server=on,wait=off,id=req0",
              "-device", f"virtserialport,bus=vser0.0,chardev=req0,name={REQUEST_PORT}"]
     for (_, _, disk), (_, image) in zip(lab_disks(), datasets):
         argv += disk_devices(disk, image)
+    # Each VM its own vhost-device-vsock daemon and device socket, in its own folder.
+    argv += vsock.qemu_vsock_argv(lab, MEMORY_MB)
+    vsock.start_daemon(lab, vsock_daemon)
     return launch_qemu(lab, qemu_root, argv)
 
 
@@ -349,12 +377,13 @@ def more_vms_ready(p):
         if pid is None:
             if not hasattr(p, "qemu_root"):
                 p.qemu_root = ensure_qemu(p.cache)
-            pid = start_vm(folder, p.qemu_root, p.guest, f"evesnap-lab-vm{vm}", datasets)
+            pid = start_vm(folder, p.qemu_root, p.guest, f"evesnap-lab-vm{vm}", datasets, p.vsock_daemon)
         pids[vm] = pid
     objects = []
     for vm, datasets in enumerate(p.more, start=1):
         folder = vm_dir(p.lab, vm)
         wait_for_agent(folder, pids[vm], p.boot_seconds)
+        wait_for_vsock_agent(folder, 60)
         obj = lab_object(folder, p.pool, datasets, pids[vm])
         (folder / "volumes.json").write_text(json.dumps(obj["disks"], indent=2) + "\n")
         objects.append(dict(obj, name=f"vm{vm}"))
@@ -366,3 +395,4 @@ def stop_more_vms(lab):
     for folder in sorted(lab.glob("vm[0-9]*")):
         if folder.is_dir():
             stop_qemu(folder)
+            vsock.stop_daemon(folder)

@@ -1,5 +1,7 @@
 //! Where the guest agent listens: the host end of a virtio-serial chardev (a Unix
-//! socket) or an AF_VSOCK port inside the guest.
+//! socket), an AF_VSOCK port inside the guest, or that port reached through the Unix
+//! socket of a hybrid vsock device (a userspace vsock backend such as rust-vmm's
+//! `vhost-device-vsock`, Firecracker, Cloud Hypervisor).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -8,18 +10,22 @@ use std::str::FromStr;
 /// The address of a guest agent.
 ///
 /// Written as `unix:<path>` (or a plain path) for the Unix socket QEMU serves for a
-/// `virtserialport` chardev, and `vsock:<cid>:<port>` for an agent listening on AF_VSOCK
-/// (what EVE gives its guests).
+/// `virtserialport` chardev, `vsock:<cid>:<port>` for an agent listening on AF_VSOCK
+/// (what EVE gives its guests, reached through the host kernel's vhost-vsock), and
+/// `hvsock:<path>:<port>` for the same agent behind a hybrid vsock device: the host
+/// connects to the device's Unix socket `<path>`, sends `CONNECT <port>\n` and, after
+/// `OK <n>\n`, talks to the guest's listener on `<port>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Address {
     Unix(PathBuf),
     Vsock { cid: u32, port: u32 },
+    HybridVsock { path: PathBuf, port: u32 },
 }
 
 /// A text that is not an agent address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "bad agent address {text:?}: {reason} (expected unix:<path>, a path, or vsock:<cid>:<port>)"
+    "bad agent address {text:?}: {reason} (expected unix:<path>, a path, vsock:<cid>:<port> or hvsock:<path>:<port>)"
 )]
 pub struct ParseAddressError {
     pub text: String,
@@ -31,8 +37,20 @@ impl Address {
     /// the watchdog keyed by it) means the same thing from every working directory.
     pub fn unix(path: impl AsRef<Path>) -> Address {
         let path = path.as_ref();
-        Address::Unix(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+        Address::Unix(absolute(path))
     }
+
+    /// A hybrid vsock address; the path is made absolute like [`Address::unix`]'s.
+    pub fn hybrid_vsock(path: impl AsRef<Path>, port: u32) -> Address {
+        Address::HybridVsock {
+            path: absolute(path.as_ref()),
+            port,
+        }
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl FromStr for Address {
@@ -67,6 +85,19 @@ impl FromStr for Address {
                 .map_err(|_| bad("the vsock port is not a number"))?;
             return Ok(Address::Vsock { cid, port });
         }
+        if let Some(rest) = text.strip_prefix("hvsock:") {
+            // The port is after the last colon: the socket's path may hold colons itself.
+            let (path, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| bad("hvsock needs <path>:<port>"))?;
+            if path.is_empty() {
+                return Err(bad("empty hybrid vsock socket path"));
+            }
+            let port = port
+                .parse()
+                .map_err(|_| bad("the hvsock port is not a number"))?;
+            return Ok(Address::hybrid_vsock(path, port));
+        }
         // `tcp:` and the like: a scheme we do not speak, not a relative path.
         if let Some((scheme, _)) = text.split_once(':') {
             if !scheme.contains('/')
@@ -85,6 +116,7 @@ impl fmt::Display for Address {
         match self {
             Address::Unix(path) => write!(f, "unix:{}", path.display()),
             Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Address::HybridVsock { path, port } => write!(f, "hvsock:{}:{port}", path.display()),
         }
     }
 }
@@ -112,6 +144,29 @@ mod tests {
             "vsock:3:1234"
         );
         assert_eq!(Address::Unix("/a b".into()).to_string(), "unix:/a b");
+        assert_eq!(
+            "hvsock:/run/vm0/vsock.sock:10000".parse::<Address>(),
+            Ok(Address::HybridVsock {
+                path: "/run/vm0/vsock.sock".into(),
+                port: 10000
+            })
+        );
+        // Colons in the path: the port is after the last one; printing gives it back.
+        let colons: Address = "hvsock:/run/a:b/v.sock:7".parse().expect("colons");
+        assert_eq!(
+            colons,
+            Address::HybridVsock {
+                path: "/run/a:b/v.sock".into(),
+                port: 7
+            }
+        );
+        assert_eq!(colons.to_string().parse::<Address>(), Ok(colons.clone()));
+        assert_eq!(colons.to_string(), "hvsock:/run/a:b/v.sock:7");
+        let relative: Address = "hvsock:v.sock:1".parse().expect("relative hvsock path");
+        assert!(
+            matches!(&relative, Address::HybridVsock { path, port: 1 } if path.is_absolute()),
+            "{relative}"
+        );
         let relative: Address = "q.sock".parse().expect("relative path");
         assert!(
             matches!(&relative, Address::Unix(p) if p.is_absolute()),
@@ -128,6 +183,13 @@ mod tests {
             "vsock:x:1",
             "vsock:3:-1",
             "tcp:localhost:4444",
+            "hvsock:",
+            "hvsock:/v.sock",
+            "hvsock::10000",
+            "hvsock:/v.sock:",
+            "hvsock:/v.sock:port",
+            "hvsock:/v.sock:4294967296",
+            "hvsock:/v.sock:-1",
             "a\0b",
         ] {
             assert!(text.parse::<Address>().is_err(), "{text:?} parsed");

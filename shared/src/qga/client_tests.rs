@@ -407,3 +407,122 @@ fn a_kept_connection_is_used_as_it_is_unless_something_arrived_on_it() {
         "output since the handover: handshake first"
     );
 }
+
+mod hybrid_vsock {
+    use super::*;
+    use crate::exit::{Exit, HasExit};
+    use crate::qga::testing::FakeAgent;
+    use crate::qga::testing_hybrid::{Behaviour, HybridDevice};
+
+    fn chain(err: Error) -> String {
+        format!("{:#}", anyhow::Error::new(err))
+    }
+
+    fn forwarding(agent: &FakeAgent, port: u32) -> HybridDevice {
+        let Address::Unix(backend) = &agent.address else {
+            unreachable!("fake agents listen on Unix sockets")
+        };
+        HybridDevice::start(Behaviour::Forward {
+            port,
+            backend: backend.clone(),
+        })
+    }
+
+    #[test]
+    fn connect_ok_opens_the_guest_port() {
+        let (agent, sim) = FakeAgent::simulated(SimState::default());
+        let device = forwarding(&agent, 10000);
+        let address = device.address(10000);
+        let mut client = Client::connect(&address, soon(5.0)).expect("connects");
+        assert_eq!(client.address(), &address);
+        assert_eq!(
+            client
+                .execute(qga::guest_fsfreeze_freeze {})
+                .expect("freeze"),
+            3
+        );
+        assert_eq!(sim.state().frozen, 3);
+        assert_eq!(
+            client.execute(qga::guest_fsfreeze_thaw {}).expect("thaw"),
+            3
+        );
+        assert_eq!(sim.state().frozen, 0);
+        assert_eq!(device.connects.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_kept_connection_is_handed_over_like_a_unix_one() {
+        let (agent, _sim) = FakeAgent::simulated(SimState::default());
+        let device = forwarding(&agent, 10000);
+        let address = device.address(10000);
+        let mut client = Client::connect(&address, soon(5.0)).expect("connects");
+        client.ping().expect("ping");
+        let fd = client.into_fd();
+        let mut kept = Client::from_kept_fd(fd, address, soon(5.0)).expect("adopted");
+        assert!(kept.is_synced(), "nothing arrived: used as it is");
+        kept.ping().expect("ping on the kept connection");
+        assert_eq!(device.connects.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_closed_connect_is_unreachable_naming_the_socket_and_port() {
+        let (agent, _sim) = FakeAgent::simulated(SimState::default());
+        // The device forwards 10000 only: CONNECT 10001 finds no listener in the guest.
+        let device = forwarding(&agent, 10000);
+        let started = Instant::now();
+        let err = Client::connect(&device.address(10001), soon(0.7)).expect_err("refused");
+        let Error::Unreachable { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        // The device is there: the watchdog keeps trying (a paused VM, an agent restarting).
+        assert!(crate::qga::stream::is_hybrid_refusal(source), "{source:?}");
+        assert_eq!(err.exit(), Exit::AgentUnreachable);
+        let chain = chain(err);
+        assert!(chain.contains("hvsock:"), "{chain}");
+        assert!(
+            chain.contains("did not open guest vsock port 10001"),
+            "{chain}"
+        );
+        assert!(chain.contains("without OK"), "{chain}");
+        // Refusals are retried until the deadline, like a refused socket.
+        assert!(device.connects.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_reply_other_than_ok_is_unreachable_and_quoted() {
+        for reply in ["ERR no", "OK", "OK x", "HELLO 3"] {
+            let device = HybridDevice::start(Behaviour::Answer(reply.to_string()));
+            let err = Client::connect(&device.address(10000), soon(0.3)).expect_err(reply);
+            assert_eq!(err.exit(), Exit::AgentUnreachable, "{reply}: {err:?}");
+            let text = chain(err);
+            assert!(text.contains(&format!("{reply:?}")), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_connect_never_answered_times_out_by_the_deadline() {
+        let device = HybridDevice::start(Behaviour::Silent);
+        let started = Instant::now();
+        let err = Client::connect(&device.address(10000), soon(0.5)).expect_err("silent");
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert_eq!(err.exit(), Exit::AgentTimeout);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(2),
+            "{elapsed:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_device_socket_is_unreachable() {
+        let device = HybridDevice::start(Behaviour::Refuse);
+        let missing = Address::hybrid_vsock(device.path.with_file_name("none.sock"), 1);
+        let err = Client::connect(&missing, soon(0.3)).expect_err("missing");
+        assert_eq!(err.exit(), Exit::AgentUnreachable);
+        let Error::Unreachable { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(!crate::qga::stream::is_hybrid_refusal(source), "{source:?}");
+    }
+}

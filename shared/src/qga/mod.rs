@@ -2,7 +2,13 @@
 //!
 //! # Transports
 //! - `unix:<path>` or a plain path: the host end of the virtio-serial chardev QEMU serves.
-//! - `vsock:<cid>:<port>`: an agent listening on AF_VSOCK (EVE's guests).
+//! - `vsock:<cid>:<port>`: an agent listening on AF_VSOCK (EVE's guests), through the host
+//!   kernel's vhost-vsock.
+//! - `hvsock:<path>:<port>`: the same agent behind a hybrid vsock device (a userspace
+//!   backend: the host connects to its Unix socket `<path>`, sends `CONNECT <port>\n` and
+//!   reads `OK <n>\n`; then the stream is the guest's). A device that closes instead of `OK`
+//!   is refused ([`Error::Unreachable`], retried until the deadline like a refused socket),
+//!   one that never answers times out ([`Error::Timeout`]).
 //!
 //! # Framing
 //! The chardev serves one client at a time, and what a previous client left behind
@@ -35,6 +41,8 @@ mod client_tests;
 mod stream;
 #[doc(hidden)]
 pub mod testing;
+#[doc(hidden)]
+pub mod testing_hybrid;
 mod thaw;
 pub mod watchdog;
 

@@ -1,7 +1,10 @@
-//! A non-blocking stream socket to the agent with deadlines on every operation.
+//! A non-blocking stream socket to the agent with deadlines on every operation, and the
+//! hybrid vsock handshake (`CONNECT <port>\n` → `OK <n>\n`) that opens a guest port
+//! through a userspace vsock device's Unix socket.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -29,6 +32,33 @@ impl From<Errno> for WaitError {
     fn from(e: Errno) -> Self {
         WaitError::Io(e.into())
     }
+}
+
+/// The longest hybrid vsock reply line accepted (`OK 4294967295`, with room to spare).
+const MAX_HYBRID_REPLY: usize = 64;
+
+/// A hybrid vsock device that did not open the guest port: it closed the connection
+/// (nothing listens on the port in the guest, or the guest is not running) or answered
+/// something other than `OK <n>`.
+#[derive(Debug, thiserror::Error)]
+#[error("{} did not open guest vsock port {port}: {}", path.display(), if reply.is_empty() {
+    "it closed the connection without OK (nothing listens on that port in the guest?)".to_string()
+} else {
+    format!("it answered {reply:?} instead of OK <n>")
+})]
+pub(crate) struct HybridRefused {
+    pub path: PathBuf,
+    pub port: u32,
+    pub reply: String,
+}
+
+/// Whether `error` is a hybrid vsock device's refusal of a guest port: the device (and so
+/// the VM) is there, the port in the guest does not answer (its agent restarting, the VM
+/// paused).
+pub(crate) fn is_hybrid_refusal(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<HybridRefused>())
 }
 
 /// A connected stream socket (AF_UNIX or AF_VSOCK), non-blocking, close-on-exec.
@@ -64,11 +94,14 @@ fn wait(fd: &OwnedFd, events: PollFlags, deadline: Instant) -> Result<PollFlags,
 
 impl Stream {
     /// Opens a connection; fails with the socket error (ENOENT, ECONNREFUSED, …) or
-    /// [`WaitError::Timeout`] when a vsock connect does not complete by the deadline.
+    /// [`WaitError::Timeout`] when a vsock connect (or a hybrid vsock `CONNECT`) does not
+    /// complete by the deadline. A hybrid vsock device that does not answer `OK` (nothing
+    /// listens on the port in the guest) is an [`io::ErrorKind::ConnectionRefused`] error
+    /// carrying a [`HybridRefused`].
     pub(crate) fn connect(address: &Address, deadline: Instant) -> Result<Stream, WaitError> {
         let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
         let (fd, result) = match address {
-            Address::Unix(path) => {
+            Address::Unix(path) | Address::HybridVsock { path, .. } => {
                 let addr = UnixAddr::new(path.as_path())?;
                 let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
                 let result = socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr);
@@ -92,7 +125,50 @@ impl Stream {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(Stream { fd })
+        let stream = Stream { fd };
+        if let Address::HybridVsock { path, port } = address {
+            stream.hybrid_connect(path, *port, deadline)?;
+        }
+        Ok(stream)
+    }
+
+    /// Asks the hybrid vsock device for guest port `port`: `CONNECT <port>\n`, answered
+    /// `OK <host port>\n`. The reply is read a byte at a time so that nothing of the guest's
+    /// stream after it is consumed.
+    fn hybrid_connect(&self, path: &Path, port: u32, deadline: Instant) -> Result<(), WaitError> {
+        self.write_all(format!("CONNECT {port}\n").as_bytes(), deadline)?;
+        let mut reply = Vec::new();
+        let refused = |reply: &[u8]| {
+            WaitError::Io(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                HybridRefused {
+                    path: path.to_path_buf(),
+                    port,
+                    reply: String::from_utf8_lossy(reply).into_owned(),
+                },
+            ))
+        };
+        loop {
+            let mut byte = [0u8];
+            match self.read_some(&mut byte, deadline) {
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if reply.len() < MAX_HYBRID_REPLY => reply.push(byte[0]),
+                Ok(_) => return Err(refused(&reply)),
+                Err(WaitError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Err(refused(&reply))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match reply.strip_prefix(b"OK ") {
+            Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => Ok(()),
+            _ => Err(refused(&reply)),
+        }
     }
 
     /// A stream over an already connected socket (tests use socket pairs).

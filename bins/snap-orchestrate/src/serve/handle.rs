@@ -29,17 +29,24 @@ pub struct Served {
     pub report: Option<Report>,
 }
 
-/// The listener's state.
-pub struct Server {
+/// The VM a request is served for: its volumes, its agent, what its replies must not name.
+#[derive(Debug, Clone)]
+pub struct Vm {
     pub(super) volumes: Volumes,
     /// The VM's QMP socket (`--qmp`): places the volumes in the guest for each request.
     pub(super) qmp: Option<std::path::PathBuf>,
     pub(super) agent_text: String,
     pub(super) agent: Address,
+    pub(super) redactor: Redactor,
+}
+
+/// The listener's state.
+pub struct Server {
+    /// The VM of the connection being served (one VM unless the listener serves a CID map).
+    pub(super) vm: Vm,
     pub(super) zfs: Zfs,
     pub(super) timeout: Duration,
     pub(super) thaw_after: f64,
-    pub(super) redactor: Redactor,
     pub(super) signals: Signals,
     pub(super) budget: Budget,
 }
@@ -47,8 +54,8 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("agent", &self.agent_text)
-            .field("volumes", &self.volumes)
+            .field("agent", &self.vm.agent_text)
+            .field("volumes", &self.vm.volumes)
             .finish()
     }
 }
@@ -81,11 +88,11 @@ impl Server {
         &self,
         request: &Request,
     ) -> Result<(Vec<GuestFilesystemInfo>, Option<GuestClock>), evesnap::qga::Error> {
-        let mut client = Client::connect(&self.agent, Instant::now() + self.timeout)?;
+        let mut client = Client::connect(&self.vm.agent, Instant::now() + self.timeout)?;
         client.set_timeout(self.timeout);
         // The agent answers again: what a run could not run before goes first.
-        if evesnap::pending::any(&self.agent) {
-            match evesnap::pending::run(&mut client, &self.agent) {
+        if evesnap::pending::any(&self.vm.agent) {
+            match evesnap::pending::run(&mut client, &self.vm.agent) {
                 Ok(Some(ran)) => evesnap::note!(
                     "ran {} pending guest_post command(s) of run {} ({} failed, {} still pending)",
                     ran.commands.len(),
@@ -127,7 +134,7 @@ impl Server {
             Err(e) => {
                 let error = evesnap::exit::wrap(e);
                 let exit = exit_of(&error);
-                let message = self.redactor.text(&chain(
+                let message = self.vm.redactor.text(&chain(
                     &error.context("cannot ask the guest agent which disk that is"),
                 ));
                 return (fail(refuse(exit.kind(), exit, message)), None);
@@ -148,7 +155,7 @@ impl Server {
         let labels: Vec<String> = identified
             .datasets
             .iter()
-            .filter_map(|d| self.volumes.get(d))
+            .filter_map(|d| self.vm.volumes.get(d))
             .map(label)
             .collect();
         let (mut reply, report) = match request.op {
@@ -166,14 +173,14 @@ impl Server {
     /// This VM's volumes placed in the guest, asking QEMU (the guest may have renumbered its
     /// buses since the last request) when the map names disks as QEMU knows them.
     fn place_volumes(&self) -> Result<Placed, ReplyError> {
-        let topology = match &self.qmp {
-            Some(path) if self.volumes.values().any(GuestDisk::needs_qmp) => Some(
+        let topology = match &self.vm.qmp {
+            Some(path) if self.vm.volumes.values().any(GuestDisk::needs_qmp) => Some(
                 evesnap::qmp::Qmp::connect(path, self.timeout)
                     .and_then(|mut q| q.topology())
                     .map_err(|e| {
                         let error = evesnap::exit::wrap(e);
                         let exit = exit_of(&error);
-                        let message = self.redactor.text(&chain(
+                        let message = self.vm.redactor.text(&chain(
                             &error.context("cannot ask QEMU where the guest sees the volumes"),
                         ));
                         refuse(exit.kind(), exit, message)
@@ -181,11 +188,11 @@ impl Server {
             ),
             _ => None,
         };
-        placement::locate_all(&self.volumes, topology.as_ref()).map_err(|why| {
+        placement::locate_all(&self.vm.volumes, topology.as_ref()).map_err(|why| {
             refuse(
                 "unknown-disk",
                 Exit::Preflight,
-                self.redactor.text(&format!(
+                self.vm.redactor.text(&format!(
                     "cannot place this VM's volumes in the guest: {why}"
                 )),
             )
@@ -197,7 +204,7 @@ impl Server {
         for dataset in &identified.datasets {
             match self.zfs.snapshots(dataset, &[flow::CONSISTENCY_PROPERTY]) {
                 Ok(list) => {
-                    let disk = self.volumes.get(dataset).map(label).unwrap_or_default();
+                    let disk = self.vm.volumes.get(dataset).map(label).unwrap_or_default();
                     entries.extend(list.into_iter().map(|s| {
                         SnapshotEntry {
                             disk: disk.clone(),
@@ -214,7 +221,7 @@ impl Server {
                 Err(e) => {
                     let error = evesnap::exit::wrap(e);
                     let exit = exit_of(&error);
-                    let message = self.redactor.text(&chain(&error));
+                    let message = self.vm.redactor.text(&chain(&error));
                     return Reply::failure(
                         Some(request.id.clone()),
                         Some(request.op),
@@ -238,7 +245,7 @@ impl Server {
         let disks: BTreeMap<String, GuestDisk> = identified
             .datasets
             .iter()
-            .filter_map(|d| self.volumes.get_key_value(d))
+            .filter_map(|d| self.vm.volumes.get_key_value(d))
             .map(|(d, disk)| (d.clone(), disk.clone()))
             .collect();
         let mut plan = Plan {
@@ -249,8 +256,8 @@ impl Server {
             config_version: None,
             app_name: None,
             action: Action::Create,
-            agent: self.agent_text.clone(),
-            qmp: self.qmp.as_ref().map(|p| p.display().to_string()),
+            agent: self.vm.agent_text.clone(),
+            qmp: self.vm.qmp.as_ref().map(|p| p.display().to_string()),
             datasets: identified.datasets.clone(),
             app: None,
             volumes: Vec::new(),
@@ -323,7 +330,7 @@ impl Server {
         let plan = match self.plan(request, identified, deadline) {
             Ok(plan) => plan,
             Err(e) => {
-                let message = self.redactor.text(&chain_of(&e));
+                let message = self.vm.redactor.text(&chain_of(&e));
                 return (fail(refuse("bad-request", Exit::Usage, message)), None);
             }
         };
@@ -340,11 +347,11 @@ impl Server {
             let mut reply = fail(ReplyError {
                 kind: exit.kind().into(),
                 code: exit.code(),
-                message: self.redactor.text(&chain(error)),
+                message: self.vm.redactor.text(&chain(error)),
                 step: report.error.as_ref().map(|e| e.step.clone()),
                 problems: problems_of(error)
                     .into_iter()
-                    .map(|p| self.redactor.value(p))
+                    .map(|p| self.vm.redactor.value(p))
                     .collect(),
                 ..ReplyError::default()
             });
@@ -363,7 +370,12 @@ impl Server {
                     taken
                         .iter()
                         .map(|s| SnapshotEntry {
-                            disk: self.volumes.get(s.dataset()).map(label).unwrap_or_default(),
+                            disk: self
+                                .vm
+                                .volumes
+                                .get(s.dataset())
+                                .map(label)
+                                .unwrap_or_default(),
                             name: s.short_name().to_string(),
                             guid: s.guid.clone(),
                             creation: s.creation,
@@ -373,11 +385,12 @@ impl Server {
                 );
                 reply.consistency = report.consistency;
                 reply.freeze_window_ms = report.freeze_window_ms;
-                reply.crash_reason = report.crash_reason().map(|r| self.redactor.text(r));
+                reply.crash_reason = report.crash_reason().map(|r| self.vm.redactor.text(r));
             }
             Op::Rollback => {
                 let destroyed = report.destroyed.as_deref().unwrap_or_default();
-                reply.destroyed = Some(destroyed.iter().map(|s| self.redactor.text(s)).collect());
+                reply.destroyed =
+                    Some(destroyed.iter().map(|s| self.vm.redactor.text(s)).collect());
             }
             Op::List => {}
         }
@@ -387,7 +400,7 @@ impl Server {
     /// A `busy` refusal of a create or rollback while a controller run waits for the VM
     /// ([`crate::lock`]): it goes first, and the agent is left to it.
     fn controller_first(&self, op: Op) -> Option<ReplyError> {
-        if op == Op::List || !crate::lock::controller_waiting(&self.agent) {
+        if op == Op::List || !crate::lock::controller_waiting(&self.vm.agent) {
             return None;
         }
         let mut error = refuse(
@@ -401,7 +414,7 @@ impl Server {
 
     /// The guest budget's refusal of a create on `identified`, if any ([`budget::decide`]).
     fn over_budget(&self, identified: &Identified) -> Option<ReplyError> {
-        let volumes: Vec<String> = self.volumes.keys().cloned().collect();
+        let volumes: Vec<String> = self.vm.volumes.keys().cloned().collect();
         match budget::facts(&self.zfs, &volumes, &identified.datasets) {
             Ok(facts) => budget::decide(&self.budget, &facts)
                 .err()
@@ -409,7 +422,7 @@ impl Server {
             Err(e) => {
                 let error = evesnap::exit::wrap(e);
                 let exit = exit_of(&error);
-                let message = self.redactor.text(&chain(
+                let message = self.vm.redactor.text(&chain(
                     &error.context("cannot check this VM's snapshot budget"),
                 ));
                 Some(refuse(exit.kind(), exit, message))

@@ -1,10 +1,18 @@
 //! `snap-orchestrate serve`: the host end of VM-initiated snapshots.
 //!
-//! QEMU serves the VM's virtio-serial port `org.lfedge.eve.snapshot.0` as a Unix socket
-//! (`-chardev socket,server=on`); this listener connects to it as the one client, keeps the
-//! connection, and reconnects when QEMU restarts. It reads JSON-line requests from
-//! `eve-guest-agent` in the guest (protocol in [`evesnap::request`]) and serves them one at
-//! a time:
+//! Requests come over one of three transports:
+//! - `--channel SOCKET`: QEMU serves the VM's virtio-serial port `org.lfedge.eve.snapshot.0`
+//!   as a Unix socket (`-chardev socket,server=on`); this listener connects to it as the one
+//!   client, keeps the connection, and reconnects when QEMU restarts.
+//! - `--listen-hvsock SOCKET`: the guest connects over vsock to the host (CID 2) on port P
+//!   and a hybrid vsock device delivers the connection to the Unix socket `<uds>_P`, where
+//!   this listener listens for that one VM ([`listen`]).
+//! - `--listen-vsock PORT --cid-map FILE`: kernel AF_VSOCK; the peer's CID names the VM
+//!   ([`cids`]), other CIDs are refused.
+//!
+//! On the vsock transports each connection carries one request and gets one reply. The
+//! listener reads JSON-line requests from `eve-guest-agent` in the guest (protocol in
+//! [`evesnap::request`]) and serves them one at a time:
 //!
 //! 1. The request is parsed strictly (unknown fields, wrong types, names against ZFS
 //!    rules, at most [`MAX_REQUEST_LINE`] bytes); anything else gets a `bad-request`
@@ -27,19 +35,24 @@
 //!
 //! The jobs live apart: [`volumes`] (the map), [`identify`] (which volume a request is
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
-//! and this file (the session on the channel and the reconnect loop).
+//! [`listen`] (the vsock listeners), [`cids`] (the CID → VM map), and this file (the
+//! session on a connection, the virtio-serial reconnect loop, the choice of source).
 
 mod budget;
+pub mod cids;
 mod deadline;
 mod handle;
 mod identify;
 mod lines;
+mod listen;
 mod redact;
 mod volumes;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use evesnap::cli::Outcome;
@@ -51,7 +64,7 @@ use serde_json::json;
 
 use crate::flow::Signals;
 pub use budget::{decide, Budget, Facts, PoolSpace, Refusal, Size};
-pub use handle::{Served, Server};
+pub use handle::{Served, Server, Vm};
 pub use identify::{identify, Identified};
 use lines::{Line, Lines, Throttle};
 pub use redact::Redactor;
@@ -69,23 +82,39 @@ const BAD_LINES_PER_SECOND: u32 = 20;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true)
+    .args(["channel", "listen_hvsock", "listen_vsock"])))]
 pub struct ServeArgs {
-    /// The host end of the VM's request port: QEMU's `-chardev socket,path=PATH,server=on`
-    /// behind `virtserialport,name=org.lfedge.eve.snapshot.0`.
+    /// The host end of the VM's virtio-serial request port: QEMU's `-chardev
+    /// socket,path=PATH,server=on` behind `virtserialport,name=org.lfedge.eve.snapshot.0`.
     #[arg(long, value_name = "SOCKET")]
-    pub channel: PathBuf,
-    /// The VM's guest agent: `unix:<path>`, a plain path, or `vsock:<cid>:<port>`.
-    #[arg(long, value_name = "ADDRESS")]
-    pub agent: String,
+    pub channel: Option<PathBuf>,
+    /// Listen for the VM's vsock connections to the host (CID 2) on the Unix socket a hybrid
+    /// vsock device delivers them to: `<uds path>_<port>` (vhost-device-vsock, Firecracker,
+    /// Cloud Hypervisor; eve-guest-agent's port is 10001). One request per connection.
+    #[arg(long, value_name = "SOCKET")]
+    pub listen_hvsock: Option<PathBuf>,
+    /// Listen on kernel AF_VSOCK port PORT for every VM of --cid-map, each connection served
+    /// as the VM its peer CID names (other CIDs are refused). One request per connection.
+    #[arg(long, value_name = "PORT", requires = "cid_map")]
+    pub listen_vsock: Option<u32>,
+    /// With --listen-vsock: JSON map of the VMs by CID, `{"<cid>": {"agent": "<address>",
+    /// "volumes": "<volumes map file>"}, ...}`, in place of --agent and --volumes.
+    #[arg(long, value_name = "FILE", requires = "listen_vsock", conflicts_with_all = ["agent", "volumes"])]
+    pub cid_map: Option<PathBuf>,
+    /// The VM's guest agent: `unix:<path>`, a plain path, `vsock:<cid>:<port>` (AF_VSOCK) or
+    /// `hvsock:<path>:<port>` (guest vsock port through a hybrid vsock device's Unix socket).
+    #[arg(long, value_name = "ADDRESS", required_unless_present = "listen_vsock")]
+    pub agent: Option<String>,
     /// JSON map of this VM's volumes (the plan's `disks`): `{"<dataset>": {"qdev":
     /// "virtio-disk0", "port": "pci.8"}, ...}` as the host attached them (QEMU device id,
     /// root port id, `wwn` of a SCSI disk: needs --qmp), or by `serial` / `pci`. Only these
     /// can be named by the guest.
-    #[arg(long, value_name = "FILE")]
-    pub volumes: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "listen_vsock")]
+    pub volumes: Option<PathBuf>,
     /// The VM's QMP socket: places the volumes in the guest (the bus numbers the guest gave
     /// the root ports, `query-pci`) for each request, and tells a rollback whether the VM runs.
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with = "cid_map")]
     pub qmp: Option<PathBuf>,
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
@@ -170,7 +199,7 @@ fn oversized() -> Served {
     }
 }
 
-fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+fn send(stream: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
     // The leading newline ends any half line an interrupted write left in the pipe.
     let mut bytes = b"\n".to_vec();
     bytes.extend(reply.to_line());
@@ -178,20 +207,43 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.flush()
 }
 
+/// Read and write timeouts on a socket of any family (AF_UNIX, AF_VSOCK).
+fn set_timeouts(fd: &impl AsFd) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use nix::sys::time::{TimeVal, TimeValLike};
+    let millis = |d: Duration| TimeVal::milliseconds(d.as_millis() as i64);
+    setsockopt(fd, sockopt::ReceiveTimeout, &millis(READ_TICK))?;
+    setsockopt(fd, sockopt::SendTimeout, &millis(WRITE_TIMEOUT))?;
+    Ok(())
+}
+
 impl Server {
-    fn session(&mut self, mut stream: UnixStream) -> End {
-        if let Err(e) = stream
-            .set_read_timeout(Some(READ_TICK))
-            .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
-        {
+    /// Serves the requests on one connection. `one_request` (the vsock transports): the
+    /// connection ends after its first reply, or unanswered after
+    /// [`listen::CONNECTION_IDLE`] without one; `throttle` then outlives the connection
+    /// (the VM's), so that garbage spread over many connections is rated as one flood.
+    fn session<S: Read + Write + AsFd>(
+        &mut self,
+        mut stream: S,
+        one_request: bool,
+        throttle: &mut Throttle,
+    ) -> End {
+        if let Err(e) = set_timeouts(&stream) {
             return End::Broken(e);
         }
+        let opened = Instant::now();
         let mut lines = Lines::new(MAX_REQUEST_LINE);
-        let mut throttle = Throttle::new(BAD_LINES_PER_SECOND);
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if self.stop_requested() {
                 return End::Stop;
+            }
+            if one_request && opened.elapsed() > listen::CONNECTION_IDLE {
+                evesnap::warn!(
+                    "a connection sent no request within {} s: closed",
+                    listen::CONNECTION_IDLE.as_secs()
+                );
+                return End::Closed;
             }
             let n = match stream.read(&mut chunk) {
                 Ok(0) => return End::Closed,
@@ -237,6 +289,9 @@ impl Server {
                 if let Err(e) = send(&mut stream, &served.reply) {
                     return End::Broken(e);
                 }
+                if one_request {
+                    return End::Closed;
+                }
                 if self.stop_requested() {
                     return End::Stop;
                 }
@@ -246,33 +301,34 @@ impl Server {
 }
 
 /// The host's paths that error messages may name, for the redactor.
-fn host_paths(args: &ServeArgs, agent: &Address, zfs: &Zfs) -> Vec<String> {
+fn host_paths(
+    source: &Path,
+    agent_text: &str,
+    agent: &Address,
+    qmp: Option<&Path>,
+    zfs: &Zfs,
+) -> Vec<String> {
     let mut paths = vec![
-        args.agent.clone(),
+        agent_text.to_string(),
         agent.to_string(),
-        args.channel.display().to_string(),
+        source.display().to_string(),
         evesnap::runtime::dir().display().to_string(),
         zfs.program().display().to_string(),
     ];
-    if let Address::Unix(path) = agent {
+    if let Address::Unix(path) | Address::HybridVsock { path, .. } = agent {
         paths.push(path.display().to_string());
     }
-    if let Some(qmp) = &args.qmp {
+    if let Some(qmp) = qmp {
         paths.push(qmp.display().to_string());
     }
     paths
 }
 
-/// One listener per channel on this host: a second would connect and never be served.
-fn lock_channel(channel: &std::path::Path) -> Result<evesnap::runtime::Lock, anyhow::Error> {
-    let name = format!(
-        "serve-{}",
-        evesnap::runtime::file_key(&channel.to_string_lossy())
-    );
-    evesnap::runtime::lock(&name, || {
-        format!("another listener on {}", channel.display())
-    })
-    .map_err(evesnap::exit::wrap)
+/// One listener per channel (or port) on this host: a second would never be served.
+fn lock_listener(what: &str) -> Result<evesnap::runtime::Lock, anyhow::Error> {
+    let name = format!("serve-{}", evesnap::runtime::file_key(what));
+    evesnap::runtime::lock(&name, || format!("another listener on {what}"))
+        .map_err(evesnap::exit::wrap)
 }
 
 /// Runs the listener until SIGINT, SIGTERM or SIGHUP.
@@ -283,17 +339,17 @@ pub fn run(args: &ServeArgs) -> Outcome {
     }
 }
 
-fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
-    let agent: Address = args
-        .agent
-        .parse()
-        .map_err(|e| coded(Exit::Usage, format!("--agent {}: {e}", args.agent)))?;
-    let timeout = evesnap::time::timeout(args.timeout)
-        .map_err(|why| coded(Exit::Usage, format!("--timeout: {why}")))?;
-    evesnap::time::seconds(args.thaw_after)
-        .map_err(|why| coded(Exit::Usage, format!("--thaw-after: {why}")))?;
-    let volumes = load_volumes(&args.volumes)?;
-    if args.qmp.is_none() {
+/// A VM from its agent's address, its volumes map and its QMP socket. Volumes named as the
+/// host attached them (QEMU device, root port, WWN) can only be placed through QMP.
+fn vm_of(
+    agent_text: &str,
+    agent: Address,
+    volumes: Volumes,
+    qmp: Option<PathBuf>,
+    source: &Path,
+    zfs: &Zfs,
+) -> Result<Vm, anyhow::Error> {
+    if qmp.is_none() {
         if let Some((dataset, _)) = volumes.iter().find(|(_, d)| d.needs_qmp()) {
             return Err(coded(
                 Exit::Usage,
@@ -303,16 +359,67 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
             ));
         }
     }
+    let paths = host_paths(source, agent_text, &agent, qmp.as_deref(), zfs);
+    Ok(Vm {
+        redactor: Redactor::new(&volumes, &paths),
+        volumes,
+        qmp,
+        agent_text: agent_text.to_string(),
+        agent,
+    })
+}
+
+fn describe(vm: &Vm) -> String {
+    vm.volumes
+        .iter()
+        .map(|(d, disk)| format!("{} = {d}", label(disk)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
+    let timeout = evesnap::time::timeout(args.timeout)
+        .map_err(|why| coded(Exit::Usage, format!("--timeout: {why}")))?;
+    evesnap::time::seconds(args.thaw_after)
+        .map_err(|why| coded(Exit::Usage, format!("--thaw-after: {why}")))?;
     let zfs = Zfs::locate(args.zfs.as_deref()).map_err(evesnap::exit::wrap)?;
-    let _lock = lock_channel(&args.channel)?;
+    let (vm, vms) = match (&args.listen_vsock, &args.cid_map, &args.agent, &args.volumes) {
+        (Some(port), Some(map), _, _) => {
+            let source = PathBuf::from(format!("vsock port {port}"));
+            let vms: BTreeMap<u32, Vm> = cids::load_cid_map(map)?
+                .into_iter()
+                .map(|(cid, c)| {
+                    let vm = vm_of(&c.agent_text, c.agent, c.volumes, None, &source, &zfs);
+                    vm.map(|vm| (cid, vm))
+                })
+                .collect::<Result<_, _>>()?;
+            let first = vms.values().next().cloned();
+            (first.ok_or_else(|| coded(Exit::Usage, "the CID map names no VM"))?, vms)
+        }
+        (None, None, Some(agent_text), Some(volumes)) => {
+            let agent: Address = agent_text
+                .parse()
+                .map_err(|e| coded(Exit::Usage, format!("--agent {agent_text}: {e}")))?;
+            let volumes = load_volumes(volumes)?;
+            let source = args
+                .channel
+                .as_deref()
+                .or(args.listen_hvsock.as_deref())
+                .unwrap_or(Path::new(""));
+            let qmp = args.qmp.clone();
+            (vm_of(agent_text, agent, volumes, qmp, source, &zfs)?, BTreeMap::new())
+        }
+        _ => {
+            return Err(coded(
+                Exit::Usage,
+                "give --channel or --listen-hvsock with --agent and --volumes, or --listen-vsock with --cid-map",
+            ))
+        }
+    };
     let signals = Signals::install()
         .map_err(|e| anyhow::Error::new(e).context("cannot install signal handlers"))?;
     let mut server = Server {
-        redactor: Redactor::new(&volumes, &host_paths(args, &agent, &zfs)),
-        volumes,
-        qmp: args.qmp.clone(),
-        agent_text: args.agent.clone(),
-        agent,
+        vm,
         zfs,
         timeout,
         thaw_after: args.thaw_after,
@@ -324,31 +431,70 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
             pool_floor: args.pool_floor,
         },
     };
+    if let Some(port) = args.listen_vsock {
+        let _lock = lock_listener(&format!("vsock port {port}"))?;
+        let listener = listen::bind_vsock(port).map_err(|e| {
+            coded(
+                Exit::AgentUnreachable,
+                format!("cannot listen on vsock port {port}: {e}"),
+            )
+        })?;
+        for (cid, vm) in &vms {
+            evesnap::note!("serving vsock port {port} for CID {cid}: {}", describe(vm));
+        }
+        listen::serve_vsock(&mut server, &listener, &vms)
+            .map_err(|e| anyhow::Error::new(e).context("the vsock listener failed"))?;
+        evesnap::note!("stopping on a signal");
+        return Ok(());
+    }
+    if let Some(path) = &args.listen_hvsock {
+        let _lock = lock_listener(&path.to_string_lossy())?;
+        let listener = listen::bind_hybrid(path).map_err(|e| {
+            coded(
+                Exit::AgentUnreachable,
+                format!("cannot listen on {}: {e}", path.display()),
+            )
+        })?;
+        evesnap::note!(
+            "serving {} for {} volume(s): {}",
+            path.display(),
+            server.vm.volumes.len(),
+            describe(&server.vm)
+        );
+        let served = listen::serve_hybrid(&mut server, &listener);
+        let _ = std::fs::remove_file(path);
+        served.map_err(|e| anyhow::Error::new(e).context("the vsock listener failed"))?;
+        evesnap::note!("stopping on a signal");
+        return Ok(());
+    }
+    let channel = args.channel.as_deref().unwrap_or(Path::new(""));
+    let _lock = lock_listener(&channel.to_string_lossy())?;
     evesnap::note!(
         "serving {} for {} volume(s): {}",
-        args.channel.display(),
-        server.volumes.len(),
-        server
-            .volumes
-            .iter()
-            .map(|(d, disk)| format!("{} = {d}", label(disk)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        channel.display(),
+        server.vm.volumes.len(),
+        describe(&server.vm)
     );
+    serve_channel(&mut server, channel);
+    Ok(())
+}
+
+/// The virtio-serial channel: connect to QEMU's socket, serve, reconnect until a signal.
+fn serve_channel(server: &mut Server, channel: &Path) {
     let mut waiting = false;
     loop {
         if server.stop_requested() {
             evesnap::note!("stopping on a signal");
-            return Ok(());
+            return;
         }
-        match UnixStream::connect(&args.channel) {
+        match UnixStream::connect(channel) {
             Ok(stream) => {
-                evesnap::note!("connected to {}", args.channel.display());
+                evesnap::note!("connected to {}", channel.display());
                 waiting = false;
-                match server.session(stream) {
+                match server.session(stream, false, &mut Throttle::new(BAD_LINES_PER_SECOND)) {
                     End::Stop => {
                         evesnap::note!("stopping on a signal");
-                        return Ok(());
+                        return;
                     }
                     End::Closed => {
                         evesnap::note!("the channel closed (QEMU stopped?); reconnecting")
@@ -358,7 +504,7 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
             }
             Err(e) => {
                 if !waiting {
-                    evesnap::note!("waiting for {} ({e})", args.channel.display());
+                    evesnap::note!("waiting for {} ({e})", channel.display());
                     waiting = true;
                 }
                 let until = Instant::now() + RECONNECT_PAUSE;

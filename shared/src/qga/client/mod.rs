@@ -100,17 +100,19 @@ impl Client {
                     })
                 }
                 Err(WaitError::Io(source)) => {
-                    let retry = matches!(
-                        source.raw_os_error().map(nix::errno::Errno::from_raw),
-                        Some(
-                            nix::errno::Errno::ENOENT
-                                | nix::errno::Errno::ECONNREFUSED
-                                | nix::errno::Errno::EAGAIN
-                                | nix::errno::Errno::ECONNRESET
-                                | nix::errno::Errno::ETIMEDOUT
-                                | nix::errno::Errno::ENODEV
-                        )
-                    );
+                    // A hybrid vsock device refuses with a closed connection, not an errno.
+                    let retry = source.kind() == std::io::ErrorKind::ConnectionRefused
+                        || matches!(
+                            source.raw_os_error().map(nix::errno::Errno::from_raw),
+                            Some(
+                                nix::errno::Errno::ENOENT
+                                    | nix::errno::Errno::ECONNREFUSED
+                                    | nix::errno::Errno::EAGAIN
+                                    | nix::errno::Errno::ECONNRESET
+                                    | nix::errno::Errno::ETIMEDOUT
+                                    | nix::errno::Errno::ENODEV
+                            )
+                        );
                     if !retry || Instant::now() + RECONNECT_PAUSE >= deadline {
                         return Err(Error::Unreachable {
                             address: address.to_string(),

@@ -247,19 +247,22 @@ fn retry_window() -> Duration {
 }
 
 /// Whether a failed attempt says the VM is gone (its agent socket is missing or refuses),
-/// rather than paused or busy (connected, but no answer).
+/// rather than paused or busy (connected, but no answer). A hybrid vsock device that
+/// refuses the guest port is there, and so is its VM (paused, or its agent restarting).
 fn vm_gone(error: &qga::ThawError) -> bool {
-    matches!(
-        error,
-        qga::ThawError::Connect(qga::Error::Unreachable { .. })
-    )
+    match error {
+        qga::ThawError::Connect(qga::Error::Unreachable { source, .. }) => {
+            !qga::stream::is_hybrid_refusal(source)
+        }
+        _ => false,
+    }
 }
 
 /// The agent's socket file is not there at all: its QEMU is gone (a new one would boot a
 /// guest that is not frozen), so there is nothing to wait for.
 fn socket_gone(address: &Address) -> bool {
     match address {
-        Address::Unix(path) => !path.exists(),
+        Address::Unix(path) | Address::HybridVsock { path, .. } => !path.exists(),
         _ => false,
     }
 }

@@ -14,10 +14,34 @@ use crate::guest::{set_paused, try_connect};
 /// about 1 s for init to respawn it, up to 4 s of backoff, its attempt.
 const RETRY_SLACK: Duration = Duration::from_secs(6);
 
+/// The lab guest runs two qemu-ga: on virtio-serial (state in /run) and on vsock (state in
+/// /run/qga-vsock). A trial's faults hit the one its `agent` address reaches.
+struct GuestAgent {
+    /// A shell expression for its pid (busybox).
+    pid: String,
+    /// The file it keeps while the guest is frozen.
+    frozen_marker: &'static str,
+}
+
 impl Trial<'_> {
-    /// qemu-ga's pid in the guest.
+    fn guest_agent(&self) -> GuestAgent {
+        let (mode, frozen_marker) = if self.lab.agent.starts_with("hvsock:") {
+            ("vsock-listen", "/run/qga-vsock/qga.state.isfrozen")
+        } else {
+            ("virtio-serial", "/run/qga.state.isfrozen")
+        };
+        GuestAgent {
+            pid: format!(
+                "$(for p in $(pidof qemu-ga); do grep -q {mode} /proc/$p/cmdline && echo $p; done)"
+            ),
+            frozen_marker,
+        }
+    }
+
+    /// The trial's qemu-ga's pid in the guest.
     fn agent_pid(&mut self) -> Option<String> {
-        self.sh("pidof qemu-ga")
+        let agent = self.guest_agent();
+        self.sh(&format!("echo {}", agent.pid))
             .ok()
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
@@ -26,11 +50,14 @@ impl Trial<'_> {
     /// Starts a guest job that kills qemu-ga `after` the freeze (guest-exec is disabled
     /// while frozen, so it must be started before).
     fn arm_agent_killer(&mut self, signal: Sig, after: Duration) -> bool {
+        let agent = self.guest_agent();
         let script = format!(
-            "( i=0; while [ ! -e /run/qga.state.isfrozen ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
-             [ $i -lt 600 ] && usleep {} && kill -{} $(pidof qemu-ga) ) </dev/null >/dev/null 2>&1 &",
+            "( i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
+             [ $i -lt 600 ] && usleep {} && kill -{} {} ) </dev/null >/dev/null 2>&1 &",
+            agent.frozen_marker,
             after.as_micros(),
-            signal.name()
+            signal.name(),
+            agent.pid
         );
         match self.sh(&script) {
             Ok(_) => true,
@@ -93,15 +120,17 @@ impl Trial<'_> {
     /// "pending"`; the watchdog thaws once the agent is back and runs `guest_post`, once.
     pub(in crate::fault) fn agent_away(&mut self, away: Duration) {
         let posts = self.posts();
-        // Timed by the guest's clock (/proc/uptime in centiseconds), not by a count of
-        // rounds: on a loaded host each `pidof`/`kill` round takes far longer than its 50 ms.
+        let agent = self.guest_agent();
+        // Away for `away` on the guest's clock (/proc/uptime in centiseconds, read by the
+        // shell itself), however long finding the agent's pid takes each time round.
         let script = format!(
-            "( i=0; while [ ! -e /run/qga.state.isfrozen ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
-             [ $i -lt 600 ] || exit 0; usleep 300000; \
-             cs() {{ u=$(cut -d' ' -f1 /proc/uptime); echo $(( ${{u%.*}}${{u#*.}} )); }}; end=$(( $(cs) + {} )); \
-             while [ $(cs) -lt $end ]; do kill -9 $(pidof qemu-ga) 2>/dev/null; usleep 50000; done ) \
+            "( i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
+             [ $i -lt 600 ] || exit 0; usleep 300000; read up _ < /proc/uptime; end=$((${{up%.*}}${{up#*.}} + {})); \
+             while read up _ < /proc/uptime && [ ${{up%.*}}${{up#*.}} -lt $end ]; do kill -9 {} 2>/dev/null; usleep 50000; done ) \
              </dev/null >/dev/null 2>&1 &",
-            away.as_millis() / 10
+            agent.frozen_marker,
+            away.as_millis() / 10,
+            agent.pid
         );
         if let Err(e) = self.sh(&script) {
             self.fail(format!("cannot start the agent killer: {e}"));
