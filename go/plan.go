@@ -98,7 +98,9 @@ type FreezePlan struct {
 	TimeoutS    *float64 `json:"timeout_s,omitempty"`
 	ThawAfterS  *float64 `json:"thaw_after_s,omitempty"`
 	Required    *bool    `json:"required,omitempty"`
-	ExpediteRCU bool     `json:"expedite_rcu,omitempty"`
+	// ExpediteRCU and FlushFirst default to on (nil); set them to false to turn them off.
+	ExpediteRCU *bool `json:"expedite_rcu,omitempty"`
+	FlushFirst  *bool `json:"flush_first,omitempty"`
 	// OnFailure is what a failed freeze leads to; empty: fail.
 	OnFailure OnFreezeFailure `json:"on_failure,omitempty"`
 }

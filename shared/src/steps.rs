@@ -250,6 +250,25 @@ pub struct GuestCommands {
     pub commands: Vec<CommandRun>,
 }
 
+/// The flush before the freeze (`freeze.flush_first`): the `flush` step. It never fails
+/// the run: a flush that could not run leaves the work to the freeze (`flushed: false`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushReport {
+    /// The command run in the guest: `sync -f <mountpoints>…`, or `sync` when every
+    /// filesystem is frozen.
+    pub command: Vec<String>,
+    /// It ran and exited 0.
+    pub flushed: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl StepRecord for FlushReport {
+    const TOOL: &'static str = "flush";
+}
+
 /// A step that did nothing because an upstream step failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

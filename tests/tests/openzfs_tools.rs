@@ -816,6 +816,7 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
         [
             "preflight",
             "guest_pre",
+            "flush",
             "qga-freeze",
             "zsnap",
             "qga-thaw",

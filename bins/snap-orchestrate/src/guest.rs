@@ -9,7 +9,7 @@ use evesnap::qga::Client;
 use crate::placement::{compare_address, Located};
 use crate::plan::GuestCommand;
 
-pub use evesnap::steps::CommandRun;
+pub use evesnap::steps::{CommandRun, FlushReport};
 
 /// Runs one command in the guest and waits for it up to its timeout.
 pub fn run_command(client: &mut Client, command: &GuestCommand) -> CommandRun {
@@ -55,6 +55,40 @@ fn guest_run(
         }
     }
     Err(format!("cannot run it in the guest ({})", tried.join("; ")))
+}
+
+/// Flushes the filesystems about to be frozen: `sync -f <mountpoints>…` (a `syncfs` of
+/// each), or `sync` when `mountpoints` is empty (every filesystem is frozen). Linux's
+/// freeze writes out what is dirty after it has blocked the writers (`freeze_super`:
+/// `sync_filesystem` once writes are refused), so what is written here, while the guest
+/// still writes, is not written inside anyone's stall. Argv only; a failure is reported,
+/// never fatal (the freeze flushes anyway).
+pub fn flush(client: &mut Client, mountpoints: &[String], timeout: Duration) -> FlushReport {
+    let mut args: Vec<&str> = Vec::new();
+    if !mountpoints.is_empty() {
+        args.push("-f");
+        args.extend(mountpoints.iter().map(String::as_str));
+    }
+    let ran = guest_run(client, &["/bin/sync", "/usr/bin/sync"], &args, timeout);
+    let (program, error) = match ran {
+        Ok((program, done)) if done.success() => (program, None),
+        Ok((program, done)) => {
+            let error = format!(
+                "`{program}` exited {:?}: {}",
+                done.exitcode,
+                String::from_utf8_lossy(&done.stderr).trim()
+            );
+            (program, Some(error))
+        }
+        Err(e) => ("sync".to_string(), Some(e)),
+    };
+    let mut command = vec![program];
+    command.extend(args.iter().map(|a| a.to_string()));
+    FlushReport {
+        command,
+        flushed: error.is_none(),
+        error,
+    }
 }
 
 /// Seconds after which the guest puts its RCU setting back by itself, should the run that

@@ -130,12 +130,20 @@ pub struct FreezePlan {
     /// taken unfrozen and reported as `consistency: "crash"`.
     pub required: bool,
     /// Switch the guest kernel to expedited RCU grace periods (`/sys/kernel/rcu_expedited`)
-    /// from just before the freeze until the thaw: Linux's freeze waits for grace periods
-    /// while writers are already blocked, so this shortens what the guest's writers feel
-    /// (see README, Benchmarks). Needs `guest-exec` and `/bin/sh`; when unavailable the
-    /// freeze goes on without it. The guest restores its previous setting by itself
-    /// within 10 s should this run not get to it.
+    /// from just before the freeze until the thaw (on by default): Linux's freeze of each
+    /// filesystem waits for grace periods while writers are already blocked, and the
+    /// first-frozen filesystem's writers wait for all of them, so this shortens what the
+    /// guest's writers feel (see README, Benchmarks). Needs `guest-exec` and `/bin/sh`;
+    /// when unavailable the freeze goes on without it. The guest restores its previous
+    /// setting by itself within 10 s should this run not get to it.
     pub expedite_rcu: bool,
+    /// Flush the filesystems to be frozen (`sync -f <mountpoints>`, or `sync` when all are
+    /// frozen, through `guest-exec`) just before the freeze, while the guest still writes:
+    /// Linux's freeze writes out what is dirty only after it blocked the writers, one
+    /// filesystem after the other, so without this the first-frozen filesystem's writers
+    /// wait for every other filesystem's flush (see README, Benchmarks). The `flush` step
+    /// records it; when the guest cannot run it, the freeze goes on without it.
+    pub flush_first: bool,
     /// What a failed freeze does: `fail` (default) fails the run, nothing is taken;
     /// `crash` thaws, verifies the guest thawed, and takes the snapshot anyway, labelled
     /// `consistency: "crash"` with the failure as `org.lfedge.evesnap:crash_reason` and as
@@ -167,7 +175,8 @@ impl Default for FreezePlan {
             timeout_s: 10.0,
             thaw_after_s: 60.0,
             required: true,
-            expedite_rcu: false,
+            expedite_rcu: true,
+            flush_first: true,
             on_failure: OnFreezeFailure::Fail,
         }
     }

@@ -13,7 +13,7 @@ use evesnap::eve_api::Severity;
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::testing::{FakeAgent, SimState};
 use evesnap::report::{Consistency, ExpeditedRcu, Report, WarningKind};
-use evesnap::steps::{FreezeReport, SnapshotReport, ThawReport};
+use evesnap::steps::{FlushReport, FreezeReport, SnapshotReport, ThawReport};
 use evesnap_tests::guest::{
     code, connect, doc_of, freeze_behind_the_agent, guest_sh, status, stderr, unfreeze_in_guest,
     ThawGuard,
@@ -162,11 +162,21 @@ fn create_with_hooks_then_rollback_restores_the_data_through(guard: ThawGuard<'s
         [
             "preflight",
             "guest_pre",
+            "flush",
             "qga-freeze",
             "zsnap",
             "qga-thaw",
             "guest_post"
         ]
+    );
+    assert_eq!(
+        r.expedited_rcu,
+        Some(ExpeditedRcu {
+            set: true,
+            restored: Some(true),
+            error: None
+        }),
+        "expedited RCU is the default"
     );
     assert_eq!(step(&r, "qga-freeze")["frozen"], 2);
     assert_eq!(step(&r, "qga-thaw")["thawed"], 2);
@@ -616,6 +626,91 @@ fn the_pipeline_and_the_orchestrator_take_equivalent_snapshots_through(guard: Th
             }
         }
     }
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+}
+
+/// `freeze.flush_first` (on by default): the guest's own `sync -f` of the plan's
+/// mountpoints runs, and ends, before the freeze starts, and the report records it; a plan
+/// can turn it off.
+#[test]
+fn by_default_the_volumes_are_flushed_before_the_freeze_and_a_plan_can_turn_it_off() {
+    let guard = ThawGuard::lock("orch-flush");
+    let lab = guard.lab;
+    let flushed = format!("t-flush-{}", std::process::id());
+    let unflushed = format!("t-noflush-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![flushed.clone(), unflushed.clone()]);
+    let mounts: Vec<&str> = lab
+        .datasets
+        .iter()
+        .map(|d| lab.guest_mounts[d].as_str())
+        .collect();
+    // Something to flush: data written in the guest just before, not yet written back.
+    guest_sh(
+        &mut connect(lab),
+        &format!(
+            "dd if=/dev/zero of={}/flushme bs=64k count=32 2>/dev/null",
+            mounts[0]
+        ),
+    );
+
+    let freeze = json!({"timeout_s": 20, "thaw_after_s": 60, "mountpoints": mounts});
+    let out = orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": flushed, "freeze": freeze})),
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    let tools: Vec<&str> = r.steps.iter().map(|s| s.tool.as_str()).collect();
+    let (at_flush, at_freeze) = (
+        tools.iter().position(|t| *t == "flush"),
+        tools.iter().position(|t| *t == "qga-freeze"),
+    );
+    assert!(
+        matches!((at_flush, at_freeze), (Some(f), Some(z)) if f < z),
+        "{tools:?}"
+    );
+    let flush_step = &r.steps[at_flush.unwrap_or_default()];
+    let flush: FlushReport = flush_step.record().expect("a flush record");
+    let mut command = vec!["/bin/sync".to_string(), "-f".to_string()];
+    command.extend(mounts.iter().map(|m| m.to_string()));
+    assert_eq!(
+        flush,
+        FlushReport {
+            command,
+            flushed: true,
+            error: None
+        }
+    );
+    // It had returned when the freeze began: the steps' own clocks say so.
+    let started = |s: &evesnap::document::Step| {
+        time::OffsetDateTime::parse(
+            &s.started_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("an RFC 3339 time")
+    };
+    let freeze_step = &r.steps[at_freeze.unwrap_or_default()];
+    let flush_end = started(flush_step) + Duration::from_secs_f64(flush_step.duration_ms / 1000.0);
+    assert!(
+        flush_end <= started(freeze_step) + Duration::from_millis(2),
+        "the flush ended at {flush_end}, after the freeze began ({})",
+        freeze_step.started_at
+    );
+    assert_eq!(r.consistency, Some(Consistency::Filesystem));
+
+    let freeze =
+        json!({"timeout_s": 20, "thaw_after_s": 60, "mountpoints": mounts, "flush_first": false});
+    let out = orchestrate(
+        &guard,
+        &plan(lab, json!({"snapshot": unflushed, "freeze": freeze})),
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    assert!(r.steps.iter().all(|s| s.tool != "flush"), "{:?}", r.steps);
+    assert_eq!(r.consistency, Some(Consistency::Filesystem));
+    guest_sh(&mut connect(lab), &format!("rm -f {}/flushme", mounts[0]));
     assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
 }
 

@@ -9,7 +9,7 @@ use evesnap::document::StepTimer;
 use evesnap::exit::{chain, coded, Exit, HasExit};
 use evesnap::qga::commands as qga;
 use evesnap::report::ExpeditedRcu;
-use evesnap::steps::{Method, SnapshotEntry, SnapshotReport};
+use evesnap::steps::{Method, SnapshotEntry, SnapshotReport, StepRecord};
 use qga_freeze::{CleanupThaw, FreezeOptions};
 use serde::Serialize;
 
@@ -175,6 +175,17 @@ impl Run<'_> {
         if let Err(e) = claimed {
             return Err(("preflight", evesnap::exit::wrap(e)));
         }
+        // The flush first, the RCU setting after it: the setting restores itself 10 s after
+        // it was made, and a slow flush must not use that time up before the freeze.
+        if plan.freeze.flush_first {
+            let timer = StepTimer::start(guest::FlushReport::TOOL);
+            let flushed = guest::flush(&mut client, &plan.freeze.mountpoints, self.timeout);
+            if let Some(e) = &flushed.error {
+                evesnap::warn!("the flush before the freeze did not run, freezing without it: {e}");
+            }
+            // Never fails the run: the freeze flushes anyway, only inside the stall.
+            self.done(timer, &flushed);
+        }
         if plan.freeze.expedite_rcu {
             match guest::expedite_rcu(&mut client, self.timeout) {
                 Ok(()) => self.expedited_rcu = true,
@@ -194,7 +205,8 @@ impl Run<'_> {
         }
         let timer = StepTimer::start(qga_freeze::TOOL);
         // The state the preflight saw holds unless something ran in the guest since.
-        let ran_in_guest = !plan.guest_pre.is_empty() || plan.freeze.expedite_rcu;
+        let ran_in_guest =
+            !plan.guest_pre.is_empty() || plan.freeze.expedite_rcu || plan.freeze.flush_first;
         let status = (!ran_in_guest).then_some(qga::GuestFsfreezeStatus::thawed);
         // Verified inside the window, while `zfs snapshot` runs (take_while_frozen).
         let frozen = match qga_freeze::freeze_checked(&mut client, &options, &info.version, status)

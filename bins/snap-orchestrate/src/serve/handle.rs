@@ -273,7 +273,9 @@ impl Server {
                 timeout_s: self.timeout.as_secs_f64(),
                 thaw_after_s: self.thaw_after,
                 required: true,
-                expedite_rcu: false,
+                // As for the controller's plans: the disk's writers feel the freeze too.
+                expedite_rcu: true,
+                flush_first: true,
                 // The guest's choice: a failed freeze fails the request, or gives a
                 // snapshot labelled `crash` with the reason.
                 on_failure: if request.accept_crash {

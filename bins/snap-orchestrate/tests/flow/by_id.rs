@@ -27,7 +27,7 @@ pub fn eve_plan(agent: &str, extra: Value) -> snap_orchestrate::Plan {
     let mut plan = json!({"version": 1, "id": ID, "agent": agent, "app": APP,
         "volume_root": ROOT,
         "volumes": [{"uuid": VOL0}, {"uuid": VOL1, "generation": 3}],
-        "freeze": {"timeout_s": 2, "thaw_after_s": 0}});
+        "freeze": {"timeout_s": 2, "thaw_after_s": 0, "flush_first": false, "expedite_rcu": false}});
     if let (Some(plan), Value::Object(extra)) = (plan.as_object_mut(), extra) {
         plan.extend(extra);
     }

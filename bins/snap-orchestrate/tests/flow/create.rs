@@ -6,6 +6,7 @@ use std::time::Duration;
 use evesnap::exit::Exit;
 use evesnap::qga::testing::{FakeAgent, Program, SimState};
 use evesnap::report::{Consistency, ExpeditedRcu};
+use evesnap::steps::FlushReport;
 use serde_json::json;
 
 use crate::support::*;
@@ -247,6 +248,110 @@ fn without_a_shell_in_the_guest_the_freeze_goes_on_without_expedited_rcu() {
     // Tried once, before the freeze; nothing to restore after the thaw.
     assert_eq!(last_at(&sim, "guest-exec"), at(&sim, "guest-exec /bin/sh"));
     assert!(at(&sim, "guest-exec") < at(&sim, "guest-fsfreeze-freeze"));
+}
+
+/// The run's `flush` step, typed.
+fn flush_record(run: &snap_orchestrate::flow::Finished) -> FlushReport {
+    let step = run.report.steps.iter().find(|s| s.tool == "flush");
+    step.and_then(|s| s.record()).expect("a flush record")
+}
+
+#[test]
+fn the_flush_runs_before_the_freeze_on_the_plans_mountpoints_and_is_recorded() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: vec![("/bin/sync".into(), Program::exits(0))],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"flush_first": true, "mountpoints": ["/data0", "/data1"]}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("flush", true),
+            ("qga-freeze", true),
+            ("zsnap", true),
+            ("qga-thaw", true)
+        ]
+    );
+    let flush: FlushReport = flush_record(&run);
+    assert_eq!(
+        flush,
+        FlushReport {
+            command: vec![
+                "/bin/sync".into(),
+                "-f".into(),
+                "/data0".into(),
+                "/data1".into()
+            ],
+            flushed: true,
+            error: None
+        }
+    );
+    assert!(at(&sim, "guest-exec /bin/sync -f /data0 /data1") < at(&sim, "guest-fsfreeze-freeze"));
+}
+
+#[test]
+fn the_flush_is_on_by_default_syncs_everything_for_a_whole_guest_freeze_and_can_be_turned_off() {
+    // The flow tests' plans turn it off: the plan's own default is on.
+    let defaults = snap_orchestrate::plan::Plan::from_json(
+        r#"{"version": 1, "agent": "unix:/x", "datasets": ["p/d"]}"#,
+    )
+    .expect("a plan");
+    assert!(defaults.freeze.flush_first);
+
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: vec![("/bin/sync".into(), Program::exits(0))],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let on = run(
+        &plan(
+            &agent.address.to_string(),
+            &[DS0],
+            json!({"freeze": {"flush_first": true}}),
+        ),
+        &zfs,
+    );
+    assert_eq!(exit(&on), Exit::Success, "{:?}", on.error);
+    // No mountpoints: every filesystem is frozen, so all are flushed.
+    assert!(sim.state().log.iter().any(|c| c == "guest-exec /bin/sync"));
+
+    let off = run(
+        &plan(
+            &agent.address.to_string(),
+            &[DS0],
+            json!({"snapshot": "off"}),
+        ),
+        &zfs,
+    );
+    assert_eq!(exit(&off), Exit::Success, "{:?}", off.error);
+    assert!(!steps(&off).iter().any(|(tool, _)| *tool == "flush"));
+}
+
+#[test]
+fn a_guest_without_sync_is_frozen_anyway_and_the_report_says_why_it_was_not_flushed() {
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"flush_first": true}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(run.report.consistency, Some(Consistency::Filesystem));
+    let flush: FlushReport = flush_record(&run);
+    assert!(!flush.flushed, "{flush:?}");
+    assert!(
+        flush
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("/usr/bin/sync")),
+        "{flush:?}"
+    );
+    assert!(got(&sim, "guest-fsfreeze-freeze"));
 }
 
 #[test]

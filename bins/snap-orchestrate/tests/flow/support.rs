@@ -184,7 +184,8 @@ pub fn no_agent() -> String {
 /// watchdog; `extra` is merged in (objects field by field).
 pub fn plan(agent: &str, datasets: &[&str], extra: Value) -> Plan {
     let mut plan = json!({"version": 1, "agent": agent, "datasets": datasets, "snapshot": NAME,
-                          "freeze": {"timeout_s": 2, "thaw_after_s": 0}});
+                          "freeze": {"timeout_s": 2, "thaw_after_s": 0,
+                                     "flush_first": false, "expedite_rcu": false}});
     merge(&mut plan, extra);
     Plan::from_json(&plan.to_string()).expect("a valid plan")
 }
