@@ -422,6 +422,8 @@ fn a_freeze_the_real_agent_fails_takes_nothing_by_default_and_a_labelled_crash_s
         [
             ("preflight", true),
             ("guest_pre", true),
+            // The flush (on by default) runs before the freeze, frozen volume or not.
+            ("flush", true),
             ("qga-freeze", false),
             ("zsnap", true),
             ("guest_post", true)
