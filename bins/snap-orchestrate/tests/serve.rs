@@ -872,6 +872,8 @@ fn over_vsock_a_guest_request_is_served_after_garbage_is_refused() {
         lab.vsock.request_port, 10001,
         "eve-guest-agent's default port"
     );
+    // The lab's volumes are named as QEMU attached them (EVE's shape): placed through QMP.
+    let qmp = lab.qmp.display().to_string();
     let serve = Serve::start_on(
         ("--listen-hvsock", listen),
         guard.run_dir.path(),
@@ -879,7 +881,7 @@ fn over_vsock_a_guest_request_is_served_after_garbage_is_refused() {
         &volumes,
         "20",
         &[],
-        &["--guest-min-interval", "0"],
+        &["--guest-min-interval", "0", "--qmp", &qmp],
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !listen.exists() {
@@ -896,7 +898,11 @@ fn over_vsock_a_guest_request_is_served_after_garbage_is_refused() {
     assert_eq!(run.code, 0, "{run:?}\nserve: {}", serve.stderr());
     assert_eq!(run.stdout["ok"], true, "{run:?}");
     assert_eq!(run.stdout["id"], record["request"]["id"]);
-    assert_eq!(reply.disks, ["disk0"]);
+    assert_eq!(
+        reply.disks,
+        ["virtio-disk0"],
+        "labelled by the QEMU device id"
+    );
     assert_eq!(
         reply.consistency,
         Some(Consistency::Filesystem),
