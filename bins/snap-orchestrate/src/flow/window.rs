@@ -89,17 +89,7 @@ impl Run<'_> {
                             unverified: false,
                         }
                     }
-                    Some(Event::Signal(signal)) => {
-                        let grace = Instant::now() + SIGNAL_GRACE;
-                        if grace < deadline {
-                            deadline = grace;
-                            why = format!(
-                                "interrupted by signal {signal} while `zfs snapshot` ran, which did not return \
-                                 within {} s",
-                                SIGNAL_GRACE.as_secs()
-                            );
-                        }
-                    }
+                    Some(Event::Signal(signal)) => cut_short(signal, &mut deadline, &mut why),
                     None => {
                         if Instant::now() < deadline {
                             continue;
@@ -158,5 +148,18 @@ pub(super) fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) ->
         "nothing".to_string()
     } else {
         destroyed.join(", ")
+    }
+}
+
+/// A signal while `zfs snapshot` runs in the freeze window: the thaw comes at most
+/// [`SIGNAL_GRACE`] from now (the one rule for one VM and for a group).
+pub(super) fn cut_short(signal: i32, deadline: &mut Instant, why: &mut String) {
+    let grace = Instant::now() + SIGNAL_GRACE;
+    if grace < *deadline {
+        *deadline = grace;
+        *why = format!(
+            "interrupted by signal {signal} while `zfs snapshot` ran, which did not return within {} s",
+            SIGNAL_GRACE.as_secs()
+        );
     }
 }

@@ -10,7 +10,7 @@ use evesnap::signals::{Event, Events};
 use evesnap::zfs::Zfs;
 
 use super::super::window::destroy_late;
-use super::super::{TakeResult, SIGNAL_GRACE};
+use super::super::TakeResult;
 use super::member::{in_parallel, Member};
 
 /// What the window ended with: the snapshot, or why there is none (then every VM was
@@ -61,15 +61,7 @@ pub(super) fn take_while_frozen(
                     ));
                 }
                 Some(Event::Signal(signal)) => {
-                    let grace = Instant::now() + SIGNAL_GRACE;
-                    if grace < deadline {
-                        deadline = grace;
-                        why = format!(
-                            "interrupted by signal {signal} while `zfs snapshot` ran, which did not return \
-                             within {} s",
-                            SIGNAL_GRACE.as_secs()
-                        );
-                    }
+                    super::super::window::cut_short(signal, &mut deadline, &mut why)
                 }
                 None => {
                     if Instant::now() < deadline {
