@@ -60,7 +60,8 @@ The watchdog is a detached process that survives this tool and the whole pipelin
 --thaw-after seconds it thaws the guest unless qga-thaw cancelled it first. A freeze \
 whose reply timed out may still happen when the agent reads again (a paused VM): the tool \
 then queues a thaw, leaves the watchdog armed, says THE GUEST MAY BE FROZEN and fails. \
-SIGINT, SIGTERM or SIGHUP after the freeze thaws before exiting.
+SIGINT, SIGTERM or SIGHUP after the freeze and before the document is written thaws \
+before exiting; once the document is passed on, the next steps own the freeze.
 
 A broken pipeline is thawed at once, not at --thaw-after: when the document cannot be \
 written (the next step is already gone, e.g. a mistyped command line) this tool thaws and \
@@ -306,6 +307,11 @@ pub fn run(matches: &clap::ArgMatches) -> Outcome {
                         evesnap::exit::chain_of(&e)
                     );
                 }
+            }
+            if let Some(signal) = caught(&mut signals) {
+                evesnap::note!(
+                    "{signal} came after the document was passed on: the next steps own the freeze now"
+                );
             }
             Outcome::default()
         }
