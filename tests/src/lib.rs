@@ -3,6 +3,7 @@
 pub mod fault;
 pub mod guest;
 pub mod lab;
+pub mod openzfs;
 pub mod run;
 pub mod zfs;
 

@@ -5,167 +5,49 @@
 //! (refused while its zvol is mounted or open). `snap-orchestrate` runs inside the OpenZFS
 //! lab guest (the static build at `/opt/evesnap/bin`), where the pool is.
 
-use std::time::{Duration, Instant};
-
-use evesnap::qga::{Address, Client};
-use evesnap_tests::guest::guest_exec;
-use evesnap_tests::lab::{openzfs_lab, openzfs_vm_lock, OpenZfsLab, VmLock};
+use evesnap_tests::lab::OpenZfsLab;
+use evesnap_tests::openzfs::{forget, remount, Guest};
 use evesnap_tests::unique;
 use serde_json::{json, Value};
 
-/// The guest through the control agent, the VM to this test; cleanup scripts run newest
-/// first when it goes, also after a failed assertion.
-struct Guest {
-    lab: &'static OpenZfsLab,
-    agent: Client,
-    cleanup: Vec<String>,
-    _vm: VmLock,
+/// The guest with `snap-orchestrate`, or `None` (a loud skip) when it is not built for it.
+fn guest() -> Option<Guest> {
+    Guest::start("EVE plans in the OpenZFS guest", &["snap-orchestrate"])
 }
 
-impl Guest {
-    /// `None` (a loud skip) when the static `snap-orchestrate` is not in the guest's bin folder.
-    fn start() -> Option<Guest> {
-        let lab = openzfs_lab();
-        if !lab.guest_bin_host.join("snap-orchestrate").exists() {
-            eprintln!(
-                "SKIP EVE plans in the OpenZFS guest: snap-orchestrate is not built in {} \
-                 (RUSTFLAGS='-C target-feature=+crt-static' cargo build --bins --target \
-                 x86_64-unknown-linux-gnu --target-dir target/static)",
-                lab.guest_bin_host.display()
-            );
-            return None;
-        }
-        let vm = openzfs_vm_lock();
-        let address: Address = lab.agent.parse().expect("agent address");
-        let agent = Client::connect(&address, Instant::now() + Duration::from_secs(30))
-            .expect("the control agent answers");
-        Some(Guest {
-            lab,
-            agent,
-            cleanup: Vec::new(),
-            _vm: vm,
+/// The lab's zvols as EVE volumes: (uuid, zvol).
+fn volumes(lab: &OpenZfsLab) -> Vec<(String, String)> {
+    lab.zvols
+        .iter()
+        .map(|z| {
+            let file = z.rsplit('/').next().expect("zvol name");
+            let uuid = file.strip_suffix(".1").expect("generation 1");
+            (uuid.to_string(), z.clone())
         })
-    }
-
-    fn on_drop(&mut self, script: impl Into<String>) {
-        self.cleanup.push(script.into());
-    }
-
-    /// A busybox sh script in the guest, expected to succeed; its stdout.
-    fn sh(&mut self, script: &str) -> String {
-        let (code, out, err) = guest_exec(
-            &mut self.agent,
-            &["/bin/sh", "-c", script],
-            Duration::from_secs(180),
-        );
-        assert_eq!(code, 0, "guest `{script}` exited {code}:\n{err}{out}");
-        out
-    }
-
-    /// `snap-orchestrate` in the guest with `plan` on stdin: (exit code, report, stderr).
-    fn orchestrate(&mut self, plan: &Value) -> (i64, Value, String) {
-        let program = format!("{}/snap-orchestrate", self.lab.guest_bin);
-        let script = r#"cd /tmp; printf '%s' "$1" | "$2""#;
-        let text = plan.to_string();
-        let argv = ["/bin/sh", "-c", script, "sh", &text, &program];
-        let (code, out, err) = guest_exec(&mut self.agent, &argv, Duration::from_secs(180));
-        let report = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("no report ({e}), exit {code}:\n{out}\n{err}"));
-        (code, report, err)
-    }
-
-    fn zfs_get(&mut self, property: &str, name: &str) -> String {
-        self.sh(&format!("zfs get -H -p -o value {property} '{name}'"))
-            .trim()
-            .to_string()
-    }
-
-    /// The pool's snapshots.
-    fn snapshots(&mut self) -> Vec<String> {
-        self.sh("zfs list -H -o name -t snapshot -r persist")
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// The lab's zvols as EVE volumes: (uuid, zvol).
-    fn volumes(&self) -> Vec<(String, String)> {
-        self.lab
-            .zvols
-            .iter()
-            .map(|z| {
-                let file = z.rsplit('/').next().expect("zvol name");
-                let uuid = file.strip_suffix(".1").expect("generation 1");
-                (uuid.to_string(), z.clone())
-            })
-            .collect()
-    }
-
-    /// A plan for the lab's zvols in EVE's terms; `extra` merged in.
-    fn plan(&self, app: &str, id: &str, extra: Value) -> Value {
-        let volumes: Vec<Value> = self
-            .volumes()
-            .iter()
-            .map(|(uuid, _)| json!({"uuid": uuid, "generation": 1}))
-            .collect();
-        let mut plan = json!({"version": 1, "id": id, "type": "app_update", "app": app,
-            "agent": self.lab.guest_agent, "volumes": volumes,
-            "volume_root": format!("{}/vault/volumes", self.lab.pool),
-            "freeze": {"timeout_s": 30, "thaw_after_s": 60}});
-        for (k, v) in extra.as_object().expect("object") {
-            plan[k] = v.clone();
-        }
-        plan
-    }
-
-    /// Mounts each zvol's ext4 again where the lab mounts it, unless it is mounted.
-    fn remount(&self) -> String {
-        self.lab
-            .guest_mounts
-            .iter()
-            .map(|(zvol, mnt)| {
-                format!(
-                    "grep -q ' {mnt} ' /proc/mounts || {{ echo 3 > /proc/sys/vm/drop_caches; \
-                     mount -t ext4 $(readlink -f /dev/zvol/{zvol}) {mnt}; }}"
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    fn unmount_all(&mut self) {
-        let mounts: Vec<String> = self.lab.guest_mounts.values().cloned().collect();
-        for m in mounts {
-            self.sh(&format!("sync; umount {m}"));
-        }
-    }
+        .collect()
 }
 
-impl Drop for Guest {
-    fn drop(&mut self) {
-        while let Some(script) = self.cleanup.pop() {
-            match self
-                .agent
-                .guest_exec("/bin/sh", &["-c", &script], Duration::from_secs(120))
-            {
-                Ok(r) if r.success() => {}
-                Ok(r) => eprintln!(
-                    "cleanup `{script}` exited {:?}: {}",
-                    r.exitcode,
-                    String::from_utf8_lossy(&r.stderr)
-                ),
-                Err(e) => eprintln!("cleanup `{script}`: {e}"),
-            }
-        }
+/// A plan for the lab's zvols in EVE's terms; `extra` merged in.
+fn plan(lab: &OpenZfsLab, app: &str, id: &str, extra: Value) -> Value {
+    let volumes: Vec<Value> = volumes(lab)
+        .iter()
+        .map(|(uuid, _)| json!({"uuid": uuid, "generation": 1}))
+        .collect();
+    let mut plan = json!({"version": 1, "id": id, "type": "app_update", "app": app,
+        "agent": lab.guest_agent, "volumes": volumes,
+        "volume_root": format!("{}/vault/volumes", lab.pool),
+        "freeze": {"timeout_s": 30, "thaw_after_s": 60}});
+    for (k, v) in extra.as_object().expect("object") {
+        plan[k] = v.clone();
     }
+    plan
 }
 
-/// Destroys the pool's snapshots whose name contains `tag` (holds released first).
-fn forget(tag: &str) -> String {
-    format!(
-        "for s in $(zfs list -H -o name -t snapshot -r persist | grep -F -- '{tag}'); do \
-         zfs release evesnap-test \"$s\" 2>/dev/null; zfs destroy \"$s\"; done; true"
-    )
+fn unmount_all(g: &mut Guest) {
+    let mounts: Vec<String> = g.lab.guest_mounts.values().cloned().collect();
+    for m in mounts {
+        g.sh(&format!("sync; umount {m}"));
+    }
 }
 
 fn new_uuid() -> String {
@@ -191,16 +73,16 @@ fn step<'a>(report: &'a Value, tool: &str) -> &'a Value {
 
 #[test]
 fn eve_plans_create_repair_roll_back_and_delete_by_id_on_zvols() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let (app, id) = (new_uuid(), new_uuid());
-    g.on_drop(g.remount());
+    g.on_drop(remount(g.lab));
     g.on_drop(forget(&id));
-    let volumes = g.volumes();
+    let volumes = volumes(g.lab);
     let name = format!("evesnap-{id}");
     let member = |zvol: &str| format!("{zvol}@{name}");
 
     // Create by app and volume UUIDs.
-    let create = g.plan(&app, &id, json!({}));
+    let create = plan(g.lab, &app, &id, json!({}));
     let (code, first, err) = g.orchestrate(&create);
     assert_eq!(code, 0, "{first}\n{err}");
     assert_eq!(first["consistency"], "filesystem", "{first}");
@@ -248,7 +130,8 @@ fn eve_plans_create_repair_roll_back_and_delete_by_id_on_zvols() {
         .values()
         .map(|m| json!({"path": "/bin/umount", "args": [m]}))
         .collect();
-    let rollback = g.plan(
+    let rollback = plan(
+        g.lab,
         &app,
         &new_uuid(),
         json!({"action": "rollback", "rollback": {"to": id}, "disks": disks,
@@ -267,10 +150,10 @@ fn eve_plans_create_repair_roll_back_and_delete_by_id_on_zvols() {
     assert_eq!(code, 0, "{there}\n{err}");
     assert_eq!(there["existing"], true, "{there}");
     assert_eq!(tools(&there), ["preflight"]);
-    g.sh(&g.remount());
+    g.sh(&remount(g.lab));
 
     // Delete by id, twice.
-    let delete = g.plan(&app, &id, json!({"action": "delete"}));
+    let delete = plan(g.lab, &app, &id, json!({"action": "delete"}));
     let (code, deleted, err) = g.orchestrate(&delete);
     assert_eq!(code, 0, "{deleted}\n{err}");
     assert_eq!(deleted["deleted"].as_array().map(Vec::len), Some(2));
@@ -282,17 +165,17 @@ fn eve_plans_create_repair_roll_back_and_delete_by_id_on_zvols() {
 
 #[test]
 fn eves_retention_counts_the_apps_sets_but_never_a_held_or_foreign_snapshot() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let app = new_uuid();
     let [held, a, b, c] = [new_uuid(), new_uuid(), new_uuid(), new_uuid()];
     let foreign = unique("foreign");
     for tag in [&held, &a, &b, &c, &foreign] {
         g.on_drop(forget(tag));
     }
-    let volumes = g.volumes();
+    let volumes = volumes(g.lab);
     g.sh(&format!("zfs snapshot '{}@{foreign}'", volumes[0].1));
     for id in [&held, &a, &b] {
-        let (code, report, err) = g.orchestrate(&g.plan(&app, id, json!({})));
+        let (code, report, err) = g.orchestrate(&plan(g.lab, &app, id, json!({})));
         assert_eq!(code, 0, "{report}\n{err}");
     }
     g.sh(&format!(
@@ -300,7 +183,7 @@ fn eves_retention_counts_the_apps_sets_but_never_a_held_or_foreign_snapshot() {
         volumes[1].1
     ));
 
-    let (code, report, err) = g.orchestrate(&g.plan(&app, &c, json!({"max_snapshots": 2})));
+    let (code, report, err) = g.orchestrate(&plan(g.lab, &app, &c, json!({"max_snapshots": 2})));
     assert_eq!(code, 0, "{report}\n{err}");
     assert_eq!(tools(&report)[0], "retention", "{report}");
     let snapshots = g.snapshots();
@@ -322,17 +205,22 @@ fn eves_retention_counts_the_apps_sets_but_never_a_held_or_foreign_snapshot() {
 
 #[test]
 fn a_halted_vms_zvols_are_snapshotted_as_halted_unless_mounted_or_open() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let (app, id) = (new_uuid(), new_uuid());
     let tag = unique("halted");
     let pidfile = format!("/tmp/{tag}.pid");
-    g.on_drop(g.remount());
+    g.on_drop(remount(g.lab));
     g.on_drop(format!(
         "kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"
     ));
     g.on_drop(forget(&id));
     // No QEMU answers on this socket: the VM is not running.
-    let plan = g.plan(&app, &id, json!({"qmp": format!("/tmp/{tag}-qmp.sock")}));
+    let plan = plan(
+        g.lab,
+        &app,
+        &id,
+        json!({"qmp": format!("/tmp/{tag}-qmp.sock")}),
+    );
 
     let (code, mounted, err) = g.orchestrate(&plan);
     assert_eq!(code, 7, "{mounted}\n{err}");
@@ -343,8 +231,8 @@ fn a_halted_vms_zvols_are_snapshotted_as_halted_unless_mounted_or_open() {
     assert!(message.contains("mounted at"), "{message}");
     assert_eq!(step(&mounted, "vm_state")["in_use"], true);
 
-    g.unmount_all();
-    let zvol0 = g.volumes()[0].1.clone();
+    unmount_all(&mut g);
+    let zvol0 = volumes(g.lab)[0].1.clone();
     g.sh(&format!(
         "setsid sleep 600 < /dev/zvol/{zvol0} > /dev/null 2>&1 & echo $! > {pidfile}"
     ));

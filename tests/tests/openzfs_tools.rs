@@ -9,9 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use evesnap::qga::{Address, Client};
-use evesnap_tests::guest::guest_exec;
-use evesnap_tests::lab::{openzfs_lab, openzfs_vm_lock, OpenZfsLab, VmLock};
+use evesnap_tests::lab::OpenZfsLab;
+use evesnap_tests::openzfs::{forget, remount, Guest};
 use evesnap_tests::unique;
 use serde_json::{json, Value};
 
@@ -23,39 +22,9 @@ const TOOLS: [&str; 5] = [
     "snap-orchestrate",
 ];
 
-/// The OpenZFS lab, or `None` (a loud skip) when the static tools are not in its bin folder.
-fn lab_with_tools() -> Option<&'static OpenZfsLab> {
-    let lab = openzfs_lab();
-    if let Some(missing) = TOOLS.iter().find(|t| !lab.guest_bin_host.join(t).exists()) {
-        eprintln!(
-            "SKIP the tools in the OpenZFS guest: {missing} is not built in {} (RUSTFLAGS='-C \
-             target-feature=+crt-static' cargo build --workspace --bins --target \
-             x86_64-unknown-linux-gnu --target-dir target/static)",
-            lab.guest_bin_host.display()
-        );
-        return None;
-    }
-    Some(lab)
-}
-
-/// What a tool run in the guest gave back.
-#[derive(Debug)]
-struct ToolRun {
-    code: i64,
-    doc: Value,
-    stderr: String,
-    /// Wall time of the guest-exec round trip (includes the agent's polling).
-    took: Duration,
-}
-
-impl ToolRun {
-    /// The tool's own (last) step.
-    fn step(&self) -> &Value {
-        self.doc["steps"]
-            .as_array()
-            .and_then(|s| s.last())
-            .unwrap_or_else(|| panic!("no step in {}", self.doc))
-    }
+/// The guest with the tools, or `None` (a loud skip) when they are not built for it.
+fn guest() -> Option<Guest> {
+    Guest::start("the tools in the OpenZFS guest", &TOOLS)
 }
 
 /// The tools of a snap-orchestrate report's steps, in order.
@@ -75,141 +44,6 @@ fn step_of(report: &Value, tool: &str) -> Value {
         .and_then(|s| s.iter().find(|s| s["tool"] == tool))
         .cloned()
         .unwrap_or(Value::Null)
-}
-
-/// The guest, through the control agent, and the VM to this test ([`openzfs_vm_lock`]).
-/// Cleanup scripts registered with [`Guest::on_drop`] run (newest first) when it goes out
-/// of scope, also after a failed assertion, and before the lock is released.
-struct Guest {
-    lab: &'static OpenZfsLab,
-    agent: Client,
-    cleanup: Vec<String>,
-    _vm: VmLock,
-}
-
-impl Guest {
-    /// The guest of the OpenZFS lab with the tools, or `None` (see [`lab_with_tools`]).
-    fn start() -> Option<Guest> {
-        let lab = lab_with_tools()?;
-        let vm = openzfs_vm_lock();
-        let address: Address = lab.agent.parse().expect("agent address");
-        let agent = Client::connect(&address, Instant::now() + Duration::from_secs(30))
-            .expect("the control agent answers");
-        Some(Guest {
-            lab,
-            agent,
-            cleanup: Vec::new(),
-            _vm: vm,
-        })
-    }
-
-    fn on_drop(&mut self, script: impl Into<String>) {
-        self.cleanup.push(script.into());
-    }
-
-    /// Runs `argv` in the guest: (exit code, stdout, stderr).
-    fn exec(&mut self, argv: &[&str]) -> (i64, String, String) {
-        guest_exec(&mut self.agent, argv, Duration::from_secs(180))
-    }
-
-    /// Runs a busybox sh script in the guest, expecting success; its stdout.
-    fn sh(&mut self, script: &str) -> String {
-        let (code, out, err) = self.exec(&["/bin/sh", "-c", script]);
-        assert_eq!(code, 0, "guest `{script}` exited {code}:\n{err}{out}");
-        out
-    }
-
-    /// Runs one of the project's tools in the guest with `args` (argv, no quoting), the
-    /// document `stdin` piped in (or `/dev/null`), and parses the document it prints.
-    fn tool(&mut self, tool: &str, args: &[&str], stdin: Option<&str>) -> ToolRun {
-        let program = format!("{}/{tool}", self.lab.guest_bin);
-        // sh -c SCRIPT sh DOC PROGRAM ARGS...: the document and argv stay separate words.
-        let script = r#"cd /tmp; doc=$1; shift; if [ -n "$doc" ]; then printf '%s' "$doc" | "$@"; else "$@" </dev/null; fi"#;
-        let mut argv = vec!["/bin/sh", "-c", script, "sh", stdin.unwrap_or(""), &program];
-        argv.extend_from_slice(args);
-        let started = Instant::now();
-        let (code, out, stderr) = self.exec(&argv);
-        let took = started.elapsed();
-        let doc = serde_json::from_str(&out).unwrap_or_else(|e| {
-            panic!(
-                "{tool} {args:?} printed no document ({e}), exit {code}:\n{out}\nstderr:\n{stderr}"
-            )
-        });
-        ToolRun {
-            code,
-            doc,
-            stderr,
-            took,
-        }
-    }
-
-    /// `zfs get -H -p -o value <property> <name>`.
-    fn zfs_get(&mut self, property: &str, name: &str) -> String {
-        self.sh(&format!("zfs get -H -p -o value {property} '{name}'"))
-            .trim()
-            .to_string()
-    }
-
-    /// Snapshots and bookmarks of the pool, by name.
-    fn snapshots(&mut self) -> Vec<String> {
-        self.sh("zfs list -H -o name -t snapshot,bookmark -r persist")
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// A command line that sends `command` to the in-guest agent and prints its reply.
-    fn qga_client(&self, command: &str) -> String {
-        format!("/usr/bin/qga-client {} '{command}'", self.lab.guest_agent)
-    }
-
-    /// The in-guest (vsock) agent's freeze state.
-    fn freeze_status(&mut self) -> String {
-        let out = self.sh(&self.qga_client(r#"{"execute":"guest-fsfreeze-status"}"#));
-        let reply: Value = serde_json::from_str(out.trim()).expect("JSON reply");
-        reply["return"].as_str().unwrap_or("?").to_string()
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        while let Some(script) = self.cleanup.pop() {
-            match self
-                .agent
-                .guest_exec("/bin/sh", &["-c", &script], Duration::from_secs(120))
-            {
-                Ok(r) if r.success() => {}
-                Ok(r) => eprintln!(
-                    "cleanup `{script}` exited {:?}: {}",
-                    r.exitcode,
-                    String::from_utf8_lossy(&r.stderr)
-                ),
-                Err(e) => eprintln!("cleanup `{script}`: {e}"),
-            }
-        }
-    }
-}
-
-/// Destroys every snapshot and bookmark of the pool whose name contains `tag` (holds first).
-fn forget(tag: &str) -> String {
-    format!(
-        "for s in $(zfs list -H -o name -t snapshot,bookmark -r persist | grep -F -- '{tag}'); do \
-         zfs release evesnap-test \"$s\" 2>/dev/null; zfs destroy \"$s\"; done; true"
-    )
-}
-
-/// Unmounts and mounts each zvol's ext4 again (by its device node, as the lab mounts them).
-fn remount(lab: &OpenZfsLab) -> String {
-    lab.guest_mounts
-        .iter()
-        .map(|(zvol, mnt)| {
-            format!(
-                "grep -q ' {mnt} ' /proc/mounts || {{ echo 3 > /proc/sys/vm/drop_caches; \
-                 mount -t ext4 $(readlink -f /dev/zvol/{zvol}) {mnt}; }}"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// `args`, then `--dataset <zvol>` for each of the lab's zvols.
@@ -238,7 +72,7 @@ fn ms(value: &Value) -> f64 {
 
 #[test]
 fn zsnap_takes_one_atomic_snapshot_of_both_zvols_and_reads_it_back() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let name = unique("zsnap-multi");
     g.on_drop(forget(&name));
@@ -331,7 +165,10 @@ fn zsnap_takes_one_atomic_snapshot_of_both_zvols_and_reads_it_back() {
     let destroyed = g.tool("zsnap", &["destroy"], Some(&run.doc.to_string()));
     assert_eq!(destroyed.code, 0, "{}\n{}", destroyed.doc, destroyed.stderr);
     assert_eq!(strings(&destroyed.step()["destroyed"]), full);
-    assert!(!g.snapshots().iter().any(|s| s.contains(&name)));
+    assert!(!g
+        .snapshots_and_bookmarks()
+        .iter()
+        .any(|s| s.contains(&name)));
     eprintln!(
         "TIMING zsnap (2 zvols, multi) in the guest: zfs snapshot {:.0} ms, whole step {:.0} ms, guest-exec {} ms",
         ms(&step["snapshot_ms"]),
@@ -342,7 +179,7 @@ fn zsnap_takes_one_atomic_snapshot_of_both_zvols_and_reads_it_back() {
 
 #[test]
 fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("held");
     let (older, newer) = (format!("{tag}-a"), format!("{tag}-b"));
@@ -361,7 +198,7 @@ fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
         holds.starts_with(&format!("{held}\tevesnap-test\t")),
         "{holds:?}"
     );
-    let before = g.snapshots();
+    let before = g.snapshots_and_bookmarks();
 
     // destroy: all or none; the held member keeps the unheld one alive too.
     let run = g.tool("zsnap", &["destroy"], Some(&sets[1].to_string()));
@@ -373,7 +210,11 @@ fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
         "{}",
         run.doc
     );
-    assert_eq!(g.snapshots(), before, "zsnap destroy changed something");
+    assert_eq!(
+        g.snapshots_and_bookmarks(),
+        before,
+        "zsnap destroy changed something"
+    );
 
     // zrollback without --destroy-newer: refuses and lists the newer snapshots.
     let mut args = with_zvols(lab, &["--to", older.as_str()]);
@@ -396,7 +237,11 @@ fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
         "{}",
         run.doc
     );
-    assert_eq!(g.snapshots(), before, "zrollback destroyed something");
+    assert_eq!(
+        g.snapshots_and_bookmarks(),
+        before,
+        "zrollback destroyed something"
+    );
 
     // Released, zsnap destroy goes through.
     g.sh(&format!("zfs release evesnap-test {held}"));
@@ -410,7 +255,7 @@ fn held_snapshots_stop_zsnap_destroy_and_zrollback_destroy_newer() {
 /// one, as a concurrent snapshotter would), and newer bookmarks, which only OpenZFS has.
 #[test]
 fn zrollback_reports_openzfs_refusals_and_newer_bookmarks() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("zrb");
     let zvol = lab.zvols[1].clone();
@@ -494,7 +339,7 @@ fn zrollback_reports_openzfs_refusals_and_newer_bookmarks() {
 /// it, names the missing bytes and creates nothing, and `zfs snapshot` agrees.
 #[test]
 fn a_thick_zvol_on_a_nearly_full_pool_is_refused_before_anything_is_created() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("full");
     let (thick, sparse) = (lab.zvols[0].clone(), lab.zvols[1].clone());
@@ -578,7 +423,9 @@ fn a_thick_zvol_on_a_nearly_full_pool_is_refused_before_anything_is_created() {
         run.doc
     );
     assert!(
-        !g.snapshots().iter().any(|s| s.contains(&name)),
+        !g.snapshots_and_bookmarks()
+            .iter()
+            .any(|s| s.contains(&name)),
         "something was created"
     );
 
@@ -602,7 +449,7 @@ fn a_thick_zvol_on_a_nearly_full_pool_is_refused_before_anything_is_created() {
 /// are frozen (a write blocks) until the thaw.
 #[test]
 fn qga_freeze_and_thaw_over_vsock_block_writes_on_the_zvols() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("frz");
     let mnt = lab.guest_mounts[&lab.zvols[1]].clone();
@@ -670,7 +517,7 @@ fn qga_freeze_and_thaw_over_vsock_block_writes_on_the_zvols() {
 /// zsnap's preflight on OpenZFS: a missing zvol and a taken name are named, nothing created.
 #[test]
 fn zsnap_preflight_names_missing_zvols_and_taken_names() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let name = unique("pre");
     g.on_drop(forget(&name));
@@ -749,7 +596,7 @@ esac
 /// application and unmounts, guest_post remounts; the logs match the snapshot's checksums.
 #[test]
 fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("orch");
     let mounts: Vec<String> = lab
@@ -863,7 +710,7 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
         "version": 1, "action": "rollback", "agent": lab.guest_agent,
         "datasets": lab.zvols, "rollback": {"to": name}, "disks": disks,
     });
-    let before = g.snapshots();
+    let before = g.snapshots_and_bookmarks();
     let run = g.tool("snap-orchestrate", &[], Some(&mounted.to_string()));
     assert_eq!(run.code, 7, "{}\n{}", run.doc, run.stderr);
     assert_eq!(run.doc["error"]["step"], "unmounted", "{}", run.doc);
@@ -876,7 +723,7 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
             "{busy:?}"
         );
     }
-    assert_eq!(g.snapshots(), before);
+    assert_eq!(g.snapshots_and_bookmarks(), before);
     assert!(
         lines(&mut g) > at_snapshot,
         "the refused rollback changed the data"
@@ -902,7 +749,7 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
         "{}",
         run.doc
     );
-    assert_eq!(g.snapshots(), before);
+    assert_eq!(g.snapshots_and_bookmarks(), before);
     let (code, _, _) = g.exec(&["test", "-e", "/tmp/evesnap-app.stop"]);
     assert_eq!(code, 1, "guest_pre ran after a failed preflight");
 
@@ -968,7 +815,7 @@ fn snap_orchestrate_in_the_guest_snapshots_and_rolls_back_a_running_application(
 /// destroy a newer snapshot that has a clone (read from `origin` of the pool's datasets).
 #[test]
 fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("keep");
     let clone = format!("{}/vault/volumes/clone-{tag}", lab.pool);
@@ -1026,7 +873,7 @@ fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
     );
 
     // zrollback to a (held target is fine) must destroy b, which has a clone: refused.
-    let before = g.snapshots();
+    let before = g.snapshots_and_bookmarks();
     let run = g.tool(
         "zrollback",
         &[
@@ -1045,7 +892,11 @@ fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
         "{}",
         run.doc
     );
-    assert_eq!(g.snapshots(), before, "zrollback changed something");
+    assert_eq!(
+        g.snapshots_and_bookmarks(),
+        before,
+        "zrollback changed something"
+    );
 }
 
 /// The pool fills up between snapshot-orchestrate's preflight and its `zfs snapshot` (a `zfs`
@@ -1054,7 +905,7 @@ fn prune_and_rollback_respect_holds_and_clones_on_openzfs() {
 /// the application resumed, and the report names the step and the cause.
 #[test]
 fn snap_orchestrate_in_the_guest_survives_a_pool_filling_up_inside_the_freeze() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("oos");
     let thick = lab.zvols[0].clone();
@@ -1114,7 +965,9 @@ fn snap_orchestrate_in_the_guest_survives_a_pool_filling_up_inside_the_freeze() 
     let (code, _, _) = g.exec(&["test", "-e", &resumed]);
     assert_eq!(code, 0, "guest_post did not run");
     assert!(
-        !g.snapshots().iter().any(|s| s.contains(&name)),
+        !g.snapshots_and_bookmarks()
+            .iter()
+            .any(|s| s.contains(&name)),
         "part of the set was created"
     );
     eprintln!(
@@ -1159,7 +1012,7 @@ fn mount_zvol(zvol: &str, mnt: &str) -> String {
 /// leaves the family as it was.
 #[test]
 fn keep_newer_rolls_a_zvol_back_and_forward_on_openzfs() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("kn");
     let zvol = lab.zvols[0].clone();
@@ -1312,7 +1165,7 @@ fn keep_newer_rolls_a_zvol_back_and_forward_on_openzfs() {
 /// the kept state holds what the zvol held, with the newer snapshot.
 #[test]
 fn snap_orchestrate_keep_newer_rolls_back_a_mounted_zvol_and_keeps_its_state() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("okn");
     let zvol = lab.zvols[1].clone();
@@ -1379,7 +1232,7 @@ fn snap_orchestrate_keep_newer_rolls_back_a_mounted_zvol_and_keeps_its_state() {
 /// missing bytes and nothing is created; without it, the same command goes through.
 #[test]
 fn keep_newer_of_a_thick_zvol_without_room_is_refused_before_anything_is_created() {
-    let Some(mut g) = Guest::start() else { return };
+    let Some(mut g) = guest() else { return };
     let lab = g.lab;
     let tag = unique("knroom");
     let zvol = lab.zvols[0].clone();
