@@ -448,6 +448,113 @@ fn a_freeze_the_real_agent_fails_takes_nothing_by_default_and_a_labelled_crash_s
     );
 }
 
+/// A second qemu-ga in the lab guest, on its own vsock port, whose fsfreeze hook takes
+/// `hook_s` seconds before every freeze: a real agent that answers a freeze late. Killed
+/// (and the guest thawed) when dropped.
+struct SlowHookAgent<'a> {
+    lab: &'a Lab,
+    address: String,
+}
+
+impl<'a> SlowHookAgent<'a> {
+    const PORT: u32 = 10073;
+
+    fn start(lab: &'a Lab, hook_s: f64) -> SlowHookAgent<'a> {
+        let port = Self::PORT;
+        guest_sh(
+            &mut connect(lab),
+            &format!(
+                "printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep {hook_s}\\nexit 0\\n' > /tmp/slow-hook; \
+                 chmod 755 /tmp/slow-hook; mkdir -p /run/qga-slow-hook; \
+                 /usr/bin/qemu-ga -d -f /run/qga-slow-hook.pid -m vsock-listen \
+                 -p 4294967295:{port} -t /run/qga-slow-hook -F/tmp/slow-hook"
+            ),
+        );
+        let address = format!("hvsock:{}:{port}", lab.vsock.uds.display());
+        let agent = SlowHookAgent { lab, address };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.status().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the slow-hook agent does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        agent
+    }
+
+    fn status(&self) -> Result<GuestFsfreezeStatus, evesnap::qga::Error> {
+        let address: evesnap::qga::Address = self.address.parse().expect("hvsock address");
+        let mut client =
+            evesnap::qga::Client::connect(&address, Instant::now() + Duration::from_secs(5))?;
+        client.execute_within(
+            evesnap::qga::commands::guest_fsfreeze_status {},
+            Duration::from_secs(10),
+        )
+    }
+}
+
+impl Drop for SlowHookAgent<'_> {
+    fn drop(&mut self) {
+        let _ = evesnap_tests::guest::try_guest_sh(
+            &mut connect(self.lab),
+            "kill $(cat /run/qga-slow-hook.pid); fsfreeze --unfreeze /data0; fsfreeze --unfreeze /data1; true",
+        );
+    }
+}
+
+#[test]
+fn a_freeze_that_times_out_on_the_real_agent_takes_nothing_by_default_and_a_crash_snapshot_when_allowed(
+) {
+    let guard = ThawGuard::lock("orch-freeze-timeout");
+    let lab = guard.lab;
+    // The hook (3 s) outlasts the freeze deadline (2 s), not the thaw queued behind it
+    // (answered within its own 2 s, once the late freeze is done).
+    let agent = SlowHookAgent::start(lab, 3.0);
+    let strict = format!("t-late-strict-{}", std::process::id());
+    let lenient = format!("t-late-lenient-{}", std::process::id());
+    let _cleanup = Cleanup(lab, vec![strict.clone(), lenient.clone()]);
+    let late = |name: &str, on_failure: &str| {
+        plan(
+            lab,
+            json!({
+                "snapshot": name, "agent": agent.address,
+                "freeze": {"timeout_s": 2, "thaw_after_s": 60, "on_failure": on_failure,
+                           "mountpoints": ["/data0", "/data1"]},
+            }),
+        )
+    };
+
+    let out = orchestrate(&guard, &late(&strict, "fail"), &[]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let r = report(&out);
+    let error = r.error.as_ref().expect("error");
+    assert_eq!(error.step, "freeze", "{error:?}");
+    assert!(r.warnings.is_empty() && r.consistency.is_none(), "{r:?}");
+    assert!(snapshots_named(lab, &strict).is_empty());
+    assert_eq!(agent.status().expect("status"), GuestFsfreezeStatus::thawed);
+
+    let out = orchestrate(&guard, &late(&lenient, "crash"), &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = report(&out);
+    assert_eq!(r.consistency, Some(Consistency::Crash), "{r:?}");
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    let warning = &r.warnings[0];
+    assert_eq!(warning.kind, WarningKind::CrashFallback);
+    assert!(
+        warning.message.contains("guest-fsfreeze-freeze"),
+        "{warning:?}"
+    );
+    let snaps = snapshots_named(lab, &lenient);
+    assert_eq!(snaps.len(), lab.datasets.len(), "{snaps:?}");
+    for s in &snaps {
+        assert_eq!(zfs_get("org.lfedge.evesnap:consistency", s), "crash");
+        assert_eq!(zfs_get("org.lfedge.evesnap:frozen", s), "false");
+    }
+    assert_eq!(agent.status().expect("status"), GuestFsfreezeStatus::thawed);
+    assert_eq!(status(lab), GuestFsfreezeStatus::thawed);
+}
+
 /// A `zfs` on which `snapshot` first waits `delay` seconds, then runs the real one; it
 /// touches `marker` when a snapshot starts (not for the bare `zfs snapshot` that probes
 /// the usage text).
