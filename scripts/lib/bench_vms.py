@@ -1,4 +1,4 @@
-"""`scripts/bench --vms N`: many VMs on one host.
+"""The bench's many-VM part (`scripts/bench`, N = `--vms`, default 4): many VMs on one host.
 
 On a lab of N VMs (EVESNAP_LAB_VMS=N, 2 disks each; target/lab-bench-vms, pool
 evesnap-bench-vms unless EVESNAP_LAB_DIR / EVESNAP_LAB_POOL say otherwise), `reps` times each:
@@ -8,9 +8,9 @@ evesnap-bench-vms unless EVESNAP_LAB_DIR / EVESNAP_LAB_POOL say otherwise), `rep
   group       one consistency-group plan of all N VMs: the group's window (first freeze to
               last thaw) against one VM's window alone
 
-Results: `ratios.concurrent_vm_over_alone` (the worst VM's median concurrent window over its
-median alone) and `ratios.group_over_single` (the group's median window over VM 0's alone),
-in bench/results/<UTC time>-vms<N>.json and bench/results/latest-vms.json.
+Ratios: `concurrent_vm_over_alone` (the worst VM's median concurrent window over its median
+alone) and `group_over_single` (the group's median window over VM 0's alone); scripts/bench
+puts them into its result's `ratios` and the whole part under `vms`.
 """
 
 import json
@@ -19,8 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 
 def say(msg):
@@ -103,14 +101,6 @@ def run(repo, bin_dir, vms, reps, keep_lab):
     ratios = {"concurrent_vm_over_alone": max(round(med_conc[n] / med_alone[n], 3) for n in med_alone),
               "concurrent_by_vm": {n: round(med_conc[n] / med_alone[n], 3) for n in med_alone},
               "group_over_single": round(median(group) / single, 3)}
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    result = {"stamp": stamp, "reps": reps, "vms": vms, "machine": f"{os.cpu_count()} cores, TCG guests, zfs-fuse",
-              "alone_ms": med_alone, "concurrent_ms": med_conc, "group_ms": median(group), "ratios": ratios,
-              "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group}}
-    out = repo / "bench/results"
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    (out / f"{stamp}-vms{vms}.json").write_text(text)
-    (out / "latest-vms.json").write_text(text)
-    print(text, end="")
-    say(f"results in {out}/{stamp}-vms{vms}.json")
+    return {"reps": reps, "vms": vms, "machine": f"{os.cpu_count()} cores, TCG guests, zfs-fuse",
+            "alone_ms": med_alone, "concurrent_ms": med_conc, "group_ms": median(group), "ratios": ratios,
+            "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group}}
