@@ -3,9 +3,10 @@
 //! the guest cannot forge it) says which VM a connection comes from. A connection from a
 //! CID not in the map is refused before anything is read from it.
 //!
-//! The file: `{"<cid>": {"agent": "<agent address>", "volumes": "<volumes map file>"}, …}`.
-//! CIDs 0, 1, 2 (hypervisor, local, host) and 4294967295 (any) are refused; two VMs may
-//! share neither an agent nor a volume.
+//! The file: `{"<cid>": {"agent": "<agent address>", "volumes": "<volumes map file>",
+//! "qmp": "<QMP socket>"}, …}` (`qmp` optional: with it, volumes may be named by QEMU device
+//! id or root port, as with `--qmp`). CIDs 0, 1, 2 (hypervisor, local, host) and 4294967295
+//! (any) are refused; two VMs may share neither an agent, a QMP socket nor a volume.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ const MAX_CID_MAP_BYTES: u64 = 1024 * 1024;
 pub struct Entry {
     pub agent: String,
     pub volumes: PathBuf,
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
 }
 
 /// One VM of the map, checked: its agent parsed, its volumes loaded.
@@ -33,6 +36,7 @@ pub struct VmConfig {
     pub agent_text: String,
     pub agent: Address,
     pub volumes: Volumes,
+    pub qmp: Option<PathBuf>,
 }
 
 /// A connection from a CID the map does not name.
@@ -81,6 +85,12 @@ pub fn check_cid_map(
                     "CIDs {other} and {cid} have the same agent {agent}"
                 ));
             }
+            if entry.qmp.is_some() && vm.qmp == entry.qmp {
+                return Err(format!(
+                    "CIDs {other} and {cid} have the same QMP socket {}",
+                    entry.qmp.as_deref().unwrap_or(Path::new("")).display()
+                ));
+            }
             if let Some(dataset) = volumes.keys().find(|d| vm.volumes.contains_key(*d)) {
                 return Err(format!(
                     "CIDs {other} and {cid} both name the volume {dataset}"
@@ -93,6 +103,7 @@ pub fn check_cid_map(
                 agent_text: entry.agent,
                 agent,
                 volumes,
+                qmp: entry.qmp,
             },
         );
     }
@@ -232,5 +243,25 @@ mod tests {
         )
         .expect_err("one volume, two CIDs");
         assert!(err.contains("pool/a"), "{err}");
+        let err = checked(
+            r#"{"3": {"agent": "/run/q3.sock", "volumes": "a.json", "qmp": "/run/qmp.sock"},
+                "4": {"agent": "/run/q4.sock", "volumes": "b.json", "qmp": "/run/qmp.sock"}}"#,
+        )
+        .expect_err("one QMP socket, two CIDs");
+        assert!(err.contains("same QMP socket /run/qmp.sock"), "{err}");
+    }
+
+    #[test]
+    fn each_vm_may_have_its_own_qmp_socket() {
+        let map = checked(
+            r#"{"3": {"agent": "/run/q3.sock", "volumes": "a.json", "qmp": "/run/vm3/qmp.sock"},
+                "4": {"agent": "/run/q4.sock", "volumes": "b.json"}}"#,
+        )
+        .expect("a valid map");
+        assert_eq!(
+            vm_for(&map, 3).expect("CID 3").qmp.as_deref(),
+            Some(Path::new("/run/vm3/qmp.sock"))
+        );
+        assert_eq!(vm_for(&map, 4).expect("CID 4").qmp, None);
     }
 }

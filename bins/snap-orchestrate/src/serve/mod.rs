@@ -99,7 +99,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PORT", requires = "cid_map")]
     pub listen_vsock: Option<u32>,
     /// With --listen-vsock: JSON map of the VMs by CID, `{"<cid>": {"agent": "<address>",
-    /// "volumes": "<volumes map file>"}, ...}`, in place of --agent and --volumes.
+    /// "volumes": "<volumes map file>", "qmp": "<QMP socket>"}, ...}` (`qmp` optional, as
+    /// --qmp), in place of --agent, --volumes and --qmp.
     #[arg(long, value_name = "FILE", requires = "listen_vsock", conflicts_with_all = ["agent", "volumes"])]
     pub cid_map: Option<PathBuf>,
     /// The VM's guest agent: `unix:<path>`, a plain path, `vsock:<cid>:<port>` (AF_VSOCK) or
@@ -354,7 +355,7 @@ fn vm_of(
             return Err(coded(
                 Exit::Usage,
                 format!(
-                    "the volumes map names {dataset} by QEMU device, root port or WWN: --qmp is needed to place it"
+                    "the volumes map names {dataset} by QEMU device, root port or WWN: a QMP socket (--qmp, or `qmp` in the CID map) is needed to place it"
                 ),
             ));
         }
@@ -389,7 +390,7 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
             let vms: BTreeMap<u32, Vm> = cids::load_cid_map(map)?
                 .into_iter()
                 .map(|(cid, c)| {
-                    let vm = vm_of(&c.agent_text, c.agent, c.volumes, None, &source, &zfs);
+                    let vm = vm_of(&c.agent_text, c.agent, c.volumes, c.qmp, &source, &zfs);
                     vm.map(|vm| (cid, vm))
                 })
                 .collect::<Result<_, _>>()?;
