@@ -240,7 +240,7 @@ def run(repo, static_bin, reps, keep_lab, tools, writer, defaults, summary):
     finally:
         forget(g, "bo-")
         if not keep_lab:
-            subprocess.run([str(repo / "scripts/lab"), "down", "--purge"], env=env, capture_output=True,
+            subprocess.run([str(repo / "scripts/lab"), "down", "--purge", "--openzfs"], env=env, capture_output=True,
                            stdin=subprocess.DEVNULL)
     ratios = {key: max(r[key] for r in ratios_by.values()) for key in next(iter(ratios_by.values()))}
     ratios["worst_stall_over_window"] = {**{v: r["worst_stall_over_window"] for v, r in ratios_by.items()},
