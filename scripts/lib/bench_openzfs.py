@@ -247,6 +247,6 @@ def run(repo, static_bin, reps, keep_lab, tools, writer, defaults, summary):
                                          "worst": ratios["worst_stall_over_window"]}
     ratios["group_over_single"] = round(median(group) / median(alone), 3)
     ratios["by_volumes"] = ratios_by
-    return {"machine": "TCG guest, OpenZFS 2.3 zvols, tools inside the guest on vsock loopback",
+    return {"reps": reps, "machine": "TCG guest, OpenZFS 2.3 zvols, tools inside the guest on vsock loopback",
             "ratios": ratios, "detail": detail,
             "group": {"alone_ms": summary(alone), "group_ms": summary(group), "vms": 2}}

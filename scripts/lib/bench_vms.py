@@ -7,10 +7,11 @@ evesnap-bench-vms unless EVESNAP_LAB_DIR / EVESNAP_LAB_POOL say otherwise), `rep
   concurrent  N orchestrations at once, one per VM: each VM's window against its window alone
   group       one consistency-group plan of all N VMs: the group's window (first freeze to
               last thaw) against one VM's window alone
-  floor       what no tool can beat, the same two ways: a minimal client freezes VM 0 (then
-              every VM, in parallel threads, each on a connection opened before), takes the
-              one `zfs snapshot -r` the orchestrator takes, and thaws (in parallel): the
-              group's floor over the single VM's is the ratio's own floor
+  floor       what no tool can beat, the same three ways: a minimal client freezes a VM (on a
+              connection opened before), takes the `zfs snapshot -r` the orchestrator takes,
+              thaws; each VM alone, all VMs at once (one client each, in parallel threads), and
+              the group (every VM frozen in parallel, one snapshot, every VM thawed in
+              parallel): the ratios' own floors
 
 Ratios: `concurrent_vm_over_alone` (the worst VM's median concurrent window over its median
 alone) and `group_over_single` (the group's median window over VM 0's alone); scripts/bench
@@ -129,9 +130,16 @@ def run(repo, bin_dir, vms, reps, keep_lab):
     concurrent = {vm["name"]: [] for vm in machines}
     group = []
     floors = {"single": [], "group": []}
+    floor_alone = {vm["name"]: [] for vm in machines}
+    floor_concurrent = {vm["name"]: [] for vm in machines}
     try:
         for i in range(reps):
-            floors["single"].append(floor_once(machines[:1], common_parent(machines[0]["datasets"]), f"bv-fs-{i}"))
+            for vm in machines:
+                floor_alone[vm["name"]].append(floor_once([vm], common_parent(vm["datasets"]), f"bv-fa-{i}"))
+            windows = in_threads(lambda vm: floor_once([vm], common_parent(vm["datasets"]), f"bv-fc-{i}"), machines)
+            for vm, ms in zip(machines, windows):
+                floor_concurrent[vm["name"]].append(ms)
+            floors["single"].append(floor_alone[machines[0]["name"]][-1])
             floors["group"].append(floor_once(machines, common_parent([d for vm in machines for d in vm["datasets"]]),
                                               f"bv-fg-{i}"))
             for vm in machines:
@@ -154,8 +162,13 @@ def run(repo, bin_dir, vms, reps, keep_lab):
     ratios = {"concurrent_vm_over_alone": max(round(med_conc[n] / med_alone[n], 3) for n in med_alone),
               "concurrent_by_vm": {n: round(med_conc[n] / med_alone[n], 3) for n in med_alone},
               "group_over_single": round(median(group) / single, 3),
-              "group_over_single_floor": round(median(floors["group"]) / median(floors["single"]), 3)}
+              "group_over_single_floor": round(median(floors["group"]) / median(floors["single"]), 3),
+              "concurrent_vm_over_alone_floor": max(round(median(floor_concurrent[n]) / median(floor_alone[n]), 3)
+                                                    for n in floor_alone)}
     return {"reps": reps, "vms": vms, "machine": f"{os.cpu_count()} cores, TCG guests, zfs-fuse",
             "alone_ms": med_alone, "concurrent_ms": med_conc, "group_ms": median(group), "ratios": ratios,
-            "floor_ms": {k: median(v) for k, v in floors.items()},
-            "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group, "floor_ms": floors}}
+            "floor_ms": {**{k: median(v) for k, v in floors.items()},
+                         "alone": {n: median(v) for n, v in floor_alone.items()},
+                         "concurrent": {n: median(v) for n, v in floor_concurrent.items()}},
+            "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group,
+                       "floor_ms": {**floors, "alone": floor_alone, "concurrent": floor_concurrent}}}
