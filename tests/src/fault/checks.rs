@@ -68,7 +68,8 @@ impl Trial<'_> {
                 "a failure said nothing on stderr",
             );
         }
-        // Invariant 1 where the report can tell: the tool's own thaw came in time.
+        // Invariant 1 where the report can tell: the tool's own thaw came in time (an agent
+        // kept away past thaw_after is thawed when it is back, not before).
         let thawed = report["steps"].as_array().and_then(|steps| {
             steps
                 .iter()
@@ -76,11 +77,12 @@ impl Trial<'_> {
                 .and_then(|s| s["thawed"].as_i64())
         });
         if let (Some(window), Some(n)) = (report["freeze_window_ms"].as_f64(), thawed) {
-            let limit = (THAW_AFTER + WINDOW_SLACK).as_secs_f64() * 1000.0;
+            let earliest = THAW_AFTER.max(self.agent_away.unwrap_or_default());
+            let limit = (earliest + WINDOW_SLACK).as_secs_f64() * 1000.0;
             self.check(
                 n == 0 || window <= limit,
                 format!(
-                    "the guest stayed frozen {window:.0} ms, beyond thaw_after ({} s)",
+                    "the guest stayed frozen {window:.0} ms, beyond thaw_after ({} s) and the agent's return",
                     THAW_AFTER.as_secs()
                 ),
             );

@@ -126,6 +126,9 @@ pub struct Trial<'a> {
     pub(super) data: Vec<String>,
     /// Clones made to read snapshots (destroyed at once; again at cleanup if need be).
     pub(super) clones: Vec<String>,
+    /// How long after the freeze the fault keeps the agent from answering, at most: no
+    /// thaw can come before, whatever `thaw_after` says.
+    pub(super) agent_away: Option<Duration>,
 }
 
 impl<'a> Trial<'a> {
@@ -157,6 +160,7 @@ impl<'a> Trial<'a> {
             children: Vec::new(),
             data: Vec::new(),
             clones: Vec::new(),
+            agent_away: None,
         }
     }
 

@@ -153,6 +153,7 @@ impl Trial<'_> {
         // that the killer, 0.3 s after the freeze on a guest slowed by a loaded host, has
         // the agent gone before the run's thaw.
         self.shim.set("snapshot.before", "3");
+        self.agent_away = Some(away + AGENT_BACK);
         let child = self.start(json!({}));
         let seen = self.shim.snapshot_started();
         let (code, report, _) = self.finish_checked(child);
