@@ -10,6 +10,10 @@ use evesnap::zfs::{self, names, Capabilities, Error, Problem, Zfs};
 
 pub use evesnap::steps::Method;
 
+/// How long the snapshots of a cut-short `zfs snapshot` may take to appear on zfs-fuse (its
+/// daemon goes on with a request whose client was killed).
+pub const ZFS_FUSE_SETTLE: Duration = Duration::from_secs(3);
+
 /// Everything checked and decided; nothing created yet.
 #[derive(Debug)]
 pub struct PreparedSnapshot<'z> {
@@ -314,21 +318,36 @@ impl<'z> PreparedSnapshot<'z> {
     }
 
     /// Which of `attempted` a failed `zfs snapshot` created all the same: none, unless the
-    /// call was cut short, since a killed `zfs` dies only once its kernel call returns.
+    /// call was cut short. OpenZFS's `zfs` dies only once its kernel call returns, so one
+    /// look tells; zfs-fuse's `zfs` is a client of the daemon, which finishes a request
+    /// whose client was killed on its own, later: its snapshots get [`ZFS_FUSE_SETTLE`] to
+    /// show up.
     fn created_anyway(&self, error: &Error, attempted: &[String]) -> Vec<String> {
         if !matches!(error, Error::TimedOut { .. } | Error::Cancelled { .. }) {
             return Vec::new();
         }
-        self.zfs
-            .for_cleanup()
-            .existing(attempted)
-            .unwrap_or_else(|e| {
-                evesnap::warn!(
-                    "cannot tell whether the cut short `zfs snapshot` created {}: {e}",
-                    attempted.join(", ")
-                );
-                Vec::new()
-            })
+        let zfs = self.zfs.for_cleanup();
+        let settle = if self.caps.multi_snapshot {
+            Duration::ZERO
+        } else {
+            ZFS_FUSE_SETTLE
+        };
+        let until = Instant::now() + settle;
+        loop {
+            match zfs.existing(attempted) {
+                Ok(found) if found.len() == attempted.len() || Instant::now() >= until => {
+                    return found
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => {
+                    evesnap::warn!(
+                        "cannot tell whether the cut short `zfs snapshot` created {}: {e}",
+                        attempted.join(", ")
+                    );
+                    return Vec::new();
+                }
+            }
+        }
     }
 
     fn undo(&self, created: Vec<String>, error: Error, what: &str) -> Error {
