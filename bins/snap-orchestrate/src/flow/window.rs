@@ -129,12 +129,16 @@ pub(super) struct WhileFrozen {
 /// cleanup; each call's deadline bounds it. Says what was destroyed.
 pub(super) fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) -> String {
     let zfs = zfs.for_cleanup();
-    // No result (the worker is gone): it created nothing.
+    // No result (the worker is gone): it created nothing. A cut-short take destroyed what
+    // its call created all the same itself (zsnap's undo): that is what was destroyed.
     let created = loop {
         match events.wait() {
-            Some(Event::Done(result)) => break result.map(|t| t.created).unwrap_or_default(),
+            Some(Event::Done(Ok(taken))) => break taken.created,
+            Some(Event::Done(Err(evesnap::zfs::Error::Partial { undone, .. }))) => {
+                return described(&undone)
+            }
+            Some(Event::Done(Err(_))) | None => break Vec::new(),
             Some(Event::Signal(_)) => {}
-            None => break Vec::new(),
         }
     };
     let mut destroyed = Vec::new();
@@ -144,6 +148,10 @@ pub(super) fn destroy_late(events: &mut Events<super::TakeResult>, zfs: &Zfs) ->
             Err(e) => evesnap::warn!("cannot destroy {snapshot}, taken after an early thaw: {e}"),
         }
     }
+    described(&destroyed)
+}
+
+fn described(destroyed: &[String]) -> String {
     if destroyed.is_empty() {
         "nothing".to_string()
     } else {
