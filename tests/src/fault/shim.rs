@@ -89,16 +89,27 @@ esac
         wait_for(&self.marker("snapshot-started"), Duration::from_secs(60))
     }
 
-    /// Waits until no shim call runs any more (an orphaned `zfs` after a SIGKILL).
+    /// Waits until no shim call runs any more (an orphaned `zfs` after a SIGKILL). A marker
+    /// whose shell is gone is stale: a call cut short is killed with its process group, so
+    /// its EXIT trap never ran, and nothing of it runs any more.
     pub fn wait_idle(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
             let busy = std::fs::read_dir(&self.dir)
                 .map(|entries| {
                     entries.flatten().any(|e| {
-                        e.file_name()
-                            .to_str()
-                            .is_some_and(|n| n.starts_with("active."))
+                        let name = e.file_name();
+                        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("active."))
+                        else {
+                            return false;
+                        };
+                        let alive = pid.parse::<i32>().is_ok_and(|pid| {
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                        });
+                        if !alive {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                        alive
                     })
                 })
                 .unwrap_or(false);
