@@ -98,11 +98,12 @@ def zfs_ready():
 
 
 def dead_fuse_mounts():
-    """Mountpoints of FUSE mounts whose daemon is gone ("Transport endpoint is not connected")."""
+    """Mountpoints of zfs-fuse's FUSE mounts whose daemon is gone ("Transport endpoint is
+    not connected")."""
     dead = []
     for line in Path("/proc/mounts").read_text().splitlines():
         fields = line.split()
-        if len(fields) > 2 and fields[2].startswith("fuse"):
+        if len(fields) > 2 and (fields[2] == "fuse.zfs" or fields[1] == "/zfs-kstat"):
             mnt = fields[1].replace("\\040", " ")
             try:
                 os.stat(mnt)
@@ -112,11 +113,15 @@ def dead_fuse_mounts():
     return dead
 
 
+def unmount_dead_fuse_mounts():
+    for mnt in dead_fuse_mounts():
+        log(f"unmounting dead FUSE mount {mnt}")
+        run(["umount", "-l", mnt], check=False)
+
+
 def ensure_zfs_fuse(lab):
     if zfs_fuse_pid() is None:
-        for mnt in dead_fuse_mounts():
-            log(f"unmounting dead FUSE mount {mnt}")
-            run(["umount", "-l", mnt], check=False)
+        unmount_dead_fuse_mounts()
         log("starting zfs-fuse")
         with open(lab / "zfs-fuse.log", "ab") as out:
             proc = subprocess.Popen(["/usr/sbin/zfs-fuse", "--no-daemon"], stdin=subprocess.DEVNULL,
@@ -130,6 +135,11 @@ def ensure_zfs_fuse(lab):
         run(["zfs", "mount", "-a"], check=False)
     elif not zfs_ready():
         raise LabError("a zfs-fuse process runs but does not answer `zpool list`")
+    else:
+        # A zfs-fuse mount whose daemon died before this one started is dead
+        # (ENOTCONN) though zfs now serves its pool again: `zfs mount -a` skips it
+        # until it is gone.
+        unmount_dead_fuse_mounts()
 
 
 def pool_health(pool):
