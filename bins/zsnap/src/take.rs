@@ -396,10 +396,8 @@ impl<'z> PreparedSnapshot<'z> {
     }
 
     fn report(&self, taken: Taken) -> Result<SnapshotReport, Error> {
-        if !self.caps.snapshot_props && !self.properties.is_empty() {
-            for snapshot in &self.snapshots {
-                self.zfs.set(snapshot, &self.properties)?;
-            }
+        if !self.caps.snapshot_props {
+            self.zfs.set_each(&self.snapshots, &self.properties)?;
         }
         let info = self.zfs.snapshot_info(&self.snapshots, &[])?;
         let snapshots = info
@@ -437,14 +435,8 @@ pub fn confirm_claims(
     snapshots: &[String],
     claims: &[(String, String)],
 ) -> Result<(), Error> {
-    // One property per call: zfs-fuse's `zfs set` takes one (OpenZFS takes several).
-    // Each claim is true once written, so one cut short only under-claims.
-    for snapshot in snapshots {
-        for claim in claims {
-            zfs.set(snapshot, std::slice::from_ref(claim))?;
-        }
-    }
-    Ok(())
+    // Each claim is true once written, so a call cut short only under-claims.
+    zfs.set_each(snapshots, claims)
 }
 
 /// Destroys what [`PreparedSnapshot::finish_for_output`] left for after the output.

@@ -210,21 +210,26 @@ def cmd_snapshot(state, args):
 
 
 def cmd_set(state, args):
-    """`zfs set k=v ... <name>` (user properties of snapshots and datasets)."""
-    if len(args) < 2 or any("=" not in kv for kv in args[:-1]):
+    """`zfs set k=v ... <name> ...` (user properties of snapshots and datasets); zfs-fuse
+    takes one property and one name."""
+    pairs = [kv for kv in args if "=" in kv]
+    names = args[len(pairs):]
+    if not pairs or not names or any("=" in n for n in names):
         return "", "missing arguments\n", 2
-    name = args[-1]
     if len(args) > 2 and state["flavour"] == "zfs-fuse":
         return "", "cannot open '" + args[1] + "': invalid dataset name\n", 1
-    if name in state["snapshots"]:
-        props = state["snapshots"][name]["props"]
-    elif name in state["datasets"]:
-        props = state["datasets"][name].setdefault("props", {})
-    else:
-        raise Fail(missing(name))
-    for kv in args[:-1]:
-        k, v = kv.split("=", 1)
-        props[k] = v
+    targets = []
+    for name in names:
+        if name in state["snapshots"]:
+            targets.append(state["snapshots"][name]["props"])
+        elif name in state["datasets"]:
+            targets.append(state["datasets"][name].setdefault("props", {}))
+        else:
+            raise Fail(missing(name))
+    for props in targets:
+        for kv in pairs:
+            k, v = kv.split("=", 1)
+            props[k] = v
     return "", "", 0
 
 
