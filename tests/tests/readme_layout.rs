@@ -22,7 +22,9 @@ fn layout() -> String {
 }
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
 }
 
 fn tracked() -> Vec<String> {
@@ -33,7 +35,7 @@ fn tracked() -> Vec<String> {
         .expect("run git ls-files");
     assert!(out.status.success(), "git ls-files failed");
     String::from_utf8(out.stdout)
-        .unwrap()
+        .expect("git ls-files prints UTF-8 paths")
         .lines()
         .map(str::to_string)
         .collect()
@@ -66,7 +68,7 @@ fn should_be_named(path: &str) -> bool {
         || path.starts_with("tests/src/")
         || path.starts_with("tests/tests/")
         || path.starts_with("scripts/");
-    let name = path.rsplit('/').next().unwrap();
+    let name = path.rsplit('/').next().unwrap_or(path);
     let boilerplate = matches!(
         name,
         "mod.rs" | "lib.rs" | "main.rs" | "Cargo.toml" | "__init__.py"
@@ -78,7 +80,7 @@ fn should_be_named(path: &str) -> bool {
 fn named(path: &str, words: &BTreeSet<String>) -> bool {
     let parts: Vec<&str> = path.split('/').collect();
     let name = parts[parts.len() - 1];
-    let stem = name.split('.').next().unwrap();
+    let stem = name.split('.').next().unwrap_or(name);
     // A folder named with its `/` covers what is in it, unless it is a crate's src/ or
     // tests/, which every crate has.
     let in_named_folder = parts[..parts.len() - 1].iter().any(|d| {
