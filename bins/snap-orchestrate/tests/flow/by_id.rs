@@ -266,6 +266,41 @@ fn rollback_by_id_goes_to_the_set_with_that_id() {
 }
 
 #[test]
+fn an_id_on_snapshots_of_different_names_is_refused_not_guessed() {
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = eve_pool();
+    // VOL0's member is `s0`, VOL1's `s5`: no one name to roll back to.
+    add_snapshot(
+        &mut state,
+        &format!("{}@s0", zvol(VOL0, 1)),
+        10,
+        ours(ID, "application"),
+    );
+    add_snapshot(
+        &mut state,
+        &format!("{}@s5", zvol(VOL1, 3)),
+        10,
+        ours(ID, "application"),
+    );
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"id": "0f0f0f0f-0000-4000-8000-00000000000f", "action": "rollback",
+        "rollback": {"to": ID, "destroy_newer": true, "vm_stopped": true}});
+    let run = run(&eve_plan(&agent.address.to_string(), extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Preflight, "{:?}", run.error);
+    assert_eq!(steps(&run), [("preflight", false)]);
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error
+            .message
+            .contains("names snapshots of different names (s0, s5)"),
+        "{error:?}"
+    );
+    assert!(zfs.calls_of("rollback").is_empty() && zfs.calls_of("destroy").is_empty());
+    assert_eq!(zfs.snapshots().len(), 2);
+}
+
+#[test]
 fn a_rollback_to_where_the_volumes_already_are_touches_nothing() {
     let (agent, _sim) = FakeAgent::simulated(SimState::default());
     let mut state = two_sets();

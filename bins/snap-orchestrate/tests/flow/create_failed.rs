@@ -247,3 +247,123 @@ fn a_failing_guest_post_fails_the_run_but_keeps_the_snapshot() {
     assert_eq!(zfs.snapshots(), [snap(DS0)]);
     assert_eq!(run.report.consistency, Some(Consistency::Application));
 }
+
+/// The pool with an older set `DS0@old` retention counts, and `zfs get … origin` (the
+/// clones read that pruning starts with) failing.
+fn prune_fails() -> serde_json::Value {
+    let mut state = pool(&[DS0]);
+    let old = json!({"org.lfedge.evesnap:id": "0", "org.lfedge.evesnap:origin": "controller"});
+    add_snapshot(&mut state, &format!("{DS0}@old"), 10, old);
+    state["faults"]["get"] =
+        json!({"with": "origin", "stderr": "internal error: pool I/O is currently suspended\n"});
+    state
+}
+
+#[test]
+fn retention_failing_before_the_create_takes_nothing_and_keeps_the_old_set() {
+    let (agent, sim) = with_app();
+    let zfs = FakeZfs::new(&prune_fails());
+    let mut extra = quiesce_and_resume();
+    extra["max_snapshots"] = json!(1);
+    extra["retention"] = json!("before_create");
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("retention"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("the snapshot was not taken yet")
+            && error.message.contains("suspended"),
+        "{error:?}"
+    );
+    // Retention's step goes before the preflight's, which it cut short.
+    assert_eq!(steps(&run), [("retention", false)]);
+    // Checked, never changed: nothing ran in the guest, nothing was taken or destroyed.
+    assert!(!got(&sim, "guest-exec") && !got(&sim, "guest-fsfreeze-freeze"));
+    assert!(
+        got(&sim, "guest-fsfreeze-status"),
+        "the guest was checked first"
+    );
+    assert!(zfs.calls_of("snapshot").is_empty() && zfs.calls_of("destroy").is_empty());
+    assert_eq!(zfs.snapshots(), [format!("{DS0}@old")]);
+    assert_eq!(run.report.consistency, None);
+}
+
+#[test]
+fn retention_failing_after_the_create_fails_the_run_but_keeps_the_snapshot() {
+    let (agent, sim) = with_app();
+    let zfs = FakeZfs::new(&prune_fails());
+    let mut extra = quiesce_and_resume();
+    extra["max_snapshots"] = json!(1);
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("retention"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("(the snapshot was taken)"),
+        "{error:?}"
+    );
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", true),
+            ("qga-thaw", true),
+            ("guest_post", true),
+            ("retention", false)
+        ]
+    );
+    assert_eq!(sim.state().frozen, 0);
+    assert!(got(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    // The new snapshot stays with its claims, and is reported; the old one stays too.
+    assert_eq!(zfs.snapshots(), [format!("{DS0}@old"), snap(DS0)]);
+    let props = &zfs.state()["snapshots"][snap(DS0)]["props"];
+    assert_eq!(props["org.lfedge.evesnap:frozen"], "true", "{props}");
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+    assert_eq!(run.report.snapshots.as_ref().map(Vec::len), Some(1));
+    assert!(zfs.calls_of("destroy").is_empty());
+}
+
+#[test]
+fn claims_that_cannot_be_recorded_leave_a_snapshot_claiming_nothing() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    state["faults"]["set"] = json!({"stderr": format!(
+        "cannot set property for '{}': pool I/O is currently suspended\n", snap(DS0))});
+    let zfs = FakeZfs::new(&state);
+    let run = run(
+        &plan(&agent.address.to_string(), &[DS0], quiesce_and_resume()),
+        &zfs,
+    );
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("snapshot"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("cannot record the freeze"),
+        "{error:?}"
+    );
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", false),
+            ("qga-thaw", true),
+            ("guest_post", true)
+        ]
+    );
+    assert_eq!(sim.state().frozen, 0);
+    assert!(at(&sim, "guest-fsfreeze-thaw") < at(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    // Taken, and kept: it says what it was created with, no freeze and `crash`.
+    assert_eq!(zfs.snapshots(), [snap(DS0)]);
+    let props = &zfs.state()["snapshots"][snap(DS0)]["props"];
+    assert_eq!(props["org.lfedge.evesnap:frozen"], "false", "{props}");
+    assert_eq!(props[CONSISTENCY], "crash", "{props}");
+    assert_eq!(run.report.consistency, None);
+    assert_eq!(run.report.snapshots, None);
+}

@@ -17,5 +17,6 @@ mod keep_newer;
 mod pending;
 mod qmp;
 mod rollback;
+mod rollback_failed;
 mod serve;
 mod signal;
