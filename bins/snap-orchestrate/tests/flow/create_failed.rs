@@ -248,12 +248,18 @@ fn a_failing_guest_post_fails_the_run_but_keeps_the_snapshot() {
     assert_eq!(run.report.consistency, Some(Consistency::Application));
 }
 
-/// The pool with an older set `DS0@old` retention counts, and `zfs get … origin` (the
-/// clones read that pruning starts with) failing.
-fn prune_fails() -> serde_json::Value {
+/// The pool with an older set `DS0@old` that retention counts.
+fn with_old_set() -> serde_json::Value {
     let mut state = pool(&[DS0]);
     let old = json!({"org.lfedge.evesnap:id": "0", "org.lfedge.evesnap:origin": "controller"});
     add_snapshot(&mut state, &format!("{DS0}@old"), 10, old);
+    state
+}
+
+/// [`with_old_set`], and `zfs get … origin` (the clones read that pruning starts with)
+/// failing.
+fn prune_fails() -> serde_json::Value {
+    let mut state = with_old_set();
     state["faults"]["get"] =
         json!({"with": "origin", "stderr": "internal error: pool I/O is currently suspended\n"});
     state
@@ -366,4 +372,44 @@ fn claims_that_cannot_be_recorded_leave_a_snapshot_claiming_nothing() {
     assert_eq!(props[CONSISTENCY], "crash", "{props}");
     assert_eq!(run.report.consistency, None);
     assert_eq!(run.report.snapshots, None);
+}
+
+#[test]
+fn a_destroy_retention_cannot_do_is_reported_and_the_run_succeeds() {
+    let (agent, _sim) = with_app();
+    let mut state = with_old_set();
+    state["faults"] = json!({"destroy": {"stderr": format!(
+        "cannot destroy snapshot {DS0}@old: dataset is busy\n")}});
+    let zfs = FakeZfs::new(&state);
+    let mut extra = quiesce_and_resume();
+    extra["max_snapshots"] = json!(1);
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    // Best effort (a race, or zfs-fuse busy): the step names what is left, the run is done.
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(steps(&run).last(), Some(&("retention", true)));
+    let retention = &run.report.steps.last().expect("retention").fields;
+    assert_eq!(
+        retention["failed"][0]["snapshot"],
+        format!("{DS0}@old"),
+        "{retention:?}"
+    );
+    assert_eq!(zfs.snapshots(), [format!("{DS0}@old"), snap(DS0)]);
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+}
+
+#[test]
+fn a_failed_snapshot_without_an_agent_fails_the_run_and_takes_nothing() {
+    let mut state = pool(&[DS0]);
+    state["faults"]["snapshot"] = json!({"stderr": format!(
+        "cannot create snapshot '{}': out of space\nno snapshots were created\n", snap(DS0))});
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"freeze": {"required": false, "timeout_s": 0.3}});
+    let run = run(&plan(&no_agent(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("snapshot"));
+    assert_eq!(steps(&run), [("preflight", true), ("zsnap", false)]);
+    assert!(zfs.snapshots().is_empty());
+    assert_eq!(run.report.consistency, None);
 }

@@ -310,14 +310,15 @@ fn sigterm_while_guest_post_runs_skips_retention_and_keeps_the_snapshot() {
     assert_eq!(zfs.snapshots(), [format!("{DS0}@old"), snap(DS0)]);
 }
 
-#[test]
-fn sigterm_before_the_rollback_step_rolls_nothing_back_and_guest_post_runs() {
+/// A rollback of `DS0` to `s1` (`s2` newer) under a running VM, whose agent answers
+/// `slow_command` after 1.5 s; `guest_pre` unmounts, `guest_post` mounts.
+fn slow_rollback(slow_command: &str) -> (FakeAgent, Sim, FakeZfs, Value) {
     let (agent, sim) = FakeAgent::simulated(SimState {
         programs: vec![
             ("/bin/umount".into(), Program::exits(0)),
             ("/bin/mount".into(), Program::exits(0)),
         ],
-        delays: vec![("guest-get-fsinfo".into(), Duration::from_millis(1500))],
+        delays: vec![(slow_command.into(), Duration::from_millis(1500))],
         ..SimState::default()
     });
     let mut state = pool(&[DS0]);
@@ -331,6 +332,29 @@ fn sigterm_before_the_rollback_step_rolls_nothing_back_and_guest_post_runs() {
                "guest_post": [{"path": "/bin/mount", "args": ["/dev/vda", "/data0"]}],
                "disks": {DS0: {"pci": "0000:00:07.0"}}}),
     );
+    (agent, sim, zfs, plan)
+}
+
+#[test]
+fn sigterm_while_the_agent_is_asked_in_the_rollback_preflight_touches_nothing() {
+    let (_agent, sim, zfs, plan) = slow_rollback("guest-info");
+    run_dir();
+    let mut child = spawn(&zfs, &plan);
+    wait_for_agent(&sim, &mut child, "guest-info");
+    let (took, code, report) = terminate(child);
+    check(took, code, &report, &sim, &plan, "guest_pre");
+    let message = report["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("before guest_pre"), "{report}");
+    assert_eq!(tools(&report), [("preflight".to_string(), true)]);
+    // Nothing ran in the guest, so nothing is owed to it.
+    assert!(!got(&sim, "guest-exec"), "{:?}", sim.state().log);
+    assert_eq!(report["guest_post"], Value::Null, "{report}");
+    assert!(zfs.calls_of("rollback").is_empty() && zfs.calls_of("destroy").is_empty());
+}
+
+#[test]
+fn sigterm_before_the_rollback_step_rolls_nothing_back_and_guest_post_runs() {
+    let (_agent, sim, zfs, plan) = slow_rollback("guest-get-fsinfo");
     run_dir();
     let mut child = spawn(&zfs, &plan);
     wait_for_agent(&sim, &mut child, "guest-get-fsinfo");
