@@ -1,5 +1,6 @@
-//! `action: create` failing once the guest was touched: whatever fails, the guest is
-//! thawed and gets its `guest_post`, and no snapshot claims a freeze it did not have.
+//! `action: create` failing in a step (refusals before anything changes are in
+//! `create_refused.rs`): whatever fails, the guest is thawed and gets its `guest_post`, no
+//! snapshot claims a freeze it did not have, and one taken in a verified freeze is kept.
 
 use evesnap::eve_api::{Entity, Severity};
 use evesnap::exit::Exit;
@@ -412,4 +413,26 @@ fn a_failed_snapshot_without_an_agent_fails_the_run_and_takes_nothing() {
     assert_eq!(steps(&run), [("preflight", true), ("zsnap", false)]);
     assert!(zfs.snapshots().is_empty());
     assert_eq!(run.report.consistency, None);
+}
+
+#[test]
+fn a_refused_thaw_leaves_expedited_rcu_to_the_guests_own_restore() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: vec![("/bin/sh".into(), Program::exits(0))],
+        failing: vec![("guest-fsfreeze-thaw".into(), "failed to thaw /data0".into())],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"expedite_rcu": true}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::ThawFailed, "{:?}", run.error);
+    let rcu = run.report.expedited_rcu.as_ref().expect("expedited_rcu");
+    assert!(rcu.set && rcu.restored == Some(false), "{rcu:?}");
+    // Set once before the freeze; not restored through an agent that cannot thaw.
+    assert_eq!(
+        last_at(&sim, "guest-exec /bin/sh"),
+        at(&sim, "guest-exec /bin/sh")
+    );
+    assert_eq!(zfs.snapshots(), [snap(DS0)]);
 }
