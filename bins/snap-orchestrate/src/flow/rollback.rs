@@ -209,7 +209,14 @@ impl Run<'_> {
             }
             self.done(timer, &Unmounted { mounted: vec![] });
         }
-        self.check_signal("rollback")?;
+        if let Err(e) = self.check_signal("rollback") {
+            // Nothing rolled back, but guest_pre ran: the guest gets its volumes back now,
+            // not from a watchdog (`post_left` would record them as pending).
+            if let Some((client, _)) = agent.as_mut() {
+                let _ = self.run_post(client); // its step records its own result
+            }
+            return Err(e);
+        }
 
         // 4. Roll back.
         let timer = StepTimer::start(zrollback::TOOL);

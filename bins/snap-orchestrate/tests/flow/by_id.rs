@@ -149,6 +149,56 @@ fn a_half_set_with_a_held_member_is_refused_and_left_alone() {
 }
 
 #[test]
+fn a_half_set_that_cannot_be_removed_fails_before_the_guest_is_touched() {
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let mut state = eve_pool();
+    let half = format!("{}@evesnap-{ID}", zvol(VOL0, 1));
+    add_snapshot(&mut state, &half, 10, ours(ID, "filesystem"));
+    state["faults"]["destroy"] =
+        json!({"stderr": format!("cannot destroy snapshot {half}: dataset is busy\n")});
+    let zfs = FakeZfs::new(&state);
+    let run = run(&eve_plan(&agent.address.to_string(), json!({})), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("preflight"));
+    assert_eq!(steps(&run), [("existing", false)]);
+    assert_eq!(run.report.steps[0].fields["removed"], json!([]));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("cannot remove a partial set"),
+        "{error:?}"
+    );
+    assert!(sim.state().log.is_empty(), "{:?}", sim.state().log);
+    assert_eq!(zfs.snapshots(), [half]);
+    assert!(zfs.calls_of("snapshot").is_empty());
+}
+
+#[test]
+fn a_snapshot_list_that_fails_stops_create_and_rollback_by_id_at_once() {
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let mut state = two_sets();
+    state["faults"]["list"] = json!({"with": "snapshot",
+        "stderr": "internal error: pool I/O is currently suspended\n"});
+    let zfs = FakeZfs::new(&state);
+    // A create's look for its set.
+    let run = run(&eve_plan(&agent.address.to_string(), json!({})), &zfs);
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(steps(&run), [("existing", false)]);
+    assert!(zfs.calls_of("snapshot").is_empty());
+
+    // A rollback's look for the set its id names.
+    let extra = json!({"id": "0f0f0f0f-0000-4000-8000-00000000000f", "action": "rollback",
+        "rollback": {"to": ID, "destroy_newer": true, "vm_stopped": true}});
+    let run = crate::support::run(&eve_plan(&agent.address.to_string(), extra), &zfs);
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(steps(&run), [("preflight", false)]);
+    let error = run.report.error.as_ref().expect("error");
+    assert!(error.message.contains("suspended"), "{error:?}");
+    assert!(zfs.calls_of("rollback").is_empty() && zfs.calls_of("destroy").is_empty());
+    assert!(sim.state().log.is_empty(), "{:?}", sim.state().log);
+}
+
+#[test]
 fn delete_by_id_destroys_the_set_and_a_second_delete_succeeds() {
     let (agent, _sim) = FakeAgent::simulated(SimState::default());
     let mut state = eve_pool();
@@ -263,6 +313,41 @@ fn rollback_by_id_goes_to_the_set_with_that_id() {
         [to(VOL0, 1), to(VOL1, 3)]
     );
     assert!(!run.report.existing);
+}
+
+#[test]
+fn an_id_on_snapshots_of_different_names_is_refused_not_guessed() {
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = eve_pool();
+    // VOL0's member is `s0`, VOL1's `s5`: no one name to roll back to.
+    add_snapshot(
+        &mut state,
+        &format!("{}@s0", zvol(VOL0, 1)),
+        10,
+        ours(ID, "application"),
+    );
+    add_snapshot(
+        &mut state,
+        &format!("{}@s5", zvol(VOL1, 3)),
+        10,
+        ours(ID, "application"),
+    );
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"id": "0f0f0f0f-0000-4000-8000-00000000000f", "action": "rollback",
+        "rollback": {"to": ID, "destroy_newer": true, "vm_stopped": true}});
+    let run = run(&eve_plan(&agent.address.to_string(), extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::Preflight, "{:?}", run.error);
+    assert_eq!(steps(&run), [("preflight", false)]);
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error
+            .message
+            .contains("names snapshots of different names (s0, s5)"),
+        "{error:?}"
+    );
+    assert!(zfs.calls_of("rollback").is_empty() && zfs.calls_of("destroy").is_empty());
+    assert_eq!(zfs.snapshots().len(), 2);
 }
 
 #[test]

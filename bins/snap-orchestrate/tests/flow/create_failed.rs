@@ -1,5 +1,6 @@
-//! `action: create` failing once the guest was touched: whatever fails, the guest is
-//! thawed and gets its `guest_post`, and no snapshot claims a freeze it did not have.
+//! `action: create` failing in a step (refusals before anything changes are in
+//! `create_refused.rs`): whatever fails, the guest is thawed and gets its `guest_post`, no
+//! snapshot claims a freeze it did not have, and one taken in a verified freeze is kept.
 
 use evesnap::eve_api::{Entity, Severity};
 use evesnap::exit::Exit;
@@ -246,4 +247,192 @@ fn a_failing_guest_post_fails_the_run_but_keeps_the_snapshot() {
     assert_eq!(failed_step(&run), Some("guest_post"));
     assert_eq!(zfs.snapshots(), [snap(DS0)]);
     assert_eq!(run.report.consistency, Some(Consistency::Application));
+}
+
+/// The pool with an older set `DS0@old` that retention counts.
+fn with_old_set() -> serde_json::Value {
+    let mut state = pool(&[DS0]);
+    let old = json!({"org.lfedge.evesnap:id": "0", "org.lfedge.evesnap:origin": "controller"});
+    add_snapshot(&mut state, &format!("{DS0}@old"), 10, old);
+    state
+}
+
+/// [`with_old_set`], and `zfs get … origin` (the clones read that pruning starts with)
+/// failing.
+fn prune_fails() -> serde_json::Value {
+    let mut state = with_old_set();
+    state["faults"]["get"] =
+        json!({"with": "origin", "stderr": "internal error: pool I/O is currently suspended\n"});
+    state
+}
+
+#[test]
+fn retention_failing_before_the_create_takes_nothing_and_keeps_the_old_set() {
+    let (agent, sim) = with_app();
+    let zfs = FakeZfs::new(&prune_fails());
+    let mut extra = quiesce_and_resume();
+    extra["max_snapshots"] = json!(1);
+    extra["retention"] = json!("before_create");
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("retention"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("the snapshot was not taken yet")
+            && error.message.contains("suspended"),
+        "{error:?}"
+    );
+    // Retention's step goes before the preflight's, which it cut short.
+    assert_eq!(steps(&run), [("retention", false)]);
+    // Checked, never changed: nothing ran in the guest, nothing was taken or destroyed.
+    assert!(!got(&sim, "guest-exec") && !got(&sim, "guest-fsfreeze-freeze"));
+    assert!(
+        got(&sim, "guest-fsfreeze-status"),
+        "the guest was checked first"
+    );
+    assert!(zfs.calls_of("snapshot").is_empty() && zfs.calls_of("destroy").is_empty());
+    assert_eq!(zfs.snapshots(), [format!("{DS0}@old")]);
+    assert_eq!(run.report.consistency, None);
+}
+
+#[test]
+fn retention_failing_after_the_create_fails_the_run_but_keeps_the_snapshot() {
+    let (agent, sim) = with_app();
+    let zfs = FakeZfs::new(&prune_fails());
+    let mut extra = quiesce_and_resume();
+    extra["max_snapshots"] = json!(1);
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("retention"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("(the snapshot was taken)"),
+        "{error:?}"
+    );
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", true),
+            ("qga-thaw", true),
+            ("guest_post", true),
+            ("retention", false)
+        ]
+    );
+    assert_eq!(sim.state().frozen, 0);
+    assert!(got(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    // The new snapshot stays with its claims, and is reported; the old one stays too.
+    assert_eq!(zfs.snapshots(), [format!("{DS0}@old"), snap(DS0)]);
+    let props = &zfs.state()["snapshots"][snap(DS0)]["props"];
+    assert_eq!(props["org.lfedge.evesnap:frozen"], "true", "{props}");
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+    assert_eq!(run.report.snapshots.as_ref().map(Vec::len), Some(1));
+    assert!(zfs.calls_of("destroy").is_empty());
+}
+
+#[test]
+fn claims_that_cannot_be_recorded_leave_a_snapshot_claiming_nothing() {
+    let (agent, sim) = with_app();
+    let mut state = pool(&[DS0]);
+    state["faults"]["set"] = json!({"stderr": format!(
+        "cannot set property for '{}': pool I/O is currently suspended\n", snap(DS0))});
+    let zfs = FakeZfs::new(&state);
+    let run = run(
+        &plan(&agent.address.to_string(), &[DS0], quiesce_and_resume()),
+        &zfs,
+    );
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("snapshot"));
+    let error = run.report.error.as_ref().expect("error");
+    assert!(
+        error.message.contains("cannot record the freeze"),
+        "{error:?}"
+    );
+    assert_eq!(
+        steps(&run),
+        [
+            ("preflight", true),
+            ("guest_pre", true),
+            ("qga-freeze", true),
+            ("zsnap", false),
+            ("qga-thaw", true),
+            ("guest_post", true)
+        ]
+    );
+    assert_eq!(sim.state().frozen, 0);
+    assert!(at(&sim, "guest-fsfreeze-thaw") < at(&sim, "guest-exec /usr/bin/app-ctl resume"));
+    // Taken, and kept: it says what it was created with, no freeze and `crash`.
+    assert_eq!(zfs.snapshots(), [snap(DS0)]);
+    let props = &zfs.state()["snapshots"][snap(DS0)]["props"];
+    assert_eq!(props["org.lfedge.evesnap:frozen"], "false", "{props}");
+    assert_eq!(props[CONSISTENCY], "crash", "{props}");
+    assert_eq!(run.report.consistency, None);
+    assert_eq!(run.report.snapshots, None);
+}
+
+#[test]
+fn a_destroy_retention_cannot_do_is_reported_and_the_run_succeeds() {
+    let (agent, _sim) = with_app();
+    let mut state = with_old_set();
+    state["faults"] = json!({"destroy": {"stderr": format!(
+        "cannot destroy snapshot {DS0}@old: dataset is busy\n")}});
+    let zfs = FakeZfs::new(&state);
+    let mut extra = quiesce_and_resume();
+    extra["max_snapshots"] = json!(1);
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    // Best effort (a race, or zfs-fuse busy): the step names what is left, the run is done.
+    assert_eq!(exit(&run), Exit::Success, "{:?}", run.error);
+    assert_eq!(steps(&run).last(), Some(&("retention", true)));
+    let retention = &run.report.steps.last().expect("retention").fields;
+    assert_eq!(
+        retention["failed"][0]["snapshot"],
+        format!("{DS0}@old"),
+        "{retention:?}"
+    );
+    assert_eq!(zfs.snapshots(), [format!("{DS0}@old"), snap(DS0)]);
+    assert_eq!(run.report.consistency, Some(Consistency::Application));
+}
+
+#[test]
+fn a_failed_snapshot_without_an_agent_fails_the_run_and_takes_nothing() {
+    let mut state = pool(&[DS0]);
+    state["faults"]["snapshot"] = json!({"stderr": format!(
+        "cannot create snapshot '{}': out of space\nno snapshots were created\n", snap(DS0))});
+    let zfs = FakeZfs::new(&state);
+    let extra = json!({"freeze": {"required": false, "timeout_s": 0.3}});
+    let run = run(&plan(&no_agent(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("snapshot"));
+    assert_eq!(steps(&run), [("preflight", true), ("zsnap", false)]);
+    assert!(zfs.snapshots().is_empty());
+    assert_eq!(run.report.consistency, None);
+}
+
+#[test]
+fn a_refused_thaw_leaves_expedited_rcu_to_the_guests_own_restore() {
+    let (agent, sim) = FakeAgent::simulated(SimState {
+        programs: vec![("/bin/sh".into(), Program::exits(0))],
+        failing: vec![("guest-fsfreeze-thaw".into(), "failed to thaw /data0".into())],
+        ..SimState::default()
+    });
+    let zfs = FakeZfs::new(&pool(&[DS0]));
+    let extra = json!({"freeze": {"expedite_rcu": true}});
+    let run = run(&plan(&agent.address.to_string(), &[DS0], extra), &zfs);
+
+    assert_eq!(exit(&run), Exit::ThawFailed, "{:?}", run.error);
+    let rcu = run.report.expedited_rcu.as_ref().expect("expedited_rcu");
+    assert!(rcu.set && rcu.restored == Some(false), "{rcu:?}");
+    // Set once before the freeze; not restored through an agent that cannot thaw.
+    assert_eq!(
+        last_at(&sim, "guest-exec /bin/sh"),
+        at(&sim, "guest-exec /bin/sh")
+    );
+    assert_eq!(zfs.snapshots(), [snap(DS0)]);
 }

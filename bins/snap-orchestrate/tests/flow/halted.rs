@@ -186,3 +186,40 @@ fn a_vm_without_qemu_is_rolled_back_without_the_agent_when_nothing_holds_it() {
         [vec!["rollback".to_string(), snap(DS0)]]
     );
 }
+
+#[test]
+fn a_qmp_that_answers_badly_fails_the_preflight_and_touches_nothing() {
+    // It greets and negotiates, then answers `query-status` with an error.
+    let qmp = crate::qmp::fake_qmp(json!({}));
+    let (agent, sim) = FakeAgent::simulated(SimState::default());
+    let mut state = pool(&[DS0]);
+    add_snapshot(&mut state, &snap(DS0), 10, json!({}));
+    let zfs = FakeZfs::new(&state);
+    // A create: its `vm_state` step fails, before the guest is asked anything.
+    let plan = |extra: Value| {
+        let mut base = json!({"qmp": qmp, "snapshot": "s2"});
+        if let (Some(base), Value::Object(extra)) = (base.as_object_mut(), extra) {
+            base.extend(extra);
+        }
+        crate::support::plan(&agent.address.to_string(), &[DS0], base)
+    };
+    let run = run(&plan(json!({})), &zfs);
+
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(failed_step(&run), Some("preflight"));
+    assert_eq!(steps(&run), [("vm_state", false)]);
+    let message = &run.report.error.as_ref().expect("error").message;
+    assert!(message.contains("plan field `qmp`"), "{message}");
+    assert!(sim.state().log.is_empty(), "{:?}", sim.state().log);
+    assert!(zfs.calls_of("snapshot").is_empty());
+
+    // So does a rollback's preflight: nothing is rolled back.
+    let extra = json!({"action": "rollback", "rollback": {"to": NAME}});
+    let run = crate::support::run(&plan(extra), &zfs);
+    assert_eq!(exit(&run), Exit::StepFailed, "{:?}", run.error);
+    assert_eq!(steps(&run), [("preflight", false)]);
+    let message = &run.report.error.as_ref().expect("error").message;
+    assert!(message.contains("plan field `qmp`"), "{message}");
+    assert!(sim.state().log.is_empty(), "{:?}", sim.state().log);
+    assert!(zfs.calls_of("rollback").is_empty());
+}

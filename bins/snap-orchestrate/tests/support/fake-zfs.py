@@ -22,9 +22,10 @@ Tests run it through a `zfs` wrapper that passes DIR. The state:
 A fault named after a subcommand applies to its calls (not to the capability probes):
 sleep first, then, with `stderr`, fail with it (status 1 by default);
 with `sleep` alone, go on afterwards. With `"nth": N` it applies to the Nth call of the
-subcommand only (counted in calls.log); with `"after": true` the call does its work first
-and fails afterwards (a call cut short once its change was made). An argv this fake does
-not know fails with status 2.
+subcommand only (counted in calls.log); with `"with": WORD` only to its calls whose argv
+has WORD (`{"get": {"with": "origin", ...}}`: the clones read alone); with `"after": true`
+the call does its work first and fails afterwards (a call cut short once its change was
+made). An argv this fake does not know fails with status 2.
 
 Datasets may carry `origin` (a clone's snapshot) and `mounted` (`yes`/`no`, filesystems);
 `clone`, `promote`, `rename`, `mount`, `unmount` and `destroy` of a dataset change them as
@@ -390,10 +391,13 @@ def calls_so_far(folder, command):
     return sum(1 for a in argvs if a and a[0] == command and a not in PROBES)
 
 
-def fault(state, command, folder):
+def fault(state, args, folder):
     """The fault for this call, after its sleep; None when there is none."""
+    command = args[0]
     f = state.get("faults", {}).get(command)
     if not f or ("nth" in f and calls_so_far(folder, command) != f["nth"]):
+        return None
+    if "with" in f and f["with"] not in args:
         return None
     time.sleep(f.get("sleep", 0))
     if "stderr" not in f:
@@ -433,7 +437,7 @@ def main():
         text = f.read()
         state = json.loads(text)
         try:
-            late = fault(state, args[0], folder) if args not in PROBES else None
+            late = fault(state, args, folder) if args not in PROBES else None
             out, err, status = command(state, args[1:])
             if late and status == 0:
                 # The change is made (and written below), then the call fails.
