@@ -19,7 +19,6 @@
 mod in_use;
 pub mod keep;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -161,29 +160,14 @@ pub fn plan(
         ));
     }
     if destroy_newer {
-        let pools: BTreeSet<&str> = pending
+        let names: Vec<String> = pending
             .iter()
-            .filter(|(_, n)| !n.is_empty())
-            .map(|(t, _)| zfs::pool_of(&t.dataset))
+            .flat_map(|(_, n)| n.iter().map(|s| s.name.clone()))
             .collect();
-        let mut clones: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for pool in pools {
-            clones.extend(zfs.clones(pool)?);
-        }
+        let clones = zfs.clones_of(&names)?;
         for (_, newer) in &pending {
             for s in newer {
-                if s.userrefs > 0 {
-                    problems.push(Problem::Held {
-                        snapshot: s.name.clone(),
-                        userrefs: s.userrefs,
-                    });
-                }
-                if let Some(c) = clones.get(&s.name) {
-                    problems.push(Problem::HasClones {
-                        snapshot: s.name.clone(),
-                        clones: c.clone(),
-                    });
-                }
+                problems.extend(s.destroy_blockers(&clones, false));
             }
         }
     }

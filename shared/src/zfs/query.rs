@@ -1,9 +1,9 @@
 //! What the zfs layer reads: space facts, snapshots and their properties, descendants,
 //! clones, bookmarks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::{args, classify, names, parse, Error, Zfs};
+use super::{args, classify, names, parse, Error, Problem, Zfs};
 
 /// Space facts of a filesystem or volume, from `zfs get -H -p`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -74,6 +74,30 @@ impl SnapshotInfo {
         "used",
         "referenced",
     ];
+
+    /// What forbids destroying this snapshot: holds (unless `defer`, for `zfs destroy -d`,
+    /// which destroys it when the last hold goes) and clones (`clones` from
+    /// [`Zfs::clones_of`]).
+    pub fn destroy_blockers(
+        &self,
+        clones: &BTreeMap<String, Vec<String>>,
+        defer: bool,
+    ) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.userrefs > 0 && !defer {
+            problems.push(Problem::Held {
+                snapshot: self.name.clone(),
+                userrefs: self.userrefs,
+            });
+        }
+        if let Some(c) = clones.get(&self.name) {
+            problems.push(Problem::HasClones {
+                snapshot: self.name.clone(),
+                clones: c.clone(),
+            });
+        }
+        problems
+    }
 
     pub fn dataset(&self) -> &str {
         self.name
@@ -275,9 +299,20 @@ impl Zfs {
             .collect())
     }
 
+    /// Clones per origin snapshot, for every pool that one of `names` (datasets or
+    /// snapshots) is in.
+    pub fn clones_of(&self, names: &[String]) -> Result<BTreeMap<String, Vec<String>>, Error> {
+        let pools: BTreeSet<&str> = names.iter().map(|n| super::pool_of(n)).collect();
+        let mut all = BTreeMap::new();
+        for pool in pools {
+            all.extend(self.clones(pool)?);
+        }
+        Ok(all)
+    }
+
     /// Clones per origin snapshot, for every dataset of `pool` (read from `origin`, which
     /// both implementations have).
-    pub fn clones(&self, pool: &str) -> Result<BTreeMap<String, Vec<String>>, Error> {
+    fn clones(&self, pool: &str) -> Result<BTreeMap<String, Vec<String>>, Error> {
         names::check_dataset(pool)?;
         let out = self.run(
             &args(&[
@@ -378,6 +413,8 @@ case "$*" in
     printf 'tank/vol@a\t2345\t2049\t1764099000\t0\t0\t1073741824\t-\n'; exit 0;;
   "list -H -p -o name,createtxg -t bookmark -d 1 -s createtxg tank/vol") printf 'tank/vol#bm\t2050\n'; exit 0;;
   snapshot\ *) exit 0;;
+  "get -H -p -o name,property,value -r origin tank")
+    printf 'tank\torigin\t-\ntank/vol\torigin\t-\ntank/c1\torigin\ttank/vol@a\ntank/c2\torigin\ttank/vol@a\n'; exit 0;;
 esac
 echo "unexpected: $*" >&2; exit 1
 "#,
@@ -425,6 +462,47 @@ echo "unexpected: $*" >&2; exit 1
                 .any(|l| l == "snapshot -o org.x:k=v tank/a@s tank/b@s"),
             "{calls}"
         );
+        // One `zfs get` per pool, however many names are in it.
+        let clones = zfs
+            .clones_of(&["tank/vol@a".into(), "tank/vol@b".into(), "tank".into()])
+            .expect("clones");
+        let calls = std::fs::read_to_string(dir.join("calls")).expect("calls");
+        assert_eq!(calls.lines().filter(|l| l.contains(" origin ")).count(), 1);
+        assert_eq!(clones["tank/vol@a"], ["tank/c1", "tank/c2"]);
+        assert_eq!(clones.len(), 1);
+        assert!(snaps[0].destroy_blockers(&clones, true).iter().any(|p| matches!(
+            p,
+            Problem::HasClones { snapshot, clones } if snapshot == "tank/vol@a" && clones.len() == 2
+        )));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn destroy_blockers_are_holds_unless_deferred_and_clones() {
+        let held = SnapshotInfo {
+            name: "tank/v@a".into(),
+            guid: "1".into(),
+            createtxg: 1,
+            creation: 1,
+            userrefs: 2,
+            used: 0,
+            referenced: 0,
+            properties: BTreeMap::new(),
+        };
+        let none = BTreeMap::new();
+        assert!(matches!(
+            held.destroy_blockers(&none, false)[..],
+            [Problem::Held { userrefs: 2, .. }]
+        ));
+        assert!(
+            held.destroy_blockers(&none, true).is_empty(),
+            "-d waits for the holds"
+        );
+        let cloned = BTreeMap::from([("tank/v@a".to_string(), vec!["tank/c".to_string()])]);
+        assert!(matches!(
+            held.destroy_blockers(&cloned, true)[..],
+            [Problem::HasClones { .. }]
+        ));
+        assert_eq!(held.destroy_blockers(&cloned, false).len(), 2);
     }
 }
