@@ -202,37 +202,33 @@ pub fn execute(zfs: &Zfs, plan: &RollbackPlan) -> Result<RollbackReport, Box<Exe
             })
         });
     }
-    for target in &plan.targets {
+    match roll_back(zfs, &plan.targets, &mut report) {
+        Ok(()) => Ok(report),
+        Err(source) => Err(Box::new(ExecuteError {
+            report,
+            source: source.into(),
+        })),
+    }
+}
+
+/// [`execute`] without a `keep`: what it did goes into `report` as it is done.
+fn roll_back(zfs: &Zfs, targets: &[Target], report: &mut RollbackReport) -> Result<(), Error> {
+    for target in targets {
         for snapshot in &target.newer {
-            if let Err(source) = zfs.destroy_snapshot(snapshot) {
-                return Err(Box::new(ExecuteError {
-                    report,
-                    source: source.into(),
-                }));
-            }
+            zfs.destroy_snapshot(snapshot)?;
             report.destroyed.push(snapshot.clone());
         }
         for bookmark in &target.newer_bookmarks {
-            if let Err(source) = zfs.destroy_bookmark(bookmark) {
-                return Err(Box::new(ExecuteError {
-                    report,
-                    source: source.into(),
-                }));
-            }
+            zfs.destroy_bookmark(bookmark)?;
             report.destroyed.push(bookmark.clone());
         }
-        if let Err(source) = zfs.rollback(&target.to) {
-            return Err(Box::new(ExecuteError {
-                report,
-                source: source.into(),
-            }));
-        }
+        zfs.rollback(&target.to)?;
         report.rolled_back.push(RolledBack {
             dataset: target.dataset.clone(),
             to: target.to.clone(),
         });
     }
-    Ok(report)
+    Ok(())
 }
 
 #[derive(Debug, Parser)]
