@@ -4,7 +4,9 @@
 //! gives line and column; defaults are filled in here so the flow never guesses.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use qga_freeze::FreezeOptions;
 use serde::{Deserialize, Serialize};
 
 pub use evesnap::report::{Action, SnapshotType};
@@ -178,6 +180,26 @@ impl Default for FreezePlan {
             expedite_rcu: true,
             flush_first: true,
             on_failure: OnFreezeFailure::Fail,
+        }
+    }
+}
+
+impl FreezePlan {
+    /// The time each agent call gets.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s)
+    }
+
+    /// The freeze as qga-freeze takes it: a guest found frozen is not adopted (a run
+    /// never thaws a freeze it did not make), and `thaw_after_s: 0` arms no watchdog.
+    pub fn options(&self) -> FreezeOptions {
+        FreezeOptions {
+            mountpoints: self.mountpoints.clone(),
+            timeout: self.timeout(),
+            adopt_frozen: false,
+            thaw_after: (self.thaw_after_s > 0.0)
+                .then(|| Duration::from_secs_f64(self.thaw_after_s)),
+            watchdog_program: None,
         }
     }
 }

@@ -173,7 +173,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
         zfs: &zfs,
         report,
         events: &mut signals.0,
-        timeout: Duration::from_secs_f64(plan.freeze.timeout_s),
+        timeout: plan.freeze.timeout(),
         expedited_rcu: false,
         post_left: Vec::new(),
     };
