@@ -22,7 +22,7 @@ pub mod keep;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{fields_of, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
@@ -244,7 +244,7 @@ fn roll_back(zfs: &Zfs, targets: &[Target], report: &mut RollbackReport) -> Resu
         forward again. Reads the job document on stdin, writes it on stdout. A VM must not have \
         the dataset's filesystem mounted (or the volume open for writing) while it is rolled back."
 )]
-struct Cli {
+pub struct Cli {
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     zfs: Option<PathBuf>,
@@ -288,11 +288,7 @@ pub fn command() -> clap::Command {
 }
 
 /// Runs `zrollback` as parsed by [`command`].
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let cli = match Cli::from_arg_matches(matches) {
-        Ok(cli) => cli,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(cli: Cli) -> Outcome {
     let mut doc = match evesnap::document::read_stdin() {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
         Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
@@ -399,14 +395,7 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent() {
-        command().debug_assert();
-        let help = command().render_long_help().to_string();
-        assert!(
-            help.contains("Exit status:")
-                && help.contains("--destroy-newer")
-                && help.contains("--keep-newer"),
-            "{help}"
-        );
+        evesnap::cli::assert_help(command(), &["--destroy-newer", "--keep-newer"]);
     }
 
     #[test]
