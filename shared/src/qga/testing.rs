@@ -126,18 +126,11 @@ type Handler = dyn FnMut(&mut Peer) + Send;
 
 /// A scripted agent listening on a Unix socket in its own temporary folder; stops and
 /// removes the folder when dropped.
+#[derive(Debug)]
 pub struct FakeAgent {
     pub address: Address,
     pub connections: Arc<AtomicUsize>,
     _server: SocketServer,
-}
-
-impl std::fmt::Debug for FakeAgent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeAgent")
-            .field("address", &self.address)
-            .finish()
-    }
 }
 
 impl FakeAgent {

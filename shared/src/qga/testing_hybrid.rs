@@ -28,20 +28,13 @@ pub enum Behaviour {
 }
 
 /// The device, in its own temporary folder; stops and removes it when dropped.
+#[derive(Debug)]
 pub struct HybridDevice {
     /// The device's Unix socket (what `hvsock:<path>:<port>` names).
     pub path: PathBuf,
     /// `CONNECT` lines read so far.
     pub connects: Arc<AtomicUsize>,
     _server: SocketServer,
-}
-
-impl std::fmt::Debug for HybridDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HybridDevice")
-            .field("path", &self.path)
-            .finish()
-    }
 }
 
 impl HybridDevice {

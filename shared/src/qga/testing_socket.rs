@@ -11,6 +11,7 @@ use std::time::Duration;
 
 /// A listening socket served by its own thread; stops the thread and removes the folder
 /// when dropped.
+#[derive(Debug)]
 pub(super) struct SocketServer {
     /// The socket, `<tmp>/evesnap-<kind>-<pid>-<n>/<file>`.
     pub(super) path: PathBuf,
