@@ -106,15 +106,20 @@ impl Outcome {
     }
 }
 
-/// Runs a tool: `fn main() -> ExitCode { evesnap::cli::main("zsnap", zsnap::command(), zsnap::run) }`.
-pub fn main(
+/// Runs a tool: `fn main() -> ExitCode { evesnap::cli::main("zsnap", zsnap::command(), zsnap::run) }`,
+/// where `command` is the clap command of `run`'s typed command line `T` (its derive, with
+/// whatever help the tool adds).
+pub fn main<T: clap::FromArgMatches>(
     tool: &str,
     command: clap::Command,
-    run: impl FnOnce(&clap::ArgMatches) -> Outcome,
+    run: impl FnOnce(T) -> Outcome,
 ) -> ExitCode {
     crate::log::set_tool(tool);
-    let matches = match command.try_get_matches() {
-        Ok(m) => m,
+    let parsed = command
+        .try_get_matches()
+        .and_then(|matches| T::from_arg_matches(&matches));
+    let cli = match parsed {
+        Ok(cli) => cli,
         Err(e) => {
             // clap prints help/version on stdout and usage errors on stderr itself.
             let _ = e.print();
@@ -125,7 +130,22 @@ pub fn main(
             };
         }
     };
-    finish(tool, run(&matches))
+    finish(tool, run(cli))
+}
+
+/// For each tool's unit tests: `command` is consistent (clap's debug checks), and its long
+/// help ends with the exit-code table and names each of `needles`. The help, for more.
+#[doc(hidden)]
+pub fn assert_help(mut command: clap::Command, needles: &[&str]) -> String {
+    command.clone().debug_assert();
+    let help = command.render_long_help().to_string();
+    for needle in ["Exit status:"].iter().chain(needles) {
+        assert!(
+            help.contains(needle),
+            "{needle} missing from --help:\n{help}"
+        );
+    }
+    help
 }
 
 /// Prints an outcome and returns its exit code.

@@ -15,7 +15,7 @@ mod vsock;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
 use evesnap::request::{self, Op, Reply, Request};
@@ -48,7 +48,7 @@ written by this tool (kinds host-unreachable, host-timeout, busy, bad-input).";
         this tool reads from sysfs.",
     after_help = EXIT_STATUS
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -123,11 +123,7 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let cli = match Cli::from_arg_matches(matches) {
-        Ok(cli) => cli,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(cli: Cli) -> Outcome {
     let Command::Snapshot(args) = cli.command;
     snapshot(&args)
 }

@@ -23,7 +23,7 @@ mod step;
 
 use std::time::{Duration, Instant};
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{self, fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
@@ -145,11 +145,7 @@ fn some_mountpoints(mountpoints: &[String]) -> Option<&[String]> {
     (!mountpoints.is_empty()).then_some(mountpoints)
 }
 
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let args = match Args::from_arg_matches(matches) {
-        Ok(args) => args,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(args: Args) -> Outcome {
     if let Some(token) = &args.watchdog_token {
         let agent = args.agent.as_deref().unwrap_or_default();
         let deadline = args.watchdog_deadline_ms.unwrap_or(0);
@@ -369,17 +365,10 @@ mod tests {
 
     #[test]
     fn help_is_complete() {
-        command().debug_assert();
-        let help = command().render_long_help().to_string();
-        for needle in [
-            "--mountpoint",
-            "--thaw-after",
-            "--adopt-frozen",
-            "Exit status:",
-            "watchdog",
-        ] {
-            assert!(help.contains(needle), "{needle} missing from --help");
-        }
+        let help = evesnap::cli::assert_help(
+            command(),
+            &["--mountpoint", "--thaw-after", "--adopt-frozen", "watchdog"],
+        );
         assert!(
             !help.contains("--watchdog-token"),
             "hidden flags stay hidden"

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{self, fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
@@ -219,11 +219,7 @@ fn expected_count(doc: &Document, address: &Address) -> Option<i64> {
     freeze.frozen
 }
 
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let args = match Args::from_arg_matches(matches) {
-        Ok(args) => args,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(args: Args) -> Outcome {
     let timer = StepTimer::start(TOOL);
     let (upstream, input_error) = match document::read_stdin() {
         Ok(upstream) => (upstream.into_document(), None),
@@ -361,11 +357,7 @@ mod tests {
 
     #[test]
     fn help_is_complete() {
-        command().debug_assert();
-        let help = command().render_long_help().to_string();
-        for needle in ["--agent", "--timeout", "Exit status:", "upstream"] {
-            assert!(help.contains(needle), "{needle} missing from --help");
-        }
+        evesnap::cli::assert_help(command(), &["--agent", "--timeout", "upstream"]);
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub mod serve;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
 use evesnap::zfs::{self, Zfs};
@@ -80,7 +80,7 @@ const MAX_PLAN_BYTES: u64 = 1024 * 1024;
     after_help = Exit::table(),
     args_conflicts_with_subcommands = true
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Option<Sub>,
     /// Read the plan from FILE instead of stdin.
@@ -150,11 +150,7 @@ pub fn command() -> clap::Command {
     Cli::command()
 }
 
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let cli = match Cli::from_arg_matches(matches) {
-        Ok(cli) => cli,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(cli: Cli) -> Outcome {
     match &cli.command {
         Some(Sub::Serve(args)) => return serve::run(args),
         Some(Sub::Recover(args)) => return recover::run(args),

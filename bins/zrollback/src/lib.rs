@@ -19,11 +19,10 @@
 mod in_use;
 pub mod keep;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, Parser};
 use evesnap::cli::Outcome;
 use evesnap::document::{fields_of, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
@@ -161,29 +160,14 @@ pub fn plan(
         ));
     }
     if destroy_newer {
-        let pools: BTreeSet<&str> = pending
+        let names: Vec<String> = pending
             .iter()
-            .filter(|(_, n)| !n.is_empty())
-            .map(|(t, _)| zfs::pool_of(&t.dataset))
+            .flat_map(|(_, n)| n.iter().map(|s| s.name.clone()))
             .collect();
-        let mut clones: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for pool in pools {
-            clones.extend(zfs.clones(pool)?);
-        }
+        let clones = zfs.clones_of(&names)?;
         for (_, newer) in &pending {
             for s in newer {
-                if s.userrefs > 0 {
-                    problems.push(Problem::Held {
-                        snapshot: s.name.clone(),
-                        userrefs: s.userrefs,
-                    });
-                }
-                if let Some(c) = clones.get(&s.name) {
-                    problems.push(Problem::HasClones {
-                        snapshot: s.name.clone(),
-                        clones: c.clone(),
-                    });
-                }
+                problems.extend(s.destroy_blockers(&clones, false));
             }
         }
     }
@@ -218,37 +202,33 @@ pub fn execute(zfs: &Zfs, plan: &RollbackPlan) -> Result<RollbackReport, Box<Exe
             })
         });
     }
-    for target in &plan.targets {
+    match roll_back(zfs, &plan.targets, &mut report) {
+        Ok(()) => Ok(report),
+        Err(source) => Err(Box::new(ExecuteError {
+            report,
+            source: source.into(),
+        })),
+    }
+}
+
+/// [`execute`] without a `keep`: what it did goes into `report` as it is done.
+fn roll_back(zfs: &Zfs, targets: &[Target], report: &mut RollbackReport) -> Result<(), Error> {
+    for target in targets {
         for snapshot in &target.newer {
-            if let Err(source) = zfs.destroy_snapshot(snapshot) {
-                return Err(Box::new(ExecuteError {
-                    report,
-                    source: source.into(),
-                }));
-            }
+            zfs.destroy_snapshot(snapshot)?;
             report.destroyed.push(snapshot.clone());
         }
         for bookmark in &target.newer_bookmarks {
-            if let Err(source) = zfs.destroy_bookmark(bookmark) {
-                return Err(Box::new(ExecuteError {
-                    report,
-                    source: source.into(),
-                }));
-            }
+            zfs.destroy_bookmark(bookmark)?;
             report.destroyed.push(bookmark.clone());
         }
-        if let Err(source) = zfs.rollback(&target.to) {
-            return Err(Box::new(ExecuteError {
-                report,
-                source: source.into(),
-            }));
-        }
+        zfs.rollback(&target.to)?;
         report.rolled_back.push(RolledBack {
             dataset: target.dataset.clone(),
             to: target.to.clone(),
         });
     }
-    Ok(report)
+    Ok(())
 }
 
 #[derive(Debug, Parser)]
@@ -264,7 +244,7 @@ pub fn execute(zfs: &Zfs, plan: &RollbackPlan) -> Result<RollbackReport, Box<Exe
         forward again. Reads the job document on stdin, writes it on stdout. A VM must not have \
         the dataset's filesystem mounted (or the volume open for writing) while it is rolled back."
 )]
-struct Cli {
+pub struct Cli {
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     zfs: Option<PathBuf>,
@@ -308,11 +288,7 @@ pub fn command() -> clap::Command {
 }
 
 /// Runs `zrollback` as parsed by [`command`].
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let cli = match Cli::from_arg_matches(matches) {
-        Ok(cli) => cli,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(cli: Cli) -> Outcome {
     let mut doc = match evesnap::document::read_stdin() {
         Ok(upstream) => upstream.into_document().unwrap_or_default(),
         Err(e) => return Outcome::error(evesnap::exit::wrap(e)),
@@ -419,14 +395,7 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent() {
-        command().debug_assert();
-        let help = command().render_long_help().to_string();
-        assert!(
-            help.contains("Exit status:")
-                && help.contains("--destroy-newer")
-                && help.contains("--keep-newer"),
-            "{help}"
-        );
+        evesnap::cli::assert_help(command(), &["--destroy-newer", "--keep-newer"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::DEFAULT_MIN_FREE;
         (`atomic: false`). Reads the job document on stdin, writes it on stdout.",
     args_conflicts_with_subcommands = true
 )]
-pub(crate) struct Cli {
+pub struct Cli {
     /// The zfs program (default: `zfs` on PATH, then /usr/sbin/zfs).
     #[arg(long, global = true, env = zfs::ENV, hide_env_values = true, value_name = "PATH")]
     pub(crate) zfs: Option<PathBuf>,

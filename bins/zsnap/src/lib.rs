@@ -25,15 +25,16 @@ mod take;
 
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::CommandFactory;
 use evesnap::cli::Outcome;
 use evesnap::document::{fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
 use evesnap::zfs::{self, Zfs};
 use serde_json::{Map, Value};
 
-use crate::cli::{Action, Cli, TakeArgs};
+use crate::cli::{Action, TakeArgs};
 
+pub use cli::Cli;
 pub use manage::{destroy, list, prune, DestroyReport, Kept};
 pub use meta::Metadata;
 pub use take::{
@@ -54,11 +55,7 @@ pub fn command() -> clap::Command {
 }
 
 /// Runs `zsnap` as parsed by [`command`].
-pub fn run(matches: &clap::ArgMatches) -> Outcome {
-    let cli = match Cli::from_arg_matches(matches) {
-        Ok(cli) => cli,
-        Err(e) => return Outcome::error(e.into()),
-    };
+pub fn run(cli: Cli) -> Outcome {
     let located = Zfs::locate(cli.zfs.as_deref())
         .map(|zfs| zfs.with_timeout(Duration::from_secs(cli.zfs_timeout)));
     let (zfs, locate_error) = match located {
@@ -415,14 +412,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_command_line_is_consistent() {
-        command().debug_assert();
-    }
-
-    #[test]
-    fn help_ends_with_the_exit_table() {
-        let help = command().render_long_help().to_string();
-        assert!(help.contains("Exit status:"), "{help}");
-        assert!(help.contains("--dataset"));
+    fn help_is_complete() {
+        evesnap::cli::assert_help(command(), &["--dataset"]);
     }
 }

@@ -3,9 +3,9 @@
 //! A "snapshot" of a VM spans its datasets under one name; [`prune`] works on such groups so
 //! that it never leaves half a set behind.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
+use evesnap::zfs::{names, Error, Problem, SnapshotInfo, Zfs};
 
 use crate::meta;
 
@@ -45,37 +45,6 @@ fn record(report: &mut DestroyReport, snapshot: &str, done: Result<(), Error>) {
     }
 }
 
-/// Problems that forbid destroying one snapshot: holds (unless `defer`) and clones.
-fn blockers(
-    info: &SnapshotInfo,
-    clones: &BTreeMap<String, Vec<String>>,
-    defer: bool,
-) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    if info.userrefs > 0 && !defer {
-        problems.push(Problem::Held {
-            snapshot: info.name.clone(),
-            userrefs: info.userrefs,
-        });
-    }
-    if let Some(c) = clones.get(&info.name) {
-        problems.push(Problem::HasClones {
-            snapshot: info.name.clone(),
-            clones: c.clone(),
-        });
-    }
-    problems
-}
-
-fn clones_of_pools(zfs: &Zfs, names: &[String]) -> Result<BTreeMap<String, Vec<String>>, Error> {
-    let pools: BTreeSet<&str> = names.iter().map(|n| zfs::pool_of(n)).collect();
-    let mut all = BTreeMap::new();
-    for pool in pools {
-        all.extend(zfs.clones(pool)?);
-    }
-    Ok(all)
-}
-
 /// Destroys the named snapshots (`dataset@name`), all or none: every one must exist, be
 /// unheld (`defer` uses `zfs destroy -d` instead, which destroys it when the last hold is
 /// released) and have no clones, or nothing is destroyed.
@@ -97,9 +66,9 @@ pub fn destroy(
         })
         .collect();
     let infos = zfs.snapshot_info(&existing, &[])?;
-    let clones = clones_of_pools(zfs, &existing)?;
+    let clones = zfs.clones_of(&existing)?;
     for info in &infos {
-        problems.extend(blockers(info, &clones, defer));
+        problems.extend(info.destroy_blockers(&clones, defer));
     }
     if !problems.is_empty() {
         return Err(Error::Preflight { problems });
@@ -163,7 +132,7 @@ pub fn prune(
         .iter()
         .flat_map(|(_, _, m)| m.iter().map(|s| s.name.clone()))
         .collect();
-    let clones = clones_of_pools(zfs, &names)?;
+    let clones = zfs.clones_of(&names)?;
 
     let mut report = DestroyReport {
         dry_run,
@@ -173,7 +142,7 @@ pub fn prune(
     for (_, _, members) in &ordered[..excess] {
         let problems: Vec<Problem> = members
             .iter()
-            .flat_map(|m| blockers(m, &clones, false))
+            .flat_map(|m| m.destroy_blockers(&clones, false))
             .collect();
         if !problems.is_empty() {
             let reason = problems

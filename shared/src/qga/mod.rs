@@ -43,6 +43,7 @@ mod stream;
 pub mod testing;
 #[doc(hidden)]
 pub mod testing_hybrid;
+mod testing_socket;
 mod thaw;
 pub mod watchdog;
 

@@ -5,17 +5,16 @@
 //! `0xFF` byte with a parse error and then reads on.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 
 use serde_json::{json, Value};
 
+use super::testing_socket::SocketServer;
 use super::Address;
 
 /// One request as the peer read it.
@@ -127,70 +126,35 @@ type Handler = dyn FnMut(&mut Peer) + Send;
 
 /// A scripted agent listening on a Unix socket in its own temporary folder; stops and
 /// removes the folder when dropped.
+#[derive(Debug)]
 pub struct FakeAgent {
     pub address: Address,
     pub connections: Arc<AtomicUsize>,
-    dir: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for FakeAgent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeAgent")
-            .field("address", &self.address)
-            .finish()
-    }
+    _server: SocketServer,
 }
 
 impl FakeAgent {
     /// Serves connections one at a time, each by `handler` until it returns.
     pub fn start(handler: impl FnMut(&mut Peer) + Send + 'static) -> FakeAgent {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "evesnap-fake-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the fake agent's folder");
-        let path = dir.join("qga.sock");
-        let listener = UnixListener::bind(&path).expect("bind the fake agent's socket");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
         let mut handler: Box<Handler> = Box::new(handler);
-        let thread = {
-            let stop = stop.clone();
-            let connections = connections.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            connections.fetch_add(1, Ordering::SeqCst);
-                            let _ = stream.set_nonblocking(false);
-                            let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
-                            let mut peer = Peer {
-                                stream,
-                                buf: Vec::new(),
-                                stop: stop.clone(),
-                                garbage: Vec::new(),
-                            };
-                            handler(&mut peer);
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            })
-        };
+        let counted = connections.clone();
+        let server = SocketServer::start("fake", "qga.sock", move |stream, stop| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+            let mut peer = Peer {
+                stream,
+                buf: Vec::new(),
+                stop: stop.clone(),
+                garbage: Vec::new(),
+            };
+            handler(&mut peer);
+        });
         FakeAgent {
-            address: Address::Unix(path),
+            address: Address::Unix(server.path.clone()),
             connections,
-            dir,
-            stop,
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -200,16 +164,6 @@ impl FakeAgent {
         let shared = sim.clone();
         let agent = FakeAgent::start(move |peer| shared.serve(peer));
         (agent, sim)
-    }
-}
-
-impl Drop for FakeAgent {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

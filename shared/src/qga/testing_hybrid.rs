@@ -4,13 +4,13 @@
 //! [`FakeAgent`](super::testing::FakeAgent)), or refuses, answers garbage or stays silent.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::testing_socket::SocketServer;
 use super::Address;
 
 /// What the device does with a `CONNECT` line.
@@ -28,76 +28,34 @@ pub enum Behaviour {
 }
 
 /// The device, in its own temporary folder; stops and removes it when dropped.
+#[derive(Debug)]
 pub struct HybridDevice {
     /// The device's Unix socket (what `hvsock:<path>:<port>` names).
     pub path: PathBuf,
     /// `CONNECT` lines read so far.
     pub connects: Arc<AtomicUsize>,
-    dir: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for HybridDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HybridDevice")
-            .field("path", &self.path)
-            .finish()
-    }
+    _server: SocketServer,
 }
 
 impl HybridDevice {
     pub fn start(behaviour: Behaviour) -> HybridDevice {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "evesnap-hvsock-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the device's folder");
-        let path = dir.join("vsock.sock");
-        let listener = UnixListener::bind(&path).expect("bind the device's socket");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let stop = Arc::new(AtomicBool::new(false));
         let connects = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, connects) = (stop.clone(), connects.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let (behaviour, stop) = (behaviour.clone(), stop.clone());
-                            let connects = connects.clone();
-                            std::thread::spawn(move || serve(stream, &behaviour, &connects, &stop));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            })
-        };
+        let counted = connects.clone();
+        let server = SocketServer::start("hvsock", "vsock.sock", move |stream, stop| {
+            let (behaviour, stop) = (behaviour.clone(), stop.clone());
+            let connects = counted.clone();
+            std::thread::spawn(move || serve(stream, &behaviour, &connects, &stop));
+        });
         HybridDevice {
-            path,
+            path: server.path.clone(),
             connects,
-            dir,
-            stop,
-            thread: Some(thread),
+            _server: server,
         }
     }
 
     /// The agent address of guest port `port` behind this device.
     pub fn address(&self, port: u32) -> Address {
         Address::hybrid_vsock(&self.path, port)
-    }
-}
-
-impl Drop for HybridDevice {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,9 +1,9 @@
 //! What the zfs layer reads: space facts, snapshots and their properties, descendants,
 //! clones, bookmarks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::{args, classify, names, parse, Error, Zfs};
+use super::{args, classify, names, parse, Error, Problem, Zfs};
 
 /// Space facts of a filesystem or volume, from `zfs get -H -p`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -74,6 +74,30 @@ impl SnapshotInfo {
         "used",
         "referenced",
     ];
+
+    /// What forbids destroying this snapshot: holds (unless `defer`, for `zfs destroy -d`,
+    /// which destroys it when the last hold goes) and clones (`clones` from
+    /// [`Zfs::clones_of`]).
+    pub fn destroy_blockers(
+        &self,
+        clones: &BTreeMap<String, Vec<String>>,
+        defer: bool,
+    ) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.userrefs > 0 && !defer {
+            problems.push(Problem::Held {
+                snapshot: self.name.clone(),
+                userrefs: self.userrefs,
+            });
+        }
+        if let Some(c) = clones.get(&self.name) {
+            problems.push(Problem::HasClones {
+                snapshot: self.name.clone(),
+                clones: c.clone(),
+            });
+        }
+        problems
+    }
 
     pub fn dataset(&self) -> &str {
         self.name
@@ -275,9 +299,20 @@ impl Zfs {
             .collect())
     }
 
+    /// Clones per origin snapshot, for every pool that one of `names` (datasets or
+    /// snapshots) is in.
+    pub fn clones_of(&self, names: &[String]) -> Result<BTreeMap<String, Vec<String>>, Error> {
+        let pools: BTreeSet<&str> = names.iter().map(|n| super::pool_of(n)).collect();
+        let mut all = BTreeMap::new();
+        for pool in pools {
+            all.extend(self.clones(pool)?);
+        }
+        Ok(all)
+    }
+
     /// Clones per origin snapshot, for every dataset of `pool` (read from `origin`, which
     /// both implementations have).
-    pub fn clones(&self, pool: &str) -> Result<BTreeMap<String, Vec<String>>, Error> {
+    fn clones(&self, pool: &str) -> Result<BTreeMap<String, Vec<String>>, Error> {
         names::check_dataset(pool)?;
         let out = self.run(
             &args(&[
@@ -341,90 +376,5 @@ fn children_argv(columns: &str, kind: &str, dataset: &str) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::zfs::Capabilities;
-    use std::path::{Path, PathBuf};
-
-    #[test]
-    fn space_rules() {
-        // Measured on zfs-fuse: 60M refreservation, 50M written; `zfs snapshot` said "out of space".
-        let s = Space {
-            dataset: "evz-b/rr".into(),
-            kind: "filesystem".into(),
-            available: 42061824,
-            referenced: 51822592,
-            unique: 51822592,
-            refreservation: 62914560,
-            usedbyrefreservation: 11091968,
-        };
-        assert_eq!(s.snapshot_needs(), 51822592);
-        assert_eq!(s.available_outside_reservation(), 30969856);
-        assert!(s.snapshot_needs() > s.available_outside_reservation());
-    }
-
-    /// A stand-in for OpenZFS 2.x' `zfs` (this machine has only zfs-fuse): answers the
-    /// capability probes and a `zfs list -p` the way OpenZFS does, records other calls.
-    fn fake_openzfs(dir: &Path) -> PathBuf {
-        let log = dir.join("calls");
-        let script = format!(
-            r#"#!/bin/sh
-echo "$*" >> '{log}'
-case "$*" in
-  snapshot) printf 'missing snapshot argument\nusage:\n\tsnapshot [-r] [-o property=value] ... <filesystem|volume>@<snap> ...\n' >&2; exit 2;;
-  "list -H -p -o name -d 0") echo tank; exit 0;;
-  "list -H -p -o name,guid,createtxg,creation,userrefs,used,referenced,org.x:k -t snapshot -d 1 -s createtxg tank/vol")
-    printf 'tank/vol@b\t17870393407298424331\t2061\t1764099012\t1\t12288\t1073741824\tv\n'
-    printf 'tank/vol@a\t2345\t2049\t1764099000\t0\t0\t1073741824\t-\n'; exit 0;;
-  "list -H -p -o name,createtxg -t bookmark -d 1 -s createtxg tank/vol") printf 'tank/vol#bm\t2050\n'; exit 0;;
-  snapshot\ *) exit 0;;
-esac
-echo "unexpected: $*" >&2; exit 1
-"#,
-            log = log.display()
-        );
-        let path = dir.join("zfs");
-        std::fs::write(&path, script).expect("write fake");
-        let mut perms = std::fs::metadata(&path).expect("fake").permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&path, perms).expect("chmod fake");
-        path
-    }
-
-    #[test]
-    fn openzfs_capabilities_and_parsable_list() {
-        let dir = std::env::temp_dir().join(format!("evesnap-fake-openzfs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let zfs = Zfs::with_path(fake_openzfs(&dir));
-        assert_eq!(zfs.capabilities().expect("caps"), Capabilities::OPENZFS);
-        let snaps = zfs.snapshots("tank/vol", &["org.x:k"]).expect("list");
-        assert_eq!(
-            snaps.iter().map(|s| s.short_name()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        assert_eq!(snaps[1].guid, "17870393407298424331");
-        assert_eq!((snaps[1].userrefs, snaps[1].used), (1, 12288));
-        assert_eq!(snaps[1].properties["org.x:k"], "v");
-        assert!(snaps[0].properties.is_empty());
-        assert_eq!(
-            zfs.bookmarks("tank/vol").expect("bookmarks"),
-            [("tank/vol#bm".to_string(), 2050)]
-        );
-        let fuse = Zfs::with_path("/nonexistent/zfs").with_capabilities(Capabilities::ZFS_FUSE);
-        assert!(
-            fuse.bookmarks("tank/vol").expect("none").is_empty(),
-            "zfs-fuse has no bookmarks"
-        );
-        let props = vec![("org.x:k".to_string(), "v".to_string())];
-        zfs.snapshot(&["tank/a@s".into(), "tank/b@s".into()], &props, false)
-            .expect("multi");
-        let calls = std::fs::read_to_string(dir.join("calls")).expect("calls");
-        assert!(
-            calls
-                .lines()
-                .any(|l| l == "snapshot -o org.x:k=v tank/a@s tank/b@s"),
-            "{calls}"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+#[path = "query_tests.rs"]
+mod tests;

@@ -9,7 +9,7 @@ use evesnap::document::StepTimer;
 use evesnap::exit::{coded, Exit};
 use evesnap::report::{Consistency, Origin};
 use evesnap::steps::{DestroyReport, Kept, SnapshotEntry};
-use evesnap::zfs::{Problem, SnapshotInfo};
+use evesnap::zfs::SnapshotInfo;
 use serde::Serialize;
 use zsnap::meta;
 
@@ -102,20 +102,23 @@ impl Run<'_> {
             );
             return Ok(true);
         }
-        let held: Vec<Problem> = found
-            .iter()
-            .filter(|s| s.userrefs > 0)
-            .map(|s| Problem::Held {
-                snapshot: s.name.clone(),
-                userrefs: s.userrefs,
-            })
-            .collect();
-        if !held.is_empty() {
+        let names: Vec<String> = found.iter().map(|s| s.name.clone()).collect();
+        let problems = match self.zfs.clones_of(&names) {
+            Ok(clones) => found
+                .iter()
+                .flat_map(|s| s.destroy_blockers(&clones, false))
+                .collect::<Vec<_>>(),
+            Err(e) => {
+                self.failed(timer);
+                return Err(("preflight", evesnap::exit::wrap(e)));
+            }
+        };
+        if !problems.is_empty() {
             self.failed(timer);
             return Err((
                 "preflight",
-                evesnap::exit::wrap(evesnap::zfs::Error::Preflight { problems: held }).context(
-                    format!("id {id} exists on only some volumes, and a held member cannot be removed to take it again"),
+                evesnap::exit::wrap(evesnap::zfs::Error::Preflight { problems }).context(
+                    format!("id {id} exists on only some volumes, and a held or cloned member cannot be removed to take it again"),
                 ),
             ));
         }

@@ -1,7 +1,7 @@
 //! `action: create`: preflight → guest_pre → freeze → snapshot → thaw (always) →
 //! guest_post → retention.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::anyhow;
 use evesnap::cancel::Cancel;
@@ -10,7 +10,7 @@ use evesnap::exit::{chain, coded, Exit, HasExit};
 use evesnap::qga::commands as qga;
 use evesnap::report::ExpeditedRcu;
 use evesnap::steps::{Method, SnapshotEntry, SnapshotReport, StepRecord};
-use qga_freeze::{CleanupThaw, FreezeOptions};
+use qga_freeze::CleanupThaw;
 use serde::Serialize;
 
 use super::halted::VmState;
@@ -62,14 +62,7 @@ impl Run<'_> {
         let window_zfs = self.zfs.for_cleanup().with_cancel(window.clone());
         // 1. Preflight: nothing in the guest or on disk changes before all of it passed.
         let timer = StepTimer::start("preflight");
-        let options = FreezeOptions {
-            mountpoints: plan.freeze.mountpoints.clone(),
-            timeout: self.timeout,
-            adopt_frozen: false,
-            thaw_after: (plan.freeze.thaw_after_s > 0.0)
-                .then(|| Duration::from_secs_f64(plan.freeze.thaw_after_s)),
-            watchdog_program: None,
-        };
+        let options = plan.freeze.options();
         let mut exec = Vec::new();
         if !plan.guest_pre.is_empty() || !plan.guest_post.is_empty() {
             exec.extend(["guest-exec", "guest-exec-status"]);

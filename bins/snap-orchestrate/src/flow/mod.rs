@@ -100,21 +100,37 @@ impl Finished {
             ),
         }
     }
+
+    /// A run that failed at `step`, the failure recorded in its report.
+    fn failed(mut report: Report, step: &str, error: anyhow::Error) -> Finished {
+        report.fail(TOOL, step, &error);
+        Finished {
+            report,
+            error: Some(error),
+        }
+    }
+
+    /// A run that got to its end: what its steps came to, recorded in its report.
+    fn ended(report: Report, result: Result<(), StepError>) -> Finished {
+        match result {
+            Ok(()) => Finished {
+                report,
+                error: None,
+            },
+            Err((step, error)) => Finished::failed(report, step, error),
+        }
+    }
 }
 
 /// Runs the plan's action with signals installed for this run.
 pub fn execute(plan: &Plan, zfs: &Zfs) -> Finished {
     match Signals::install() {
         Ok(mut signals) => execute_with(plan, zfs, &mut signals),
-        Err(e) => {
-            let mut report = new_report(plan);
-            let error = anyhow::Error::new(e).context("cannot install signal handlers");
-            report.fail(TOOL, "preflight", &error);
-            Finished {
-                report,
-                error: Some(error),
-            }
-        }
+        Err(e) => Finished::failed(
+            new_report(plan),
+            "preflight",
+            anyhow::Error::new(e).context("cannot install signal handlers"),
+        ),
     }
 }
 
@@ -146,7 +162,7 @@ fn new_report(plan: &Plan) -> Report {
 /// [`execute`] with signals installed by the caller. A signal caught before the run
 /// stops it before it touches anything.
 pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
-    let mut report = new_report(plan);
+    let report = new_report(plan);
     let locked = plan
         .agent
         .parse::<Address>()
@@ -157,13 +173,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
         });
     let lock = match locked {
         Ok(lock) => lock,
-        Err(error) => {
-            report.fail(TOOL, "preflight", &error);
-            return Finished {
-                report,
-                error: Some(error),
-            };
-        }
+        Err(error) => return Finished::failed(report, "preflight", error),
     };
     // Every zfs call of the run ends at its deadline, or at once when a signal comes (the
     // snapshot inside the freeze window excepted: see `take_while_frozen`).
@@ -173,7 +183,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
         zfs: &zfs,
         report,
         events: &mut signals.0,
-        timeout: Duration::from_secs_f64(plan.freeze.timeout_s),
+        timeout: plan.freeze.timeout(),
         expedited_rcu: false,
         post_left: Vec::new(),
     };
@@ -188,14 +198,7 @@ pub fn execute_with(plan: &Plan, zfs: &Zfs, signals: &mut Signals) -> Finished {
         record_pending(plan, &mut report, &post_left);
     }
     drop(lock);
-    let error = match result {
-        Ok(()) => None,
-        Err((step, error)) => {
-            report.fail(TOOL, step, &error);
-            Some(error)
-        }
-    };
-    Finished { report, error }
+    Finished::ended(report, result)
 }
 
 /// A failed step: which one, and why.

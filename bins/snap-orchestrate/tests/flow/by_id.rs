@@ -5,6 +5,7 @@ use evesnap::exit::Exit;
 use evesnap::qga::testing::{FakeAgent, SimState};
 use evesnap::report::{Action, Consistency};
 use evesnap::steps::RolledBack;
+use evesnap::zfs::Problem;
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -196,6 +197,29 @@ fn a_snapshot_list_that_fails_stops_create_and_rollback_by_id_at_once() {
     assert!(error.message.contains("suspended"), "{error:?}");
     assert!(zfs.calls_of("rollback").is_empty() && zfs.calls_of("destroy").is_empty());
     assert!(sim.state().log.is_empty(), "{:?}", sim.state().log);
+}
+
+#[test]
+fn a_half_set_with_a_cloned_member_is_refused_and_left_alone() {
+    let (agent, _sim) = FakeAgent::simulated(SimState::default());
+    let mut state = eve_pool();
+    let half = format!("{}@evesnap-{ID}", zvol(VOL0, 1));
+    add_snapshot(&mut state, &half, 10, ours(ID, "filesystem"));
+    let clone = format!("{ROOT}/clone");
+    state["datasets"][&clone] = state["datasets"][zvol(VOL0, 1)].clone();
+    state["datasets"][&clone]["origin"] = json!(half);
+    let zfs = FakeZfs::new(&state);
+    let run = run(&eve_plan(&agent.address.to_string(), json!({})), &zfs);
+
+    assert_eq!(exit(&run), Exit::Preflight, "{:?}", run.error);
+    assert!(
+        matches!(&problems(&run)[..], [Problem::HasClones { snapshot, clones }]
+            if *snapshot == half && *clones == [clone.clone()]),
+        "{:?}",
+        problems(&run)
+    );
+    assert_eq!(zfs.snapshots(), [half]);
+    assert!(zfs.calls_of("destroy").is_empty() && zfs.calls_of("snapshot").is_empty());
 }
 
 #[test]

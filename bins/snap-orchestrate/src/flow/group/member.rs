@@ -2,8 +2,6 @@
 //! `Run::guest_commands`, `Run::run_post`, `thaw_step`) on its own agent, its own report,
 //! and the phases run for every VM in parallel.
 
-use std::time::Duration;
-
 use evesnap::document::StepTimer;
 use evesnap::exit::{chain, Exit, HasExit};
 use evesnap::qga::commands as qga;
@@ -41,14 +39,7 @@ pub(super) struct Member<'a> {
 impl<'a> Member<'a> {
     pub(super) fn new(run: Run<'a>) -> Member<'a> {
         let plan = run.plan;
-        let options = FreezeOptions {
-            mountpoints: plan.freeze.mountpoints.clone(),
-            timeout: run.timeout,
-            adopt_frozen: false,
-            thaw_after: (plan.freeze.thaw_after_s > 0.0)
-                .then(|| Duration::from_secs_f64(plan.freeze.thaw_after_s)),
-            watchdog_program: None,
-        };
+        let options = plan.freeze.options();
         Member {
             required: plan.freeze.required,
             run,

@@ -26,8 +26,8 @@ use evesnap::signals::Events;
 use evesnap::zfs::Zfs;
 
 use self::member::{in_parallel, Member};
+use super::CONSISTENCY_PROPERTY;
 use super::{new_report, record_pending, Finished, Run, Signals, StepError, TakeResult};
-use super::{CONSISTENCY_PROPERTY, TOOL};
 use crate::group_plan::GroupPlan;
 use crate::plan::Plan;
 
@@ -55,13 +55,7 @@ pub fn execute_group(plan: &GroupPlan, zfs: &Zfs) -> Finished {
         .and_then(|queues| lock_all(&plans, plan.lock_wait_s).map(|locks| (queues, locks)));
     let ((mut signals, mut queues), locks) = match prepared {
         Ok(ready) => ready,
-        Err(error) => {
-            report.fail(TOOL, "preflight", &error);
-            return Finished {
-                report,
-                error: Some(error),
-            };
-        }
+        Err(error) => return Finished::failed(report, "preflight", error),
     };
     let zfs = zfs.clone().with_cancel(signals.0.cancel());
     let timeout = Duration::from_secs_f64(plan.freeze.timeout_s);
@@ -100,14 +94,7 @@ pub fn execute_group(plan: &GroupPlan, zfs: &Zfs) -> Finished {
     report.ok &= vms.iter().all(|vm| vm.ok || !vm.required);
     report.vms = Some(vms);
     drop(locks);
-    let error = match result {
-        Ok(()) => None,
-        Err((step, error)) => {
-            report.fail(TOOL, step, &error);
-            Some(error)
-        }
-    };
-    Finished { report, error }
+    Finished::ended(report, result)
 }
 
 /// Every VM's lock, taken in the order of the normalised agent addresses, so that two
