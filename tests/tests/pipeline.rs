@@ -1,5 +1,6 @@
 //! A pipeline broken after the freeze thaws the guest at once, not at the watchdog's
-//! deadline: a mistyped middle or last step, a middle step killed while it works. Each
+//! deadline: a mistyped middle or last step, a middle step killed while it works or right
+//! after it read, a next step that exits without reading. Each
 //! pipeline runs on the lab VM through bash (argv passed as positional parameters, never
 //! interpolated) with a 60 s watchdog, so a thaw within seconds can only be the prompt one.
 
@@ -78,6 +79,21 @@ fn thawed_within_prompt(agent: &str) -> Duration {
     }
 }
 
+/// How long after `marker` was written the guest was seen thawed (waiting up to [`PROMPT`]
+/// from now): the marker is touched when the step that broke the pipeline exited.
+fn thawed_after(agent: &str, marker: &Path) -> Duration {
+    thawed_within_prompt(agent);
+    let exited = std::fs::metadata(marker)
+        .and_then(|m| m.modified())
+        .expect("the breaking step's exit marker");
+    std::time::SystemTime::now()
+        .duration_since(exited)
+        .unwrap_or_default()
+}
+
+/// A pipeline with a 60 s watchdog must end well before it.
+const WELL_BEFORE_THE_DEADLINE: Duration = Duration::from_secs(10);
+
 fn tools() -> [String; 3] {
     ["qga-freeze", "zsnap", "qga-thaw"].map(|t| bin(t).display().to_string())
 }
@@ -97,14 +113,19 @@ fn a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so_on(lab: &Lab) {
     let _vm = vm_lock();
     let run_dir = RunDir::new("typo-middle");
     let [freeze, zsnap, thaw] = tools();
+    let marker = run_dir.0.join("middle-exited");
+    let marker_text = marker.display().to_string();
+    let started = Instant::now();
     let out = bash(
-        r#""$1" --agent "$4" --thaw-after 60 | "$2" --datset "$5" --name typo | "$3"; echo "${PIPESTATUS[@]}""#,
-        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0]],
+        r#""$1" --agent "$4" --thaw-after 60 | { "$2" --datset "$5" --name typo; s=$?; : > "$6"; exit $s; } | "$3"; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &marker_text],
         &run_dir.0,
     )
     .output()
     .expect("bash");
+    let ended = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ended < WELL_BEFORE_THE_DEADLINE, "took {ended:?}: {stderr}");
     let codes = codes(&out);
     assert_eq!(codes.len(), 3, "{stderr}");
     assert_eq!(codes[1], 2, "the mistyped zsnap: {stderr}");
@@ -114,7 +135,11 @@ fn a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so_on(lab: &Lab) {
     );
     assert_ne!(codes[2], 0, "qga-thaw got nothing: {stderr}");
     assert!(stderr.contains("the guest was thawed"), "{stderr}");
-    thawed_within_prompt(&lab.agent);
+    let took = thawed_after(&lab.agent, &marker);
+    assert!(
+        took < PROMPT,
+        "thawed {took:?} after the mistyped zsnap exited"
+    );
 }
 
 #[test]
@@ -124,15 +149,19 @@ fn a_mistyped_last_step_thaws_at_once() {
     let run_dir = RunDir::new("typo-last");
     let [freeze, zsnap, thaw] = tools();
     let name = format!("pipeline-last-{}", std::process::id());
+    let marker = run_dir.0.join("last-exited");
+    let marker_text = marker.display().to_string();
+    let started = Instant::now();
     let out = bash(
-        r#""$1" --agent "$4" --thaw-after 60 | "$2" --dataset "$5" --name "$6" | "$3" --agnt x; echo "${PIPESTATUS[@]}""#,
-        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &name],
+        r#""$1" --agent "$4" --thaw-after 60 | "$2" --dataset "$5" --name "$6" | { "$3" --agnt x; s=$?; : > "$7"; exit $s; }; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &name, &marker_text],
         &run_dir.0,
     )
     .output()
     .expect("bash");
+    let ended = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let broke = Instant::now();
+    assert!(ended < WELL_BEFORE_THE_DEADLINE, "took {ended:?}: {stderr}");
     let codes = codes(&out);
     assert_eq!(codes.get(2), Some(&2), "the mistyped qga-thaw: {stderr}");
     assert_ne!(
@@ -140,11 +169,78 @@ fn a_mistyped_last_step_thaws_at_once() {
         Some(&0),
         "zsnap could not pass its document on: {stderr}"
     );
-    thawed_within_prompt(&lab.agent);
-    assert!(broke.elapsed() < PROMPT + Duration::from_secs(1));
+    let took = thawed_after(&lab.agent, &marker);
+    // The mistyped qga-thaw exits at once; zsnap's snapshot and the thaw follow it.
+    assert!(
+        took < PROMPT,
+        "thawed {took:?} after the mistyped qga-thaw exited"
+    );
     let _ = Command::new("zfs")
         .args(["destroy", &format!("{}@{name}", lab.datasets[0])])
         .status();
+}
+
+#[test]
+fn a_middle_step_that_exits_right_after_reading_thaws_at_once() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let run_dir = RunDir::new("read-exit");
+    let [freeze, _, thaw] = tools();
+    let marker = run_dir.0.join("middle-exited");
+    let marker_text = marker.display().to_string();
+    let started = Instant::now();
+    // One read takes the whole document in, then the step ends before it could register
+    // with the watchdog or pass anything on: a zsnap killed in that instant.
+    let out = bash(
+        r#""$1" --agent "$3" --thaw-after 60 | { dd bs=65536 count=1 of=/dev/null status=none; s=$?; : > "$4"; exit $s; } | "$2"; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &thaw, &lab.agent, &marker_text],
+        &run_dir.0,
+    )
+    .output()
+    .expect("bash");
+    let ended = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ended < WELL_BEFORE_THE_DEADLINE, "took {ended:?}: {stderr}");
+    let codes = codes(&out);
+    assert_eq!(codes.first(), Some(&0), "the document was read: {stderr}");
+    assert_ne!(codes.get(2), Some(&0), "qga-thaw got nothing: {stderr}");
+    let took = thawed_after(&lab.agent, &marker);
+    assert!(
+        took < PROMPT,
+        "thawed {took:?} after the middle step exited"
+    );
+    eprintln!("thawed {took:?} after the middle step exited; the pipeline took {ended:?}");
+}
+
+#[test]
+fn a_next_step_that_exits_without_reading_fails_the_freeze_and_thaws_at_once() {
+    let lab = test_lab();
+    let _vm = vm_lock();
+    let run_dir = RunDir::new("unread");
+    let [freeze, _, _] = tools();
+    let marker = run_dir.0.join("reader-exited");
+    let marker_text = marker.display().to_string();
+    let started = Instant::now();
+    // The reader is there when the document is written, and exits without reading it.
+    let out = bash(
+        r#""$1" --agent "$2" --thaw-after 60 | { python3 -c 'import select, sys; select.select([sys.stdin], [], [])'; : > "$3"; }; echo "${PIPESTATUS[@]}""#,
+        &[&freeze, &lab.agent, &marker_text],
+        &run_dir.0,
+    )
+    .output()
+    .expect("bash");
+    let ended = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ended < WELL_BEFORE_THE_DEADLINE, "took {ended:?}: {stderr}");
+    assert_eq!(codes(&out), [1, 0], "{stderr}");
+    assert!(
+        stderr.contains("the next step exited without reading the document")
+            && stderr.contains("the watchdog thawed the guest"),
+        "{stderr}"
+    );
+    let took = thawed_after(&lab.agent, &marker);
+    assert!(took < PROMPT, "thawed {took:?} after the reader exited");
+    eprintln!("thawed {took:?} after the reader exited; the pipeline took {ended:?}");
 }
 
 #[test]

@@ -18,6 +18,7 @@
 //! connected itself, exactly as this binary does.
 
 mod aftermath;
+mod delivery;
 mod error;
 mod step;
 
@@ -32,7 +33,6 @@ use evesnap::qga::{Address, Client};
 use evesnap::signals::Events;
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use std::os::fd::AsFd;
 
 pub use aftermath::{abort, Aftermath, CleanupThaw};
 pub use error::Error;
@@ -63,12 +63,15 @@ then queues a thaw, leaves the watchdog armed, says THE GUEST MAY BE FROZEN and 
 SIGINT, SIGTERM or SIGHUP after the freeze and before the document is written thaws \
 before exiting; once the document is passed on, the next steps own the freeze.
 
-A broken pipeline is thawed at once, not at --thaw-after: when the document cannot be \
+A broken pipeline is thawed at once, not at --thaw-after. When the document cannot be \
 written (the next step is already gone, e.g. a mistyped command line) this tool thaws and \
-exits non-zero; when the next step exits without reading it, or zsnap dies between reading \
-it and passing its own on, the watchdog thaws within a fraction of a second. A next step \
-other than zsnap or qga-thaw that reads the document and then dies is thawed at \
---thaw-after.
+exits non-zero. Otherwise it waits until the next step has read the document (at most 2 s): \
+if that step exits without reading it, the watchdog thaws and this tool exits non-zero. \
+The watchdog also thaws within a fraction of a second when zsnap or qga-thaw dies after \
+reading its document and before passing its own on or verifying its thaw, and when any \
+other next step exits within 0.5 s of reading the document. A next step other than zsnap \
+or qga-thaw that reads the document and dies later is thawed at --thaw-after; one that \
+reads to the end of the pipe (cat, $(qga-freeze …)) sees that end 0.5 s after it read.
 
 Reads the upstream document on stdin (a terminal or /dev/null: none). If an upstream step \
 failed, it does not freeze, appends a skipped step and exits 5. The agent is --agent, \
@@ -290,19 +293,8 @@ pub fn run(args: Args) -> Outcome {
                 }
             }
             doc.push(timer.finish_with(true, &report));
-            if let Err(e) = evesnap::cli::write_document(&doc) {
-                // Nobody downstream will thaw: this step undoes its freeze itself.
-                return undelivered(e, client, &address, &report, opts.timeout);
-            }
-            // A next step that exits without reading the document makes the watchdog
-            // thaw at once instead of at its deadline.
-            if let (Some(w), Some(pipe)) = (&report.watchdog, evesnap::cli::stdout_pipe()) {
-                if let Err(e) = watchdog::watch(w, pipe.as_fd()) {
-                    evesnap::warn!(
-                        "the watchdog does not watch the document (a broken pipeline is thawed at its deadline): {}",
-                        evesnap::exit::chain_of(&e)
-                    );
-                }
+            if let Some(failed) = delivery::pass_on(&doc, client, &address, &report, opts.timeout) {
+                return failed;
             }
             if let Some(signal) = caught(&mut signals) {
                 evesnap::note!(
@@ -322,41 +314,6 @@ pub fn run(args: Args) -> Outcome {
             Outcome::failed(doc, TOOL, evesnap::exit::wrap(e))
         }
     }
-}
-
-/// The document of a successful freeze could not be written (the next step is gone):
-/// thaws through the kept connection (taken back from the watchdog) or a new one.
-fn undelivered(
-    error: std::io::Error,
-    client: Option<Client>,
-    address: &Address,
-    report: &FreezeReport,
-    timeout: std::time::Duration,
-) -> Outcome {
-    let deadline = Instant::now() + timeout;
-    let client = client
-        .or_else(|| {
-            let fd = watchdog::take_over(address).ok().flatten()?;
-            Client::from_kept_fd(fd, address.clone(), deadline).ok()
-        })
-        .or_else(|| Client::connect(address, deadline).ok());
-    let aftermath = match client {
-        Some(mut client) => abort(&mut client, report, timeout),
-        None => Aftermath {
-            possibly_frozen: true,
-            thaw: None,
-            watchdog: report.watchdog.clone(),
-        },
-    };
-    let exit = if aftermath.possibly_frozen {
-        Exit::ThawFailed
-    } else {
-        Exit::StepFailed
-    };
-    Outcome::error(coded(
-        exit,
-        format!("cannot pass the document on ({error}): the next step is gone; {aftermath}"),
-    ))
 }
 
 #[cfg(test)]

@@ -116,16 +116,55 @@ fn finish(client: &Client, opts: &ThawOptions, thawed: Thawed) -> Result<ThawRep
 }
 
 /// Connects and thaws. A connection the agent does not answer still gets a queued thaw.
+///
+/// From before it connects until its thaw is verified it is registered with the freeze's
+/// watchdog ([`watchdog::Relay`]): should it end in between, or fail, the watchdog thaws
+/// at once instead of at its deadline.
 pub fn connect_and_thaw(
     address: &Address,
     connect_timeout: Duration,
     opts: &ThawOptions,
 ) -> Result<ThawReport, Error> {
+    let (relay, kept) = match watchdog::Relay::thaw(address) {
+        Ok(Some((relay, kept))) => (Some(relay), kept),
+        Ok(None) => (None, None),
+        Err(e) => {
+            evesnap::note!(
+                "not registered with the watchdog, no kept agent connection: {}",
+                evesnap::exit::chain_of(&e)
+            );
+            (None, None)
+        }
+    };
+    let result = thaw_through(address, connect_timeout, opts, kept);
+    match (relay, &result) {
+        // A watchdog left armed stays armed; a cancelled one is gone already.
+        (Some(relay), Ok(_)) if !opts.cancel_watchdog => {
+            if let Err(e) = relay.delivered(None) {
+                evesnap::warn!(
+                    "the watchdog may thaw now rather than at its deadline: {}",
+                    evesnap::exit::chain_of(&e)
+                );
+            }
+        }
+        // Dropped: a failed thaw is the watchdog's to retry, now.
+        (relay, _) => drop(relay),
+    }
+    result
+}
+
+/// [`connect_and_thaw`] through `kept`, the freeze's own connection the watchdog kept (no
+/// reconnect inside the freeze window), or else a new one.
+fn thaw_through(
+    address: &Address,
+    connect_timeout: Duration,
+    opts: &ThawOptions,
+    kept: Option<std::os::fd::OwnedFd>,
+) -> Result<ThawReport, Error> {
     let started = Instant::now();
     let deadline = started + connect_timeout;
-    // The freeze's own connection, kept by its watchdog: no reconnect inside the window.
-    match watchdog::take_over(address) {
-        Ok(Some(fd)) => match Client::from_kept_fd(fd, address.clone(), deadline) {
+    if let Some(fd) = kept {
+        match Client::from_kept_fd(fd, address.clone(), deadline) {
             Ok(mut client) => {
                 client.set_timeout(opts.timeout);
                 return thaw(&mut client, opts).map(|report| ThawReport {
@@ -134,9 +173,7 @@ pub fn connect_and_thaw(
                 });
             }
             Err(e) => evesnap::note!("the kept agent connection failed ({e}); connecting anew"),
-        },
-        Ok(None) => {}
-        Err(e) => evesnap::note!("no kept agent connection: {}", evesnap::exit::chain_of(&e)),
+        }
     }
     let mut client = Client::open(address, deadline).map_err(ThawError::Connect)?;
     client.set_timeout(opts.timeout);
@@ -163,11 +200,13 @@ document on stdout.
 
 It thaws whatever the upstream says: an upstream failure is exactly when a thaw matters. The \
 agent is --agent, else the document's `agent`. If stdin is not a valid document but --agent \
-is given, it still thaws, then reports the bad input.
+is given, it still thaws, then reports the bad input. From before it connects until its thaw is \
+verified it is registered with the freeze's watchdog: should it die or fail in between, the \
+watchdog thaws at once rather than at its deadline.
 
 Exit status is non-zero when this step or any upstream step failed, so that \
 `qga-freeze … | zsnap … | qga-thaw` reports failure from its last command: 6 when the thaw \
-failed or could not be verified (the watchdog then stays armed), 5 for an upstream failure, \
+failed or could not be verified (the watchdog, still armed, then tries at once), 5 for an upstream failure, \
 1 when fewer filesystems were thawed than frozen (some were thawed early, e.g. by the \
 watchdog, so the snapshot may not be consistent).";
 

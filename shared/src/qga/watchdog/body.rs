@@ -4,13 +4,14 @@
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::keeper::{read_relay, serve_keeper, Asked, RelaySaid};
+use super::pipeline::Pipeline;
 use super::{
     is_current, keeper_path, remove_state, rfc3339_ms, state_path, Error, DEADLINE_FLAG,
     FIRE_RETRY_WINDOW, KEEP_FOR, TOKEN_FLAG,
@@ -43,7 +44,8 @@ pub fn main(
             .arg(format!("--{DEADLINE_FLAG}={deadline_unix_ms}"))
             .arg(format!("--agent={address}"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // Whoever armed it reads this to its end: see `listening` below.
+            .stdout(Stdio::inherit())
             .spawn()?;
         let mut stdout = io::stdout().lock();
         writeln!(stdout, "{}", child.id())?;
@@ -67,7 +69,14 @@ pub fn main(
         std::process::id(),
         rfc3339_ms(deadline_unix_ms)
     );
-    match run(address, token, deadline)? {
+    // Closing stdout tells whoever armed this watchdog that its keeper socket listens: a
+    // hand-over right after a quick freeze finds it.
+    let listening = || {
+        if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+        }
+    };
+    match run(address, token, deadline, listening)? {
         Ending::Cancelled => crate::note!("watchdog {}: cancelled", std::process::id()),
         Ending::NotFrozen => crate::note!(
             "watchdog {}: deadline reached; the guest was not frozen",
@@ -80,49 +89,26 @@ pub fn main(
     Ok(())
 }
 
-/// A pipe holding a document of this freeze, watched until its reader took it in.
-struct Watched {
-    pipe: OwnedFd,
-    since: Instant,
-}
-
 /// How often a watched pipe or a relay is looked at.
 const WATCH_TICK: Duration = Duration::from_millis(20);
 
-/// How long a watched pipe is watched: its reader takes the document in at once, or it
-/// exits without it (a mistyped command line) at once. A reader that is alive and does not
-/// read is left to the deadline, and the pipe to it (`| cat`) is not held open longer.
-const WATCH_FOR: Duration = Duration::from_secs(2);
-
-/// What a look at a watched pipe found.
-fn look(watched: &Watched) -> Option<Result<(), String>> {
-    let mut fds = [PollFd::new(watched.pipe.as_fd(), PollFlags::empty())];
-    let reader_gone = nix::poll::poll(&mut fds, PollTimeout::ZERO).is_ok()
-        && fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
-    let unread = rustix::io::ioctl_fionread(&watched.pipe).unwrap_or(0);
-    match (unread, reader_gone) {
-        (0, _) => Some(Ok(())),
-        (n, true) => Some(Err(format!(
-            "the next step of the pipeline exited without reading the document ({n} bytes unread)"
-        ))),
-        _ if watched.since.elapsed() > WATCH_FOR => Some(Ok(())),
-        _ => None,
-    }
-}
-
 /// Waits for the deadline while armed, then thaws if the guest is frozen; thaws at once
-/// when the pipeline broke (a watched document left unread, a relay gone unfinished).
-pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Ending, Error> {
+/// when the pipeline broke (see [`Pipeline`]). `listening` is called once the keeper
+/// socket listens (or could not).
+pub fn run(
+    address: &Address,
+    token: &str,
+    deadline: SystemTime,
+    listening: impl FnOnce(),
+) -> Result<Ending, Error> {
     let keeper = keeper_path(address);
     let _ = fs::remove_file(&keeper);
     let listener = UnixListener::bind(&keeper)
         .map_err(|e| crate::warn!("watchdog: no keeper socket {}: {e}", keeper.display()))
         .ok();
+    listening();
     let mut held: Option<(OwnedFd, Instant)> = None;
-    let mut watched: Option<Watched> = None;
-    let mut relay: Option<UnixStream> = None;
+    let mut pipeline = Pipeline::default();
     loop {
         if !is_current(address, token) {
             let _ = fs::remove_file(&keeper);
@@ -134,15 +120,12 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
         if left.is_zero() {
             break;
         }
-        if let Some(found) = watched.as_ref().and_then(look) {
-            watched = None;
-            if let Err(why) = found {
-                crate::warn!("watchdog {}: {why}: thawing now", std::process::id());
-                break;
-            }
+        if let Err(why) = pipeline.look() {
+            crate::warn!("watchdog {}: {why}: thawing now", std::process::id());
+            break;
         }
         let mut wait = left.min(Duration::from_millis(500));
-        if watched.is_some() || relay.is_some() {
+        if pipeline.busy() {
             wait = wait.min(WATCH_TICK);
         }
         if let Some((_, since)) = &held {
@@ -158,29 +141,32 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
         };
         let millis = wait.as_millis().clamp(1, 500) as u16;
         let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        if let Some(relay) = &relay {
-            fds.push(PollFd::new(relay.as_fd(), PollFlags::POLLIN));
-        }
+        fds.extend(
+            pipeline
+                .relay_sockets()
+                .map(|r| PollFd::new(r.as_fd(), PollFlags::POLLIN)),
+        );
         if nix::poll::poll(&mut fds, PollTimeout::from(millis)).unwrap_or(0) == 0 {
             continue;
         }
-        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        let (listener_ready, relay_ready) = (ready(&fds[0]), fds.get(1).is_some_and(ready));
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
         drop(fds);
-        if relay_ready {
-            let said = relay.as_ref().map(|r| read_relay(r, token));
+        // One relay message per round, the first ready: indices stay valid.
+        if let Some(index) = ready[1..].iter().position(|&r| r) {
+            let said = pipeline
+                .relay_sockets()
+                .nth(index)
+                .map(|r| read_relay(r, token));
             match said {
-                Some(RelaySaid::Watch(pipe)) => {
-                    watched = Some(Watched {
-                        pipe,
-                        since: Instant::now(),
-                    })
-                }
-                Some(RelaySaid::Done) => relay = None,
+                Some(RelaySaid::Watch(pipe)) => pipeline.watch(pipe, Some(index)),
+                Some(RelaySaid::Done) => pipeline.done(index),
                 Some(RelaySaid::Died) => {
                     crate::warn!(
-                        "watchdog {}: a step of the pipeline ended between reading the freeze's \
-                         document and passing its own on: thawing now",
+                        "watchdog {}: a step of the pipeline ended after reading the freeze's \
+                         document and before passing its own on or thawing: thawing now",
                         std::process::id()
                     );
                     break;
@@ -188,15 +174,10 @@ pub fn run(address: &Address, token: &str, deadline: SystemTime) -> Result<Endin
                 Some(RelaySaid::Other) | None => {}
             }
         }
-        if listener_ready {
+        if ready[0] {
             match serve_keeper(listener, token, &mut held) {
-                Asked::Watch(pipe) => {
-                    watched = Some(Watched {
-                        pipe,
-                        since: Instant::now(),
-                    })
-                }
-                Asked::Relay(socket) => relay = Some(socket),
+                Asked::Watch(pipe) => pipeline.watch(pipe, None),
+                Asked::Relay(socket) => pipeline.register(socket),
                 Asked::Nothing => {}
             }
         }

@@ -7,8 +7,11 @@
 //! to [`watch`] the pipe it wrote it into: if the next step exits without reading it (a
 //! mistyped command line, a crash), the watchdog thaws. A tool in the middle of the
 //! pipeline ([`Relay`], zsnap) holds a connection from reading that document until it has
-//! written its own (then has its own pipe watched): if it dies in between, the
-//! connection closes unfinished and the watchdog thaws.
+//! written its own (then has its own pipe watched), and the thaw (qga-thaw) from reading
+//! it until its thaw is verified: if it dies in between, the connection closes unfinished
+//! and the watchdog thaws. A watched pipe whose reader exits after reading and before it
+//! registered (a step killed in that instant, or one that is not an evesnap tool) is
+//! also thawed at once.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -98,6 +101,15 @@ pub fn hand_over(watchdog: &Watchdog, connection: OwnedFd) -> Result<(), Error> 
 
 /// Takes the agent connection the watchdog for `address` keeps, if it keeps one.
 pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
+    Ok(ask_for_connection(address, "take")?.and_then(|(_, _, fd)| fd))
+}
+
+/// Sends `verb <token>` to the keeper of the watchdog armed for `address`, if one is
+/// armed and listening, and reads its answer: `ok` with the kept connection, or `none`.
+fn ask_for_connection(
+    address: &Address,
+    verb: &str,
+) -> Result<Option<(UnixStream, Watchdog, Option<OwnedFd>)>, Error> {
     let Some(watchdog) = current(address)? else {
         return Ok(None);
     };
@@ -121,9 +133,15 @@ pub fn take_over(address: &Address) -> Result<Option<OwnedFd>, Error> {
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(handover)?;
-    send_with_fd(&socket, &format!("take {}\n", watchdog.token), None).map_err(handover)?;
+    send_with_fd(&socket, &format!("{verb} {}\n", watchdog.token), None).map_err(handover)?;
     let (reply, fd) = receive_with_fd(&socket).map_err(handover)?;
-    Ok(if reply == "ok" { fd } else { None })
+    match reply.as_str() {
+        "ok" => Ok(Some((socket, watchdog, fd))),
+        "none" => Ok(Some((socket, watchdog, None))),
+        other => Err(handover(io::Error::other(format!(
+            "the watchdog answered {other:?}"
+        )))),
+    }
 }
 
 /// Sends one request and reads the watchdog's one-line answer, which must be `ok`.
@@ -159,8 +177,9 @@ pub fn watch(watchdog: &Watchdog, pipe: BorrowedFd<'_>) -> Result<(), Error> {
         .map_err(|source| Error::Handover { path, source })
 }
 
-/// A pipeline step between the freeze and the thaw, registered with the freeze's
-/// watchdog: dropped without [`Relay::delivered`], the watchdog thaws at once.
+/// A pipeline step after the freeze, registered with the freeze's watchdog from reading
+/// its document until it passed its own on (zsnap) or verified its thaw (qga-thaw):
+/// dropped without [`Relay::delivered`], the watchdog thaws at once.
 #[derive(Debug)]
 pub struct Relay {
     socket: UnixStream,
@@ -180,6 +199,21 @@ impl Relay {
         request(&relay.socket, &format!("relay {}\n", relay.token), None)
             .map_err(|e| relay.error(e))?;
         Ok(relay)
+    }
+
+    /// Registers a thaw of the freeze armed for `address` as its relay, and takes the
+    /// agent connection the watchdog keeps, if it keeps one: should the thaw end before it
+    /// is verified, the watchdog thaws at once. `None`: no watchdog is armed and listening.
+    pub fn thaw(address: &Address) -> Result<Option<(Relay, Option<OwnedFd>)>, Error> {
+        let Some((socket, watchdog, fd)) = ask_for_connection(address, "thaw")? else {
+            return Ok(None);
+        };
+        let relay = Relay {
+            socket,
+            path: keeper_path(address),
+            token: watchdog.token,
+        };
+        Ok(Some((relay, fd)))
     }
 
     fn error(&self, source: io::Error) -> Error {
@@ -210,7 +244,7 @@ pub(super) enum Asked {
 }
 
 /// Serves one keeper connection: `hold <token>` (with a descriptor), `take <token>`,
-/// `watch <token>` (with a pipe) or `relay <token>`.
+/// `watch <token>` (with a pipe), `relay <token>` or `thaw <token>` (a take by a relay).
 pub(super) fn serve_keeper(
     listener: &UnixListener,
     token: &str,
@@ -237,6 +271,16 @@ pub(super) fn serve_keeper(
         (Some(("watch", t)), Some(fd)) if t == token => {
             asked = Asked::Watch(fd);
             send_with_fd(&socket, "ok\n", None)
+        }
+        (Some(("thaw", t)), None) if t == token => {
+            let sent = match held.take() {
+                Some((fd, _)) => send_with_fd(&socket, "ok\n", Some(fd.as_fd())),
+                None => send_with_fd(&socket, "none\n", None),
+            };
+            if sent.is_ok() {
+                asked = Asked::Relay(socket);
+            }
+            sent
         }
         (Some(("relay", t)), None) if t == token => {
             let sent = send_with_fd(&socket, "ok\n", None);

@@ -32,11 +32,14 @@
 //! The process is started as `<program> --watchdog-detach --watchdog-token T
 //! --watchdog-deadline-ms D --agent A`: that first process starts the real watchdog
 //! (the same program without `--watchdog-detach`, stdio detached, its own session),
-//! prints its pid and exits, so the watchdog is nobody's child and outlives everyone.
+//! prints its pid and exits, so the watchdog is nobody's child and outlives everyone. The
+//! watchdog keeps the starter's stdout until its keeper socket listens, and [`arm`] reads
+//! it to its end: once armed, a hand-over finds the socket.
 //! `qga-freeze` is such a program ([`main`] does the work).
 
 mod body;
 mod keeper;
+mod pipeline;
 
 use std::fs;
 use std::io;
@@ -48,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 pub use body::{main, run, Ending};
 pub use keeper::{hand_over, take_over, watch, Relay};
+pub use pipeline::{await_read, pipe_state, Delivery, PipeState, WATCH_FOR, WATCH_READ_FOR};
 
 use super::Address;
 use crate::exit::{Exit, HasExit};
