@@ -351,7 +351,7 @@ pub struct ReplyError {
     pub step: Option<String>,
     /// The preflight's findings (no room with the numbers, name taken, newer snapshots…).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<Value>,
+    pub problems: Vec<crate::zfs::Problem>,
     /// `quota-exceeded`, `no-room`: this VM's guest snapshots against its budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Box<GuestQuota>>,

@@ -282,7 +282,7 @@ pub struct Skipped {
 #[serde(deny_unknown_fields)]
 pub struct Failed {
     pub error: String,
-    /// A preflight's findings (`zfs::Problem`s), when that is why.
+    /// A preflight's findings, when that is why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<serde_json::Value>,
+    pub problems: Vec<crate::zfs::Problem>,
 }
