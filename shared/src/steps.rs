@@ -11,6 +11,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::qga::watchdog::Watchdog;
+use crate::zfs::SnapshotInfo;
+
+mod rollback;
+
+pub use rollback::{RollbackPlan, Switch, Target};
 
 /// The typed fields of one kind of step.
 pub trait StepRecord: Serialize + DeserializeOwned {
@@ -59,9 +64,34 @@ pub struct ThawReport {
     pub kept_connection: bool,
     /// The watchdog this thaw cancelled, if one was armed.
     pub watchdog_cancelled: Option<Watchdog>,
+    /// The thaw thawed fewer filesystems than the freeze froze: some were thawed early (by
+    /// the watchdog?), so the snapshot may not be consistent. The step failed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub early_thaw: bool,
 }
 
 impl StepRecord for ThawReport {
+    const TOOL: &'static str = "qga-thaw";
+}
+
+/// A thaw that did not happen or did not verify: the failed `qga-thaw` step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotThawed {
+    pub thawed: Option<i64>,
+    /// What the freeze froze, if known.
+    pub expected: Option<i64>,
+    /// The thaw was asked and not verified: the guest may still be frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub possibly_frozen: Option<bool>,
+    /// Why no thaw was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_thaw: Option<bool>,
+}
+
+impl StepRecord for NotThawed {
     const TOOL: &'static str = "qga-thaw";
 }
 
@@ -149,6 +179,52 @@ impl StepRecord for SnapshotReport {
     const TOOL: &'static str = "zsnap";
 }
 
+/// A snapshot set planned: the `zsnap` step of a `--dry-run`, and what a failed take had
+/// decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPlan {
+    pub method: Method,
+    pub atomic: bool,
+    /// `dataset@name`, one per dataset.
+    pub planned: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+impl StepRecord for SnapshotPlan {
+    const TOOL: &'static str = "zsnap";
+}
+
+/// `zsnap list`, `destroy`, `prune`: the `zsnap` step of an action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ActionReport {
+    List { snapshots: Vec<SnapshotInfo> },
+    Destroy(DestroyReport),
+    Prune(DestroyReport),
+}
+
+impl StepRecord for ActionReport {
+    const TOOL: &'static str = "zsnap";
+}
+
+/// The `zsnap` actions besides taking a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    List,
+    Destroy,
+    Prune,
+}
+
+/// What a failed action step says of itself, beside its [`Failed`] record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionFailed {
+    pub action: Action,
+}
+
 /// One dataset rolled back.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -158,10 +234,14 @@ pub struct RolledBack {
     pub to: String,
 }
 
-/// A rollback done: the `zrollback` step.
+/// A rollback done, or with `dry_run` planned: the `zrollback` step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackReport {
+    /// Nothing was changed: `plan` says what would be.
+    pub dry_run: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<RollbackPlan>,
     pub rolled_back: Vec<RolledBack>,
     pub destroyed: Vec<String>,
     /// With `keep_newer`: where each dataset's previous state is kept.
@@ -199,6 +279,9 @@ pub struct DestroyReport {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<Kept>,
     pub dry_run: bool,
+    /// `zsnap prune`: how many snapshot sets it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
 }
 
 /// A snapshot left alone, and why.
