@@ -17,6 +17,28 @@ mod rollback;
 
 pub use rollback::{RollbackPlan, Switch, Target};
 
+/// Adds every record of this module to `generator`'s definitions: the report's schema
+/// publishes them in `$defs`, since a step's own fields (open in `Step`'s schema) are one of
+/// them, chosen by its `tool` and shape. The orchestrator's own small records (`existing`,
+/// a failed `zsnap` step's `error`) are not among them.
+pub fn add_schemas(generator: &mut schemars::SchemaGenerator) {
+    let _ = [
+        generator.subschema_for::<FreezeReport>(),
+        generator.subschema_for::<ThawReport>(),
+        generator.subschema_for::<NotThawed>(),
+        generator.subschema_for::<SnapshotReport>(),
+        generator.subschema_for::<SnapshotPlan>(),
+        generator.subschema_for::<ActionReport>(),
+        generator.subschema_for::<ActionFailed>(),
+        generator.subschema_for::<RollbackReport>(),
+        generator.subschema_for::<DestroyReport>(),
+        generator.subschema_for::<GuestCommands>(),
+        generator.subschema_for::<FlushReport>(),
+        generator.subschema_for::<Skipped>(),
+        generator.subschema_for::<Failed>(),
+    ];
+}
+
 /// The typed fields of one kind of step.
 pub trait StepRecord: Serialize + DeserializeOwned {
     /// The step's `tool` in the document.
@@ -24,7 +46,7 @@ pub trait StepRecord: Serialize + DeserializeOwned {
 }
 
 /// A successful freeze: the `qga-freeze` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeReport {
     /// Filesystems the freeze froze; `null` when an existing freeze was adopted.
@@ -48,7 +70,7 @@ impl StepRecord for FreezeReport {
 }
 
 /// A verified thaw: the `qga-thaw` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ThawReport {
     /// Filesystems thawed (0: nothing was frozen).
@@ -75,7 +97,7 @@ impl StepRecord for ThawReport {
 }
 
 /// A thaw that did not happen or did not verify: the failed `qga-thaw` step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotThawed {
     pub thawed: Option<i64>,
@@ -96,7 +118,7 @@ impl StepRecord for NotThawed {
 }
 
 /// How a set of snapshots is taken.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Method {
     /// One dataset, one call.
@@ -152,7 +174,7 @@ impl SnapshotEntry {
 }
 
 /// A snapshot set taken: the `zsnap` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotReport {
     pub snapshots: Vec<SnapshotEntry>,
@@ -181,7 +203,7 @@ impl StepRecord for SnapshotReport {
 
 /// A snapshot set planned: the `zsnap` step of a `--dry-run`, and what a failed take had
 /// decided.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotPlan {
     pub method: Method,
@@ -197,7 +219,7 @@ impl StepRecord for SnapshotPlan {
 }
 
 /// `zsnap list`, `destroy`, `prune`: the `zsnap` step of an action.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ActionReport {
     List { snapshots: Vec<SnapshotInfo> },
@@ -210,19 +232,19 @@ impl StepRecord for ActionReport {
 }
 
 /// The `zsnap` actions besides taking a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub enum ZsnapAction {
     List,
     Destroy,
     Prune,
 }
 
 /// What a failed action step says of itself, beside its [`Failed`] record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionFailed {
-    pub action: Action,
+    pub action: ZsnapAction,
 }
 
 /// One dataset rolled back.
@@ -235,7 +257,7 @@ pub struct RolledBack {
 }
 
 /// A rollback done, or with `dry_run` planned: the `zrollback` step.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackReport {
     /// Nothing was changed: `plan` says what would be.
@@ -251,7 +273,7 @@ pub struct RollbackReport {
 
 /// A dataset's state before a rollback that kept the newer snapshots: renamed, with its
 /// snapshots newer than the target, to `kept_as`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeptState {
     pub dataset: String,
@@ -266,7 +288,7 @@ impl StepRecord for RollbackReport {
 }
 
 /// Snapshots destroyed (`zsnap destroy`, `zsnap prune`, the orchestrator's retention).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestroyReport {
     /// Destroyed (or, with `defer`, marked for destruction when the last hold goes).
@@ -285,7 +307,7 @@ pub struct DestroyReport {
 }
 
 /// A snapshot left alone, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kept {
     pub snapshot: String,
@@ -293,7 +315,7 @@ pub struct Kept {
 }
 
 /// The outcome of one guest command (`guest-exec`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRun {
     pub path: String,
@@ -327,7 +349,7 @@ impl CommandRun {
 }
 
 /// A list of guest commands run: the `guest_pre` and `guest_post` steps.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestCommands {
     pub commands: Vec<CommandRun>,
@@ -335,7 +357,7 @@ pub struct GuestCommands {
 
 /// The flush before the freeze (`freeze.flush_first`): the `flush` step. It never fails
 /// the run: a flush that could not run leaves the work to the freeze (`flushed: false`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlushReport {
     /// The command run in the guest: `sync -f <mountpoints>…`, or `sync` when every
@@ -353,7 +375,7 @@ impl StepRecord for FlushReport {
 }
 
 /// A step that did nothing because an upstream step failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Skipped {
     pub skipped: bool,
@@ -361,7 +383,7 @@ pub struct Skipped {
 }
 
 /// A step that failed, with why (the document's `error` says it too; a step keeps its own).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Failed {
     pub error: String,

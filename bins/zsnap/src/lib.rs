@@ -313,12 +313,12 @@ fn time_now() -> time::OffsetDateTime {
 }
 
 fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) -> Outcome {
-    let (name, result): (steps::Action, anyhow::Result<ActionReport>) = match action {
+    let (name, result): (steps::ZsnapAction, anyhow::Result<ActionReport>) = match action {
         Action::List {
             dataset,
             evesnap_only,
         } => (
-            steps::Action::List,
+            steps::ZsnapAction::List,
             datasets_or_document(dataset, &doc).and_then(|d| {
                 let snapshots = list(zfs, &d, evesnap_only).map_err(evesnap::exit::wrap)?;
                 Ok(ActionReport::List { snapshots })
@@ -331,7 +331,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
             defer,
             dry_run,
         } => (
-            steps::Action::Destroy,
+            steps::ZsnapAction::Destroy,
             destroy_targets(snapshots, dataset, name, &doc).and_then(|targets| {
                 let report = destroy(zfs, &targets, defer, dry_run).map_err(evesnap::exit::wrap)?;
                 Ok(ActionReport::Destroy(report))
@@ -343,7 +343,7 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
             all,
             dry_run,
         } => (
-            steps::Action::Prune,
+            steps::ZsnapAction::Prune,
             datasets_or_document(dataset, &doc).and_then(|d| {
                 let report = prune(zfs, &d, keep, all, dry_run).map_err(evesnap::exit::wrap)?;
                 Ok(ActionReport::Prune(DestroyReport {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One dataset's part of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
     pub dataset: String,
@@ -18,7 +18,7 @@ pub struct Target {
 }
 
 /// Everything checked; nothing changed yet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackPlan {
     pub targets: Vec<Target>,
@@ -28,7 +28,7 @@ pub struct RollbackPlan {
 }
 
 /// One dataset's switch to the data of `to`, in a rollback that keeps the newer snapshots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Switch {
     pub dataset: String,

@@ -68,7 +68,7 @@ pub const KEEP_FOR: Duration = Duration::from_secs(2);
 pub const FIRE_RETRY_WINDOW: Duration = Duration::from_secs(600);
 
 /// A watchdog as recorded in its state file and in the job document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Watchdog {
     /// The watchdog's pid (`null` in the moment between writing the state and starting it).
     pub pid: Option<u32>,
