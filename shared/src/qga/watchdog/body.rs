@@ -269,7 +269,7 @@ fn socket_gone(address: &Address) -> bool {
 
 /// Runs the `guest_post` commands a run left pending for this agent, now that it answers.
 fn run_pending(client: &mut Client, address: &Address) {
-    match crate::pending::run(client, address) {
+    match crate::qga::pending::run(client, address) {
         Ok(Some(ran)) => crate::warn!(
             "watchdog {}: ran {} pending guest_post command(s) of run {}: {}",
             std::process::id(),
