@@ -73,16 +73,9 @@ impl Outcome {
         partial: Map<String, Value>,
         error: anyhow::Error,
     ) -> Self {
-        let problems = match crate::exit::find::<crate::zfs::Error>(&error) {
-            Some(crate::zfs::Error::Preflight { problems }) => problems
-                .iter()
-                .filter_map(|p| serde_json::to_value(p).ok())
-                .collect(),
-            _ => Vec::new(),
-        };
         let failed = crate::steps::Failed {
             error: chain(&error),
-            problems,
+            problems: crate::zfs::preflight_problems(&error).to_vec(),
         };
         let mut fields = partial;
         fields.extend(crate::document::fields_of(&failed));

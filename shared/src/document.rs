@@ -70,7 +70,8 @@ pub struct Step {
     pub ok: bool,
     pub started_at: String,
     pub duration_ms: f64,
-    /// The tool's own fields.
+    /// The tool's own fields: one of the step records (`crate::steps`), published beside
+    /// the report's schema in its `$defs`.
     #[serde(flatten)]
     pub fields: Map<String, Value>,
 }

@@ -11,8 +11,27 @@
 use serde::{Deserialize, Serialize};
 
 use crate::exit::Exit;
-use crate::report::SnapshotType;
 use crate::zfs::{self, Problem};
+
+/// eve-api's `SnapshotDesc.type`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotType {
+    AppUpdate,
+    #[default]
+    Immediate,
+}
+
+impl SnapshotType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotType::AppUpdate => "app_update",
+            SnapshotType::Immediate => "immediate",
+        }
+    }
+}
 
 /// eve-api `ZInfoSnapshot`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -113,7 +113,8 @@ pub trait HasExit {
 #[derive(Debug)]
 pub struct WithExit {
     exit: Exit,
-    error: Box<dyn std::error::Error + Send + Sync + 'static>,
+    /// The error itself, or with [`recode`] a whole chain.
+    error: anyhow::Error,
 }
 
 impl fmt::Display for WithExit {
@@ -137,7 +138,7 @@ struct Message(String);
 pub fn wrap<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) -> anyhow::Error {
     anyhow::Error::new(WithExit {
         exit: error.exit(),
-        error: Box::new(error),
+        error: anyhow::Error::new(error),
     })
 }
 
@@ -145,8 +146,14 @@ pub fn wrap<E: HasExit + std::error::Error + Send + Sync + 'static>(error: E) ->
 pub fn coded(exit: Exit, message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(WithExit {
         exit,
-        error: Box::new(Message(message.into())),
+        error: anyhow::Error::new(Message(message.into())),
     })
+}
+
+/// `error` with the exit code `exit` instead of its own. Its chain reads the same, and
+/// [`find`] still reaches the typed errors in it.
+pub fn recode(exit: Exit, error: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(WithExit { exit, error })
 }
 
 /// The exit code of an error chain: the outermost code given with [`wrap`] or [`coded`];
@@ -173,7 +180,7 @@ pub fn find<E: std::error::Error + 'static>(error: &anyhow::Error) -> Option<&E>
         cause.downcast_ref::<E>().or_else(|| {
             cause
                 .downcast_ref::<WithExit>()
-                .and_then(|w| w.error.downcast_ref::<E>())
+                .and_then(|w| find::<E>(&w.error))
         })
     })
 }
@@ -231,5 +238,24 @@ mod tests {
         assert_eq!(exit_of(&err), Exit::UpstreamFailed);
         assert!(find::<Died>(&err).is_some());
         assert_eq!(chain(&err), "reading: upstream died");
+    }
+
+    #[test]
+    fn a_recoded_error_keeps_its_chain_and_its_typed_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("not verified")]
+        struct Unverified;
+        impl HasExit for Unverified {
+            fn exit(&self) -> Exit {
+                Exit::StepFailed
+            }
+        }
+        for inner in [wrap(Unverified), wrap(Unverified).context("the freeze")] {
+            let text = chain(&inner);
+            let err = recode(Exit::ThawFailed, inner).context("vm0");
+            assert_eq!(exit_of(&err), Exit::ThawFailed);
+            assert!(find::<Unverified>(&err).is_some(), "{text}");
+            assert_eq!(chain(&err), format!("vm0: {text}"));
+        }
     }
 }

@@ -10,7 +10,6 @@ pub mod document;
 pub mod eve_api;
 pub mod exit;
 pub mod log;
-pub mod pending;
 pub mod qga;
 pub mod qmp;
 pub mod report;
@@ -22,3 +21,6 @@ pub mod signals;
 pub mod steps;
 pub mod time;
 pub mod zfs;
+
+/// Its old place: callers say `evesnap::pending`.
+pub use qga::pending;

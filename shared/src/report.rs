@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::document::{Step, VERSION};
+pub use crate::eve_api::SnapshotType;
 use crate::eve_api::{DeviceEntity, ErrorInfo, Severity, ZInfoSnapshot};
 use crate::steps::{RolledBack, SnapshotEntry};
 
@@ -105,26 +106,6 @@ impl std::str::FromStr for Consistency {
             "halted" => Ok(Consistency::Halted),
             "halted_clean" => Ok(Consistency::HaltedClean),
             other => Err(format!("unknown consistency {other:?}")),
-        }
-    }
-}
-
-/// eve-api's `SnapshotDesc.type`.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotType {
-    AppUpdate,
-    #[default]
-    Immediate,
-}
-
-impl SnapshotType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotType::AppUpdate => "app_update",
-            SnapshotType::Immediate => "immediate",
         }
     }
 }

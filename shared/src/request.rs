@@ -351,7 +351,7 @@ pub struct ReplyError {
     pub step: Option<String>,
     /// The preflight's findings (no room with the numbers, name taken, newer snapshots…).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<Value>,
+    pub problems: Vec<crate::zfs::Problem>,
     /// `quota-exceeded`, `no-room`: this VM's guest snapshots against its budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Box<GuestQuota>>,
@@ -410,13 +410,13 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// A successful reply to `request`, its results still to fill in.
-    pub fn success(request: &Request) -> Reply {
+    /// A reply with nothing filled in but what every reply has.
+    fn base(id: Option<String>, ok: bool, op: Option<Op>) -> Reply {
         Reply {
             version: VERSION,
-            id: Some(request.id.clone()),
-            ok: true,
-            op: Some(request.op),
+            id,
+            ok,
+            op,
             disks: Vec::new(),
             snapshot: None,
             snapshots: None,
@@ -428,21 +428,16 @@ impl Reply {
         }
     }
 
+    /// A successful reply to `request`, its results still to fill in.
+    pub fn success(request: &Request) -> Reply {
+        Reply::base(Some(request.id.clone()), true, Some(request.op))
+    }
+
     /// A failure reply.
     pub fn failure(id: Option<String>, op: Option<Op>, error: ReplyError) -> Reply {
         Reply {
-            version: VERSION,
-            id,
-            ok: false,
-            op,
-            disks: Vec::new(),
-            snapshot: None,
-            snapshots: None,
-            consistency: None,
-            freeze_window_ms: None,
-            crash_reason: None,
-            destroyed: None,
             error: Some(error),
+            ..Reply::base(id, false, op)
         }
     }
 

@@ -11,6 +11,34 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::qga::watchdog::Watchdog;
+pub use crate::qga::CommandRun;
+use crate::zfs::SnapshotInfo;
+
+mod rollback;
+
+pub use rollback::{RollbackPlan, Switch, Target};
+
+/// Adds every record of this module to `generator`'s definitions: the report's schema
+/// publishes them in `$defs`, since a step's own fields (open in `Step`'s schema) are one of
+/// them, chosen by its `tool` and shape. The orchestrator's own small records (`existing`,
+/// a failed `zsnap` step's `error`) are not among them.
+pub fn add_schemas(generator: &mut schemars::SchemaGenerator) {
+    let _ = [
+        generator.subschema_for::<FreezeReport>(),
+        generator.subschema_for::<ThawReport>(),
+        generator.subschema_for::<NotThawed>(),
+        generator.subschema_for::<SnapshotReport>(),
+        generator.subschema_for::<SnapshotPlan>(),
+        generator.subschema_for::<ActionReport>(),
+        generator.subschema_for::<ActionFailed>(),
+        generator.subschema_for::<RollbackReport>(),
+        generator.subschema_for::<DestroyReport>(),
+        generator.subschema_for::<GuestCommands>(),
+        generator.subschema_for::<FlushReport>(),
+        generator.subschema_for::<Skipped>(),
+        generator.subschema_for::<Failed>(),
+    ];
+}
 
 /// The typed fields of one kind of step.
 pub trait StepRecord: Serialize + DeserializeOwned {
@@ -19,7 +47,7 @@ pub trait StepRecord: Serialize + DeserializeOwned {
 }
 
 /// A successful freeze: the `qga-freeze` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeReport {
     /// Filesystems the freeze froze; `null` when an existing freeze was adopted.
@@ -43,7 +71,7 @@ impl StepRecord for FreezeReport {
 }
 
 /// A verified thaw: the `qga-thaw` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ThawReport {
     /// Filesystems thawed (0: nothing was frozen).
@@ -59,14 +87,39 @@ pub struct ThawReport {
     pub kept_connection: bool,
     /// The watchdog this thaw cancelled, if one was armed.
     pub watchdog_cancelled: Option<Watchdog>,
+    /// The thaw thawed fewer filesystems than the freeze froze: some were thawed early (by
+    /// the watchdog?), so the snapshot may not be consistent. The step failed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub early_thaw: bool,
 }
 
 impl StepRecord for ThawReport {
     const TOOL: &'static str = "qga-thaw";
 }
 
+/// A thaw that did not happen or did not verify: the failed `qga-thaw` step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotThawed {
+    pub thawed: Option<i64>,
+    /// What the freeze froze, if known.
+    pub expected: Option<i64>,
+    /// The thaw was asked and not verified: the guest may still be frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub possibly_frozen: Option<bool>,
+    /// Why no thaw was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_thaw: Option<bool>,
+}
+
+impl StepRecord for NotThawed {
+    const TOOL: &'static str = "qga-thaw";
+}
+
 /// How a set of snapshots is taken.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Method {
     /// One dataset, one call.
@@ -122,7 +175,7 @@ impl SnapshotEntry {
 }
 
 /// A snapshot set taken: the `zsnap` step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotReport {
     pub snapshots: Vec<SnapshotEntry>,
@@ -149,6 +202,52 @@ impl StepRecord for SnapshotReport {
     const TOOL: &'static str = "zsnap";
 }
 
+/// A snapshot set planned: the `zsnap` step of a `--dry-run`, and what a failed take had
+/// decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPlan {
+    pub method: Method,
+    pub atomic: bool,
+    /// `dataset@name`, one per dataset.
+    pub planned: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+impl StepRecord for SnapshotPlan {
+    const TOOL: &'static str = "zsnap";
+}
+
+/// `zsnap list`, `destroy`, `prune`: the `zsnap` step of an action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ActionReport {
+    List { snapshots: Vec<SnapshotInfo> },
+    Destroy(DestroyReport),
+    Prune(DestroyReport),
+}
+
+impl StepRecord for ActionReport {
+    const TOOL: &'static str = "zsnap";
+}
+
+/// The `zsnap` actions besides taking a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ZsnapAction {
+    List,
+    Destroy,
+    Prune,
+}
+
+/// What a failed action step says of itself, beside its [`Failed`] record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionFailed {
+    pub action: ZsnapAction,
+}
+
 /// One dataset rolled back.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -158,10 +257,14 @@ pub struct RolledBack {
     pub to: String,
 }
 
-/// A rollback done: the `zrollback` step.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A rollback done, or with `dry_run` planned: the `zrollback` step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackReport {
+    /// Nothing was changed: `plan` says what would be.
+    pub dry_run: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<RollbackPlan>,
     pub rolled_back: Vec<RolledBack>,
     pub destroyed: Vec<String>,
     /// With `keep_newer`: where each dataset's previous state is kept.
@@ -171,7 +274,7 @@ pub struct RollbackReport {
 
 /// A dataset's state before a rollback that kept the newer snapshots: renamed, with its
 /// snapshots newer than the target, to `kept_as`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeptState {
     pub dataset: String,
@@ -186,7 +289,7 @@ impl StepRecord for RollbackReport {
 }
 
 /// Snapshots destroyed (`zsnap destroy`, `zsnap prune`, the orchestrator's retention).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestroyReport {
     /// Destroyed (or, with `defer`, marked for destruction when the last hold goes).
@@ -199,52 +302,21 @@ pub struct DestroyReport {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<Kept>,
     pub dry_run: bool,
+    /// `zsnap prune`: how many snapshot sets it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
 }
 
 /// A snapshot left alone, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kept {
     pub snapshot: String,
     pub reason: String,
 }
 
-/// The outcome of one guest command (`guest-exec`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandRun {
-    pub path: String,
-    pub args: Vec<String>,
-    pub ok: bool,
-    pub fatal: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exitcode: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i64>,
-    pub stdout: String,
-    pub stderr: String,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub output_truncated: bool,
-    /// Why it did not succeed (agent error, timeout, exit status).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub duration_ms: f64,
-}
-
-impl CommandRun {
-    /// `` `path arg…` why``, for error messages.
-    pub fn describe(&self) -> String {
-        let mut argv = self.path.clone();
-        for a in &self.args {
-            argv.push(' ');
-            argv.push_str(a);
-        }
-        format!("`{argv}` {}", self.error.as_deref().unwrap_or("succeeded"))
-    }
-}
-
 /// A list of guest commands run: the `guest_pre` and `guest_post` steps.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestCommands {
     pub commands: Vec<CommandRun>,
@@ -252,7 +324,7 @@ pub struct GuestCommands {
 
 /// The flush before the freeze (`freeze.flush_first`): the `flush` step. It never fails
 /// the run: a flush that could not run leaves the work to the freeze (`flushed: false`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlushReport {
     /// The command run in the guest: `sync -f <mountpoints>…`, or `sync` when every
@@ -270,7 +342,7 @@ impl StepRecord for FlushReport {
 }
 
 /// A step that did nothing because an upstream step failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Skipped {
     pub skipped: bool,
@@ -278,11 +350,11 @@ pub struct Skipped {
 }
 
 /// A step that failed, with why (the document's `error` says it too; a step keeps its own).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Failed {
     pub error: String,
-    /// A preflight's findings (`zfs::Problem`s), when that is why.
+    /// A preflight's findings, when that is why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<serde_json::Value>,
+    pub problems: Vec<crate::zfs::Problem>,
 }

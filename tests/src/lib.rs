@@ -1,5 +1,6 @@
 //! Helpers for the workspace-level tests: the shared test lab, the tools' binaries.
 
+pub mod fake_zfs;
 pub mod fault;
 pub mod guest;
 pub mod lab;

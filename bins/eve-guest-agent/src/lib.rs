@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
-use evesnap::request::{self, Op, Reply, Request};
-use serde_json::{json, Value};
+use evesnap::request::{self, Op, Reply, ReplyError, Request};
 
 const EXIT_STATUS: &str = "Exit status:
   0   the host did what was asked; its reply is on stdout
@@ -147,9 +146,12 @@ fn seconds(what: &str, value: f64) -> Result<Duration, anyhow::Error> {
     evesnap::time::timeout(value).map_err(|why| coded(Exit::Usage, format!("{what}: {why}")))
 }
 
-fn print_line(value: &Value) {
+fn print_line(value: &impl serde::Serialize) {
     let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{value}").and_then(|()| stdout.flush());
+    let _ = serde_json::to_writer(&mut stdout, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(stdout))
+        .and_then(|()| stdout.flush());
 }
 
 /// This tool's own failure, printed on stdout in the reply's shape.
@@ -162,12 +164,16 @@ fn local_failure(id: Option<&str>, error: anyhow::Error) -> Outcome {
         Exit::Usage => "bad-input",
         other => other.kind(),
     };
-    print_line(&json!({
-        "version": request::VERSION,
-        "id": id,
-        "ok": false,
-        "error": {"kind": kind, "code": exit.code(), "message": evesnap::exit::chain(&error)},
-    }));
+    print_line(&Reply::failure(
+        id.map(str::to_string),
+        None,
+        ReplyError {
+            kind: kind.into(),
+            code: exit.code(),
+            message: evesnap::exit::chain(&error),
+            ..ReplyError::default()
+        },
+    ));
     Outcome::error(error)
 }
 

@@ -86,6 +86,24 @@ fn usage_and_unidentifiable_disks_exit_2() {
             (Some(false), Some("bad-input")),
             "{reply}"
         );
+        // The reply's own shape: `id` null, no `op`, an error of kind, code and message.
+        let keys = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(
+            keys(&reply),
+            Some(vec![
+                "version".into(),
+                "id".into(),
+                "ok".into(),
+                "error".into()
+            ])
+        );
+        assert_eq!(
+            keys(&reply["error"]),
+            Some(vec!["kind".into(), "code".into(), "message".into()])
+        );
+        let strict: evesnap::request::Reply =
+            serde_json::from_value(reply).expect("a strict Reply");
+        assert_eq!((strict.id, strict.error.map(|e| e.code)), (None, Some(2)));
         assert!(stderr(&out).contains(needle), "{target}: {}", stderr(&out));
     }
 }

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser};
 use evesnap::cli::Outcome;
-use evesnap::document::{self, fields_of, Document, StepTimer};
+use evesnap::document::{self, Document, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
 use evesnap::qga::watchdog;
 use evesnap::qga::{Address, Client, ThawError, Thawed};
-use evesnap::steps::FreezeReport;
+use evesnap::steps::{FreezeReport, NotThawed};
 
 /// The tool's name, as in the document's steps.
 pub const TOOL: &str = "qga-thaw";
@@ -104,12 +104,16 @@ fn finish(client: &Client, opts: &ThawOptions, thawed: Thawed) -> Result<ThawRep
         thawed_at_unix_us: thawed.at_unix_us,
         kept_connection: false,
         watchdog_cancelled,
+        early_thaw: false,
     };
     match opts.expected {
         Some(expected) if thawed.count < expected => Err(Error::EarlyThaw {
             thawed: thawed.count,
             expected,
-            report: Box::new(report),
+            report: Box::new(ThawReport {
+                early_thaw: true,
+                ..report
+            }),
         }),
         _ => Ok(report),
     }
@@ -235,19 +239,6 @@ pub fn command() -> clap::Command {
     Args::command().after_help(Exit::table())
 }
 
-/// The step of a thaw that did not happen or did not verify.
-#[derive(Debug, serde::Serialize)]
-struct NotThawed<'a> {
-    thawed: Option<i64>,
-    expected: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    possibly_frozen: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    early_thaw: Option<bool>,
-}
-
 /// What the upstream `qga-freeze` step froze, when it froze through this agent.
 fn expected_count(doc: &Document, address: &Address) -> Option<i64> {
     let (_, freeze) = doc.last_ok::<FreezeReport>()?;
@@ -295,7 +286,7 @@ pub fn run(args: Args) -> Outcome {
                 thawed: None,
                 expected: None,
                 possibly_frozen: None,
-                reason: Some("bad agent address"),
+                reason: Some("bad agent address".into()),
                 early_thaw: None,
             };
             doc.push(timer.finish_with(false, &step));
@@ -334,20 +325,19 @@ pub fn run(args: Args) -> Outcome {
         }
         Err(e) => {
             let step = match &e {
-                Error::EarlyThaw { report, .. } => {
-                    let mut fields = fields_of(report);
-                    fields.insert("early_thaw".into(), true.into());
-                    fields
-                }
-                Error::Thaw(_) => fields_of(&NotThawed {
-                    thawed: None,
-                    expected: opts.expected,
-                    possibly_frozen: Some(true),
-                    reason: None,
-                    early_thaw: Some(false),
-                }),
+                Error::EarlyThaw { report, .. } => timer.finish_with(false, report),
+                Error::Thaw(_) => timer.finish_with(
+                    false,
+                    &NotThawed {
+                        thawed: None,
+                        expected: opts.expected,
+                        possibly_frozen: Some(true),
+                        reason: None,
+                        early_thaw: Some(false),
+                    },
+                ),
             };
-            doc.push(timer.finish(false, step));
+            doc.push(step);
             Some(e)
         }
     };

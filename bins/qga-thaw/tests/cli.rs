@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use evesnap::qga::testing::{FakeAgent, SimState};
+use evesnap::steps::{NotThawed, ThawReport};
 use evesnap_tests::run::{code, doc_of, run, stderr, RunDir};
 
 const THAW: &str = env!("CARGO_BIN_EXE_qga-thaw");
@@ -27,6 +28,29 @@ fn thaws_with_agent_flag_and_no_upstream() {
     assert_eq!(doc.steps[0].fields["thawed"], 2);
     assert_eq!(doc.steps[0].fields["expected"], serde_json::Value::Null);
     assert_eq!(sim.state().frozen, 0);
+    let report: ThawReport = doc.steps[0].record().expect("a strict ThawReport");
+    assert!(!report.early_thaw && !doc.steps[0].fields.contains_key("early_thaw"));
+}
+
+#[test]
+fn fewer_thawed_than_frozen_is_an_early_thaw_record() {
+    let dir = RunDir::new("early");
+    let (_agent, _sim, address) = frozen_sim();
+    let upstream = format!(
+        r#"{{"version":1,"ok":true,"agent":"{address}","steps":[
+        {{"tool":"qga-freeze","ok":true,"started_at":"x","duration_ms":1,"frozen":3,
+          "mountpoints":null,"adopted":false,"agent_version":"7.2.0","freeze_ms":1.0,
+          "frozen_at_unix_us":1,"watchdog":null}}],"error":null}}"#
+    );
+    let out = run(Path::new(THAW), &[], Some(&upstream), &dir);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let step = &doc_of(&out).steps[1];
+    assert_eq!(step.fields["early_thaw"], true);
+    let report: ThawReport = step.record().expect("a strict ThawReport");
+    assert_eq!(
+        (report.thawed, report.expected, report.early_thaw),
+        (2, Some(3), true)
+    );
 }
 
 #[test]
@@ -101,6 +125,11 @@ fn an_agent_that_does_not_answer_the_thaw_exits_thaw_failed() {
     assert_eq!(code(&out), 6, "{}", stderr(&out));
     let doc = doc_of(&out);
     assert_eq!(doc.steps[0].fields["possibly_frozen"], true);
+    let step: NotThawed = doc.steps[0].record().expect("a strict NotThawed");
+    assert_eq!(
+        (step.possibly_frozen, step.early_thaw),
+        (Some(true), Some(false))
+    );
     assert!(
         stderr(&out).contains("may still be frozen"),
         "{}",

@@ -1,6 +1,7 @@
 //! The JSON Schemas of what crosses the process edge, generated from the types and checked
 //! in beside this crate (`<name>.schema.json`; `scripts/mangen` rewrites them): the plan
-//! (input), the report (output), and the VM wire (`serve`'s requests and replies).
+//! (input), the report (output, with every step record in its `$defs`), and the VM wire
+//! (`serve`'s requests and replies).
 
 /// A document whose schema is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -42,7 +43,11 @@ impl Kind {
         let schema = match self {
             Kind::Plan => schemars::schema_for!(crate::Plan),
             Kind::GroupPlan => schemars::schema_for!(crate::GroupPlan),
-            Kind::Report => schemars::schema_for!(evesnap::report::Report),
+            Kind::Report => {
+                let mut generator = schemars::SchemaGenerator::default();
+                evesnap::steps::add_schemas(&mut generator);
+                generator.into_root_schema_for::<evesnap::report::Report>()
+            }
             Kind::Request => schemars::schema_for!(evesnap::request::Request),
             Kind::Reply => schemars::schema_for!(evesnap::request::Reply),
         };
@@ -69,6 +74,28 @@ mod tests {
                 kind.file_name()
             );
         }
+    }
+
+    /// A step's open fields are described by the records published beside the report.
+    #[test]
+    fn the_report_schema_publishes_the_step_records() {
+        let schema: serde_json::Value = serde_json::from_str(&Kind::Report.text()).expect("schema");
+        for record in [
+            "FreezeReport",
+            "ThawReport",
+            "SnapshotReport",
+            "RollbackReport",
+            "Failed",
+        ] {
+            assert!(
+                schema["$defs"][record].is_object(),
+                "{record} is not published"
+            );
+        }
+        assert_eq!(
+            schema["$defs"]["RollbackReport"]["additionalProperties"],
+            false
+        );
     }
 
     /// A report as the flow writes it parses back strictly, and validates against the

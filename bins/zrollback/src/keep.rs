@@ -24,7 +24,6 @@
 use evesnap::exit::{Exit, HasExit};
 use evesnap::steps::{KeptState, RollbackReport, RolledBack};
 use evesnap::zfs::{self, names, Error, Lineage, Problem, Zfs};
-use serde::Serialize;
 
 mod journal;
 
@@ -35,24 +34,7 @@ pub const KEPT_INFIX: &str = ".evesnap-kept-";
 /// Infix of the temporary clone's name, renamed to the dataset's at the end.
 pub const NEW_INFIX: &str = ".evesnap-new-";
 
-/// One dataset's switch to the data of `to`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Switch {
-    pub dataset: String,
-    /// `dataset@name`, or `<kept state>@name` to roll forward.
-    pub to: String,
-    /// Where the dataset's current state goes.
-    pub kept_as: String,
-    /// The temporary clone that becomes `dataset`.
-    pub clone: String,
-    /// The clone's `refreservation` (a thick volume's).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refreservation: Option<u64>,
-    /// The dataset is a volume (checked for users before anything changes).
-    pub volume: bool,
-    /// `dataset` and its kept states: the clone is promoted while its origin is one of them.
-    pub family: Vec<String>,
-}
+pub use evesnap::steps::Switch;
 
 /// Plans switching each dataset to `@name`, found on the dataset itself or, to roll forward,
 /// on exactly one of its kept states. Checks names, the room a thick volume's

@@ -28,35 +28,11 @@ use evesnap::document::{fields_of, StepTimer};
 use evesnap::exit::{coded, Exit, HasExit};
 use evesnap::report::Origin;
 use evesnap::zfs::{self, names, Error, Problem, SnapshotInfo, Zfs};
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Map;
 
 pub const TOOL: &str = "zrollback";
 
-/// One dataset's part of a plan.
-#[derive(Debug, Clone, Serialize)]
-pub struct Target {
-    pub dataset: String,
-    /// `dataset@name`.
-    pub to: String,
-    /// Snapshots newer than `to`, newest first: destroyed before the rollback.
-    pub newer: Vec<String>,
-    /// Bookmarks newer than `to` (OpenZFS only; its `zfs rollback` refuses them too):
-    /// destroyed before the rollback.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub newer_bookmarks: Vec<String>,
-}
-
-/// Everything checked; nothing changed yet.
-#[derive(Debug, Clone, Serialize)]
-pub struct RollbackPlan {
-    pub targets: Vec<Target>,
-    /// With `--keep-newer`: the switches (and no `targets`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub keep: Vec<keep::Switch>,
-}
-
-pub use evesnap::steps::{RollbackReport, RolledBack};
+pub use evesnap::steps::{RollbackPlan, RollbackReport, RolledBack, Target};
 
 /// [`execute`] failed part way; `report` says what had been done.
 #[derive(Debug, thiserror::Error)]
@@ -349,16 +325,13 @@ pub fn run(cli: Cli) -> Outcome {
             return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
         }
     };
-    let mut fields = Map::new();
-    fields.insert("dry_run".into(), Value::Bool(cli.dry_run));
     if cli.dry_run {
-        fields.insert(
-            "plan".into(),
-            serde_json::to_value(&plan).unwrap_or(Value::Null),
-        );
-        fields.insert("rolled_back".into(), Value::Array(Vec::new()));
-        fields.insert("destroyed".into(), Value::Array(Vec::new()));
-        doc.push(timer.finish(true, fields));
+        let planned = RollbackReport {
+            dry_run: true,
+            plan: Some(plan),
+            ..RollbackReport::default()
+        };
+        doc.push(timer.finish_with(true, &planned));
         return Outcome::success(doc);
     }
     match execute(&zfs, &plan) {
@@ -376,15 +349,14 @@ pub fn run(cli: Cli) -> Outcome {
                     kept.snapshots.len()
                 );
             }
-            fields.extend(fields_of(&report));
             doc.datasets = datasets;
             doc.snapshot = Some(name);
-            doc.push(timer.finish(true, fields));
+            doc.push(timer.finish_with(true, &report));
             Outcome::success(doc)
         }
         Err(e) => {
-            fields.extend(fields_of(&e.report));
-            Outcome::failed_step(doc, TOOL, timer, fields, evesnap::exit::wrap(*e))
+            let done = fields_of(&e.report);
+            Outcome::failed_step(doc, TOOL, timer, done, evesnap::exit::wrap(*e))
         }
     }
 }

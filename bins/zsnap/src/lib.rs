@@ -15,7 +15,8 @@
 //!   failure there is a warning on stderr; the exit status stays).
 //! - `list`: `action: "list"`, `snapshots: [{name, guid, createtxg, creation, userrefs, used,
 //!   referenced, properties}]`.
-//! - `destroy`/`prune`: `action`, `destroyed`, `kept`, `failed`, `dry_run`.
+//! - `destroy`/`prune`: `action`, `destroyed`, `kept`, `failed`, `dry_run`; `prune` also
+//!   `keep`. A destroy that failed on some snapshots still lists them all.
 //! - on failure: `error` (the message) and, for a failed preflight, `problems`.
 
 mod cli;
@@ -29,6 +30,7 @@ use clap::CommandFactory;
 use evesnap::cli::Outcome;
 use evesnap::document::{fields_of, Document, StepTimer};
 use evesnap::exit::{coded, Exit};
+use evesnap::steps::{self, ActionFailed, ActionReport, SnapshotPlan};
 use evesnap::zfs::{self, Zfs};
 use serde_json::{Map, Value};
 
@@ -228,19 +230,14 @@ fn run_take<'z>(
         prepared.drop_claim(meta::FROZEN);
     }
     let name = prepared.name.clone();
-    let mut plan = Map::new();
-    plan.insert(
-        "method".into(),
-        serde_json::to_value(&prepared.method).unwrap_or(Value::Null),
-    );
-    plan.insert("atomic".into(), Value::Bool(prepared.method.atomic()));
-    plan.insert(
-        "planned".into(),
-        serde_json::to_value(&prepared.snapshots).unwrap_or(Value::Null),
-    );
+    let plan = SnapshotPlan {
+        method: prepared.method.clone(),
+        atomic: prepared.method.atomic(),
+        planned: prepared.snapshots.clone(),
+        dry_run: args.dry_run,
+    };
     if args.dry_run {
-        plan.insert("dry_run".into(), Value::Bool(true));
-        doc.push(timer.finish(true, plan));
+        doc.push(timer.finish_with(true, &plan));
         return Outcome::success(doc);
     }
     match prepared.take_for_output() {
@@ -301,7 +298,7 @@ fn run_take<'z>(
             }
             outcome
         }
-        Err(e) => failed(doc, timer, plan, evesnap::exit::wrap(e)),
+        Err(e) => failed(doc, timer, fields_of(&plan), evesnap::exit::wrap(e)),
     }
 }
 
@@ -313,17 +310,15 @@ fn time_now() -> time::OffsetDateTime {
 }
 
 fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) -> Outcome {
-    let (name, result): (&str, anyhow::Result<Map<String, Value>>) = match action {
+    let (name, result): (steps::ZsnapAction, anyhow::Result<ActionReport>) = match action {
         Action::List {
             dataset,
             evesnap_only,
         } => (
-            "list",
+            steps::ZsnapAction::List,
             datasets_or_document(dataset, &doc).and_then(|d| {
-                let snaps = list(zfs, &d, evesnap_only).map_err(evesnap::exit::wrap)?;
-                let mut fields = Map::new();
-                fields.insert("snapshots".into(), serde_json::to_value(snaps)?);
-                Ok(fields)
+                let snapshots = list(zfs, &d, evesnap_only).map_err(evesnap::exit::wrap)?;
+                Ok(ActionReport::List { snapshots })
             }),
         ),
         Action::Destroy {
@@ -333,10 +328,10 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
             defer,
             dry_run,
         } => (
-            "destroy",
+            steps::ZsnapAction::Destroy,
             destroy_targets(snapshots, dataset, name, &doc).and_then(|targets| {
                 let report = destroy(zfs, &targets, defer, dry_run).map_err(evesnap::exit::wrap)?;
-                report_fields(report)
+                Ok(ActionReport::Destroy(report))
             }),
         ),
         Action::Prune {
@@ -345,41 +340,44 @@ fn run_action(zfs: &Zfs, action: Action, mut doc: Document, timer: StepTimer) ->
             all,
             dry_run,
         } => (
-            "prune",
+            steps::ZsnapAction::Prune,
             datasets_or_document(dataset, &doc).and_then(|d| {
                 let report = prune(zfs, &d, keep, all, dry_run).map_err(evesnap::exit::wrap)?;
-                let mut fields = report_fields(report)?;
-                fields.insert("keep".into(), keep.into());
-                Ok(fields)
+                Ok(ActionReport::Prune(DestroyReport {
+                    keep: Some(keep),
+                    ..report
+                }))
             }),
         ),
     };
-    let mut action = Map::new();
-    action.insert("action".into(), name.into());
     match result {
-        Ok(fields) => {
-            action.extend(fields);
-            doc.push(timer.finish(true, action));
-            Outcome::success(doc)
-        }
-        Err(e) => failed(doc, timer, action, e),
+        Ok(report) => match destroys_failed(&report) {
+            // The step still says what was destroyed and what was not.
+            Some(error) => failed(doc, timer, fields_of(&report), error),
+            None => {
+                doc.push(timer.finish_with(true, &report));
+                Outcome::success(doc)
+            }
+        },
+        Err(e) => failed(doc, timer, fields_of(&ActionFailed { action: name }), e),
     }
 }
 
-/// A report whose destroys partly failed is an error (the fields still say what happened).
-fn report_fields(report: DestroyReport) -> anyhow::Result<Map<String, Value>> {
-    if let Some(first) = report.failed.first() {
-        return Err(coded(
-            Exit::StepFailed,
-            format!(
-                "{} snapshot(s) could not be destroyed, first {}: {}",
-                report.failed.len(),
-                first.snapshot,
-                first.reason
-            ),
-        ));
-    }
-    Ok(fields_of(&report))
+/// A destroy or prune whose destroys partly failed is an error.
+fn destroys_failed(report: &ActionReport) -> Option<anyhow::Error> {
+    let (ActionReport::Destroy(report) | ActionReport::Prune(report)) = report else {
+        return None;
+    };
+    let first = report.failed.first()?;
+    Some(coded(
+        Exit::StepFailed,
+        format!(
+            "{} snapshot(s) could not be destroyed, first {}: {}",
+            report.failed.len(),
+            first.snapshot,
+            first.reason
+        ),
+    ))
 }
 
 fn destroy_targets(

@@ -38,6 +38,7 @@ mod address;
 mod client;
 #[cfg(test)]
 mod client_tests;
+pub mod pending;
 mod stream;
 #[doc(hidden)]
 pub mod testing;
@@ -50,7 +51,7 @@ pub mod watchdog;
 use std::time::Duration;
 
 pub use address::{Address, ParseAddressError};
-pub use client::{Client, ExecResult, DEFAULT_MAX_REPLY, DEFAULT_TIMEOUT};
+pub use client::{Client, CommandRun, ExecResult, DEFAULT_MAX_REPLY, DEFAULT_TIMEOUT};
 /// The agent's typed commands and reply types.
 pub use qapi::qga as commands;
 pub use thaw::{thaw_and_verify, thaw_within, verify_thawed, ThawError, Thawed};

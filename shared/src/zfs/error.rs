@@ -92,8 +92,10 @@ impl fmt::Display for CutShort<'_> {
 }
 
 /// A check before any change found a problem (see [`Error::Preflight`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "problem", rename_all = "kebab-case")]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(tag = "problem", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Problem {
     /// The dataset does not exist.
     Missing { dataset: String },
@@ -191,6 +193,86 @@ impl fmt::Display for Problem {
                 clones.join(", ")
             ),
         }
+    }
+}
+
+impl Problem {
+    /// The same problem with every name (dataset, snapshot, clone) passed through `rename`:
+    /// how a listener shows it to a guest that must not see host names.
+    pub fn renamed(&self, rename: impl Fn(&str) -> String) -> Problem {
+        let all = |names: &[String]| names.iter().map(|n| rename(n)).collect::<Vec<_>>();
+        match self {
+            Problem::Missing { dataset } => Problem::Missing {
+                dataset: rename(dataset),
+            },
+            Problem::NameTaken { snapshot } => Problem::NameTaken {
+                snapshot: rename(snapshot),
+            },
+            Problem::NoRoom {
+                dataset,
+                needed,
+                available,
+                missing,
+            } => Problem::NoRoom {
+                dataset: rename(dataset),
+                needed: *needed,
+                available: *available,
+                missing: *missing,
+            },
+            Problem::Held { snapshot, userrefs } => Problem::Held {
+                snapshot: rename(snapshot),
+                userrefs: *userrefs,
+            },
+            Problem::HasClones { snapshot, clones } => Problem::HasClones {
+                snapshot: rename(snapshot),
+                clones: all(clones),
+            },
+            Problem::NewerSnapshots {
+                dataset,
+                to,
+                newer,
+                guest,
+            } => Problem::NewerSnapshots {
+                dataset: rename(dataset),
+                to: rename(to),
+                newer: all(newer),
+                guest: all(guest),
+            },
+            Problem::NoSuchSnapshot { snapshot } => Problem::NoSuchSnapshot {
+                snapshot: rename(snapshot),
+            },
+            Problem::NoRoomToKeep {
+                dataset,
+                needed,
+                available,
+                missing,
+            } => Problem::NoRoomToKeep {
+                dataset: rename(dataset),
+                needed: *needed,
+                available: *available,
+                missing: *missing,
+            },
+            Problem::Ambiguous { snapshot, found } => Problem::Ambiguous {
+                snapshot: rename(snapshot),
+                found: all(found),
+            },
+            Problem::DatasetExists { dataset } => Problem::DatasetExists {
+                dataset: rename(dataset),
+            },
+            Problem::Interrupted { dataset, clones } => Problem::Interrupted {
+                dataset: rename(dataset),
+                clones: all(clones),
+            },
+        }
+    }
+}
+
+/// The findings of a failed preflight somewhere in `error`'s chain; empty for any other
+/// failure.
+pub fn preflight_problems(error: &anyhow::Error) -> &[Problem] {
+    match crate::exit::find::<Error>(error) {
+        Some(Error::Preflight { problems }) => problems,
+        _ => &[],
     }
 }
 
@@ -341,5 +423,50 @@ impl Error {
             Error::Partial { source, .. } => source.failure(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_keep_their_wire_form_and_parse_back_strictly() {
+        let text = r#"{"problem":"no-room","dataset":"p/a","needed":5,"available":2,"missing":3}"#;
+        let problem: Problem = serde_json::from_str(text).expect("parses");
+        assert!(matches!(problem, Problem::NoRoom { missing: 3, .. }));
+        assert_eq!(serde_json::to_string(&problem).expect("json"), text);
+        let extra = r#"{"problem":"missing","dataset":"p/a","why":"x"}"#;
+        assert!(serde_json::from_str::<Problem>(extra).is_err(), "{extra}");
+    }
+
+    #[test]
+    fn preflight_problems_are_found_through_context_and_exit_codes() {
+        let taken = Problem::NameTaken {
+            snapshot: "p/a@s".into(),
+        };
+        let error = crate::exit::wrap(Error::Preflight {
+            problems: vec![taken.clone()],
+        })
+        .context("cannot take the snapshot");
+        assert_eq!(preflight_problems(&error), [taken]);
+        let other = crate::exit::wrap(Error::Unsupported("x".into()));
+        assert!(preflight_problems(&other).is_empty());
+    }
+
+    #[test]
+    fn renamed_passes_every_name_and_no_number() {
+        let p = Problem::HasClones {
+            snapshot: "p/a@s".into(),
+            clones: vec!["p/c".into()],
+        };
+        let renamed = p.renamed(|n| n.replace("p/", "q/"));
+        assert_eq!(
+            renamed,
+            Problem::HasClones {
+                snapshot: "q/a@s".into(),
+                clones: vec!["q/c".into()],
+            }
+        );
     }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 pub use classify::{classify, listed_after};
-pub use error::{Error, Failure, Problem};
+pub use error::{preflight_problems, Error, Failure, Problem};
 pub use lineage::Lineage;
 pub use query::{SnapshotInfo, Space};
 

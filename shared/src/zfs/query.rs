@@ -44,7 +44,9 @@ impl Space {
 }
 
 /// One snapshot and its properties.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct SnapshotInfo {
     /// `dataset@name`.
     pub name: String,

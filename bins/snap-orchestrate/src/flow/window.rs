@@ -57,12 +57,18 @@ impl Run<'_> {
                     "the freeze did not verify, so the snapshot taken meanwhile cannot be trusted and was \
                      destroyed ({destroyed})"
                 ));
-                // The guest may still be frozen: that is the run's outcome, with the code
-                // the freeze step gives it.
-                let chain = chain(&error);
+                let (thawed, taken) = match thawed {
+                    Some(at) => (Ok(at), error),
+                    // The guest may still be frozen: that is the run's outcome, with the code
+                    // the freeze step gives it; the snapshot's step only tells the same story.
+                    None => {
+                        let told = coded(exit, chain(&error));
+                        (Err(error), told)
+                    }
+                };
                 return WhileFrozen {
-                    thawed: Some(thawed.ok_or_else(|| coded(exit, chain))),
-                    taken: Err(error),
+                    thawed: Some(thawed),
+                    taken: Err(taken),
                     unverified: true,
                 };
             }

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use evesnap::exit::Exit;
 use evesnap::report::Origin;
 use evesnap::request::{GuestQuota, ReplyError};
-use evesnap::zfs::{self, Zfs};
+use evesnap::zfs::{self, Problem, Zfs};
 
 /// A size given on the command line: bytes (suffix K, M, G, T: powers of 1024), a
 /// percentage of the pool's size, or both (`10%,1G`: the larger).
@@ -280,7 +280,7 @@ pub fn hide_pool(error: &mut ReplyError) {
     let no_room = error
         .problems
         .iter()
-        .any(|p| p.get("problem").and_then(|v| v.as_str()) == Some("no-room"));
+        .any(|p| matches!(p, Problem::NoRoom { .. }));
     if no_room {
         error.kind = "no-room".into();
         error.message = "the host has no room for another snapshot of this disk now".into();
@@ -415,8 +415,12 @@ mod tests {
             code: 7,
             message: "disk0: 524288 bytes missing (… 524288 are available)".into(),
             step: Some("preflight".into()),
-            problems: vec![serde_json::json!({"problem": "no-room", "dataset": "disk0",
-                "needed": 1048576, "available": 524288, "missing": 524288})],
+            problems: vec![Problem::NoRoom {
+                dataset: "disk0".into(),
+                needed: 1048576,
+                available: 524288,
+                missing: 524288,
+            }],
             quota: None,
             retry_after_s: None,
         };
@@ -424,5 +428,19 @@ mod tests {
         assert_eq!(e.kind, "no-room");
         let text = serde_json::to_string(&e).expect("json");
         assert!(!text.contains("524288"), "{text}");
+        // Any other finding stays as it is.
+        let taken = Problem::NameTaken {
+            snapshot: "disk0@s".into(),
+        };
+        let mut e = ReplyError {
+            kind: "preflight-failed".into(),
+            problems: vec![taken.clone()],
+            ..ReplyError::default()
+        };
+        hide_pool(&mut e);
+        assert_eq!(
+            (e.kind.as_str(), e.problems),
+            ("preflight-failed", vec![taken])
+        );
     }
 }

@@ -10,7 +10,6 @@ use evesnap::qga::{Address, Client};
 use evesnap::report::{Action, Report, SnapshotType};
 use evesnap::request::{self, Op, Reply, ReplyError, Request, SnapshotEntry};
 use evesnap::zfs::{self, Zfs};
-use serde_json::Value;
 
 use super::budget::{self, Budget};
 use super::deadline::{deadline_of, GuestClock};
@@ -351,9 +350,9 @@ impl Server {
                 code: exit.code(),
                 message: self.vm.redactor.text(&chain(error)),
                 step: report.error.as_ref().map(|e| e.step.clone()),
-                problems: problems_of(error)
-                    .into_iter()
-                    .map(|p| self.vm.redactor.value(p))
+                problems: zfs::preflight_problems(error)
+                    .iter()
+                    .map(|p| self.vm.redactor.problem(p))
                     .collect(),
                 ..ReplyError::default()
             });
@@ -434,16 +433,5 @@ impl Server {
 
     pub(super) fn stop_requested(&mut self) -> bool {
         self.signals.caught().is_some()
-    }
-}
-
-/// The preflight findings of a failed flow, if it failed in a preflight.
-fn problems_of(error: &anyhow::Error) -> Vec<Value> {
-    match evesnap::exit::find::<zfs::Error>(error) {
-        Some(zfs::Error::Preflight { problems }) => problems
-            .iter()
-            .filter_map(|p| serde_json::to_value(p).ok())
-            .collect(),
-        _ => Vec::new(),
     }
 }

@@ -45,6 +45,7 @@ mod handle;
 mod identify;
 mod lines;
 mod listen;
+mod record;
 mod redact;
 mod volumes;
 
@@ -60,13 +61,13 @@ use evesnap::exit::{coded, Exit};
 use evesnap::qga::Address;
 use evesnap::request::{Op, Reply, MAX_REQUEST_LINE};
 use evesnap::zfs::{self, Zfs};
-use serde_json::json;
 
 use crate::flow::Signals;
 pub use budget::{decide, Budget, Facts, PoolSpace, Refusal, Size};
 pub use handle::{Served, Server, Vm};
 pub use identify::{identify, Identified};
 use lines::{Line, Lines, Throttle};
+use record::ServeRecord;
 pub use redact::Redactor;
 pub use volumes::{check_volumes, label, load_volumes, Volumes};
 
@@ -156,20 +157,7 @@ enum End {
 }
 
 fn record(served: &Served, line: Line<'_>) {
-    let request = match (&served.request, line) {
-        (Some(r), _) => json!(r),
-        (None, Line::Text(line)) => {
-            let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-            json!({"unparsed": text, "bytes": line.len()})
-        }
-        (None, Line::Oversized) => json!({"unparsed": "", "oversized": true}),
-    };
-    let entry = json!({
-        "at": evesnap::time::now_rfc3339(),
-        "request": request,
-        "reply": served.reply,
-        "report": served.report,
-    });
+    let entry = serde_json::to_string(&ServeRecord::of(served, line)).unwrap_or_default();
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{entry}").and_then(|()| stdout.flush());
     match &served.reply.error {

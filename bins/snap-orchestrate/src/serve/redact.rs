@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use evesnap::zfs;
-use serde_json::Value;
+use evesnap::zfs::{self, Problem};
 
 use super::volumes::{label, Volumes};
 
@@ -80,15 +79,9 @@ impl Redactor {
         out
     }
 
-    pub fn value(&self, value: Value) -> Value {
-        match value {
-            Value::String(s) => Value::String(self.text(&s)),
-            Value::Array(items) => Value::Array(items.into_iter().map(|v| self.value(v)).collect()),
-            Value::Object(map) => {
-                Value::Object(map.into_iter().map(|(k, v)| (k, self.value(v))).collect())
-            }
-            other => other,
-        }
+    /// A preflight finding with its names replaced as in [`Redactor::text`].
+    pub fn problem(&self, problem: &Problem) -> Problem {
+        problem.renamed(|name| self.text(name))
     }
 }
 
@@ -121,10 +114,16 @@ mod tests {
             r.text("cannot connect to the guest agent at unix:/run/vm0/qga.sock: refused; /run/vm0/qga.sock gone"),
             "cannot connect to the guest agent at (host path): refused; (host path) gone"
         );
-        let v = r.value(json!({"problem": "no-room", "dataset": "pool/vm0/disk0", "needed": 5}));
+        let p = r.problem(&Problem::NewerSnapshots {
+            dataset: "pool/vm0/disk0".into(),
+            to: "pool/vm0/disk0@a".into(),
+            newer: vec!["pool/vm0/disk0@b".into()],
+            guest: vec!["pool/vm0/disk1@c".into()],
+        });
         assert_eq!(
-            v,
-            json!({"problem": "no-room", "dataset": "disk0", "needed": 5})
+            serde_json::to_value(p).expect("json"),
+            json!({"problem": "newer-snapshots", "dataset": "disk0", "to": "disk0@a",
+                   "newer": ["disk0@b"], "guest": ["disk1@c"]})
         );
     }
 }

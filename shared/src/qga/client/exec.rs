@@ -73,3 +73,37 @@ impl Client {
         }
     }
 }
+
+/// The outcome of one guest command (`guest-exec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRun {
+    pub path: String,
+    pub args: Vec<String>,
+    pub ok: bool,
+    pub fatal: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exitcode: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i64>,
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_truncated: bool,
+    /// Why it did not succeed (agent error, timeout, exit status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: f64,
+}
+
+impl CommandRun {
+    /// `` `path arg…` why``, for error messages.
+    pub fn describe(&self) -> String {
+        let mut argv = self.path.clone();
+        for a in &self.args {
+            argv.push(' ');
+            argv.push_str(a);
+        }
+        format!("`{argv}` {}", self.error.as_deref().unwrap_or("succeeded"))
+    }
+}

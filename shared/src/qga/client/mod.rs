@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use qapi::qga;
 
-pub use exec::ExecResult;
+pub use exec::{CommandRun, ExecResult};
 
 use super::stream::{Stream, WaitError};
 use super::{Address, Error};

@@ -53,11 +53,6 @@ pub fn main(
         // Not waited for: it is reparented when this process exits, right now.
         return Ok(());
     }
-    // The freezing tool defers these signals while it freezes, and a blocked mask is
-    // inherited: let a cancel's SIGTERM through.
-    let mut term = nix::sys::signal::SigSet::empty();
-    term.add(nix::sys::signal::Signal::SIGTERM);
-    let _ = term.thread_unblock();
     // Its own session: no terminal's hangup or interrupt reaches it. Fails only for a
     // group leader, which a freshly spawned child is not.
     if let Err(e) = nix::unistd::setsid() {
@@ -250,7 +245,7 @@ fn socket_gone(address: &Address) -> bool {
 
 /// Runs the `guest_post` commands a run left pending for this agent, now that it answers.
 fn run_pending(client: &mut Client, address: &Address) {
-    match crate::pending::run(client, address) {
+    match crate::qga::pending::run(client, address) {
         Ok(Some(ran)) => crate::warn!(
             "watchdog {}: ran {} pending guest_post command(s) of run {}: {}",
             std::process::id(),

@@ -15,7 +15,7 @@
 //! The watchdog only acts while the state file still carries its token: a thaw removes
 //! the file, a later freeze replaces it with its own watchdog's token. At the deadline it
 //! connects, and if the guest is frozen it thaws and verifies, then runs the `guest_post`
-//! commands a run left pending for the agent ([`crate::pending`]). While the agent does
+//! commands a run left pending for the agent ([`pending`](super::pending)). While the agent does
 //! not answer it retries with a backoff (2 s doubling to 30 s): for as long as the VM
 //! exists (a paused VM's agent socket accepts connections but nothing answers), and gives
 //! up once the agent's socket file is gone, or once the agent has been unreachable
@@ -72,7 +72,7 @@ pub const KEEP_FOR: Duration = Duration::from_secs(2);
 pub const FIRE_RETRY_WINDOW: Duration = Duration::from_secs(600);
 
 /// A watchdog as recorded in its state file and in the job document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Watchdog {
     /// The watchdog's pid (`null` in the moment between writing the state and starting it).
     pub pid: Option<u32>,

@@ -156,7 +156,7 @@ impl<'a> Member<'a> {
                 let error = evesnap::exit::wrap(e)
                     .context(format!("the freeze did not verify ({})", exit.kind()));
                 let error = if possibly_frozen {
-                    evesnap::exit::coded(Exit::ThawFailed, chain(&error))
+                    evesnap::exit::recode(Exit::ThawFailed, error)
                 } else {
                     error
                 };

@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::qga::{Address, Client};
-use crate::steps::CommandRun;
+use super::{Address, Client, CommandRun};
 
 /// One command to run in the guest (argv only, as the plan's `guest_post`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
