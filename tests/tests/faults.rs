@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use evesnap_tests::fault::{trial, Fault, Outcome, Phase, Rng, Sig, Tool};
+use evesnap_tests::fault::{trial, Fault, HungCall, Outcome, Phase, Rng, Sig, Tool};
 use evesnap_tests::lab::{test_lab, test_lab_vsock, vm_lock, Lab};
 
 fn run(fault: Fault, verify_rollback: bool) {
@@ -77,6 +77,26 @@ fn pipeline_zsnap_killed_while_frozen_is_thawed_by_the_watchdog() {
 #[test]
 fn pipeline_zfs_outlasting_the_watchdog_claims_no_freeze() {
     run(Fault::PipelineOutlastsWatchdog, false);
+}
+
+/// Issue 14: as `tests/tests/pipeline.rs`, inside the trial's checks (nothing left behind).
+#[test]
+fn pipeline_with_a_mistyped_middle_step_thaws_at_once_and_leaves_nothing() {
+    run(Fault::PipelineTypo, false);
+}
+
+/// qga-thaw killed while it waits for zsnap: the guest is thawed within seconds of the
+/// snapshot's end, not at the watchdog's deadline.
+#[test]
+fn pipeline_qga_thaw_killed_while_it_waits_is_thawed_at_once() {
+    run(
+        Fault::Pipeline {
+            tool: Tool::Thaw,
+            signal: Sig::Kill,
+            jitter: Duration::from_millis(100),
+        },
+        false,
+    );
 }
 
 #[test]
@@ -208,13 +228,43 @@ fn a_keep_newer_rollback_whose_clone_fails_is_undone_and_loses_nothing() {
 }
 
 #[test]
+fn a_hung_zfs_get_in_the_preflight_ends_on_sigterm_within_seconds() {
+    run(
+        Fault::ZfsHangsTerm {
+            call: HungCall::Preflight,
+        },
+        false,
+    );
+}
+
+#[test]
+fn a_hung_zfs_snapshot_while_frozen_ends_on_sigterm_within_seconds_thawed() {
+    run(
+        Fault::ZfsHangsTerm {
+            call: HungCall::Snapshot,
+        },
+        false,
+    );
+}
+
+#[test]
 fn a_hung_zfs_destroy_in_retention_ends_on_sigterm_within_seconds() {
-    run(Fault::ZfsHangsTerm { rollback: false }, false);
+    run(
+        Fault::ZfsHangsTerm {
+            call: HungCall::Destroy,
+        },
+        false,
+    );
 }
 
 #[test]
 fn a_hung_zfs_rollback_ends_on_sigterm_within_seconds_and_remounts() {
-    run(Fault::ZfsHangsTerm { rollback: true }, false);
+    run(
+        Fault::ZfsHangsTerm {
+            call: HungCall::Rollback,
+        },
+        false,
+    );
 }
 
 /// Issue 17: a freeze that comes up short fails the run and takes nothing by default ...

@@ -1,13 +1,15 @@
 //! Our own processes: the orchestrator or a pipeline tool killed at a chosen moment, a
-//! pipeline whose snapshot outlasts the watchdog, two orchestrations of one VM at once.
+//! pipeline whose snapshot outlasts the watchdog or whose middle step is mistyped, two
+//! orchestrations of one VM at once.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::fault::trial::{wait_for, QUIESCE};
-use crate::fault::{Phase, Sig, Tool, Trial, SLACK, THAW_AFTER};
+use crate::fault::{Phase, Sig, Tool, Trial, PROMPT, SLACK, THAW_AFTER};
+use crate::run::live_watchdogs;
 
 impl Trial<'_> {
     pub(in crate::fault) fn orchestrator(
@@ -81,38 +83,13 @@ impl Trial<'_> {
     ) {
         self.shim
             .set("snapshot.before", &format!("{:.3}", delay.as_secs_f64()));
-        let mut freeze = Command::new(crate::bin("qga-freeze"));
-        freeze
-            .args(["--agent", &self.lab.agent, "--timeout", "4"])
-            .args(["--thaw-after", &THAW_AFTER.as_secs().to_string()])
-            .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut freeze = freeze.spawn().expect("spawn qga-freeze");
-        let mut zsnap = Command::new(crate::bin("zsnap"));
+        let mut zsnap_args = Vec::new();
         for d in &self.lab.datasets {
-            zsnap.args(["--dataset", d]);
+            zsnap_args.extend(["--dataset".to_string(), d.clone()]);
         }
-        let mut zsnap = zsnap
-            .args(["--name", &self.name])
-            .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .env("EVESNAP_ZFS", &self.shim.program)
-            .stdin(Stdio::from(freeze.stdout.take().expect("pipe")))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn zsnap");
-        let mut thaw = Command::new(crate::bin("qga-thaw"))
-            .args(["--timeout", "4"])
-            .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .stdin(Stdio::from(zsnap.stdout.take().expect("pipe")))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn qga-thaw");
+        zsnap_args.extend(["--name".to_string(), self.name.clone()]);
+        let [mut freeze, mut zsnap, mut thaw] = self.spawn_pipeline(&zsnap_args, THAW_AFTER);
         let spawned = Instant::now();
-        self.children.extend([freeze.id(), zsnap.id(), thaw.id()]);
         let mut seen = None;
         let mut killed_at = Instant::now();
         if kill.is_none() {
@@ -207,6 +184,87 @@ impl Trial<'_> {
         if kill.is_none() {
             self.check(codes[..2] == [0, 0], format!("exits {codes:?}"));
         }
+    }
+
+    /// Starts `qga-freeze | zsnap ZSNAP_ARGS | qga-thaw` (the watchdog's deadline
+    /// `thaw_after`, zsnap's `zfs` the shim), each tool killed at cleanup if still running.
+    fn spawn_pipeline(&mut self, zsnap_args: &[String], thaw_after: Duration) -> [Child; 3] {
+        let mut freeze = Command::new(crate::bin("qga-freeze"))
+            .args(["--agent", &self.lab.agent, "--timeout", "4"])
+            .args(["--thaw-after", &thaw_after.as_secs().to_string()])
+            .env("EVESNAP_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qga-freeze");
+        let mut zsnap = Command::new(crate::bin("zsnap"))
+            .args(zsnap_args)
+            .env("EVESNAP_RUN_DIR", &self.run_dir)
+            .env("EVESNAP_ZFS", &self.shim.program)
+            .stdin(Stdio::from(freeze.stdout.take().expect("pipe")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn zsnap");
+        let thaw = Command::new(crate::bin("qga-thaw"))
+            .args(["--timeout", "4"])
+            .env("EVESNAP_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::from(zsnap.stdout.take().expect("pipe")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qga-thaw");
+        self.children.extend([freeze.id(), zsnap.id(), thaw.id()]);
+        [freeze, zsnap, thaw]
+    }
+
+    /// `qga-freeze | zsnap --datset … | qga-thaw`: the mistyped middle step exits 2 at
+    /// once, so qga-freeze cannot pass its document on. The watchdog's deadline is a minute
+    /// away, so a thaw within seconds can only be the prompt one: every step exits
+    /// non-zero, the guest is thawed within [`PROMPT`] of the pipeline's end, and nothing
+    /// is left (no snapshot, no watchdog).
+    pub(in crate::fault) fn pipeline_typo(&mut self) {
+        let mut args = Vec::new();
+        for d in &self.lab.datasets {
+            args.extend(["--datset".to_string(), d.clone()]);
+        }
+        args.extend(["--name".to_string(), self.name.clone()]);
+        let tools = self.spawn_pipeline(&args, Duration::from_secs(60));
+        let mut codes = Vec::new();
+        let mut stderr = String::new();
+        for child in tools {
+            let (code, _, err) = self.finish(child);
+            codes.push(code);
+            stderr.push_str(&err);
+        }
+        let ended = Instant::now();
+        self.check(
+            codes[1] == 2,
+            format!("the mistyped zsnap exits {}, not 2", codes[1]),
+        );
+        self.check(
+            codes[0] != 0 && codes[2] != 0,
+            format!("exits {codes:?}: a step with nothing to pass on or read exits 0"),
+        );
+        self.check(
+            stderr.contains("the guest was thawed"),
+            format!("no step says the guest was thawed: {}", stderr.trim()),
+        );
+        self.check_thawed(ended, ended + PROMPT);
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut watchdogs = live_watchdogs(&self.run_dir);
+        while !watchdogs.is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            watchdogs = live_watchdogs(&self.run_dir);
+        }
+        self.check(
+            watchdogs.is_empty(),
+            format!("watchdogs left running: {watchdogs:?}"),
+        );
+        let left = self.snapshots();
+        self.check(left.is_empty(), format!("left behind: {left:?}"));
+        self.check_claims(None);
     }
 
     pub(in crate::fault) fn concurrent(&mut self) {
