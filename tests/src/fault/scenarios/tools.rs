@@ -97,6 +97,8 @@ impl Trial<'_> {
         }
         // Whether the signal reached a running tool (a fast one may be done already).
         let mut landed = false;
+        // Whether the snapshot had started when the signal came.
+        let mut after_start = false;
         // zsnap SIGKILLed inside its `zfs snapshot`, which finishes on its own (after the
         // shim's delay, so after the watchdog's prompt thaw): whatever it creates must not
         // claim a freeze, whatever its ext4 looks like.
@@ -127,6 +129,7 @@ impl Trial<'_> {
                 && signal == Sig::Kill
                 && landed
                 && !self.shim.marker("snapshot-done").exists();
+            after_start = self.shim.marker("snapshot-started").exists();
             killed_at = Instant::now();
             self.kill(pid, signal);
             if !landed {
@@ -170,7 +173,22 @@ impl Trial<'_> {
             }
         }
         let reference = seen.unwrap_or(spawned).min(killed_at);
-        self.check_thawed(reference, killed_at.max(reference) + THAW_AFTER + SLACK);
+        // zsnap holds a relay to the watchdog from reading its stdin until its document is
+        // out, and the watchdog watches qga-thaw's pipe until it is read: either killed, the
+        // guest is thawed at once (qga-thaw's death counts once zsnap, done, finds it gone).
+        // Held to `thaw_after` only: qga-freeze killed (this family does not time it against
+        // its freeze), and zsnap killed before the snapshot started, which includes the moment between reading its
+        // stdin and starting its relay: a hole being fixed in the watchdog (then this bound
+        // can tighten too).
+        let prompt = landed
+            && after_start
+            && kill.is_some_and(|(tool, _)| matches!(tool, Tool::Zsnap | Tool::Thaw));
+        if prompt {
+            let done = self.shim.marked_at("snapshot-done").unwrap_or(killed_at);
+            self.check_thawed(reference, killed_at.max(done) + PROMPT);
+        } else {
+            self.check_thawed(reference, killed_at.max(reference) + THAW_AFTER + SLACK);
+        }
         if orphaned {
             for s in self.snapshots() {
                 let frozen = crate::zfs::zfs_get("org.lfedge.evesnap:frozen", &s);
