@@ -210,6 +210,7 @@ impl Trial<'_> {
         if matches!(call, HungCall::Preflight | HungCall::Snapshot) {
             let left = self.snapshots();
             self.check(left.is_empty(), format!("left behind: {left:?}"));
+            self.check_no_watchdogs();
         }
         // The lock is free and the pool usable: the same run again succeeds.
         if call == HungCall::Rollback {

@@ -9,7 +9,6 @@ use serde_json::json;
 
 use crate::fault::trial::{wait_for, QUIESCE};
 use crate::fault::{Phase, Sig, Tool, Trial, PROMPT, SLACK, THAW_AFTER};
-use crate::run::live_watchdogs;
 
 impl Trial<'_> {
     pub(in crate::fault) fn orchestrator(
@@ -270,16 +269,7 @@ impl Trial<'_> {
             format!("no step says the guest was thawed: {}", stderr.trim()),
         );
         self.check_thawed(ended, ended + PROMPT);
-        let until = Instant::now() + Duration::from_secs(2);
-        let mut watchdogs = live_watchdogs(&self.run_dir);
-        while !watchdogs.is_empty() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(100));
-            watchdogs = live_watchdogs(&self.run_dir);
-        }
-        self.check(
-            watchdogs.is_empty(),
-            format!("watchdogs left running: {watchdogs:?}"),
-        );
+        self.check_no_watchdogs();
         let left = self.snapshots();
         self.check(left.is_empty(), format!("left behind: {left:?}"));
         self.check_claims(None);
