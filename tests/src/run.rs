@@ -32,27 +32,35 @@ impl Drop for RunDir {
     }
 }
 
-/// Stops (SIGTERM) the watchdogs whose state files are in the runtime folder `dir`: by
-/// recorded pid, and only a process that still carries the watchdog's token (not a
-/// reused pid).
+/// Stops (SIGTERM) the watchdogs whose state files are in the runtime folder `dir`.
 pub fn stop_watchdogs(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let text = std::fs::read(entry.path()).unwrap_or_default();
-        let Ok(w) = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text) else {
-            continue;
-        };
-        let Some(pid) = w.pid else { continue };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&w.token) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+    for pid in live_watchdogs(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
+}
+
+/// The pids of the watchdogs whose state files are in the runtime folder `dir` and that
+/// still run: a recorded pid counts only while its process carries the watchdog's token
+/// (not a reused pid).
+pub fn live_watchdogs(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let text = std::fs::read(entry.path()).unwrap_or_default();
+            let w = serde_json::from_slice::<evesnap::qga::watchdog::Watchdog>(&text).ok()?;
+            let pid = w.pid?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline)
+                .contains(&w.token)
+                .then_some(pid)
+        })
+        .collect()
 }
 
 /// Runs `bin` to completion with `run_dir` as its runtime folder, `stdin` piped in (or

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::trial::{md5_pair, wait_for, MD5};
 use super::{Trial, SLACK, THAW_AFTER, WINDOW_SLACK};
 use crate::guest::wait_thawed;
+use crate::run::live_watchdogs;
 use crate::zfs::{list_snapshots, zfs, zfs_get};
 
 impl Trial<'_> {
@@ -168,6 +169,20 @@ impl Trial<'_> {
             }
             Err(e) => self.fail(format!("cannot read the guest's state: {e}")),
         }
+    }
+
+    /// Nothing of the run watches the guest any more: its watchdogs are gone (within 2 s).
+    pub(super) fn check_no_watchdogs(&mut self) {
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut watchdogs = live_watchdogs(&self.run_dir);
+        while !watchdogs.is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            watchdogs = live_watchdogs(&self.run_dir);
+        }
+        self.check(
+            watchdogs.is_empty(),
+            format!("watchdogs left running: {watchdogs:?}"),
+        );
     }
 
     /// Invariant 2: what the snapshots claim is true; returns the claim.

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use crate::lab::Lab;
 
-pub use model::{Fault, Phase, Rng, Sig, Tool};
+pub use model::{Fault, HungCall, Phase, Rng, Sig, Tool};
 pub use shim::Shim;
 pub use trial::{Outcome, Trial};
 
@@ -48,6 +48,9 @@ pub const THAW_AFTER: Duration = Duration::from_secs(5);
 pub const SLACK: Duration = Duration::from_secs(8);
 /// What a freeze window measured by the tool itself may exceed `thaw_after` by.
 pub const WINDOW_SLACK: Duration = Duration::from_millis(1500);
+/// A thaw that owes nothing to the watchdog's deadline (a broken pipeline's, a signalled
+/// run's): 2 s, and 1 s more for a TCG guest on a loaded host.
+pub const PROMPT: Duration = Duration::from_secs(3);
 /// A trial whose tool runs longer than this has hung.
 const HANG: Duration = Duration::from_secs(120);
 

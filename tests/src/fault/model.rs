@@ -104,6 +104,37 @@ impl Tool {
     }
 }
 
+/// The `zfs` call that hangs for good in [`Fault::ZfsHangsTerm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HungCall {
+    /// The preflight's `zfs get` (space, existing names), before anything in the guest.
+    Preflight,
+    /// `zfs snapshot`, the guest frozen.
+    Snapshot,
+    /// Retention's `zfs destroy` after the create.
+    Destroy,
+    /// `zfs rollback`, the guest's volumes unmounted.
+    Rollback,
+}
+
+impl HungCall {
+    pub const ALL: [HungCall; 4] = [
+        HungCall::Preflight,
+        HungCall::Snapshot,
+        HungCall::Destroy,
+        HungCall::Rollback,
+    ];
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            HungCall::Preflight => "get (preflight)",
+            HungCall::Snapshot => "snapshot (frozen)",
+            HungCall::Destroy => "destroy (retention)",
+            HungCall::Rollback => "rollback",
+        }
+    }
+}
+
 /// One fault, with its timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
@@ -121,6 +152,8 @@ pub enum Fault {
     },
     /// `qga-freeze | zsnap | qga-thaw` whose `zfs snapshot` outlasts the watchdog.
     PipelineOutlastsWatchdog,
+    /// `qga-freeze | zsnap --datset … | qga-thaw`: the middle step's command line is mistyped.
+    PipelineTypo,
     /// qemu-ga is killed inside the guest `after` the freeze (init respawns it).
     AgentKilled { signal: Sig, after: Duration },
     /// qemu-ga is killed inside the guest right after the freeze, and again each time init
@@ -148,9 +181,8 @@ pub enum Fault {
     Concurrent,
     /// A rollback, interrupted by a signal during `zfs rollback` (or not).
     Rollback { signal: Option<Sig> },
-    /// `zfs destroy` (retention, `rollback: false`) or `zfs rollback` hangs for good, and
-    /// the orchestrator gets SIGTERM.
-    ZfsHangsTerm { rollback: bool },
+    /// A `zfs` call of the run hangs for good, and the orchestrator gets SIGTERM.
+    ZfsHangsTerm { call: HungCall },
     /// The freeze comes up short (a volume frozen behind qemu-ga's back); the plan's
     /// `freeze.on_failure` is `crash` (a labelled crash snapshot) or `fail` (none).
     FreezeFails { crash: bool },
@@ -187,6 +219,7 @@ impl fmt::Display for Fault {
             Fault::PipelineOutlastsWatchdog => {
                 write!(f, "pipeline zfs snapshot outlasts the watchdog")
             }
+            Fault::PipelineTypo => write!(f, "pipeline zsnap mistyped (--datset)"),
             Fault::AgentKilled { signal, after } => write!(
                 f,
                 "qemu-ga SIG{} while frozen +{}ms",
@@ -226,15 +259,7 @@ impl fmt::Display for Fault {
                     ""
                 }
             ),
-            Fault::ZfsHangsTerm { rollback } => write!(
-                f,
-                "zfs {} hangs, SIGTERM",
-                if *rollback {
-                    "rollback"
-                } else {
-                    "destroy (retention)"
-                }
-            ),
+            Fault::ZfsHangsTerm { call } => write!(f, "zfs {} hangs, SIGTERM", call.name()),
         }
     }
 }
@@ -256,6 +281,7 @@ impl Fault {
                 jitter: rng.millis(0, 400),
             },
             5 | 6 if rng.below(6) == 0 => Fault::PipelineOutlastsWatchdog,
+            5 | 6 if rng.below(5) == 0 => Fault::PipelineTypo,
             5 | 6 => Fault::Pipeline {
                 tool: Tool::ALL[rng.below(3) as usize],
                 signal: signal(rng),
@@ -292,7 +318,7 @@ impl Fault {
             },
             13 => Fault::Concurrent,
             14 => Fault::ZfsHangsTerm {
-                rollback: rng.below(2) == 0,
+                call: HungCall::ALL[rng.below(4) as usize],
             },
             15 => Fault::FreezeFails {
                 crash: rng.below(2) == 0,

@@ -20,9 +20,9 @@ impl Shim {
         let d = dir.display();
         let r = real.display();
         // Config files in `dir`: snapshot.before / snapshot.after / rollback.before /
-        // destroy.before (seconds to sleep; destroy.before only for a destroy naming
-        // destroy.match), snapshot.fail / clone.fail (stderr to fail with), noroom (report
-        // 4 KiB available).
+        // destroy.before / get.before (seconds to sleep; destroy.before only for a destroy
+        // naming destroy.match), snapshot.fail / clone.fail (stderr to fail with), noroom
+        // (report 4 KiB available).
         let script = format!(
             r#"#!/bin/sh
 d='{d}'
@@ -54,6 +54,8 @@ case "$1" in
     touch "$d/rollback-done"
     exit $rc;;
   get)
+    touch "$d/get-started"
+    [ -f "$d/get.before" ] && sleep "$(cat "$d/get.before")"
     if [ -f "$d/noroom" ]; then
       '{r}' "$@" > "$d/get.$$"; rc=$?
       sed 's/\tavailable\t[0-9][0-9]*$/\tavailable\t4096/' "$d/get.$$"; rm -f "$d/get.$$"
@@ -82,6 +84,15 @@ esac
 
     pub fn marker(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// When marker `name` was made (its mtime), if it was.
+    pub fn marked_at(&self, name: &str) -> Option<Instant> {
+        let made = std::fs::metadata(self.marker(name)).ok()?.modified().ok()?;
+        let ago = std::time::SystemTime::now()
+            .duration_since(made)
+            .unwrap_or_default();
+        Instant::now().checked_sub(ago)
     }
 
     /// Waits (up to a minute) until a `zfs snapshot` starts; when it was seen.

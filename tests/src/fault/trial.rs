@@ -332,6 +332,7 @@ impl<'a> Trial<'a> {
                 Fault::PipelineOutlastsWatchdog => {
                     self.pipeline(None, Duration::ZERO, THAW_AFTER + Duration::from_secs(2))
                 }
+                Fault::PipelineTypo => self.pipeline_typo(),
                 Fault::AgentKilled { signal, after } => self.agent_killed(*signal, *after),
                 Fault::AgentAway { away } => self.agent_away(*away),
                 Fault::VmPaused { paused } => self.vm_paused(*paused),
@@ -346,7 +347,7 @@ impl<'a> Trial<'a> {
                 Fault::Garbage { seed } => self.garbage(*seed, verify_rollback),
                 Fault::Concurrent => self.concurrent(),
                 Fault::Rollback { signal } => self.rollback(*signal),
-                Fault::ZfsHangsTerm { rollback } => self.zfs_hangs_term(*rollback),
+                Fault::ZfsHangsTerm { call } => self.zfs_hangs_term(*call),
                 Fault::FreezeFails { crash } => self.freeze_fails(*crash),
                 Fault::KeepNewer { clone_fails } => self.keep_newer(*clone_fails),
             }

@@ -1,12 +1,13 @@
 //! Holds and rollbacks: a held snapshot against retention and a destroying rollback, a
-//! rollback interrupted half way, a rollback keeping the newer snapshots under the running VM.
+//! rollback interrupted half way, a rollback keeping the newer snapshots under the running VM;
+//! and a `zfs` call of a run (create or rollback) that hangs until SIGTERM.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::fault::trial::{md5_pair, wait_for, DATA, MD5, MOUNTS};
-use crate::fault::{Sig, Trial};
+use crate::fault::{HungCall, Sig, Trial};
 use crate::zfs::{all_snapshots, zfs, zfs_get};
 
 impl Trial<'_> {
@@ -138,27 +139,44 @@ impl Trial<'_> {
         }
     }
 
-    /// A `zfs destroy` (retention) or `zfs rollback` that never returns, then SIGTERM: the
-    /// run ends within seconds (not at the call's deadline), the guest is thawed and resumed,
-    /// and the VM lock is free (the next run works).
-    pub(in crate::fault) fn zfs_hangs_term(&mut self, rollback: bool) {
+    /// A `zfs` call that never returns, then SIGTERM: the preflight's `zfs get`, `zfs
+    /// snapshot` with the guest frozen, retention's `zfs destroy` or `zfs rollback`. The run
+    /// ends within seconds (not at the call's deadline) and non-zero, the hung call goes
+    /// with it, the guest is thawed and resumed, nothing is left behind, and the VM lock is
+    /// free (the same run again succeeds).
+    pub(in crate::fault) fn zfs_hangs_term(&mut self, call: HungCall) {
         let first = format!("{}-h", self.name);
-        if !self.take_clean(&first) {
+        if matches!(call, HungCall::Destroy | HungCall::Rollback) && !self.take_clean(&first) {
             return;
         }
-        let (config, marker, plan) = if rollback {
-            let plan = self.rollback_plan(&first, true);
-            ("rollback.before", "rollback-started", plan)
-        } else {
-            let second = format!("{}-s", self.name);
-            self.names.push(second.clone());
-            let plan = self.plan(&second, json!({"max_snapshots": 1}));
-            ("destroy.before", "destroy-started", plan)
+        // How long the run may take to end after the signal: a call is cancelled at once
+        // (its process group killed); then the thaw and guest_post (create) or the remount
+        // (rollback) in a slow TCG guest; `zfs snapshot` first gets SIGNAL_GRACE (2 s).
+        let (config, marker, within) = match call {
+            HungCall::Preflight => ("get.before", "get-started", 5),
+            HungCall::Snapshot => ("snapshot.before", "snapshot-started", 8),
+            HungCall::Destroy => ("destroy.before", "destroy-started", 10),
+            HungCall::Rollback => ("rollback.before", "rollback-started", 10),
         };
-        // Retention's destroy of the first snapshot, not the recursive snapshot's own
-        // cleanup, which follows the window on a view a signal does not cancel.
-        self.shim.set("destroy.match", &format!("@{first}"));
-        self.shim.set(config, "3600");
+        let plan = match call {
+            HungCall::Rollback => self.rollback_plan(&first, true),
+            HungCall::Destroy => {
+                // Retention's destroy of the first snapshot, not the recursive snapshot's
+                // own cleanup, which follows the window on a view a signal does not cancel.
+                self.shim.set("destroy.match", &format!("@{first}"));
+                let second = format!("{}-s", self.name);
+                self.names.push(second.clone());
+                self.plan(&second, json!({"max_snapshots": 1}))
+            }
+            HungCall::Preflight => self.plan(&self.name.clone(), json!({})),
+            // Agent timeout and watchdog deadline far beyond the bound, which caps the
+            // snapshot's wait otherwise: only the signal can end the run in time.
+            HungCall::Snapshot => self.plan(
+                &self.name.clone(),
+                json!({"freeze": {"timeout_s": 30, "thaw_after_s": 60}}),
+            ),
+        };
+        self.shim.set(config, "100000");
         let child = self.spawn_orchestrator(&plan);
         let pid = child.id();
         if wait_for(&self.shim.marker(marker), Duration::from_secs(60)).is_none() {
@@ -166,32 +184,46 @@ impl Trial<'_> {
         }
         std::thread::sleep(Duration::from_millis(300));
         self.kill(pid, Sig::Term);
-        let signalled = std::time::Instant::now();
+        let signalled = Instant::now();
         let (code, _, stderr) = self.finish_checked(child);
         let took = signalled.elapsed();
         let _ = std::fs::remove_file(self.shim.marker(config));
+        self.note(format!("ended {:.1} s after SIGTERM", took.as_secs_f64()));
         self.check(
-            took < Duration::from_secs(10),
-            format!("ended {:.1} s after SIGTERM", took.as_secs_f64()),
+            took < Duration::from_secs(within),
+            format!(
+                "ended {:.1} s after SIGTERM, not within {within} s",
+                took.as_secs_f64()
+            ),
         );
         self.check(
-            code != 0,
-            format!("a run cut short by SIGTERM exits 0: {}", stderr.trim()),
+            code > 0,
+            format!("a run cut short by SIGTERM exits {code}: {}", stderr.trim()),
         );
-        self.check_resumed(code);
         self.check_thawed_at_once();
+        self.check_resumed(code);
+        // The hung call was killed with the run: no `zfs` of it runs on.
+        self.check(
+            self.shim.wait_idle(Duration::from_secs(2)),
+            "the hung zfs call outlived the run",
+        );
+        if matches!(call, HungCall::Preflight | HungCall::Snapshot) {
+            let left = self.snapshots();
+            self.check(left.is_empty(), format!("left behind: {left:?}"));
+            self.check_no_watchdogs();
+        }
         // The lock is free and the pool usable: the same run again succeeds.
-        if rollback {
+        if call == HungCall::Rollback {
             if let Err(e) = self.sh(MOUNTS) {
                 return self.fail(format!("cannot remount: {e}"));
             }
         }
-        let plan = if rollback {
-            plan
-        } else {
+        let plan = if call == HungCall::Destroy {
             let third = format!("{}-t", self.name);
             self.names.push(third.clone());
             self.plan(&third, json!({"max_snapshots": 1}))
+        } else {
+            plan
         };
         let child = self.spawn_orchestrator(&plan);
         let (code, _, stderr) = self.finish_checked(child);

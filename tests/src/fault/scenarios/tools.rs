@@ -1,13 +1,14 @@
 //! Our own processes: the orchestrator or a pipeline tool killed at a chosen moment, a
-//! pipeline whose snapshot outlasts the watchdog, two orchestrations of one VM at once.
+//! pipeline whose snapshot outlasts the watchdog or whose middle step is mistyped, two
+//! orchestrations of one VM at once.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::fault::trial::{wait_for, QUIESCE};
-use crate::fault::{Phase, Sig, Tool, Trial, SLACK, THAW_AFTER};
+use crate::fault::{Phase, Sig, Tool, Trial, PROMPT, SLACK, THAW_AFTER};
 
 impl Trial<'_> {
     pub(in crate::fault) fn orchestrator(
@@ -81,38 +82,13 @@ impl Trial<'_> {
     ) {
         self.shim
             .set("snapshot.before", &format!("{:.3}", delay.as_secs_f64()));
-        let mut freeze = Command::new(crate::bin("qga-freeze"));
-        freeze
-            .args(["--agent", &self.lab.agent, "--timeout", "4"])
-            .args(["--thaw-after", &THAW_AFTER.as_secs().to_string()])
-            .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut freeze = freeze.spawn().expect("spawn qga-freeze");
-        let mut zsnap = Command::new(crate::bin("zsnap"));
+        let mut zsnap_args = Vec::new();
         for d in &self.lab.datasets {
-            zsnap.args(["--dataset", d]);
+            zsnap_args.extend(["--dataset".to_string(), d.clone()]);
         }
-        let mut zsnap = zsnap
-            .args(["--name", &self.name])
-            .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .env("EVESNAP_ZFS", &self.shim.program)
-            .stdin(Stdio::from(freeze.stdout.take().expect("pipe")))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn zsnap");
-        let mut thaw = Command::new(crate::bin("qga-thaw"))
-            .args(["--timeout", "4"])
-            .env("EVESNAP_RUN_DIR", &self.run_dir)
-            .stdin(Stdio::from(zsnap.stdout.take().expect("pipe")))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn qga-thaw");
+        zsnap_args.extend(["--name".to_string(), self.name.clone()]);
+        let [mut freeze, mut zsnap, mut thaw] = self.spawn_pipeline(&zsnap_args, THAW_AFTER);
         let spawned = Instant::now();
-        self.children.extend([freeze.id(), zsnap.id(), thaw.id()]);
         let mut seen = None;
         let mut killed_at = Instant::now();
         if kill.is_none() {
@@ -120,6 +96,8 @@ impl Trial<'_> {
         }
         // Whether the signal reached a running tool (a fast one may be done already).
         let mut landed = false;
+        // Whether the snapshot had started when the signal came.
+        let mut after_start = false;
         // zsnap SIGKILLed inside its `zfs snapshot`, which finishes on its own (after the
         // shim's delay, so after the watchdog's prompt thaw): whatever it creates must not
         // claim a freeze, whatever its ext4 looks like.
@@ -150,6 +128,7 @@ impl Trial<'_> {
                 && signal == Sig::Kill
                 && landed
                 && !self.shim.marker("snapshot-done").exists();
+            after_start = self.shim.marker("snapshot-started").exists();
             killed_at = Instant::now();
             self.kill(pid, signal);
             if !landed {
@@ -193,7 +172,22 @@ impl Trial<'_> {
             }
         }
         let reference = seen.unwrap_or(spawned).min(killed_at);
-        self.check_thawed(reference, killed_at.max(reference) + THAW_AFTER + SLACK);
+        // zsnap holds a relay to the watchdog from reading its stdin until its document is
+        // out, and the watchdog watches qga-thaw's pipe until it is read: either killed, the
+        // guest is thawed at once (qga-thaw's death counts once zsnap, done, finds it gone).
+        // Held to `thaw_after` only: qga-freeze killed (this family does not time it against
+        // its freeze), and zsnap killed before the snapshot started, which includes the moment between reading its
+        // stdin and starting its relay: a hole being fixed in the watchdog (then this bound
+        // can tighten too).
+        let prompt = landed
+            && after_start
+            && kill.is_some_and(|(tool, _)| matches!(tool, Tool::Zsnap | Tool::Thaw));
+        if prompt {
+            let done = self.shim.marked_at("snapshot-done").unwrap_or(killed_at);
+            self.check_thawed(reference, killed_at.max(done) + PROMPT);
+        } else {
+            self.check_thawed(reference, killed_at.max(reference) + THAW_AFTER + SLACK);
+        }
         if orphaned {
             for s in self.snapshots() {
                 let frozen = crate::zfs::zfs_get("org.lfedge.evesnap:frozen", &s);
@@ -207,6 +201,78 @@ impl Trial<'_> {
         if kill.is_none() {
             self.check(codes[..2] == [0, 0], format!("exits {codes:?}"));
         }
+    }
+
+    /// Starts `qga-freeze | zsnap ZSNAP_ARGS | qga-thaw` (the watchdog's deadline
+    /// `thaw_after`, zsnap's `zfs` the shim), each tool killed at cleanup if still running.
+    fn spawn_pipeline(&mut self, zsnap_args: &[String], thaw_after: Duration) -> [Child; 3] {
+        let mut freeze = Command::new(crate::bin("qga-freeze"))
+            .args(["--agent", &self.lab.agent, "--timeout", "4"])
+            .args(["--thaw-after", &thaw_after.as_secs().to_string()])
+            .env("EVESNAP_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qga-freeze");
+        let mut zsnap = Command::new(crate::bin("zsnap"))
+            .args(zsnap_args)
+            .env("EVESNAP_RUN_DIR", &self.run_dir)
+            .env("EVESNAP_ZFS", &self.shim.program)
+            .stdin(Stdio::from(freeze.stdout.take().expect("pipe")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn zsnap");
+        let thaw = Command::new(crate::bin("qga-thaw"))
+            .args(["--timeout", "4"])
+            .env("EVESNAP_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::from(zsnap.stdout.take().expect("pipe")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qga-thaw");
+        self.children.extend([freeze.id(), zsnap.id(), thaw.id()]);
+        [freeze, zsnap, thaw]
+    }
+
+    /// `qga-freeze | zsnap --datset … | qga-thaw`: the mistyped middle step exits 2 at
+    /// once, so qga-freeze cannot pass its document on. The watchdog's deadline is a minute
+    /// away, so a thaw within seconds can only be the prompt one: every step exits
+    /// non-zero, the guest is thawed within [`PROMPT`] of the pipeline's end, and nothing
+    /// is left (no snapshot, no watchdog).
+    pub(in crate::fault) fn pipeline_typo(&mut self) {
+        let mut args = Vec::new();
+        for d in &self.lab.datasets {
+            args.extend(["--datset".to_string(), d.clone()]);
+        }
+        args.extend(["--name".to_string(), self.name.clone()]);
+        let tools = self.spawn_pipeline(&args, Duration::from_secs(60));
+        let mut codes = Vec::new();
+        let mut stderr = String::new();
+        for child in tools {
+            let (code, _, err) = self.finish(child);
+            codes.push(code);
+            stderr.push_str(&err);
+        }
+        let ended = Instant::now();
+        self.check(
+            codes[1] == 2,
+            format!("the mistyped zsnap exits {}, not 2", codes[1]),
+        );
+        self.check(
+            codes[0] != 0 && codes[2] != 0,
+            format!("exits {codes:?}: a step with nothing to pass on or read exits 0"),
+        );
+        self.check(
+            stderr.contains("the guest was thawed"),
+            format!("no step says the guest was thawed: {}", stderr.trim()),
+        );
+        self.check_thawed(ended, ended + PROMPT);
+        self.check_no_watchdogs();
+        let left = self.snapshots();
+        self.check(left.is_empty(), format!("left behind: {left:?}"));
+        self.check_claims(None);
     }
 
     pub(in crate::fault) fn concurrent(&mut self) {
