@@ -284,46 +284,34 @@ pub fn run(cli: Cli) -> Outcome {
     } else {
         cli.dataset
     };
-    if datasets.is_empty() {
-        return Outcome::failed_step(
-            doc,
-            TOOL,
-            timer,
-            Map::new(),
-            coded(
+    let target = cli.to.or_else(|| doc.snapshot.clone());
+    let prepared = (|| {
+        if datasets.is_empty() {
+            return Err(coded(
                 Exit::Usage,
                 "no dataset: give --dataset or a document with `datasets`",
-            ),
-        );
-    }
-    let Some(name) = cli.to.or_else(|| doc.snapshot.clone()) else {
-        return Outcome::failed_step(
-            doc,
-            TOOL,
-            timer,
-            Map::new(),
+            ));
+        }
+        let name = target.ok_or_else(|| {
             coded(
                 Exit::Usage,
                 "no snapshot: give --to or a document with `snapshot`",
-            ),
-        );
-    };
-    let zfs = match Zfs::locate(cli.zfs.as_deref()) {
-        Ok(z) => z.with_timeout(Duration::from_secs(cli.zfs_timeout)),
-        Err(e) => {
-            return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
+            )
+        })?;
+        let zfs = Zfs::locate(cli.zfs.as_deref())
+            .map_err(evesnap::exit::wrap)?
+            .with_timeout(Duration::from_secs(cli.zfs_timeout));
+        let plan = if cli.keep_newer {
+            plan_keeping(&zfs, &datasets, &name)
+        } else {
+            plan(&zfs, &datasets, &name, cli.destroy_newer)
         }
-    };
-    let planned = if cli.keep_newer {
-        plan_keeping(&zfs, &datasets, &name)
-    } else {
-        plan(&zfs, &datasets, &name, cli.destroy_newer)
-    };
-    let plan = match planned {
-        Ok(p) => p,
-        Err(e) => {
-            return Outcome::failed_step(doc, TOOL, timer, Map::new(), evesnap::exit::wrap(e))
-        }
+        .map_err(evesnap::exit::wrap)?;
+        Ok((zfs, plan, name))
+    })();
+    let (zfs, plan, name) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return Outcome::failed_step(doc, TOOL, timer, Map::new(), e),
     };
     if cli.dry_run {
         let planned = RollbackReport {
