@@ -108,11 +108,17 @@ impl FakeZfs {
 
     /// The calls of one subcommand, without the capability probe (`zfs snapshot` alone).
     pub fn calls_of(&self, sub: &str) -> Vec<Vec<String>> {
-        self.calls()
-            .into_iter()
-            .filter(|c| c.len() > 1 && c[0] == sub)
-            .collect()
+        calls_of(self.calls(), sub)
     }
+}
+
+/// Of logged `zfs` argvs, those of one subcommand, without the capability probe (`zfs
+/// snapshot` alone).
+pub fn calls_of(calls: Vec<Vec<String>>, sub: &str) -> Vec<Vec<String>> {
+    calls
+        .into_iter()
+        .filter(|c| c.len() > 1 && c[0] == sub)
+        .collect()
 }
 
 impl Drop for FakeZfs {

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 use evesnap::document::Document;
 
@@ -86,6 +86,23 @@ pub fn run(bin: &Path, args: &[&str], stdin: Option<&str>, run_dir: &RunDir) -> 
             .write_all(text.as_bytes());
     }
     child.wait_with_output().expect("wait")
+}
+
+/// Starts `command` with `input` written to its stdin (then closed), stdout and stderr piped.
+pub fn spawn_with_stdin(mut command: Command, input: &str) -> Child {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child
 }
 
 /// The document a tool printed; panics with its stderr when there is none.

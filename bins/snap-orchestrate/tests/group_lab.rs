@@ -1,7 +1,6 @@
 //! Consistency groups against the lab's two VMs (`EVESNAP_LAB_VMS=2`): the real agents,
 //! the real zfs-fuse pool. Each test holds the lab's VM lock and a [`ThawGuard`] per VM.
 
-use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -9,6 +8,7 @@ use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::report::{Consistency, Report};
 use evesnap_tests::guest::{code, set_paused, status, stderr, wait_thawed, ThawGuard};
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, Lab};
+use evesnap_tests::run::spawn_with_stdin;
 use evesnap_tests::zfs::{real_zfs, zfs, zfs_get};
 use serde_json::{json, Value};
 
@@ -37,21 +37,9 @@ fn group_plan(lab: &Lab, name: &str, freeze: Value, vm1: Value) -> Value {
 }
 
 fn orchestrate(guard: &ThawGuard<'_>, plan: &Value, env: &[(&str, &str)]) -> std::process::Child {
-    let mut child = guard
-        .command("snap-orchestrate")
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snap-orchestrate");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(plan.to_string().as_bytes())
-        .expect("write plan");
-    child
+    let mut command = guard.command("snap-orchestrate");
+    command.envs(env.iter().copied());
+    spawn_with_stdin(command, &plan.to_string())
 }
 
 fn report(out: &Output) -> Report {

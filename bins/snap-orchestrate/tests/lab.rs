@@ -4,7 +4,6 @@
 //! and destroys the snapshots it made, so tests stay independent. The agent serves one
 //! connection at a time: a test never keeps one open while a tool runs.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use evesnap_tests::guest::{
     ThawGuard,
 };
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, vm_lock, Lab};
-use evesnap_tests::run::RunDir;
+use evesnap_tests::run::{spawn_with_stdin, RunDir};
 use evesnap_tests::zfs::{real_zfs, zfs_get};
 use serde_json::{json, Value};
 
@@ -82,22 +81,6 @@ fn spawn_orchestrate(
     let mut command = guard.command("snap-orchestrate");
     command.envs(env.iter().copied());
     spawn_with_stdin(command, &plan.to_string())
-}
-
-fn spawn_with_stdin(mut command: Command, input: &str) -> std::process::Child {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snap-orchestrate");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write plan");
-    child
 }
 
 fn run_with_stdin(command: Command, input: &str) -> Output {

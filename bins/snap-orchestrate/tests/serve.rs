@@ -23,7 +23,7 @@ use evesnap_tests::guest::{
     try_connect, unfreeze_in_guest, ThawGuard,
 };
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, test_lab, test_lab_vsock, Lab};
-use evesnap_tests::run::RunDir;
+use evesnap_tests::run::{spawn_with_stdin, RunDir};
 use evesnap_tests::zfs::zfs_get;
 use serde_json::{json, Value};
 
@@ -1669,20 +1669,7 @@ fn controller_retention_keeps_the_guests_snapshots_and_its_own_newest() {
             "disks": {ds0: lab.disks[ds0]}, "snapshot": snapshot, "max_snapshots": 2,
             "freeze": {"mountpoints": ["/data0"], "timeout_s": 20, "thaw_after_s": 60},
         });
-        let mut child = t
-            ._guard
-            .command("snap-orchestrate")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn snap-orchestrate");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(plan.to_string().as_bytes())
-            .expect("plan");
+        let child = spawn_with_stdin(t._guard.command("snap-orchestrate"), &plan.to_string());
         let out = child.wait_with_output().expect("wait");
         let report: evesnap::report::Report =
             serde_json::from_slice(&out.stdout).expect("a report");
@@ -1769,20 +1756,7 @@ fn a_controller_run_during_a_guest_create_storm_is_served_within_one_guest_opera
             "freeze": {"mountpoints": ["/data0"], "timeout_s": 20, "thaw_after_s": 60},
         });
         let started = Instant::now();
-        let mut child = t
-            ._guard
-            .command("snap-orchestrate")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn snap-orchestrate");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(plan.to_string().as_bytes())
-            .expect("plan");
+        let child = spawn_with_stdin(t._guard.command("snap-orchestrate"), &plan.to_string());
         let out = child.wait_with_output().expect("wait");
         let took = started.elapsed().as_secs_f64();
         assert!(

@@ -212,10 +212,7 @@ impl Shim {
 
     /// The calls of one subcommand, without the capability probe (`zfs snapshot` alone).
     pub fn calls_of(&self, sub: &str) -> Vec<Vec<String>> {
-        self.calls()
-            .into_iter()
-            .filter(|c| c.len() > 1 && c[0] == sub)
-            .collect()
+        evesnap_tests::fake_zfs::calls_of(self.calls(), sub)
     }
 
     pub fn clear(&self) {
