@@ -21,7 +21,8 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAd
 use super::cids::{vm_for, UnknownPeer};
 use super::handle::{Server, Vm};
 use super::lines::Throttle;
-use super::{End, BAD_LINES_PER_SECOND};
+use super::session::End;
+use super::BAD_LINES_PER_SECOND;
 
 /// How long a connection may stay without a complete request line.
 pub const CONNECTION_IDLE: Duration = Duration::from_secs(10);

@@ -35,8 +35,9 @@
 //!
 //! The jobs live apart: [`volumes`] (the map), [`identify`] (which volume a request is
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
-//! [`listen`] (the vsock listeners), [`cids`] (the CID → VM map), and this file (the
-//! session on a connection, the virtio-serial reconnect loop, the choice of source).
+//! [`session`] (the lines of one connection, each answered and recorded), [`listen`] (the
+//! vsock listeners), [`cids`] (the CID → VM map), and this file (the virtio-serial
+//! reconnect loop, the choice of source).
 
 mod budget;
 pub mod cids;
@@ -46,11 +47,10 @@ mod identify;
 mod lines;
 mod listen;
 mod redact;
+mod session;
 mod volumes;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,22 +58,17 @@ use std::time::{Duration, Instant};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
 use evesnap::qga::Address;
-use evesnap::request::{Op, Reply, MAX_REQUEST_LINE};
 use evesnap::zfs::{self, Zfs};
-use serde_json::json;
 
 use crate::flow::Signals;
 pub use budget::{decide, Budget, Facts, PoolSpace, Refusal, Size};
 pub use handle::{Served, Server, Vm};
 pub use identify::{identify, Identified};
-use lines::{Line, Lines, Throttle};
+use lines::Throttle;
 pub use redact::Redactor;
+use session::End;
 pub use volumes::{check_volumes, label, load_volumes, Volumes};
 
-/// How often a blocked read looks at the signals.
-const READ_TICK: Duration = Duration::from_millis(250);
-/// A guest that does not read its replies cannot block the listener longer than this.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bad lines (garbage, oversized, invalid requests) answered per second; the rest are
 /// counted and dropped, so a guest flooding its port cannot make the host write more than
 /// this many replies, records and log lines a second.
@@ -146,159 +141,6 @@ pub struct ServeArgs {
     /// is refused with `no-room`, which tells the guest nothing about the pool.
     #[arg(long, value_name = "SIZE", default_value = "10%")]
     pub pool_floor: budget::Size,
-}
-
-/// How a session on one connection ended.
-enum End {
-    Stop,
-    Closed,
-    Broken(std::io::Error),
-}
-
-fn record(served: &Served, line: Line<'_>) {
-    let request = match (&served.request, line) {
-        (Some(r), _) => json!(r),
-        (None, Line::Text(line)) => {
-            let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-            json!({"unparsed": text, "bytes": line.len()})
-        }
-        (None, Line::Oversized) => json!({"unparsed": "", "oversized": true}),
-    };
-    let entry = json!({
-        "at": evesnap::time::now_rfc3339(),
-        "request": request,
-        "reply": served.reply,
-        "report": served.report,
-    });
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{entry}").and_then(|()| stdout.flush());
-    match &served.reply.error {
-        None => evesnap::note!(
-            "request {}: {} done",
-            served.reply.id.as_deref().unwrap_or("-"),
-            served.reply.op.map_or("?", Op::as_str)
-        ),
-        Some(e) => evesnap::note!(
-            "request {}: refused ({}): {}",
-            served.reply.id.as_deref().unwrap_or("-"),
-            e.kind,
-            e.message
-        ),
-    }
-}
-
-fn oversized() -> Served {
-    let message = format!("request line longer than {MAX_REQUEST_LINE} bytes: dropped");
-    Served {
-        request: None,
-        reply: Reply::failure(
-            None,
-            None,
-            identify::refuse("bad-request", Exit::Usage, message),
-        ),
-        report: None,
-    }
-}
-
-fn send(stream: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
-    // The leading newline ends any half line an interrupted write left in the pipe.
-    let mut bytes = b"\n".to_vec();
-    bytes.extend(reply.to_line());
-    stream.write_all(&bytes)?;
-    stream.flush()
-}
-
-/// Read and write timeouts on a socket of any family (AF_UNIX, AF_VSOCK).
-fn set_timeouts(fd: &impl AsFd) -> std::io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use nix::sys::time::{TimeVal, TimeValLike};
-    let millis = |d: Duration| TimeVal::milliseconds(d.as_millis() as i64);
-    setsockopt(fd, sockopt::ReceiveTimeout, &millis(READ_TICK))?;
-    setsockopt(fd, sockopt::SendTimeout, &millis(WRITE_TIMEOUT))?;
-    Ok(())
-}
-
-impl Server {
-    /// Serves the requests on one connection. `one_request` (the vsock transports): the
-    /// connection ends after its first reply, or unanswered after
-    /// [`listen::CONNECTION_IDLE`] without one; `throttle` then outlives the connection
-    /// (the VM's), so that garbage spread over many connections is rated as one flood.
-    fn session<S: Read + Write + AsFd>(
-        &mut self,
-        mut stream: S,
-        one_request: bool,
-        throttle: &mut Throttle,
-    ) -> End {
-        if let Err(e) = set_timeouts(&stream) {
-            return End::Broken(e);
-        }
-        let opened = Instant::now();
-        let mut lines = Lines::new(MAX_REQUEST_LINE);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            if self.stop_requested() {
-                return End::Stop;
-            }
-            if one_request && opened.elapsed() > listen::CONNECTION_IDLE {
-                evesnap::warn!(
-                    "a connection sent no request within {} s: closed",
-                    listen::CONNECTION_IDLE.as_secs()
-                );
-                return End::Closed;
-            }
-            let n = match stream.read(&mut chunk) {
-                Ok(0) => return End::Closed,
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return End::Broken(e),
-            };
-            lines.push(&chunk[..n]);
-            while let Some(line) = lines.next_line() {
-                // A line that is no JSON object cannot be a request: once this second's
-                // answers are spent it is only counted, not parsed, so that a flood costs
-                // little more than cutting it into lines.
-                if matches!(line, Line::Text(text) if text[0] != b'{') && throttle.spent() {
-                    let _ = throttle.admit(); // counted, reported when the second ends
-                    continue;
-                }
-                let served = match line {
-                    Line::Oversized => oversized(),
-                    Line::Text(text) => self.handle_line(text),
-                };
-                // A request that parsed is always served; garbage only up to a rate.
-                if served.request.is_none() {
-                    let (admitted, suppressed) = throttle.admit();
-                    if let Some(n) = suppressed {
-                        evesnap::warn!(
-                            "{n} bad lines from the guest in the last second were not answered"
-                        );
-                    }
-                    if !admitted {
-                        continue;
-                    }
-                }
-                record(&served, line);
-                if let Err(e) = send(&mut stream, &served.reply) {
-                    return End::Broken(e);
-                }
-                if one_request {
-                    return End::Closed;
-                }
-                if self.stop_requested() {
-                    return End::Stop;
-                }
-            }
-        }
-    }
 }
 
 /// The host's paths that error messages may name, for the redactor.
