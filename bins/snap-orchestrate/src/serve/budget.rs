@@ -10,7 +10,9 @@
 //! 3. **pool floor**: on each pool of the requested disks, what is free minus what the new
 //!    snapshot can pin (the disks' `referenced`: a full overwrite after it) stays at or above
 //!    `--pool-floor`, so guest writes after an allowed snapshot cannot take the pool under it;
-//! 4. **rate**: the newest guest snapshot is at least `--guest-min-interval` old.
+//! 4. **rate**: the newest guest snapshot is at least `--guest-min-interval` old (a create
+//!    tried since the listener started, failed or not, holds the next one as long: that
+//!    check is [`super::rate`]'s, before the agent is asked).
 //!
 //! Refusals are replies the guest can act on: `quota-exceeded` (code 7) and `no-room`
 //! (code 7) with the guest's own numbers only (`quota`), `rate-limited` (code 8) with

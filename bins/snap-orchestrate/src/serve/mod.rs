@@ -15,8 +15,11 @@
 //! [`evesnap::request`]) and serves them one at a time:
 //!
 //! 1. The request is parsed strictly (unknown fields, wrong types, names against ZFS
-//!    rules, at most [`MAX_REQUEST_LINE`] bytes); anything else gets a `bad-request`
-//!    reply and the listener reads on.
+//!    rules, at most [`MAX_REQUEST_LINE`](evesnap::request::MAX_REQUEST_LINE) bytes);
+//!    anything else gets a `bad-request` reply and the listener reads on. A VM's requests
+//!    are rated ([`rate`]: `--guest-request-burst`, `--guest-request-interval`, and
+//!    `--guest-min-interval` between creates tried) before anything is asked of the agent,
+//!    QEMU or zfs; one past its rate gets `rate-limited` with `retry_after_s`.
 //! 2. The disk is identified against **this VM's volumes map** only (`--volumes`: dataset →
 //!    `{serial, pci}`, the shape of the plan's `disks`): a mounted disk through the guest
 //!    agent's `guest-get-fsinfo` (serial where reported, else PCI address; the guest's own
@@ -35,7 +38,8 @@
 //!
 //! The jobs live apart: [`volumes`] (the map), [`identify`] (which volume a request is
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
-//! [`session`] (the lines of one connection, each answered and recorded), [`listen`] (the
+//! [`session`] (the lines of one connection, each answered and recorded), [`rate`] (a VM's
+//! request rates), [`listen`] (the
 //! vsock listeners), [`cids`] (the CID → VM map), and this file (the virtio-serial
 //! reconnect loop, the choice of source).
 
@@ -46,6 +50,7 @@ mod handle;
 mod identify;
 mod lines;
 mod listen;
+mod rate;
 mod redact;
 mod session;
 mod volumes;
@@ -64,15 +69,11 @@ use crate::flow::Signals;
 pub use budget::{decide, Budget, Facts, PoolSpace, Refusal, Size};
 pub use handle::{Served, Server, Vm};
 pub use identify::{identify, Identified};
-use lines::Throttle;
+use rate::{Guest, RequestRate};
 pub use redact::Redactor;
 use session::End;
 pub use volumes::{check_volumes, label, load_volumes, Volumes};
 
-/// Bad lines (garbage, oversized, invalid requests) answered per second; the rest are
-/// counted and dropped, so a guest flooding its port cannot make the host write more than
-/// this many replies, records and log lines a second.
-const BAD_LINES_PER_SECOND: u32 = 20;
 /// Pause between connection attempts while QEMU's socket is missing or refuses.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
@@ -131,10 +132,22 @@ pub struct ServeArgs {
     /// once they hold it is refused with `quota-exceeded`.
     #[arg(long, value_name = "SIZE", default_value = "10%")]
     pub guest_max_bytes: budget::Size,
-    /// Guest budget: seconds between two guest creates of this VM; a create sooner is
+    /// Guest budget: seconds between two guest creates of this VM (after its newest guest
+    /// snapshot, and after its last create tried, failed or not); a create sooner is
     /// refused with `rate-limited` and `retry_after_s`.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub guest_min_interval: u64,
+    /// Guest requests: how many (list, create, rollback) a VM may make at once, before any
+    /// is served; each costs the host a guest agent call, QEMU and zfs reads. Past it a
+    /// request is refused with `rate-limited` and `retry_after_s`, before any of that.
+    #[arg(long, value_name = "N", default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub guest_request_burst: u32,
+    /// Guest requests: past the burst, one more request per this many seconds (0 = no
+    /// limit). A create also waits --guest-min-interval after the last one tried, failed
+    /// or not.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    pub guest_request_interval: u64,
     /// Guest budget: free space each pool of the disk keeps, in bytes (K, M, G, T), as a
     /// percentage of the pool's size, or both (`10%,1G`: the larger), counting what the new snapshot can pin (the disk's
     /// `referenced`: a full overwrite after it); a create that could take the pool under it
@@ -273,6 +286,11 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
             min_interval_s: args.guest_min_interval,
             pool_floor: args.pool_floor,
         },
+        rate: RequestRate {
+            burst: args.guest_request_burst,
+            interval: Duration::from_secs(args.guest_request_interval),
+            create_interval: Duration::from_secs(args.guest_min_interval),
+        },
     };
     if let Some(port) = args.listen_vsock {
         let _lock = lock_listener(&format!("vsock port {port}"))?;
@@ -325,6 +343,8 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
 /// The virtio-serial channel: connect to QEMU's socket, serve, reconnect until a signal.
 fn serve_channel(server: &mut Server, channel: &Path) {
     let mut waiting = false;
+    // The VM's rates outlive a connection: QEMU restarting does not reset them.
+    let mut guest = Guest::new(&server.rate);
     loop {
         if server.stop_requested() {
             evesnap::note!("stopping on a signal");
@@ -334,7 +354,7 @@ fn serve_channel(server: &mut Server, channel: &Path) {
             Ok(stream) => {
                 evesnap::note!("connected to {}", channel.display());
                 waiting = false;
-                match server.session(stream, false, &mut Throttle::new(BAD_LINES_PER_SECOND)) {
+                match server.session(stream, false, &mut guest) {
                     End::Stop => {
                         evesnap::note!("stopping on a signal");
                         return;

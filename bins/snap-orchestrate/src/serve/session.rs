@@ -11,8 +11,9 @@ use serde_json::json;
 
 use super::handle::{Served, Server};
 use super::identify;
-use super::lines::{Line, Lines, Throttle};
+use super::lines::{Line, Lines};
 use super::listen;
+use super::rate::Guest;
 
 /// How often a blocked read looks at the signals.
 const READ_TICK: Duration = Duration::from_millis(250);
@@ -68,6 +69,7 @@ fn oversized() -> Served {
             identify::refuse("bad-request", Exit::Usage, message),
         ),
         report: None,
+        rated: false,
     }
 }
 
@@ -92,13 +94,14 @@ fn set_timeouts(fd: &impl AsFd) -> std::io::Result<()> {
 impl Server {
     /// Serves the requests on one connection. `one_request` (the vsock transports): the
     /// connection ends after its first reply, or unanswered after
-    /// [`listen::CONNECTION_IDLE`] without one; `throttle` then outlives the connection
-    /// (the VM's), so that garbage spread over many connections is rated as one flood.
+    /// [`listen::CONNECTION_IDLE`] without one. `guest` (the VM's rates) outlives the
+    /// connection, so that requests and garbage spread over many connections are rated as
+    /// one flood.
     pub(super) fn session<S: Read + Write + AsFd>(
         &mut self,
         mut stream: S,
         one_request: bool,
-        throttle: &mut Throttle,
+        guest: &mut Guest,
     ) -> End {
         if let Err(e) = set_timeouts(&stream) {
             return End::Broken(e);
@@ -137,27 +140,33 @@ impl Server {
                 // A line that is no JSON object cannot be a request: once this second's
                 // answers are spent it is only counted, not parsed, so that a flood costs
                 // little more than cutting it into lines.
-                if matches!(line, Line::Text(text) if text[0] != b'{') && throttle.spent() {
-                    let _ = throttle.admit(); // counted, reported when the second ends
+                if matches!(line, Line::Text(text) if text[0] != b'{') && guest.bad_lines.spent() {
+                    let _ = guest.bad_lines.admit(); // counted, reported when the second ends
                     continue;
                 }
                 let served = match line {
                     Line::Oversized => oversized(),
-                    Line::Text(text) => self.handle_line(text),
+                    Line::Text(text) => self.handle_line(text, guest),
                 };
-                // A request that parsed is always served; garbage only up to a rate.
-                if served.request.is_none() {
-                    let (admitted, suppressed) = throttle.admit();
+                // A request that went to work is always recorded; garbage is answered and
+                // recorded only up to a rate, a rate-limited request always answered.
+                let recorded = if served.request.is_none() || served.rated {
+                    let (admitted, suppressed) = guest.bad_lines.admit();
                     if let Some(n) = suppressed {
                         evesnap::warn!(
-                            "{n} bad lines from the guest in the last second were not answered"
+                            "{n} bad lines (not answered) or rate-limited requests from the guest in the last second were not recorded"
                         );
                     }
-                    if !admitted {
-                        continue;
-                    }
+                    admitted
+                } else {
+                    true
+                };
+                if !recorded && served.request.is_none() {
+                    continue;
                 }
-                record(&served, line);
+                if recorded {
+                    record(&served, line);
+                }
                 if let Err(e) = send(&mut stream, &served.reply) {
                     return End::Broken(e);
                 }
