@@ -367,7 +367,7 @@ impl Server {
             let mut reply = fail(ReplyError {
                 kind: exit.kind().into(),
                 code: exit.code(),
-                message: self.vm.redactor.text(&chain(error)),
+                message: self.vm.redactor.error(error),
                 step: report.error.as_ref().map(|e| e.step.clone()),
                 problems: problems_of(error)
                     .into_iter()
