@@ -129,7 +129,8 @@ pub struct ServeArgs {
     pub guest_max_snapshots: u64,
     /// Guest budget: the space the VM's guest snapshots may hold (the sum of their `used`),
     /// in bytes (K, M, G, T: powers of 1024) or as a percentage of the pool's size; a create
-    /// once they hold it is refused with `quota-exceeded`.
+    /// once they hold it is refused with `quota-exceeded`. The guest's replies carry it
+    /// (`max_bytes`) only when given in bytes: a percentage would tell the pool's size.
     #[arg(long, value_name = "SIZE", default_value = "10%")]
     pub guest_max_bytes: budget::Size,
     /// Guest budget: seconds between two guest creates of this VM (after its newest guest
