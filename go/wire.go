@@ -80,5 +80,6 @@ type GuestQuota struct {
 	Snapshots    uint64 `json:"snapshots"`
 	MaxSnapshots uint64 `json:"max_snapshots"`
 	Bytes        uint64 `json:"bytes"`
-	MaxBytes     uint64 `json:"max_bytes"`
+	// MaxBytes is absent when the quota is a share of the pool.
+	MaxBytes *uint64 `json:"max_bytes,omitempty"`
 }

@@ -370,7 +370,10 @@ pub struct GuestQuota {
     pub max_snapshots: u64,
     /// The space they hold: the sum of their `used` as zfs reports it.
     pub bytes: u64,
-    pub max_bytes: u64,
+    /// The byte quota, when the host set it in bytes; absent when it is a share of the
+    /// pool, which it would tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
 }
 
 /// One reply, as sent on the wire.

@@ -46,10 +46,11 @@ impl HasExit for DirError {
 }
 
 /// The runtime folder, created private (0700) if missing; one that another user owns (a
-/// `/tmp/evesnap-<uid>` someone made first) or that is a symbolic link is refused, and one
-/// of ours that others may enter is closed (older versions created it 0755).
+/// `/tmp/evesnap-<uid>` someone made first), that is a symbolic link, or that others may
+/// enter is refused: a file planted there (a pending `guest_post` record) would be run in
+/// the guest later. Closing a loose folder would not undo what was planted before.
 pub fn ensure_dir() -> Result<PathBuf, DirError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let path = dir();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -75,12 +76,10 @@ pub fn ensure_dir() -> Result<PathBuf, DirError> {
         return Err(refuse(format!("belongs to uid {}, not {uid}", meta.uid())));
     }
     if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| DirError::Create {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        return Err(refuse(format!(
+            "is open to other users (mode {:04o}; only 0700 is used)",
+            meta.mode() & 0o7777
+        )));
     }
     Ok(path)
 }
@@ -167,12 +166,27 @@ mod tests {
         std::os::unix::fs::symlink(&loose, &link).expect("symlink");
         // EVESNAP_RUN_DIR is process-wide: one test sets it, in turn.
         std::env::set_var("EVESNAP_RUN_DIR", &loose);
-        ensure_dir().expect("ours, closed");
+        let err = ensure_dir().expect_err("ours, but open to others");
+        assert!(matches!(err, DirError::NotPrivate { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&loose.display().to_string()), "{text}");
+        assert!(text.contains("mode 0777"), "{text}");
         let mode = std::fs::metadata(&loose)
             .expect("meta")
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(mode & 0o777, 0o777, "refused, not chmodded");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        assert!(ensure_dir().is_err(), "group may enter: refused");
+        let fresh = base.join("fresh").join("run");
+        std::env::set_var("EVESNAP_RUN_DIR", &fresh);
+        assert_eq!(ensure_dir().expect("created"), fresh);
+        let mode = std::fs::metadata(&fresh)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "created private");
+        assert!(ensure_dir().is_ok(), "and used again");
         std::env::set_var("EVESNAP_RUN_DIR", &link);
         assert!(matches!(ensure_dir(), Err(DirError::NotPrivate { .. })));
         if nix::unistd::geteuid().is_root() {

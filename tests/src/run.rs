@@ -16,7 +16,10 @@ impl RunDir {
     pub fn new(name: &str) -> RunDir {
         let dir = std::env::temp_dir().join(format!("evesnap-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("run dir");
+        // Private, or the tools refuse it.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .expect("run dir");
         RunDir(dir)
     }
 

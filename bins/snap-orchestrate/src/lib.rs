@@ -126,7 +126,7 @@ enum Sub {
             reply, then the listener exits.",
         after_help = Exit::table()
     )]
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run the guest_post commands a run left pending for an agent (the agent was lost).
     #[command(
         long_about = "When a run cannot run its guest_post commands because the guest agent was lost or \

@@ -4,7 +4,7 @@
 //! `vhost-device-vsock`, Firecracker, Cloud Hypervisor).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 /// The address of a guest agent.
@@ -33,8 +33,9 @@ pub struct ParseAddressError {
 }
 
 impl Address {
-    /// A Unix socket address; relative paths are made absolute, so that the address (and
-    /// the watchdog keyed by it) means the same thing from every working directory.
+    /// A Unix socket address; the path is made absolute and its folder resolved
+    /// ([`absolute`]), so that the address (and the lock and watchdog keyed by it) is the
+    /// same for every spelling of one socket.
     pub fn unix(path: impl AsRef<Path>) -> Address {
         let path = path.as_ref();
         Address::Unix(absolute(path))
@@ -49,8 +50,31 @@ impl Address {
     }
 }
 
+/// `path` absolute, its folder resolved as the filesystem has it (symbolic links, `..`);
+/// a folder that does not exist (yet) is only cleaned of `.` and `..`. The socket file
+/// itself is not followed: it is what the caller named.
 fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let resolved = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).ok().map(|dir| dir.join(name)),
+        _ => None,
+    };
+    resolved.unwrap_or_else(|| lexical(&path))
+}
+
+/// `path` without `.` and `..` (a `..` takes the component before it away).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl FromStr for Address {
@@ -124,6 +148,36 @@ impl fmt::Display for Address {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_one_socket_is_one_address() {
+        let unix = |text: &str| text.parse::<Address>().expect(text);
+        assert_eq!(unix("unix:/x"), unix("/x"));
+        assert_eq!(unix("unix:/x"), Address::Unix("/x".into()));
+        // A folder that does not exist: `..` and `.` go lexically.
+        let missing = "/evesnap-no-such-folder";
+        assert_eq!(
+            unix(&format!("unix:{missing}/../{missing}/./x")),
+            Address::Unix(format!("{missing}/x").into())
+        );
+        assert_eq!(
+            unix("hvsock:/a/../b/v.sock:5").to_string(),
+            "hvsock:/b/v.sock:5"
+        );
+        // A folder reached through a symbolic link, or `..` out of one.
+        let base = std::env::temp_dir().join(format!("evesnap-addr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let real = base.join("real");
+        std::fs::create_dir_all(real.join("sub")).expect("folders");
+        std::os::unix::fs::symlink(&real, base.join("link")).expect("symlink");
+        let canonical = std::fs::canonicalize(&real).expect("real").join("q.sock");
+        let want = Address::Unix(canonical);
+        for spelling in ["link/q.sock", "real/sub/../q.sock", "link/sub/../q.sock"] {
+            let text = format!("unix:{}", base.join(spelling).display());
+            assert_eq!(unix(&text), want, "{spelling}");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
 
     #[test]
     fn parses_and_prints() {

@@ -137,7 +137,10 @@ impl<'a> Trial<'a> {
             std::env::temp_dir().join(format!("evesnap-fault-{}-{index}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let run_dir = dir.join("run");
-        std::fs::create_dir_all(&run_dir).expect("trial folder");
+        // Private, or the tools refuse it.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&run_dir)
+            .expect("trial folder");
         let shim = Shim::new(&dir);
         let name = format!("fault-{}-{index}", std::process::id());
         Trial {

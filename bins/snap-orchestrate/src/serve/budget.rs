@@ -10,7 +10,9 @@
 //! 3. **pool floor**: on each pool of the requested disks, what is free minus what the new
 //!    snapshot can pin (the disks' `referenced`: a full overwrite after it) stays at or above
 //!    `--pool-floor`, so guest writes after an allowed snapshot cannot take the pool under it;
-//! 4. **rate**: the newest guest snapshot is at least `--guest-min-interval` old.
+//! 4. **rate**: the newest guest snapshot is at least `--guest-min-interval` old (a create
+//!    tried since the listener started, failed or not, holds the next one as long: that
+//!    check is [`super::rate`]'s, before the agent is asked).
 //!
 //! Refusals are replies the guest can act on: `quota-exceeded` (code 7) and `no-room`
 //! (code 7) with the guest's own numbers only (`quota`), `rate-limited` (code 8) with
@@ -37,6 +39,14 @@ pub enum Size {
 }
 
 impl Size {
+    /// The size in bytes when it does not depend on the pool's size.
+    pub fn fixed(self) -> Option<u64> {
+        match self {
+            Size::Bytes(b) => Some(b),
+            Size::Percent(_) | Size::Larger(..) => None,
+        }
+    }
+
     /// In bytes, for a pool of `total` bytes.
     pub fn of(self, total: u64) -> u64 {
         let percent = |p: f64| (total as f64 * p / 100.0) as u64;
@@ -144,16 +154,19 @@ pub enum Refusal {
 pub fn decide(budget: &Budget, facts: &Facts) -> Result<(), Refusal> {
     // The byte quota in bytes: a percentage is of the (first) pool's size.
     let pool_size = facts.pools.iter().map(|p| p.size).max().unwrap_or(0);
+    let max_bytes = budget.max_bytes.of(pool_size);
     let quota = GuestQuota {
         snapshots: facts.snapshots,
         max_snapshots: budget.max_snapshots,
         bytes: facts.bytes,
-        max_bytes: budget.max_bytes.of(pool_size),
+        // A share of the pool would tell the pool's size: the guest learns only that it
+        // is over.
+        max_bytes: budget.max_bytes.fixed(),
     };
     if facts.snapshots >= budget.max_snapshots {
         return Err(Refusal::TooMany(quota));
     }
-    if facts.bytes >= quota.max_bytes {
+    if facts.bytes >= max_bytes {
         return Err(Refusal::TooManyBytes(quota));
     }
     for pool in &facts.pools {
@@ -191,8 +204,12 @@ impl Refusal {
                 "quota-exceeded",
                 Exit::Preflight,
                 format!(
-                    "this VM's guest snapshots hold {} of their {} bytes: the host's operator must remove some first",
-                    q.bytes, q.max_bytes
+                    "this VM's guest snapshots hold {} bytes, {}: the host's operator must remove some first",
+                    q.bytes,
+                    match q.max_bytes {
+                        Some(max) => format!("their quota is {max}"),
+                        None => "their quota's worth".to_string(),
+                    }
                 ),
                 Some(*q),
                 None,
@@ -369,8 +386,30 @@ mod tests {
         let Err(Refusal::TooManyBytes(q)) = decide(&b, &f) else {
             panic!("{:?}", decide(&b, &f))
         };
-        assert_eq!((q.bytes, q.max_bytes), (GIB / 10, GIB / 10));
-        assert_eq!(Refusal::TooManyBytes(q).to_error().kind, "quota-exceeded");
+        assert_eq!((q.bytes, q.max_bytes), (GIB / 10, None));
+        let e = Refusal::TooManyBytes(q).to_error();
+        assert_eq!(e.kind, "quota-exceeded");
+        // The quota, 10% of the pool, would tell the pool's size: only the guest's own
+        // bytes are in the reply.
+        let text = serde_json::to_string(&e).expect("json");
+        let pool = GIB.to_string();
+        assert!(
+            !text.contains(&pool) && !text.contains("max_bytes"),
+            "{text}"
+        );
+        f.bytes = GIB / 10 - 1;
+        f.snapshots = 3;
+        let Err(Refusal::TooMany(q)) = decide(&b, &f) else {
+            panic!("{:?}", decide(&b, &f))
+        };
+        assert_eq!(q.max_bytes, None, "in every refusal");
+        // A quota set in bytes tells nothing about the pool: it is there.
+        f.bytes = 100 * MIB;
+        f.snapshots = 0;
+        let Err(Refusal::TooManyBytes(q)) = decide(&budget(), &f) else {
+            panic!("{:?}", decide(&budget(), &f))
+        };
+        assert_eq!(q.max_bytes, Some(100 * MIB));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use evesnap::zfs::{self, Zfs};
 use super::budget::{self, Budget};
 use super::deadline::{deadline_of, GuestClock};
 use super::identify::{identify, refuse, Identified, Placed};
+use super::rate::{Guest, RequestRate};
 use super::redact::Redactor;
 use super::volumes::{label, Volumes};
 use crate::flow::{self, Finished, Signals};
@@ -26,6 +27,9 @@ pub struct Served {
     pub request: Option<Request>,
     pub reply: Reply,
     pub report: Option<Report>,
+    /// Refused by the VM's rates before any work: recorded only up to a rate, like a bad
+    /// line.
+    pub rated: bool,
 }
 
 /// The VM a request is served for: its volumes, its agent, what its replies must not name.
@@ -48,6 +52,7 @@ pub struct Server {
     pub(super) thaw_after: f64,
     pub(super) signals: Signals,
     pub(super) budget: Budget,
+    pub(super) rate: RequestRate,
 }
 
 impl std::fmt::Debug for Server {
@@ -65,20 +70,30 @@ impl Server {
             request: None,
             reply: Reply::failure(id, None, refuse("bad-request", Exit::Usage, message)),
             report: None,
+            rated: false,
         }
     }
 
-    /// Serves one line read from the channel.
-    pub fn handle_line(&mut self, line: &[u8]) -> Served {
+    /// Serves one line read from the channel of `guest`'s VM.
+    pub fn handle_line(&mut self, line: &[u8], guest: &mut Guest) -> Served {
         let request = match Request::from_line(line) {
             Ok(request) => request,
             Err(e) => return Server::bad_request(request::salvage_id(line), e.0),
         };
-        let (reply, report) = self.handle(&request);
+        if let Some(error) = guest.admit(&request, Instant::now()) {
+            return Served {
+                reply: Reply::failure(Some(request.id.clone()), Some(request.op), error),
+                request: Some(request),
+                report: None,
+                rated: true,
+            };
+        }
+        let (reply, report) = self.handle(&request, guest);
         Served {
             request: Some(request),
             reply,
             report,
+            rated: false,
         }
     }
 
@@ -117,11 +132,14 @@ impl Server {
         Ok((client.fsinfo()?, clock))
     }
 
-    fn handle(&mut self, request: &Request) -> (Reply, Option<Report>) {
+    fn handle(&mut self, request: &Request, guest: &mut Guest) -> (Reply, Option<Report>) {
         let fail =
             |error: ReplyError| Reply::failure(Some(request.id.clone()), Some(request.op), error);
         if let Some(error) = self.controller_first(request.op) {
             return (fail(error), None);
+        }
+        if request.op == Op::Create {
+            guest.create_tried(Instant::now());
         }
         let (fsinfo, clock) = match self.fsinfo(request) {
             Ok((fsinfo, clock)) => (Some(fsinfo), clock),
@@ -348,7 +366,7 @@ impl Server {
             let mut reply = fail(ReplyError {
                 kind: exit.kind().into(),
                 code: exit.code(),
-                message: self.vm.redactor.text(&chain(error)),
+                message: self.vm.redactor.error(error),
                 step: report.error.as_ref().map(|e| e.step.clone()),
                 problems: zfs::preflight_problems(error)
                     .iter()

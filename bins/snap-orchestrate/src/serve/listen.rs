@@ -20,8 +20,8 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAd
 
 use super::cids::{vm_for, UnknownPeer};
 use super::handle::{Server, Vm};
-use super::lines::Throttle;
-use super::{End, BAD_LINES_PER_SECOND};
+use super::rate::Guest;
+use super::session::End;
 
 /// How long a connection may stay without a complete request line.
 pub const CONNECTION_IDLE: Duration = Duration::from_secs(10);
@@ -58,7 +58,7 @@ pub fn bind_hybrid(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves the one VM behind a hybrid vsock listener until a signal.
 pub fn serve_hybrid(server: &mut Server, listener: &UnixListener) -> std::io::Result<()> {
-    let mut throttle = Throttle::new(BAD_LINES_PER_SECOND);
+    let mut guest = Guest::new(&server.rate);
     loop {
         if server.stop_requested() {
             return Ok(());
@@ -69,7 +69,7 @@ pub fn serve_hybrid(server: &mut Server, listener: &UnixListener) -> std::io::Re
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false)?;
-                if let End::Stop = server.session(stream, true, &mut throttle) {
+                if let End::Stop = server.session(stream, true, &mut guest) {
                     return Ok(());
                 }
             }
@@ -113,7 +113,7 @@ pub fn serve_vsock(
     listener: &OwnedFd,
     vms: &BTreeMap<u32, Vm>,
 ) -> std::io::Result<()> {
-    let mut throttles: BTreeMap<u32, Throttle> = BTreeMap::new();
+    let mut guests: BTreeMap<u32, Guest> = BTreeMap::new();
     loop {
         if server.stop_requested() {
             return Ok(());
@@ -139,10 +139,9 @@ pub fn serve_vsock(
         match vm_for(vms, peer) {
             Ok(vm) => {
                 server.vm = vm.clone();
-                let throttle = throttles
-                    .entry(peer)
-                    .or_insert_with(|| Throttle::new(BAD_LINES_PER_SECOND));
-                if let End::Stop = server.session(std::fs::File::from(fd), true, throttle) {
+                let rate = server.rate;
+                let guest = guests.entry(peer).or_insert_with(|| Guest::new(&rate));
+                if let End::Stop = server.session(std::fs::File::from(fd), true, guest) {
                     return Ok(());
                 }
             }

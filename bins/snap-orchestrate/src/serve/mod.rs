@@ -15,8 +15,11 @@
 //! [`evesnap::request`]) and serves them one at a time:
 //!
 //! 1. The request is parsed strictly (unknown fields, wrong types, names against ZFS
-//!    rules, at most [`MAX_REQUEST_LINE`] bytes); anything else gets a `bad-request`
-//!    reply and the listener reads on.
+//!    rules, at most [`MAX_REQUEST_LINE`](evesnap::request::MAX_REQUEST_LINE) bytes);
+//!    anything else gets a `bad-request` reply and the listener reads on. A VM's requests
+//!    are rated ([`rate`]: `--guest-request-burst`, `--guest-request-interval`, and
+//!    `--guest-min-interval` between creates tried) before anything is asked of the agent,
+//!    QEMU or zfs; one past its rate gets `rate-limited` with `retry_after_s`.
 //! 2. The disk is identified against **this VM's volumes map** only (`--volumes`: dataset →
 //!    `{serial, pci}`, the shape of the plan's `disks`): a mounted disk through the guest
 //!    agent's `guest-get-fsinfo` (serial where reported, else PCI address; the guest's own
@@ -35,8 +38,10 @@
 //!
 //! The jobs live apart: [`volumes`] (the map), [`identify`] (which volume a request is
 //! about), [`redact`] (no host name reaches the guest), [`handle`] (request → plan → reply),
-//! [`listen`] (the vsock listeners), [`cids`] (the CID → VM map), and this file (the
-//! session on a connection, the virtio-serial reconnect loop, the choice of source).
+//! [`session`] (the lines of one connection, each answered and recorded), [`rate`] (a VM's
+//! request rates), [`listen`] (the
+//! vsock listeners), [`cids`] (the CID → VM map), and this file (the virtio-serial
+//! reconnect loop, the choice of source).
 
 mod budget;
 pub mod cids;
@@ -45,13 +50,13 @@ mod handle;
 mod identify;
 mod lines;
 mod listen;
+mod rate;
 mod record;
 mod redact;
+mod session;
 mod volumes;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -59,26 +64,17 @@ use std::time::{Duration, Instant};
 use evesnap::cli::Outcome;
 use evesnap::exit::{coded, Exit};
 use evesnap::qga::Address;
-use evesnap::request::{Op, Reply, MAX_REQUEST_LINE};
 use evesnap::zfs::{self, Zfs};
 
 use crate::flow::Signals;
 pub use budget::{decide, Budget, Facts, PoolSpace, Refusal, Size};
 pub use handle::{Served, Server, Vm};
 pub use identify::{identify, Identified};
-use lines::{Line, Lines, Throttle};
-use record::ServeRecord;
+use rate::{Guest, RequestRate};
 pub use redact::Redactor;
+use session::End;
 pub use volumes::{check_volumes, label, load_volumes, Volumes};
 
-/// How often a blocked read looks at the signals.
-const READ_TICK: Duration = Duration::from_millis(250);
-/// A guest that does not read its replies cannot block the listener longer than this.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bad lines (garbage, oversized, invalid requests) answered per second; the rest are
-/// counted and dropped, so a guest flooding its port cannot make the host write more than
-/// this many replies, records and log lines a second.
-const BAD_LINES_PER_SECOND: u32 = 20;
 /// Pause between connection attempts while QEMU's socket is missing or refuses.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
@@ -134,159 +130,32 @@ pub struct ServeArgs {
     pub guest_max_snapshots: u64,
     /// Guest budget: the space the VM's guest snapshots may hold (the sum of their `used`),
     /// in bytes (K, M, G, T: powers of 1024) or as a percentage of the pool's size; a create
-    /// once they hold it is refused with `quota-exceeded`.
+    /// once they hold it is refused with `quota-exceeded`. The guest's replies carry it
+    /// (`max_bytes`) only when given in bytes: a percentage would tell the pool's size.
     #[arg(long, value_name = "SIZE", default_value = "10%")]
     pub guest_max_bytes: budget::Size,
-    /// Guest budget: seconds between two guest creates of this VM; a create sooner is
+    /// Guest budget: seconds between two guest creates of this VM (after its newest guest
+    /// snapshot, and after its last create tried, failed or not); a create sooner is
     /// refused with `rate-limited` and `retry_after_s`.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub guest_min_interval: u64,
+    /// Guest requests: how many (list, create, rollback) a VM may make at once, before any
+    /// is served; each costs the host a guest agent call, QEMU and zfs reads. Past it a
+    /// request is refused with `rate-limited` and `retry_after_s`, before any of that.
+    #[arg(long, value_name = "N", default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub guest_request_burst: u32,
+    /// Guest requests: past the burst, one more request per this many seconds (0 = no
+    /// limit). A create also waits --guest-min-interval after the last one tried, failed
+    /// or not.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    pub guest_request_interval: u64,
     /// Guest budget: free space each pool of the disk keeps, in bytes (K, M, G, T), as a
     /// percentage of the pool's size, or both (`10%,1G`: the larger), counting what the new snapshot can pin (the disk's
     /// `referenced`: a full overwrite after it); a create that could take the pool under it
     /// is refused with `no-room`, which tells the guest nothing about the pool.
     #[arg(long, value_name = "SIZE", default_value = "10%")]
     pub pool_floor: budget::Size,
-}
-
-/// How a session on one connection ended.
-enum End {
-    Stop,
-    Closed,
-    Broken(std::io::Error),
-}
-
-fn record(served: &Served, line: Line<'_>) {
-    let entry = serde_json::to_string(&ServeRecord::of(served, line)).unwrap_or_default();
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{entry}").and_then(|()| stdout.flush());
-    match &served.reply.error {
-        None => evesnap::note!(
-            "request {}: {} done",
-            served.reply.id.as_deref().unwrap_or("-"),
-            served.reply.op.map_or("?", Op::as_str)
-        ),
-        Some(e) => evesnap::note!(
-            "request {}: refused ({}): {}",
-            served.reply.id.as_deref().unwrap_or("-"),
-            e.kind,
-            e.message
-        ),
-    }
-}
-
-fn oversized() -> Served {
-    let message = format!("request line longer than {MAX_REQUEST_LINE} bytes: dropped");
-    Served {
-        request: None,
-        reply: Reply::failure(
-            None,
-            None,
-            identify::refuse("bad-request", Exit::Usage, message),
-        ),
-        report: None,
-    }
-}
-
-fn send(stream: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
-    // The leading newline ends any half line an interrupted write left in the pipe.
-    let mut bytes = b"\n".to_vec();
-    bytes.extend(reply.to_line());
-    stream.write_all(&bytes)?;
-    stream.flush()
-}
-
-/// Read and write timeouts on a socket of any family (AF_UNIX, AF_VSOCK).
-fn set_timeouts(fd: &impl AsFd) -> std::io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use nix::sys::time::{TimeVal, TimeValLike};
-    let millis = |d: Duration| TimeVal::milliseconds(d.as_millis() as i64);
-    setsockopt(fd, sockopt::ReceiveTimeout, &millis(READ_TICK))?;
-    setsockopt(fd, sockopt::SendTimeout, &millis(WRITE_TIMEOUT))?;
-    Ok(())
-}
-
-impl Server {
-    /// Serves the requests on one connection. `one_request` (the vsock transports): the
-    /// connection ends after its first reply, or unanswered after
-    /// [`listen::CONNECTION_IDLE`] without one; `throttle` then outlives the connection
-    /// (the VM's), so that garbage spread over many connections is rated as one flood.
-    fn session<S: Read + Write + AsFd>(
-        &mut self,
-        mut stream: S,
-        one_request: bool,
-        throttle: &mut Throttle,
-    ) -> End {
-        if let Err(e) = set_timeouts(&stream) {
-            return End::Broken(e);
-        }
-        let opened = Instant::now();
-        let mut lines = Lines::new(MAX_REQUEST_LINE);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            if self.stop_requested() {
-                return End::Stop;
-            }
-            if one_request && opened.elapsed() > listen::CONNECTION_IDLE {
-                evesnap::warn!(
-                    "a connection sent no request within {} s: closed",
-                    listen::CONNECTION_IDLE.as_secs()
-                );
-                return End::Closed;
-            }
-            let n = match stream.read(&mut chunk) {
-                Ok(0) => return End::Closed,
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return End::Broken(e),
-            };
-            lines.push(&chunk[..n]);
-            while let Some(line) = lines.next_line() {
-                // A line that is no JSON object cannot be a request: once this second's
-                // answers are spent it is only counted, not parsed, so that a flood costs
-                // little more than cutting it into lines.
-                if matches!(line, Line::Text(text) if text[0] != b'{') && throttle.spent() {
-                    let _ = throttle.admit(); // counted, reported when the second ends
-                    continue;
-                }
-                let served = match line {
-                    Line::Oversized => oversized(),
-                    Line::Text(text) => self.handle_line(text),
-                };
-                // A request that parsed is always served; garbage only up to a rate.
-                if served.request.is_none() {
-                    let (admitted, suppressed) = throttle.admit();
-                    if let Some(n) = suppressed {
-                        evesnap::warn!(
-                            "{n} bad lines from the guest in the last second were not answered"
-                        );
-                    }
-                    if !admitted {
-                        continue;
-                    }
-                }
-                record(&served, line);
-                if let Err(e) = send(&mut stream, &served.reply) {
-                    return End::Broken(e);
-                }
-                if one_request {
-                    return End::Closed;
-                }
-                if self.stop_requested() {
-                    return End::Stop;
-                }
-            }
-        }
-    }
 }
 
 /// The host's paths that error messages may name, for the redactor.
@@ -419,6 +288,11 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
             min_interval_s: args.guest_min_interval,
             pool_floor: args.pool_floor,
         },
+        rate: RequestRate {
+            burst: args.guest_request_burst,
+            interval: Duration::from_secs(args.guest_request_interval),
+            create_interval: Duration::from_secs(args.guest_min_interval),
+        },
     };
     if let Some(port) = args.listen_vsock {
         let _lock = lock_listener(&format!("vsock port {port}"))?;
@@ -471,6 +345,8 @@ fn serve(args: &ServeArgs) -> Result<(), anyhow::Error> {
 /// The virtio-serial channel: connect to QEMU's socket, serve, reconnect until a signal.
 fn serve_channel(server: &mut Server, channel: &Path) {
     let mut waiting = false;
+    // The VM's rates outlive a connection: QEMU restarting does not reset them.
+    let mut guest = Guest::new(&server.rate);
     loop {
         if server.stop_requested() {
             evesnap::note!("stopping on a signal");
@@ -480,7 +356,7 @@ fn serve_channel(server: &mut Server, channel: &Path) {
             Ok(stream) => {
                 evesnap::note!("connected to {}", channel.display());
                 waiting = false;
-                match server.session(stream, false, &mut Throttle::new(BAD_LINES_PER_SECOND)) {
+                match server.session(stream, false, &mut guest) {
                     End::Stop => {
                         evesnap::note!("stopping on a signal");
                         return;

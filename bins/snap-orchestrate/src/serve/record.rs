@@ -77,6 +77,7 @@ mod tests {
                 super::super::identify::refuse("bad-request", Exit::Usage, "no".into()),
             ),
             report: None,
+            rated: false,
         }
     }
 

@@ -1,9 +1,11 @@
 //! Host dataset and pool names never reach the guest: they are replaced by the disk's
 //! label. Neither do the host's own paths (the agent's and the channel's sockets, the
-//! runtime folder, the zfs program), which error messages name.
+//! runtime folder, the zfs program), which error messages name, nor the names of the
+//! files in the runtime folder: a busy VM lock's message is a fixed one.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use evesnap::runtime::LockError;
 use evesnap::zfs::{self, Problem};
 
 use super::volumes::{label, Volumes};
@@ -83,6 +85,18 @@ impl Redactor {
     pub fn problem(&self, problem: &Problem) -> Problem {
         problem.renamed(|name| self.text(name))
     }
+
+    /// A failed run's error as the guest may read it. A busy VM lock names its lock file,
+    /// whose name is the host's agent address made readable: the guest gets a fixed busy
+    /// message instead.
+    pub fn error(&self, error: &anyhow::Error) -> String {
+        match evesnap::exit::find::<LockError>(error) {
+            Some(LockError::Busy { .. }) => {
+                "another snapshot operation on this VM is in progress: retry later".into()
+            }
+            _ => self.text(&evesnap::exit::chain(error)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -125,5 +139,24 @@ mod tests {
             json!({"problem": "newer-snapshots", "dataset": "disk0", "to": "disk0@a",
                    "newer": ["disk0@b"], "guest": ["disk1@c"]})
         );
+    }
+
+    #[test]
+    fn a_busy_lock_reaches_the_guest_without_its_file_name() {
+        let run = "/run/evesnap";
+        let r = Redactor::new(&volumes(), &["unix:/run/vm0/qga.sock".into(), run.into()]);
+        let lock = format!("{run}/locks/unix__run_vm0_qga_sock-0123456789abcdef.lock");
+        let busy = LockError::Busy {
+            what: "another snapshot operation on the VM behind agent unix:/run/vm0/qga.sock".into(),
+            path: lock.into(),
+        };
+        let error = anyhow::Error::new(busy).context("cannot lock the VM");
+        let message = r.error(&error);
+        for host in ["qga", "vm0", "locks", ".lock", "(host path)"] {
+            assert!(!message.contains(host), "{host}: {message}");
+        }
+        assert!(message.contains("in progress"), "{message}");
+        let other = anyhow::anyhow!("pool/vm0/disk0: out of space");
+        assert_eq!(r.error(&other), "disk0: out of space");
     }
 }

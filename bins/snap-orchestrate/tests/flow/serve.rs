@@ -41,6 +41,11 @@ struct Listener {
 
 impl Listener {
     fn start(agent: &FakeAgent, zfs: &FakeZfs, test: &str) -> Listener {
+        Listener::start_with(agent, zfs, test, &["--guest-min-interval", "0"])
+    }
+
+    /// As [`Listener::start`], with `flags` for the budget.
+    fn start_with(agent: &FakeAgent, zfs: &FakeZfs, test: &str, flags: &[&str]) -> Listener {
         let dir =
             std::env::temp_dir().join(format!("evesnap-flow-serve-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -65,21 +70,33 @@ impl Listener {
             .arg(&volumes)
             .arg("--zfs")
             .arg(zfs.path())
-            .args([
-                "--timeout",
-                "5",
-                "--thaw-after",
-                "0",
-                "--guest-min-interval",
-                "0",
-            ])
+            .args(["--timeout", "5", "--thaw-after", "0"])
+            .args(flags)
             .env("EVESNAP_RUN_DIR", dir.join("run"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("serve.err")).expect("stderr"))
             .spawn()
             .expect("spawn serve");
-        let (stream, _) = listener.accept().expect("the listener connects");
+        // A listener that exits (a flag it does not know) fails the test, not hangs it.
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut child = child;
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "serve exited ({status}):\n{}",
+                            std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).expect("blocking");
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -100,6 +117,11 @@ impl Listener {
         self.writer
             .write_all(format!("\n{request}\n").as_bytes())
             .expect("write");
+        self.reply()
+    }
+
+    /// The next reply on the channel.
+    fn reply(&mut self) -> Value {
         loop {
             let mut line = String::new();
             let n = self.reader.read_line(&mut line).unwrap_or_else(|e| {
@@ -360,4 +382,91 @@ fn a_failed_freeze_gives_a_crash_snapshot_only_to_a_guest_that_accepts_one() {
         "{p}"
     );
     assert_eq!(sim.state().frozen, 0);
+}
+
+fn fsinfo_calls(sim: &Sim) -> usize {
+    let log = sim.state().log.clone();
+    log.iter().filter(|c| *c == "guest-get-fsinfo").count()
+}
+
+/// Issue 14: valid requests cost the host an agent connection, QMP and zfs reads each, so
+/// they are rated per VM before any of that; the refused are answered `rate-limited`.
+#[test]
+fn a_flood_of_valid_requests_is_rate_limited_before_the_agent_is_asked() {
+    let (agent, sim) = guest(&["/data0"]);
+    let zfs = FakeZfs::new(&pool(&[DS0, DS1]));
+    let flags = [
+        "--guest-request-burst",
+        "3",
+        "--guest-request-interval",
+        "1",
+    ];
+    let mut serve = Listener::start_with(&agent, &zfs, "flood", &flags);
+    let flood: String = (0..40)
+        .map(|i| {
+            let r = json!({"version": 1, "id": format!("l{i}"), "op": "list",
+                           "disk": mounted_vda()});
+            format!("{r}\n")
+        })
+        .collect();
+    serve.writer.write_all(flood.as_bytes()).expect("write");
+    let replies: Vec<Value> = (0..40).map(|_| serve.reply()).collect();
+    let served = replies.iter().filter(|r| r["ok"] == true).count();
+    let limited: Vec<&Value> = replies
+        .iter()
+        .filter(|r| r["error"]["kind"] == "rate-limited")
+        .collect();
+    assert_eq!(served + limited.len(), 40, "{replies:?}");
+    assert!((3..=5).contains(&served), "{served} served: {replies:?}");
+    assert_eq!(
+        fsinfo_calls(&sim),
+        served,
+        "only served requests ask the agent"
+    );
+    let wait = limited[limited.len() - 1]["error"]["retry_after_s"]
+        .as_u64()
+        .expect("retry_after_s");
+    assert!((1..=2).contains(&wait), "{wait}");
+    // Their records and log lines are rated like bad lines'.
+    let log = std::fs::read_to_string(serve.dir.join("serve.err")).unwrap_or_default();
+    let logged = log.lines().filter(|l| l.contains("rate-limited")).count();
+    assert!(
+        logged < limited.len(),
+        "{logged} of {}: {log}",
+        limited.len()
+    );
+
+    std::thread::sleep(Duration::from_secs(wait));
+    let reply = serve.create("after", mounted_vda(), json!({}));
+    assert_eq!(reply["ok"], true, "{reply}");
+}
+
+/// Issue 14: a create that failed counts toward `--guest-min-interval` like one that made a
+/// snapshot (the interval used to come from the newest snapshot alone).
+#[test]
+fn a_failed_create_counts_toward_the_create_interval() {
+    let (agent, sim) = guest(&["/data0"]);
+    sim.state().failing = vec![("guest-fsfreeze-freeze-list".into(), "no".into())];
+    let zfs = FakeZfs::new(&pool(&[DS0, DS1]));
+    let mut serve = Listener::start_with(&agent, &zfs, "failed-create", &[]);
+    let reply = serve.create("f1", mounted_vda(), json!({}));
+    assert_eq!(reply["error"]["step"], "freeze", "{reply}");
+    assert!(zfs.snapshots().is_empty());
+    let asked = fsinfo_calls(&sim);
+    let reply = serve.create("f2", mounted_vda(), json!({}));
+    assert_eq!(reply["error"]["kind"], "rate-limited", "{reply}");
+    let wait = reply["error"]["retry_after_s"].as_u64().unwrap_or(0);
+    assert!((25..=30).contains(&wait), "{reply}");
+    assert_eq!(
+        fsinfo_calls(&sim),
+        asked,
+        "refused before the agent is asked"
+    );
+    // A list is no create: it is served.
+    let list = json!({"version": 1, "id": "l1", "op": "list", "disk": mounted_vda()});
+    serve
+        .writer
+        .write_all(format!("{list}\n").as_bytes())
+        .expect("write");
+    assert_eq!(serve.reply()["ok"], true);
 }

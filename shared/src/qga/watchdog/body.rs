@@ -222,13 +222,21 @@ fn retry_window() -> Duration {
         .unwrap_or(FIRE_RETRY_WINDOW)
 }
 
-/// Whether a failed attempt says the VM is gone (its agent socket is missing or refuses),
-/// rather than paused or busy (connected, but no answer). A hybrid vsock device that
-/// refuses the guest port is there, and so is its VM (paused, or its agent restarting).
+/// Whether a failed attempt says the VM is gone (its agent socket is missing or refuses,
+/// its vsock CID names no VM), rather than paused or busy. A connect that got no answer is
+/// a paused VM's: a kernel AF_VSOCK connect to a paused VM times out (ETIMEDOUT; one to a
+/// CID without a VM fails at once, ENODEV, or ECONNRESET when its vhost device goes away
+/// meanwhile). A hybrid vsock device that refuses the guest port is there, and so is its
+/// VM (paused, or its agent restarting).
 fn vm_gone(error: &qga::ThawError) -> bool {
+    use nix::errno::Errno;
     match error {
         qga::ThawError::Connect(qga::Error::Unreachable { source, .. }) => {
-            !qga::stream::is_hybrid_refusal(source)
+            let no_answer = matches!(
+                source.raw_os_error().map(Errno::from_raw),
+                Some(Errno::ETIMEDOUT | Errno::EAGAIN | Errno::EINPROGRESS | Errno::EALREADY)
+            );
+            !no_answer && !qga::stream::is_hybrid_refusal(source)
         }
         _ => false,
     }
@@ -281,4 +289,42 @@ fn thaw_once(address: &Address, held: Option<OwnedFd>) -> Result<(Ending, Client
     let ending =
         qga::thaw_and_verify(&mut client, timeout, false).map(|t| Ending::Thawed(t.count))?;
     Ok((ending, client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+
+    fn unreachable(source: io::Error) -> qga::ThawError {
+        qga::ThawError::Connect(qga::Error::Unreachable {
+            address: "vsock:7:9".into(),
+            source,
+        })
+    }
+
+    #[test]
+    fn a_connect_without_an_answer_is_a_paused_vm_not_a_gone_one() {
+        for present in [Errno::ETIMEDOUT, Errno::EAGAIN, Errno::EINPROGRESS] {
+            let error = unreachable(io::Error::from_raw_os_error(present as i32));
+            assert!(!vm_gone(&error), "{present}");
+        }
+        for gone in [
+            Errno::ENODEV,
+            Errno::ECONNRESET,
+            Errno::ENOENT,
+            Errno::ECONNREFUSED,
+            Errno::ENETUNREACH,
+            Errno::EHOSTUNREACH,
+        ] {
+            let error = unreachable(io::Error::from_raw_os_error(gone as i32));
+            assert!(vm_gone(&error), "{gone}");
+        }
+        let timeout = qga::ThawError::Connect(qga::Error::Timeout {
+            address: "vsock:7:9".into(),
+            command: "connect".into(),
+            after: Duration::from_secs(1),
+        });
+        assert!(!vm_gone(&timeout));
+    }
 }
