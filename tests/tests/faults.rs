@@ -112,13 +112,13 @@ fn qemu_ga_killed_while_frozen() {
 
 /// Issue 14: a run that lost its agent after `guest_pre` left the application quiesced
 /// (guest_post never ran). Now the report says `guest_post: "pending"` and the watchdog,
-/// once the agent is back, thaws and runs it, once. Away 15 s, past the run's own thaw
-/// (which gives up within 12 s): the run must end with exit 3, 4 or 6, never 0.
+/// once the agent is back, thaws and runs it, once. Away 25 s, past the run's own thaw
+/// (which gives up within 22 s): the run must end with exit 3, 4 or 6, never 0.
 #[test]
 fn qemu_ga_kept_away_after_the_freeze_leaves_guest_post_pending_then_run_once() {
     run(
         Fault::AgentAway {
-            away: Duration::from_secs(15),
+            away: Duration::from_secs(25),
         },
         false,
     );

@@ -15,9 +15,11 @@ use crate::guest::{set_paused, try_connect};
 const AGENT_BACK: Duration = Duration::from_secs(5);
 
 /// An agent kept away at least this long after the freeze is away past the run's own thaw,
-/// which must then give up: the snapshot holds the run 3 s, its thaw tries for the 4 s agent
-/// timeout (`freeze.timeout_s`), and a TCG guest on a loaded host adds a few seconds.
-const PAST_THE_RUNS_THAW: Duration = Duration::from_secs(12);
+/// which must then give up: the snapshot holds the run 3 s, and each of the run's agent
+/// calls after it (verifying the freeze, the thaw, verifying the thaw, each with its sync)
+/// gets the 4 s agent timeout (`freeze.timeout_s`). A CI run on a loaded host had its thaw
+/// through 15.8 s after the freeze; a TCG guest adds a few seconds more.
+const PAST_THE_RUNS_THAW: Duration = Duration::from_secs(22);
 
 /// When the watchdog first tries again at or after `t` (from the freeze): it retries from
 /// its deadline, 2 s apart and then twice as long each time, up to 30 s
