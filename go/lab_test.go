@@ -108,11 +108,16 @@ func orchestrateBinary(t *testing.T) string {
 	return binary
 }
 
-// runner runs the built snap-orchestrate with a runtime folder of the test's own.
+// runner runs the built snap-orchestrate with a runtime folder of the test's own, private
+// as the tools require (t.TempDir's folders are 0755).
 func runner(t *testing.T, binary string) Runner {
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	return Runner{
 		Binary: binary,
-		Env:    append(os.Environ(), "EVESNAP_RUN_DIR="+t.TempDir()),
+		Env:    append(os.Environ(), "EVESNAP_RUN_DIR="+dir),
 	}
 }
 
