@@ -277,6 +277,9 @@ impl<'a> Trial<'a> {
         let out = waiter.join().expect("waiter").expect("wait");
         let code = exit_of(out.status);
         self.out.exits.push(code);
+        // Kept with the trial's folder when the trial fails.
+        let log = self.dir.join(format!("pid-{pid}.stderr"));
+        let _ = std::fs::write(log, &out.stderr);
         (
             code,
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -389,6 +392,11 @@ impl<'a> Trial<'a> {
         for n in &self.names {
             let _ = zfs(&["destroy", &format!("{}/lab/vm0@{n}", self.lab.pool)]);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.out.failures.is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            // The run's stderr, the watchdogs' logs and the zfs calls, to read.
+            self.note(format!("kept {}", self.dir.display()));
+        }
     }
 }

@@ -189,11 +189,11 @@ pub fn run(
             return Ok(Ending::Cancelled);
         }
         match thaw_once(address, held.take().map(|(fd, _)| fd)) {
-            Ok((ending, mut client)) => {
+            Ok((ending, client)) => {
                 if is_current(address, token) {
                     let _ = remove_state(&state_path(address));
                 }
-                run_pending(&mut client, address);
+                run_pending(client, address);
                 return Ok(ending);
             }
             Err(e) if !(vm_gone(&e) && (started.elapsed() >= window || socket_gone(address))) => {
@@ -252,25 +252,56 @@ fn socket_gone(address: &Address) -> bool {
 }
 
 /// Runs the `guest_post` commands a run left pending for this agent, now that it answers.
-fn run_pending(client: &mut Client, address: &Address) {
-    match crate::qga::pending::run(client, address) {
-        Ok(Some(ran)) => crate::warn!(
-            "watchdog {}: ran {} pending guest_post command(s) of run {}: {}",
-            std::process::id(),
-            ran.commands.len(),
-            ran.id,
-            ran.commands
-                .iter()
-                .map(|c| c.describe())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-        Ok(None) => {}
-        Err(e) => crate::warn!(
-            "watchdog {}: pending guest_post: {}",
-            std::process::id(),
-            crate::exit::chain_of(&e)
-        ),
+/// An agent that does not answer them yet (it just came back), or is lost while running
+/// one (the command stays pending), gets them again with the thaw's backoff, while its VM
+/// exists, for [`FIRE_RETRY_WINDOW`] at most: nobody else would run them until `serve` or
+/// `snap-orchestrate recover` does.
+fn run_pending(mut client: Client, address: &Address) {
+    let started = Instant::now();
+    let mut pause = Duration::from_secs(2);
+    loop {
+        match crate::qga::pending::run(&mut client, address) {
+            Ok(None) => return,
+            Ok(Some(ran)) => {
+                crate::warn!(
+                    "watchdog {}: ran {} pending guest_post command(s) of run {}: {}",
+                    std::process::id(),
+                    ran.commands.len(),
+                    ran.id,
+                    ran.commands
+                        .iter()
+                        .map(|c| c.describe())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                if ran.put_back == 0 {
+                    return;
+                }
+            }
+            Err(e) => crate::warn!(
+                "watchdog {}: pending guest_post: {}",
+                std::process::id(),
+                crate::exit::chain_of(&e)
+            ),
+        }
+        if started.elapsed() >= FIRE_RETRY_WINDOW || socket_gone(address) {
+            crate::warn!(
+                "watchdog {}: the pending guest_post stays recorded: run `snap-orchestrate recover --agent {address}`",
+                std::process::id()
+            );
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        match Client::connect(address, deadline) {
+            Ok(c) => client = c,
+            Err(e) => crate::warn!(
+                "watchdog {}: pending guest_post: {}",
+                std::process::id(),
+                crate::exit::chain_of(&e)
+            ),
+        }
     }
 }
 
