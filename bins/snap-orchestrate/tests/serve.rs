@@ -1739,7 +1739,15 @@ fn a_controller_run_during_a_guest_create_storm_is_served_within_one_guest_opera
         "t-storm",
         None,
         None,
-        &["--guest-min-interval", "0", "--guest-max-snapshots", "100"],
+        // The storm is as fast as the guest can ask: no request rate, no create interval.
+        &[
+            "--guest-min-interval",
+            "0",
+            "--guest-request-interval",
+            "0",
+            "--guest-max-snapshots",
+            "100",
+        ],
     );
     let (lab, serve, name) = (t.lab, &t.serve, t.name.clone());
     let storm: Vec<String> = (0..60).map(|i| format!("{name}-g{i}")).collect();

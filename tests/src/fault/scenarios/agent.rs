@@ -21,17 +21,21 @@ const AGENT_BACK: Duration = Duration::from_secs(5);
 /// through 15.8 s after the freeze; a TCG guest adds a few seconds more.
 const PAST_THE_RUNS_THAW: Duration = Duration::from_secs(22);
 
-/// When the watchdog first tries again at or after `t` (from the freeze): it retries from
-/// its deadline, 2 s apart and then twice as long each time, up to 30 s
-/// (shared/src/qga/watchdog), so an agent back just after one try waits for the next.
+/// At the latest, when the watchdog tries again at or after `t` (from the freeze): it
+/// tries from its deadline; a try the agent does not answer lasts up to
+/// [`WATCHDOG_TRY`], then it pauses 2 s, twice as long each time, up to 30 s
+/// (shared/src/qga/watchdog/body.rs), so an agent back just after one try waits for the next.
 fn watchdog_retry_at_or_after(t: Duration) -> Duration {
     let (mut at, mut gap) = (THAW_AFTER, Duration::from_secs(2));
     while at < t {
-        at += gap;
+        at += WATCHDOG_TRY + gap;
         gap = (gap * 2).min(Duration::from_secs(30));
     }
     at
 }
+
+/// How long one of the watchdog's thaw tries waits for an agent that does not answer.
+const WATCHDOG_TRY: Duration = Duration::from_secs(15);
 
 /// The lab guest runs two qemu-ga: on virtio-serial (state in /run) and on vsock (state in
 /// /run/qga-vsock). A trial's faults hit the one its `agent` address reaches.
