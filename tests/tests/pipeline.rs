@@ -4,7 +4,7 @@
 //! pipeline runs on the lab VM through bash (argv passed as positional parameters, never
 //! interpolated) with a 60 s watchdog, so a thaw within seconds can only be the prompt one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,28 +12,10 @@ use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::qga::{Address, Client};
 use evesnap_tests::bin;
 use evesnap_tests::lab::{test_lab, test_lab_vsock, vm_lock, Lab};
+use evesnap_tests::run::RunDir;
 
 /// A broken pipeline must have thawed the guest within this long after it broke.
 const PROMPT: Duration = Duration::from_secs(2);
-
-/// A private runtime folder (watchdogs), removed afterwards.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(name: &str) -> RunDir {
-        let dir =
-            std::env::temp_dir().join(format!("evesnap-pipeline-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("run dir");
-        RunDir(dir)
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs `script` in bash with `args` as $1…, and returns its output; the script echoes
 /// `${PIPESTATUS[@]}` last on stdout.
@@ -113,13 +95,13 @@ fn a_mistyped_middle_step_thaws_at_once_and_every_exit_says_so_on(lab: &Lab) {
     let _vm = vm_lock();
     let run_dir = RunDir::new("typo-middle");
     let [freeze, zsnap, thaw] = tools();
-    let marker = run_dir.0.join("middle-exited");
+    let marker = run_dir.path().join("middle-exited");
     let marker_text = marker.display().to_string();
     let started = Instant::now();
     let out = bash(
         r#""$1" --agent "$4" --thaw-after 60 | { "$2" --datset "$5" --name typo; s=$?; : > "$6"; exit $s; } | "$3"; echo "${PIPESTATUS[@]}""#,
         &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &marker_text],
-        &run_dir.0,
+        run_dir.path(),
     )
     .output()
     .expect("bash");
@@ -149,13 +131,13 @@ fn a_mistyped_last_step_thaws_at_once() {
     let run_dir = RunDir::new("typo-last");
     let [freeze, zsnap, thaw] = tools();
     let name = format!("pipeline-last-{}", std::process::id());
-    let marker = run_dir.0.join("last-exited");
+    let marker = run_dir.path().join("last-exited");
     let marker_text = marker.display().to_string();
     let started = Instant::now();
     let out = bash(
         r#""$1" --agent "$4" --thaw-after 60 | "$2" --dataset "$5" --name "$6" | { "$3" --agnt x; s=$?; : > "$7"; exit $s; }; echo "${PIPESTATUS[@]}""#,
         &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &name, &marker_text],
-        &run_dir.0,
+        run_dir.path(),
     )
     .output()
     .expect("bash");
@@ -186,7 +168,7 @@ fn a_middle_step_that_exits_right_after_reading_thaws_at_once() {
     let _vm = vm_lock();
     let run_dir = RunDir::new("read-exit");
     let [freeze, _, thaw] = tools();
-    let marker = run_dir.0.join("middle-exited");
+    let marker = run_dir.path().join("middle-exited");
     let marker_text = marker.display().to_string();
     let started = Instant::now();
     // One read takes the whole document in, then the step ends before it could register
@@ -194,7 +176,7 @@ fn a_middle_step_that_exits_right_after_reading_thaws_at_once() {
     let out = bash(
         r#""$1" --agent "$3" --thaw-after 60 | { dd bs=65536 count=1 of=/dev/null status=none; s=$?; : > "$4"; exit $s; } | "$2"; echo "${PIPESTATUS[@]}""#,
         &[&freeze, &thaw, &lab.agent, &marker_text],
-        &run_dir.0,
+        run_dir.path(),
     )
     .output()
     .expect("bash");
@@ -218,14 +200,14 @@ fn a_next_step_that_exits_without_reading_fails_the_freeze_and_thaws_at_once() {
     let _vm = vm_lock();
     let run_dir = RunDir::new("unread");
     let [freeze, _, _] = tools();
-    let marker = run_dir.0.join("reader-exited");
+    let marker = run_dir.path().join("reader-exited");
     let marker_text = marker.display().to_string();
     let started = Instant::now();
     // The reader is there when the document is written, and exits without reading it.
     let out = bash(
         r#""$1" --agent "$2" --thaw-after 60 | { python3 -c 'import select, sys; select.select([sys.stdin], [], [])'; : > "$3"; }; echo "${PIPESTATUS[@]}""#,
         &[&freeze, &lab.agent, &marker_text],
-        &run_dir.0,
+        run_dir.path(),
     )
     .output()
     .expect("bash");
@@ -258,8 +240,8 @@ fn a_middle_step_killed_while_it_snapshots_thaws_at_once_on(lab: &Lab) {
     let _vm = vm_lock();
     let run_dir = RunDir::new("killed-middle");
     // A zfs whose `snapshot` hangs: the marker says zsnap is inside it, with its pid group.
-    let marker = run_dir.0.join("snapshot-started");
-    let shim = run_dir.0.join("zfs");
+    let marker = run_dir.path().join("snapshot-started");
+    let shim = run_dir.path().join("zfs");
     std::fs::write(
         &shim,
         format!(
@@ -276,7 +258,7 @@ fn a_middle_step_killed_while_it_snapshots_thaws_at_once_on(lab: &Lab) {
     let pipeline = bash(
         r#""$1" --agent "$4" --thaw-after 60 | "$2" --zfs "$6" --dataset "$5" --name killed | "$3"; echo "${PIPESTATUS[@]}""#,
         &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &shim_text],
-        &run_dir.0,
+        run_dir.path(),
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -331,8 +313,8 @@ fn a_snapshot_orphaned_by_a_killed_zsnap_and_finished_after_the_thaw_claims_no_f
     // A zfs whose `snapshot` waits 2 s, then runs: killing zsnap meanwhile leaves it to
     // finish on its own (its own process group), after the watchdog's prompt thaw, with
     // the argv zsnap gave it. That is what a `zfs snapshot` stuck in its kernel call does.
-    let marker = run_dir.0.join("snapshot-started");
-    let shim = run_dir.0.join("zfs");
+    let marker = run_dir.path().join("snapshot-started");
+    let shim = run_dir.path().join("zfs");
     std::fs::write(
         &shim,
         format!(
@@ -351,7 +333,7 @@ fn a_snapshot_orphaned_by_a_killed_zsnap_and_finished_after_the_thaw_claims_no_f
     let pipeline = bash(
         r#""$1" --agent "$4" --thaw-after 60 | "$2" --zfs "$6" --dataset "$5" --name "$7" | "$3"; echo "${PIPESTATUS[@]}""#,
         &[&freeze, &zsnap, &thaw, &lab.agent, &lab.datasets[0], &shim_text, &name],
-        &run_dir.0,
+        run_dir.path(),
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
