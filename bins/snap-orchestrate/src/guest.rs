@@ -18,13 +18,9 @@ pub fn run_command(client: &mut Client, command: &GuestCommand) -> CommandRun {
 
 /// [`run_command`], and whether the agent was lost (unreachable or silent) doing so.
 pub fn run_command_checked(client: &mut Client, command: &GuestCommand) -> (CommandRun, bool) {
-    use evesnap::exit::{Exit, HasExit};
     let args: Vec<&str> = command.args.iter().map(String::as_str).collect();
     let timeout = Duration::from_secs_f64(command.timeout_s);
-    let (run, error) = evesnap::pending::exec(client, &command.path, &args, timeout, command.fatal);
-    let lost =
-        error.is_some_and(|e| matches!(e.exit(), Exit::AgentUnreachable | Exit::AgentTimeout));
-    (run, lost)
+    evesnap::pending::exec_checked(client, &command.path, &args, timeout, command.fatal)
 }
 
 /// A PCI address written `domain:bus:slot.function` in hex (`0000:00:07.0`).

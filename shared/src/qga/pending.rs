@@ -272,9 +272,14 @@ pub fn exec_checked(
     use crate::exit::{Exit, HasExit};
     let (run, error) = exec(client, path, args, timeout, fatal);
     let lost = match error.map(|e| e.exit()) {
-        Some(Exit::AgentUnreachable) => true,
+        None => false,
+        // A program that outlived its timeout while the agent answers: it ran (and may
+        // still run), so it is not run again.
         Some(Exit::AgentTimeout) => client.ping().is_err(),
-        _ => false,
+        // Any other agent error leaves unknown whether it ran: the connection broke, or an
+        // agent that restarted meanwhile no longer knows its pid, or refused guest-exec
+        // while it came back up frozen. It stays owed.
+        Some(_) => true,
     };
     (run, lost)
 }

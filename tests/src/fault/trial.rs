@@ -133,8 +133,14 @@ pub struct Trial<'a> {
 
 impl<'a> Trial<'a> {
     pub fn new(lab: &'a Lab, index: usize, fault: &Fault) -> Trial<'a> {
-        let dir =
-            std::env::temp_dir().join(format!("evesnap-fault-{}-{index}", std::process::id()));
+        // Unique in the process too: the deterministic tests are all trial 0, and a failed
+        // trial's folder is kept.
+        static TRIALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let nth = TRIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "evesnap-fault-{}-{index}-{nth}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let run_dir = dir.join("run");
         // Private, or the tools refuse it.
