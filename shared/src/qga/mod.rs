@@ -111,6 +111,14 @@ pub enum Error {
         command: String,
         after: Duration,
     },
+    /// The agent started the program and answered for it, but it had not exited by its
+    /// timeout: it ran, and is left running (the agent has no kill).
+    #[error("{command} (pid {pid}) in the guest had not exited after {}: left running", client::fmt_seconds(*after))]
+    StillRunning {
+        command: String,
+        pid: i64,
+        after: Duration,
+    },
     #[error("the connection to the guest agent broke during {command}")]
     Disconnected {
         command: String,
@@ -185,7 +193,7 @@ impl HasExit for Error {
     fn exit(&self) -> Exit {
         match self {
             Error::Unreachable { .. } | Error::Disconnected { .. } => Exit::AgentUnreachable,
-            Error::Timeout { .. } => Exit::AgentTimeout,
+            Error::Timeout { .. } | Error::StillRunning { .. } => Exit::AgentTimeout,
             _ => Exit::StepFailed,
         }
     }

@@ -269,16 +269,15 @@ pub fn exec_checked(
     timeout: Duration,
     fatal: bool,
 ) -> (CommandRun, bool) {
-    use crate::exit::{Exit, HasExit};
     let (run, error) = exec(client, path, args, timeout, fatal);
-    let lost = match error.map(|e| e.exit()) {
+    let lost = match error {
         None => false,
-        // A program that outlived its timeout while the agent answers: it ran (and may
-        // still run), so it is not run again.
-        Some(Exit::AgentTimeout) => client.ping().is_err(),
-        // Any other agent error leaves unknown whether it ran: the connection broke, or an
-        // agent that restarted meanwhile no longer knows its pid, or refused guest-exec
-        // while it came back up frozen. It stays owed.
+        // A program that outlived its timeout: it ran (and may still run), so it is not
+        // run again.
+        Some(crate::qga::Error::StillRunning { .. }) => false,
+        // Any other agent error leaves unknown whether it ran: the agent did not answer
+        // guest-exec, the connection broke, an agent that restarted meanwhile no longer
+        // knows its pid, or one that came back up frozen refused guest-exec. It stays owed.
         Some(_) => true,
     };
     (run, lost)

@@ -55,7 +55,11 @@ impl Client {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(self.timeout_error(&format!("guest-exec {path} (pid {pid})"), started));
+                return Err(Error::StillRunning {
+                    command: format!("guest-exec {path}"),
+                    pid,
+                    after: started.elapsed(),
+                });
             }
             let status = self.execute_within(qga::guest_exec_status { pid }, left)?;
             if status.exited {
