@@ -10,8 +10,11 @@ use serde_json::json;
 use crate::fault::{Rng, Sig, Trial, SLACK, THAW_AFTER};
 use crate::guest::{set_paused, try_connect};
 
-/// How long after its killer stops an agent may take to answer again: init respawns it
-/// after about 1 s, and qemu-ga starts slowly in a TCG guest on a loaded host.
+/// The lab guest's qemu-ga, which init respawns (scripts/lab.d/guest/inittab).
+const AGENT_BINARY: &str = "/usr/bin/qemu-ga";
+
+/// How long after it may run again an agent may take to answer: init respawns it within
+/// about 1 s, and qemu-ga starts slowly in a TCG guest on a loaded host.
 const AGENT_BACK: Duration = Duration::from_secs(5);
 
 /// An agent kept away at least this long after the freeze is away past the run's own thaw,
@@ -138,24 +141,29 @@ impl Trial<'_> {
             .unwrap_or(0)
     }
 
-    /// qemu-ga killed right after the freeze, and again whenever init respawns it, for
-    /// `away`: the run cannot thaw nor run `guest_post` (unless the agent is back before its
+    /// qemu-ga killed right after the freeze and kept from restarting for `away`: the run cannot thaw nor run `guest_post` (unless the agent is back before its
     /// thaw gives up; never when `away` is [`PAST_THE_RUNS_THAW`] or more). Its report says
     /// `guest_post: "pending"`; the watchdog thaws once the agent is back and runs
     /// `guest_post`, once.
     pub(in crate::fault) fn agent_away(&mut self, away: Duration) {
         let posts = self.posts();
         let agent = self.guest_agent();
-        // Away for `away` on the guest's clock (/proc/uptime in centiseconds, read by the
-        // shell itself), however long finding the agent's pid takes each time round.
+        // Stopped for `away` on the guest's clock (/proc/uptime in centiseconds, read by the
+        // shell itself): its binary is moved aside before the kill, so init's respawn (once a
+        // second) fails until it is moved back. Killing each respawned agent instead left it
+        // flapping: an instance living a few milliseconds read a queued request (a thaw, a
+        // guest-exec) and died before answering, which is another fault (a guest_post then
+        // runs twice, as README says it may).
         let script = format!(
-            "( i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
-             [ $i -lt 600 ] || exit 0; usleep 300000; read up _ < /proc/uptime; end=$((${{up%.*}}${{up#*.}} + {})); \
-             while read up _ < /proc/uptime && [ ${{up%.*}}${{up#*.}} -lt $end ]; do kill -9 {} 2>/dev/null; usleep 50000; done ) \
-             </dev/null >/dev/null 2>&1 &",
-            agent.frozen_marker,
-            away.as_millis() / 10,
-            agent.pid
+            "( i=0; while [ ! -e {marker} ] && [ $i -lt 600 ]; do usleep 20000; i=$((i+1)); done; \
+             [ $i -lt 600 ] || exit 0; usleep 300000; read up _ < /proc/uptime; end=$((${{up%.*}}${{up#*.}} + {away})); \
+             mv {bin} {bin}.away && kill -9 {pid}; \
+             while read up _ < /proc/uptime && [ ${{up%.*}}${{up#*.}} -lt $end ]; do usleep 100000; done; \
+             mv {bin}.away {bin} ) </dev/null >/dev/null 2>&1 &",
+            marker = agent.frozen_marker,
+            away = away.as_millis() / 10,
+            bin = AGENT_BINARY,
+            pid = agent.pid
         );
         if let Err(e) = self.sh(&script) {
             self.fail(format!("cannot start the agent killer: {e}"));
