@@ -20,6 +20,7 @@ type Report struct {
 	Snapshots      []SnapshotEntry `json:"snapshots,omitempty"`
 	Consistency    Consistency     `json:"consistency,omitempty"`
 	FreezeWindowMs *float64        `json:"freeze_window_ms,omitempty"`
+	PoolTurnWaitMs *float64        `json:"pool_turn_wait_ms,omitempty"`
 	ExpeditedRCU   *ExpeditedRCU   `json:"expedited_rcu,omitempty"`
 	App            string          `json:"app,omitempty"`
 	AppName        string          `json:"app_name,omitempty"`

@@ -4,7 +4,9 @@ On a lab of N VMs (EVESNAP_LAB_VMS=N, 2 disks each; target/lab-bench-vms, pool
 evesnap-bench-vms unless EVESNAP_LAB_DIR / EVESNAP_LAB_POOL say otherwise), `reps` times each:
 
   alone       one `snap-orchestrate` of each VM by itself (every volume of the VM)
-  concurrent  N orchestrations at once, one per VM: each VM's window against its window alone
+  concurrent  N orchestrations at once, one per VM: each VM's window against its window alone;
+              how long each waited for its pool turn (`turn_wait_ms`, the windows of one pool take
+              turns) and how long the N runs took together (`concurrent_all_runs_ms`)
   group       one consistency-group plan of all N VMs: the group's window (first freeze to
               last thaw) against one VM's window alone
   floor       what no tool can beat, the same three ways: a minimal client freezes a VM (on a
@@ -63,11 +65,16 @@ def start(bin_dir, plan, run_dir):
     return proc
 
 
-def window(proc):
+def finished(proc):
+    """The run's report."""
     out, err = proc.stdout.read(), proc.stderr.read()
     if proc.wait() != 0:
         raise SystemExit(f"bench: snap-orchestrate failed: {err}")
-    return json.loads(out)["freeze_window_ms"]
+    return json.loads(out)
+
+
+def window(proc):
+    return finished(proc)["freeze_window_ms"]
 
 
 def destroy_named(pool, prefix):
@@ -128,6 +135,8 @@ def run(repo, bin_dir, vms, reps, keep_lab):
     run_dir = tempfile.mkdtemp(prefix="evesnap-bench-vms-")
     alone = {vm["name"]: [] for vm in machines}
     concurrent = {vm["name"]: [] for vm in machines}
+    turn_wait = {vm["name"]: [] for vm in machines}
+    concurrent_all = []
     group = []
     floors = {"single": [], "group": []}
     floor_alone = {vm["name"]: [] for vm in machines}
@@ -144,9 +153,13 @@ def run(repo, bin_dir, vms, reps, keep_lab):
                                               f"bv-fg-{i}"))
             for vm in machines:
                 alone[vm["name"]].append(window(start(bin_dir, vm_plan(vm, f"bv-alone-{i}"), run_dir)))
+            began = time.monotonic()
             procs = [(vm["name"], start(bin_dir, vm_plan(vm, f"bv-conc-{i}"), run_dir)) for vm in machines]
             for name, proc in procs:
-                concurrent[name].append(window(proc))
+                report = finished(proc)
+                concurrent[name].append(report["freeze_window_ms"])
+                turn_wait[name].append(report.get("pool_turn_wait_ms", 0.0))
+            concurrent_all.append((time.monotonic() - began) * 1000)
             group.append(window(start(bin_dir, group_plan(machines, f"bv-group-{i}"), run_dir)))
             destroy_named(lab["pool"], "bv-")
             say(f"round {i + 1}/{reps}: alone {[alone[n][-1] for n in alone]}, concurrent "
@@ -167,8 +180,11 @@ def run(repo, bin_dir, vms, reps, keep_lab):
                                                     for n in floor_alone)}
     return {"reps": reps, "vms": vms, "machine": f"{os.cpu_count()} cores, TCG guests, zfs-fuse",
             "alone_ms": med_alone, "concurrent_ms": med_conc, "group_ms": median(group), "ratios": ratios,
+            "turn_wait_ms": {n: median(v) for n, v in turn_wait.items()},
+            "concurrent_all_runs_ms": median(concurrent_all),
             "floor_ms": {**{k: median(v) for k, v in floors.items()},
                          "alone": {n: median(v) for n, v in floor_alone.items()},
                          "concurrent": {n: median(v) for n, v in floor_concurrent.items()}},
-            "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group,
+            "detail": {"alone_ms": alone, "concurrent_ms": concurrent, "group_ms": group, "turn_wait_ms": turn_wait,
+                       "concurrent_all_runs_ms": concurrent_all,
                        "floor_ms": {**floors, "alone": floor_alone, "concurrent": floor_concurrent}}}

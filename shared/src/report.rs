@@ -251,6 +251,10 @@ pub struct Report {
     /// Create: from the freeze command's return to the thaw command's return, one clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window_ms: Option<f64>,
+    /// Create: how long the run waited, before its freeze, for other VMs' freeze windows on
+    /// its pool to end (windows on one pool take turns; the guest still writes meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_turn_wait_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expedited_rcu: Option<ExpeditedRcu>,
     /// The plan's app instance name (`app_name`), for eve-api's app entity.
@@ -337,6 +341,7 @@ impl Report {
             deleted: None,
             consistency: None,
             freeze_window_ms: None,
+            pool_turn_wait_ms: None,
             expedited_rcu: None,
             app_name: None,
             zinfo_snapshot: ZInfoSnapshot {

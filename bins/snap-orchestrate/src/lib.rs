@@ -38,6 +38,7 @@ pub mod plan;
 pub mod recover;
 pub mod schema;
 pub mod serve;
+pub mod turn;
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;

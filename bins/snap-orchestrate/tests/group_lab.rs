@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use evesnap::qga::commands::GuestFsfreezeStatus;
 use evesnap::report::{Consistency, Report};
+use evesnap::steps::{FreezeReport, ThawReport};
 use evesnap_tests::guest::{code, set_paused, status, stderr, wait_thawed, ThawGuard};
 use evesnap_tests::lab::{destroy_snapshots_named, snapshots_named, Lab};
 use evesnap_tests::run::spawn_with_stdin;
@@ -260,5 +261,62 @@ fn a_sigkilled_group_is_thawed_by_each_vms_own_watchdog() {
         let _ = Command::new("kill").arg(pid.trim()).status();
     }
     assert!(snapshots_named(lab, &name).is_empty());
+    drop(second);
+}
+
+/// Two VMs of one pool snapshotted at once, one plan each: their freeze windows take turns
+/// (`src/turn.rs`). `zfs snapshot` is held 2 s, so that windows started together would
+/// overlap; one run waits for the other's window to end and says how long it waited.
+#[test]
+fn two_vms_of_one_pool_snapshotted_at_once_take_turns() {
+    let (first, second) = two_vms("turns");
+    let lab = first.lab;
+    let name = format!("t-turns-{}", std::process::id());
+    let _cleanup = Cleanup(lab, name.clone());
+    let shim = first.run_dir.path().join("zfs");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = snapshot ] && sleep 2\nexec '{}' \"$@\"\n",
+            real_zfs().display()
+        ),
+    )
+    .expect("write shim");
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let env = [("EVESNAP_ZFS", shim.to_str().unwrap())];
+    // Both through VM 0's guard: one runtime folder, as on a node.
+    let runs: Vec<_> = lab.vms[..2]
+        .iter()
+        .map(|vm| {
+            let plan = json!({"version": 1, "agent": vm.agent, "qmp": vm.qmp, "datasets": vm.datasets,
+                              "disks": vm.disks, "snapshot": name,
+                              "freeze": {"timeout_s": 20, "thaw_after_s": 60}});
+            orchestrate(&first, &plan, &env)
+        })
+        .collect();
+    let mut windows = Vec::new();
+    for run in runs {
+        let out = run.wait_with_output().expect("wait");
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let r = report(&out);
+        let frozen = r.steps.iter().find_map(|s| s.record::<FreezeReport>());
+        let thawed = r.steps.iter().find_map(|s| s.record::<ThawReport>());
+        let (Some(frozen), Some(thawed)) = (frozen, thawed) else {
+            panic!("no freeze or thaw step: {:?}", r.steps);
+        };
+        let waited = r.pool_turn_wait_ms.expect("pool_turn_wait_ms");
+        windows.push((frozen.frozen_at_unix_us, thawed.thawed_at_unix_us, waited));
+    }
+    windows.sort_by_key(|w| w.0);
+    let (earlier, later) = (windows[0], windows[1]);
+    assert!(
+        earlier.1 <= later.0,
+        "the windows overlap: {earlier:?} and {later:?} (µs since the epoch, wait ms)"
+    );
+    assert!(
+        later.2 > 0.5 * 1000.0,
+        "the later run did not wait for the earlier window (held 2 s): {later:?}"
+    );
     drop(second);
 }

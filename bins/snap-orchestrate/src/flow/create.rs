@@ -168,6 +168,12 @@ impl Run<'_> {
         if let Err(e) = claimed {
             return Err(("preflight", evesnap::exit::wrap(e)));
         }
+        // This pool's freeze windows take turns (crate::turn): waited for before the flush,
+        // held until the claims are written.
+        let turn = crate::turn::take(&plan.datasets, crate::turn::WAIT, || {
+            self.events.poll_signal()
+        });
+        self.report.pool_turn_wait_ms = Some(turn.waited.as_secs_f64() * 1000.0);
         // The flush first, the RCU setting after it: the setting restores itself 10 s after
         // it was made, and a slow flush must not use that time up before the freeze.
         if plan.freeze.flush_first {
@@ -278,6 +284,7 @@ impl Run<'_> {
             report.properties.extend(prepared.claims.iter().cloned());
             Ok(report)
         });
+        drop(turn);
         let step = match &snapshot {
             Ok(report) => {
                 self.record_snapshots(report);

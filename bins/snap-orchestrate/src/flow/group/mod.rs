@@ -149,6 +149,10 @@ impl<'a> Group<'a, '_> {
             return Err(e);
         }
 
+        // The pools' freeze windows take turns (crate::turn), until the claims are written.
+        let datasets: Vec<&String> = members.iter().flat_map(|m| &m.run.plan.datasets).collect();
+        let turn = crate::turn::take(datasets, crate::turn::WAIT, || self.events.poll_signal());
+        self.report.pool_turn_wait_ms = Some(turn.waited.as_secs_f64() * 1000.0);
         in_parallel(members, Member::freeze);
         if let Err(e) = fails_group(members) {
             in_parallel(members, Member::thaw);
@@ -206,6 +210,7 @@ impl<'a> Group<'a, '_> {
             snapshot.properties.remove(zsnap::meta::FROZEN);
             Ok(snapshot)
         });
+        drop(turn);
         match &snapshot {
             Ok(snapshot) => {
                 self.report.create_time = Some(super::create::create_time(&snapshot.snapshots));
