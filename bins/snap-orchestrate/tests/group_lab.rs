@@ -53,6 +53,16 @@ fn report(out: &Output) -> Report {
     })
 }
 
+/// A `zfs` in the guard's folder that runs the shell line `first`, then the real zfs.
+fn zfs_shim(guard: &ThawGuard<'_>, first: &str) -> std::path::PathBuf {
+    let shim = guard.run_dir.path().join("zfs");
+    let script = format!("#!/bin/sh\n{first}\nexec '{}' \"$@\"\n", real_zfs().display());
+    std::fs::write(&shim, script).expect("write shim");
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    shim
+}
+
 /// Destroys the snapshots named `name` (test cleanup).
 struct Cleanup<'a>(&'a Lab, String);
 
@@ -225,18 +235,13 @@ fn a_sigkilled_group_is_thawed_by_each_vms_own_watchdog() {
     let _cleanup = Cleanup(lab, name.clone());
     // `zfs snapshot` waits (the group frozen meanwhile); its pid is left in the marker.
     let marker = first.run_dir.path().join("snapshot-started");
-    let shim = first.run_dir.path().join("zfs");
-    std::fs::write(
-        &shim,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then echo $$ > '{}'; sleep 30; exit 1; fi\nexec '{}' \"$@\"\n",
-            marker.display(),
-            real_zfs().display()
+    let shim = zfs_shim(
+        &first,
+        &format!(
+            "if [ \"$1\" = snapshot ] && [ $# -gt 1 ]; then echo $$ > '{}'; sleep 30; exit 1; fi",
+            marker.display()
         ),
-    )
-    .expect("write shim");
-    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    );
     let plan = group_plan(
         lab,
         &name,
@@ -273,17 +278,7 @@ fn two_vms_of_one_pool_snapshotted_at_once_take_turns() {
     let lab = first.lab;
     let name = format!("t-turns-{}", std::process::id());
     let _cleanup = Cleanup(lab, name.clone());
-    let shim = first.run_dir.path().join("zfs");
-    std::fs::write(
-        &shim,
-        format!(
-            "#!/bin/sh\n[ \"$1\" = snapshot ] && sleep 2\nexec '{}' \"$@\"\n",
-            real_zfs().display()
-        ),
-    )
-    .expect("write shim");
-    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    let shim = zfs_shim(&first, "[ \"$1\" = snapshot ] && sleep 2");
     let env = [("EVESNAP_ZFS", shim.to_str().unwrap())];
     // Both through VM 0's guard: one runtime folder, as on a node.
     let runs: Vec<_> = lab.vms[..2]
