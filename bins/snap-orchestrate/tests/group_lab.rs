@@ -56,7 +56,10 @@ fn report(out: &Output) -> Report {
 /// A `zfs` in the guard's folder that runs the shell line `first`, then the real zfs.
 fn zfs_shim(guard: &ThawGuard<'_>, first: &str) -> std::path::PathBuf {
     let shim = guard.run_dir.path().join("zfs");
-    let script = format!("#!/bin/sh\n{first}\nexec '{}' \"$@\"\n", real_zfs().display());
+    let script = format!(
+        "#!/bin/sh\n{first}\nexec '{}' \"$@\"\n",
+        real_zfs().display()
+    );
     std::fs::write(&shim, script).expect("write shim");
     std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
