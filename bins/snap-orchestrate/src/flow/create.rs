@@ -199,6 +199,7 @@ impl Run<'_> {
             }
         }
         if let Err(e) = self.check_signal("freeze") {
+            drop(turn); // nobody waits for this pool through guest_post
             let _ = self.run_post(&mut client); // its step records its own result
             return Err(e);
         }
@@ -219,6 +220,7 @@ impl Run<'_> {
                     !a.possibly_frozen && matches!(a.thaw, Some(CleanupThaw::Thawed { .. }))
                 });
                 let error = evesnap::exit::wrap(e).context(format!("freeze ({})", exit.kind()));
+                drop(turn);
                 if self.falls_back(thawed) {
                     return self.crash_fallback(&mut client, &mut prepared, &error);
                 }

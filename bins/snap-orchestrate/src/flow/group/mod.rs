@@ -144,18 +144,20 @@ impl<'a> Group<'a, '_> {
             in_parallel(members, Member::guest_post);
             return Err(e);
         }
-        if let Err(e) = self.check_signal("freeze") {
-            in_parallel(members, Member::guest_post);
-            return Err(e);
-        }
-
         // The pools' freeze windows take turns (crate::turn), until the claims are written.
         let datasets: Vec<&String> = members.iter().flat_map(|m| &m.run.plan.datasets).collect();
         let turn = crate::turn::take(datasets, crate::turn::WAIT, || self.events.poll_signal());
         self.report.pool_turn_wait_ms = Some(turn.waited.as_secs_f64() * 1000.0);
+        if let Err(e) = self.check_signal("freeze") {
+            drop(turn); // nobody waits for these pools through guest_post
+            in_parallel(members, Member::guest_post);
+            return Err(e);
+        }
+
         in_parallel(members, Member::freeze);
         if let Err(e) = fails_group(members) {
             in_parallel(members, Member::thaw);
+            drop(turn);
             in_parallel(members, Member::guest_post);
             return Err(e);
         }
@@ -175,6 +177,7 @@ impl<'a> Group<'a, '_> {
             Ok(taken) => taken,
             Err(e) => {
                 self.report.push(timer.finish(false, Default::default()));
+                drop(turn);
                 in_parallel(members, Member::guest_post);
                 fails_group(members)?;
                 return Err(("snapshot", e));
