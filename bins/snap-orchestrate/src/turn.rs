@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use evesnap::runtime::{self, Lock, LockError};
+use evesnap::zfs;
 
 /// How long a run waits for its turn at most: tens of other windows (each tens to a few
 /// hundred milliseconds) on one pool. It also bounds what a guest whose own window drags
@@ -35,12 +36,9 @@ pub struct Turn {
     pub skipped: bool,
 }
 
-/// The pools of `datasets` (the first component of each name), each once, in order.
+/// The pools of `datasets`, each once, in order.
 pub fn pools<'a>(datasets: impl IntoIterator<Item = &'a String>) -> BTreeSet<&'a str> {
-    datasets
-        .into_iter()
-        .map(|d| d.split('/').next().unwrap_or(d))
-        .collect()
+    datasets.into_iter().map(|d| zfs::pool_of(d)).collect()
 }
 
 /// Takes the turn of every pool of `datasets`, waiting up to `wait` in all, or until

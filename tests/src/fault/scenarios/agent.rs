@@ -141,8 +141,9 @@ impl Trial<'_> {
             .unwrap_or(0)
     }
 
-    /// qemu-ga killed right after the freeze and kept from restarting for `away`: the run cannot thaw nor run `guest_post` (unless the agent is back before its
-    /// thaw gives up; never when `away` is [`PAST_THE_RUNS_THAW`] or more). Its report says
+    /// qemu-ga killed right after the freeze and kept from restarting for `away`: the run
+    /// cannot thaw nor run `guest_post` (unless the agent is back before its thaw gives up;
+    /// never when `away` is [`PAST_THE_RUNS_THAW`] or more). Its report says
     /// `guest_post: "pending"`; the watchdog thaws once the agent is back and runs
     /// `guest_post`, once.
     pub(in crate::fault) fn agent_away(&mut self, away: Duration) {
